@@ -1,0 +1,153 @@
+"""The run directory: resolved config, metrics, arrays and figures, all written atomically.
+
+    runs/<command>-<timestamp>/
+      config.json      the fully resolved config
+      metrics.jsonl    one JSON object per logged step (and method)
+      arrays.npz       trajectories and final samples
+      figures/*.png    matplotlib figures
+      checkpoints/     orbax checkpoints (long runs)
+
+Whole files are written to a temporary name and renamed (`os.replace` is atomic on POSIX), so an
+interrupted run never leaves a half-written file. `metrics.jsonl` grows by one `write` per line
+in append mode; a reader skips a torn last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def default_run_dir(command: str, root: str | os.PathLike = "runs") -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return pathlib.Path(root) / f"{command}-{stamp}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield pathlib.Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RunDir:
+    """A run directory; every write is atomic."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "figures").mkdir(exist_ok=True)
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.path / "metrics.jsonl"
+
+    def write_json(self, name: str, obj: Any) -> pathlib.Path:
+        text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+        atomic_write_bytes(self.path / name, text.encode())
+        return self.path / name
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Appends rows to metrics.jsonl, one `write` call per line."""
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+                f.flush()
+            os.fsync(f.fileno())
+
+    def reset_metrics(self) -> None:
+        atomic_write_bytes(self.metrics_path, b"")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_path)
+
+    def save_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> pathlib.Path:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        atomic_write_bytes(self.path / name, buffer.getvalue())
+        return self.path / name
+
+    def save_figure(self, fig: Any, name: str) -> pathlib.Path:
+        """Saves a matplotlib figure as figures/<name> (PNG) and closes it."""
+        import matplotlib.pyplot as plt
+
+        target = self.path / "figures" / name
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        plt.close(fig)
+        return target
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file; a torn (unterminated) last line is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.endswith("\n") and line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def progress_bar(*field_names: str) -> Progress:
+    """A rich progress display: bar, steps done, rate, elapsed time, ETA and named fields.
+
+    Tasks must carry `rate` (a preformatted throughput string) and every name in `field_names`
+    (e.g. the current reward) as task fields.
+    """
+    extra = [TextColumn(f"{name}={{task.fields[{name}]}}") for name in field_names]
+    return Progress(
+        TextColumn("[bold]{task.description:<20}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("[cyan]{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        *extra,
+        console=console,
+    )
