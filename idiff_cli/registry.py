@@ -18,6 +18,19 @@ from idiff_cli.errors import UserError
 
 _COMPONENTS: dict[str, dict[str, Any]] = {}
 
+# The modules that register the built-in components of each kind, imported on first lookup.
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "potential": ("idiff_cli.langevin.potentials",),
+    "reward": ("idiff_cli.langevin.rewards",),
+    "method": ("idiff_cli.langevin.methods",),
+}
+
+
+def _load_builtins(kind: str) -> dict[str, Any]:
+    for module in PROVIDERS.get(kind, ()):
+        importlib.import_module(module)
+    return _COMPONENTS.get(kind, {})
+
 
 def register(kind: str, name: str, obj: Any = None) -> Any:
     """Registers `obj` as `kind`/`name`; without `obj`, returns a decorator that does."""
@@ -34,7 +47,7 @@ def register(kind: str, name: str, obj: Any = None) -> Any:
 
 def names(kind: str) -> list[str]:
     """The registered names of one kind, sorted."""
-    return sorted(_COMPONENTS.get(kind, {}))
+    return sorted(_load_builtins(kind))
 
 
 def choices_text(kind: str) -> str:
@@ -49,7 +62,7 @@ def get(kind: str, name: str) -> Any:
     """
     if ":" in name:
         return _load_plugin(kind, name)
-    table = _COMPONENTS.get(kind, {})
+    table = _load_builtins(kind)
     if name not in table:
         raise UserError(f"unknown {kind} '{name}'; valid choices: {choices_text(kind)}")
     return table[name]

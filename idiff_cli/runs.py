@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -133,12 +134,15 @@ def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
     return rows
 
 
-def progress_bar(*field_names: str) -> Progress:
-    """A rich progress display: bar, steps done, rate, elapsed time, ETA and named fields.
+def progress_bar(*field_names: str):
+    """Live progress: a rich bar (steps, rate, elapsed, ETA and named fields) on a terminal, and
+    plain log lines every 15 s otherwise (shell scripts, TPU VM logs, CI).
 
-    Tasks must carry `rate` (a preformatted throughput string) and every name in `field_names`
-    (e.g. the current reward) as task fields.
+    Tasks carry `rate` (a preformatted throughput string) and every name in `field_names` (e.g. the
+    current reward) as fields: `add_task(name, total=N, rate="", reward="-")`, then `update(...)`.
     """
+    if not console.is_terminal:
+        return LogProgress(field_names)
     extra = [TextColumn(f"{name}={{task.fields[{name}]}}") for name in field_names]
     return Progress(
         TextColumn("[bold]{task.description:<20}"),
@@ -151,3 +155,38 @@ def progress_bar(*field_names: str) -> Progress:
         *extra,
         console=console,
     )
+
+
+class LogProgress:
+    """The `Progress` calls used here, printed as one line per task every `every` seconds and at the end."""
+
+    def __init__(self, field_names, every: float = 15.0):
+        self.field_names, self.every, self.tasks = field_names, every, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int, **fields) -> int:
+        now = time.monotonic()
+        self.tasks.append({"description": description, "total": total, "completed": 0, "start": now,
+                           "printed": now, **fields})
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, completed: int | None = None, **fields) -> None:
+        task = self.tasks[task_id]
+        task.update(fields)
+        if completed is not None:
+            task["completed"] = completed
+        now = time.monotonic()
+        if now - task["printed"] < self.every and task["completed"] < task["total"]:
+            return
+        task["printed"] = now
+        done, total = task["completed"], task["total"]
+        elapsed = now - task["start"]
+        eta = elapsed * (total - done) / done if done else float("nan")
+        extra = " ".join(f"{name}={task[name]}" for name in self.field_names)
+        console.print(f"{task['description']}: {done}/{total} {task['rate']} elapsed {elapsed:.0f}s "
+                      f"eta {eta:.0f}s {extra}", soft_wrap=True, highlight=False)

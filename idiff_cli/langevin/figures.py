@@ -1,0 +1,147 @@
+"""Figures of the Langevin reward experiment: paper Figs 4, 5, 8 and 10 (Appendix A.1).
+
+Curves are drawn from metrics.jsonl (mean over seeds with a min/max band, as in the paper);
+samples and θ trajectories from the in-memory results.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from idiff_cli.langevin import quadrature  # noqa: E402
+
+SNAPSHOT_TARGETS = (100, 1000, 2500)
+
+
+def snapshot_indices(steps: np.ndarray) -> np.ndarray:
+    """Indices of the logged steps shown in Fig. 10: the first logged step, 100, 1000, 2500, last."""
+    targets = [steps[1], *[t for t in SNAPSHOT_TARGETS if t < steps[-1]], steps[-1]]
+    return np.unique([int(np.searchsorted(steps, t)) for t in targets])
+
+
+def _by_method(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        grouped[row["method"]].append(row)
+    return {m: {k: np.array([r[k] for r in rs]) for k in rs[0] if k != "method"} for m, rs in grouped.items()}
+
+
+def _band(ax, x, curves, metric, label):
+    line, = ax.plot(x, curves[f"{metric}_mean"], label=label, lw=1.2)
+    ax.fill_between(x, curves[f"{metric}_min"], curves[f"{metric}_max"], color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _density_image(ax, potential, theta, extent=9.0, n=200):
+    axis = np.linspace(-extent, extent, n)
+    x0, x1 = np.meshgrid(axis, axis, indexing="ij")
+    points = jnp.asarray(np.stack([x0.ravel(), x1.ravel()]), jnp.float32)
+    log_density = getattr(potential, "log_density", None) or quadrature.log_density_fn(potential)
+    density = np.asarray(jax.jit(log_density)(points, jnp.asarray(theta, jnp.float32))).reshape(n, n)
+    ax.contour(x0, x1, np.exp(density), levels=8, colors="0.4", linewidths=0.6)
+    ax.set_xlim(-extent, extent)
+    ax.set_ylim(-extent, extent)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _main_methods(names: list[str]) -> list[str]:
+    """One curve per method: nested/unrolled at their largest T (the paper's T = 100)."""
+    keep = []
+    for family in ("nested", "unrolled"):
+        members = [n for n in names if n.startswith(family + "-T")]
+        if members:
+            keep.append(max(members, key=lambda n: int(n.split("-T")[1])))
+    return [n for n in names if not n.startswith(("nested-T", "unrolled-T")) or n in keep]
+
+
+def fig4(run_dir, potential, results, theta0, theta_opt):
+    """Contours of π*(θ_opt) with the samples of Implicit Diffusion (and π*(θ0) with Langevin θ0)."""
+    panels = [("implicit", theta_opt[0], "Implicit Diffusion, π*(θ_opt)")]
+    if "langevin-theta0" in results:
+        panels.insert(0, ("langevin-theta0", theta0, "Langevin θ0, π*(θ0)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (name, theta, title) in zip(axes[0], panels):
+        _density_image(ax, potential, theta)
+        x = results[name].snapshots[-1, 0]
+        ax.scatter(x[0], x[1], s=2, alpha=0.5, color="C3")
+        ax.set_title(title, fontsize=10)
+    return run_dir.save_figure(fig, "fig4_samples_contours.png")
+
+
+def fig5(run_dir, curves):
+    """Reward and log-likelihood under π*(θ_opt) against outer steps, mean and min/max over seeds."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in _main_methods(list(curves)):
+        _band(a, curves[name]["step"], curves[name], "reward", name)
+        _band(b, curves[name]["step"], curves[name], "loglik", name)
+    a.set(xlabel="outer steps", ylabel="reward (batch mean)", title="Reward")
+    b.set(xlabel="outer steps", ylabel="log π*(θ_opt)(x) (batch mean)", title="Log-likelihood (higher is better)")
+    b.legend(fontsize=8)
+    return run_dir.save_figure(fig, "fig5_reward_loglik.png")
+
+
+def fig8(run_dir, curves):
+    """Implicit Diffusion, nested loop and unrolling against gradient evaluations, every T."""
+    names = [n for n in curves if n == "implicit" or n.startswith(("nested-T", "unrolled-T"))]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        x = np.maximum(curves[name]["grad_evals"], 1)
+        _band(a, x, curves[name], "reward", name)
+        _band(b, x, curves[name], "loglik", name)
+    for ax, title in ((a, "Reward"), (b, "Log-likelihood under π*(θ_opt)")):
+        ax.set(xscale="log", xlabel="gradient evaluations (sampling steps)", title=title)
+    b.legend(fontsize=8)
+    return run_dir.save_figure(fig, "fig8_grad_evals.png")
+
+
+def fig10(run_dir, potential, results, theta0, theta_opt):
+    """Samples of every method (seed 0) at selected steps over π*(θ0) or π*(θ_opt) contours."""
+    names = _main_methods(list(results))
+    steps = next(iter(results.values())).steps
+    cols = snapshot_indices(steps)
+    fig, axes = plt.subplots(len(names), len(cols), figsize=(2.2 * len(cols), 2.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        theta = theta0 if name in ("langevin-theta0", "guidance") else theta_opt[0]
+        for j, c in enumerate(cols):
+            ax = axes[i, j]
+            _density_image(ax, potential, theta, n=120)
+            x = results[name].snapshots[c, 0]
+            ax.scatter(x[0], x[1], s=1, alpha=0.4, color=f"C{i}")
+            if i == 0:
+                ax.set_title(f"step {steps[c]}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=8)
+    return run_dir.save_figure(fig, "fig10_dynamics.png")
+
+
+def fig10_sigma(run_dir, results):
+    """σ(θ) (the mixture weights) over outer steps, mean over seeds, for the methods that train θ."""
+    names = [n for n in _main_methods(list(results)) if results[n].method.update != "none"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        r = results[name]
+        weights = np.asarray(jax.nn.softmax(jnp.asarray(r.theta), axis=-1)).mean(axis=1)  # [L, p]
+        for k in range(weights.shape[1]):
+            ax.plot(r.steps, weights[:, k], label=f"σ(θ)_{k + 1}")
+        ax.set(title=name, xlabel="outer steps", ylim=(0, 1))
+    axes[0, 0].legend(fontsize=7)
+    return run_dir.save_figure(fig, "fig10_sigma_theta.png")
+
+
+def make_all(run_dir, cfg, potential, results, theta_opt):
+    curves = _by_method(run_dir.read_metrics())
+    theta0 = np.asarray(cfg.theta0, np.float32)
+    fig4(run_dir, potential, results, theta0, theta_opt)
+    fig5(run_dir, curves)
+    fig8(run_dir, curves)
+    fig10(run_dir, potential, results, theta0, theta_opt)
+    fig10_sigma(run_dir, results)
