@@ -97,8 +97,8 @@ class MethodRun:
         return self.theta[-1]
 
 
-def _segment_fn(step: Callable, reward: Callable, log_every: int, n_logs: int) -> Callable:
-    """jit(vmap over seeds): `n_logs` chunks of `log_every` outer steps; emits (x, θ, mean R) per chunk."""
+def _segment_fn(step: Callable, statistic: Callable, log_every: int, n_logs: int) -> Callable:
+    """jit(vmap over seeds): `n_logs` chunks of `log_every` outer steps; emits (x, θ, statistic(x)) per chunk."""
 
     def one_seed(state: LangevinState, key: jax.Array, first_step: jax.Array):
         def chunk(state, c):
@@ -106,18 +106,20 @@ def _segment_fn(step: Callable, reward: Callable, log_every: int, n_logs: int) -
                 return step(s, jax.random.fold_in(key, k)), None
 
             state, _ = jax.lax.scan(body, state, first_step + c * log_every + jnp.arange(log_every))
-            return state, (state.x, state.theta, jnp.mean(reward(state.x)))
+            return state, (state.x, state.theta, statistic(state.x))
 
         return jax.lax.scan(chunk, state, jnp.arange(n_logs))
 
     return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)))
 
 
-def simulate(step: Callable, reward: Callable, state: LangevinState, keys: jax.Array, n_steps: int,
-             log_every: int, on_segment: Callable[[int, float], None] = lambda done, r: None):
+def simulate(step: Callable, statistic: Callable, state: LangevinState, keys: jax.Array, n_steps: int,
+             log_every: int, on_segment: Callable[[int, float], None] = lambda done, value: None):
     """Runs `n_steps` outer steps for every seed; outer step k uses key fold_in(keys[s], k).
 
-    Returns host arrays: logged steps [L], x [L, S, d, B], θ [L, S, p], mean reward [L, S], with
+    `statistic` maps particles [d, B] to a scalar (e.g. the batch-mean reward), reported to
+    `on_segment(steps_done, mean over seeds)` after each jitted segment.
+    Returns host arrays: logged steps [L], x [L, S, d, B], θ [L, S, ...], statistic [L, S], with
     L = 1 + ceil(n_steps / log_every) (the initial state is logged as step 0).
     """
     n_full, rest = divmod(n_steps, log_every)
@@ -125,19 +127,19 @@ def simulate(step: Callable, reward: Callable, state: LangevinState, keys: jax.A
     plan = [(log_every, min(per_segment, n_full - i)) for i in range(0, n_full, per_segment)]
     plan += [(rest, 1)] if rest else []
     compiled: dict[tuple[int, int], Callable] = {}
-    xs, thetas, rewards = [np.asarray(state.x)], [np.asarray(state.theta)], [np.asarray(jax.vmap(lambda x: jnp.mean(reward(x)))(state.x))]
+    xs, thetas, values = [np.asarray(state.x)], [np.asarray(state.theta)], [np.asarray(jax.vmap(statistic)(state.x))]
     steps, done = [0], 0
     for every, count in plan:
-        fn = compiled.setdefault((every, count), _segment_fn(step, reward, every, count))
+        fn = compiled.setdefault((every, count), _segment_fn(step, statistic, every, count))
         state, (x, theta, r) = fn(state, keys, done)
         x, theta, r = np.asarray(x), np.asarray(theta), np.asarray(r)  # one host sync per segment
         xs.extend(np.swapaxes(x, 0, 1))
         thetas.extend(np.swapaxes(theta, 0, 1))
-        rewards.extend(r.T)
+        values.extend(r.T)
         steps.extend(done + every * (1 + np.arange(count)))
         done += every * count
         on_segment(done, float(r[:, -1].mean()))
-    return np.asarray(steps), np.stack(xs), np.stack(thetas), np.stack(rewards)
+    return np.asarray(steps), np.stack(xs), np.stack(thetas), np.stack(values)
 
 
 def run_method(method: Method, cfg: LangevinConfig, potential, reward, x0: jax.Array, theta_start: jax.Array,
@@ -151,7 +153,8 @@ def run_method(method: Method, cfg: LangevinConfig, potential, reward, x0: jax.A
     state = jax.vmap(lambda x, th: LangevinState(x, th, optimizer.init(th)))(x0, theta_start)
     state, keys = shard_leading((state, keys), mesh or seed_mesh(cfg.seeds))
     start = time.perf_counter()
-    steps, xs, thetas, rewards = simulate(step, reward, state, keys, cfg.steps, cfg.log_every, on_segment)
+    mean_reward = lambda x: jnp.mean(reward(x))  # noqa: E731
+    steps, xs, thetas, rewards = simulate(step, mean_reward, state, keys, cfg.steps, cfg.log_every, on_segment)
     return MethodRun(method, steps, rewards, thetas, xs, time.perf_counter() - start)
 
 
