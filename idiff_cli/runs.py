@@ -36,6 +36,8 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and pipes: wide enough for the summary tables, no wrapping
+    console.width = 120
 
 
 def default_run_dir(command: str, root: str | os.PathLike = "runs") -> pathlib.Path:

@@ -11,15 +11,15 @@ from idiff_cli.langevin.ula import ula_chain
 
 
 def test_ula_reaches_the_gibbs_measure():
-    """From p0 = N(0, I), 3,000 ULA steps of γ = 0.01 (time 30, many mixing times for the unit
+    """From p0 = N(0, I), 2,000 ULA steps of γ = 0.01 (time 20, many mixing times for the unit
     hexagon) give the mixture's mean and covariance.
 
-    Tolerance per entry: 5 standard errors for N = 20,000 independent chains, plus γ for the ULA
+    Tolerance per entry: 5 standard errors for N = 10,000 independent chains, plus γ for the ULA
     bias (for a Gaussian of variance v, ULA's stationary variance is v/(1 − γ/2v) ≈ v + γ/2).
     """
     potential = registry.get("potential", "hexagon-paper")
     theta = jnp.array([2.5, 1.0, 0.0, -1.0, 0.0, 1.0])  # uneven weights: the target is off-centre
-    n, gamma = 20_000, 0.01
+    n, gamma = 10_000, 0.01
     x0 = jax.random.normal(jax.random.key(0), (2, n))
     x = jax.jit(lambda x: ula_chain(lambda y: potential(y, theta), x, jax.random.key(1), gamma, 3000))(x0)
 

@@ -222,7 +222,7 @@ def run(cfg: LangevinConfig, run_dir: RunDir) -> dict[str, MethodRun]:
             results[method.name] = result
 
     run_dir.save_arrays("arrays.npz", _arrays(results, theta_opt))
-    figures.make_all(run_dir, cfg, potential, results, theta_opt)
+    figures.make_all(run_dir, potential, cfg.theta0)
     _print_summary(run_dir, cfg, results)
     return results
 
@@ -256,5 +256,5 @@ def _print_summary(run_dir: RunDir, cfg: LangevinConfig, results: dict[str, Meth
         rate = cfg.seeds * cfg.batch * cfg.steps * r.method.inner_steps / r.seconds / 1e6
         table.add_row(name, str(r.method.inner_steps), f"{reward:.3f} ({lo:.3f}..{hi:.3f})", f"{loglik:.3f}",
                       f"{cfg.steps * r.method.inner_steps:,}", f"{r.seconds:.1f}", f"{rate:.1f}")
-    console.print(table, width=max(console.width, 120))
+    console.print(table)
     console.print(f"outputs: {run_dir.path}/{{config.json, metrics.jsonl, arrays.npz, figures/}}")

@@ -1,7 +1,7 @@
 """Figures of the Langevin reward experiment: paper Figs 4, 5, 8 and 10 (Appendix A.1).
 
-Curves are drawn from metrics.jsonl (mean over seeds with a min/max band, as in the paper);
-samples and θ trajectories from the in-memory results.
+Everything is drawn from the run directory alone: curves from metrics.jsonl (mean over seeds with
+a min/max band, as in the paper), samples and θ trajectories from arrays.npz.
 """
 
 from __future__ import annotations
@@ -63,15 +63,15 @@ def _main_methods(names: list[str]) -> list[str]:
     return [n for n in names if not n.startswith(("nested-T", "unrolled-T")) or n in keep]
 
 
-def fig4(run_dir, potential, results, theta0, theta_opt):
+def fig4(run_dir, potential, arrays, names, theta0):
     """Contours of π*(θ_opt) with the samples of Implicit Diffusion (and π*(θ0) with Langevin θ0)."""
-    panels = [("implicit", theta_opt[0], "Implicit Diffusion, π*(θ_opt)")]
-    if "langevin-theta0" in results:
+    panels = [("implicit", arrays["theta_opt"][0], "Implicit Diffusion, π*(θ_opt)")]
+    if "langevin-theta0" in names:
         panels.insert(0, ("langevin-theta0", theta0, "Langevin θ0, π*(θ0)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (name, theta, title) in zip(axes[0], panels):
         _density_image(ax, potential, theta)
-        x = results[name].snapshots[-1, 0]
+        x = arrays[f"{name}/final_x"][0]
         ax.scatter(x[0], x[1], s=2, alpha=0.5, color="C3")
         ax.set_title(title, fontsize=10)
     return run_dir.save_figure(fig, "fig4_samples_contours.png")
@@ -90,58 +90,64 @@ def fig5(run_dir, curves):
 
 
 def fig8(run_dir, curves):
-    """Implicit Diffusion, nested loop and unrolling against gradient evaluations, every T."""
-    names = [n for n in curves if n == "implicit" or n.startswith(("nested-T", "unrolled-T"))]
+    """Implicit Diffusion, nested loop and unrolling against gradient evaluations, every T.
+
+    nested-T1 is Implicit Diffusion itself (same keys, same numbers), so it is drawn once.
+    """
+    names = [n for n in curves if n == "implicit" or n.startswith(("nested-T", "unrolled-T")) and n != "nested-T1"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
-        x = np.maximum(curves[name]["grad_evals"], 1)
-        _band(a, x, curves[name], "reward", name)
-        _band(b, x, curves[name], "loglik", name)
+        c = {k: v[1:] for k, v in curves[name].items()}  # from the first logged step: log x axis
+        label = "implicit (= nested-T1)" if name == "implicit" and "nested-T1" in curves else name
+        _band(a, c["grad_evals"], c, "reward", label)
+        _band(b, c["grad_evals"], c, "loglik", label)
     for ax, title in ((a, "Reward"), (b, "Log-likelihood under π*(θ_opt)")):
         ax.set(xscale="log", xlabel="gradient evaluations (sampling steps)", title=title)
     b.legend(fontsize=8)
     return run_dir.save_figure(fig, "fig8_grad_evals.png")
 
 
-def fig10(run_dir, potential, results, theta0, theta_opt):
+def fig10(run_dir, potential, arrays, names, theta0):
     """Samples of every method (seed 0) at selected steps over π*(θ0) or π*(θ_opt) contours."""
-    names = _main_methods(list(results))
-    steps = next(iter(results.values())).steps
-    cols = snapshot_indices(steps)
-    fig, axes = plt.subplots(len(names), len(cols), figsize=(2.2 * len(cols), 2.2 * len(names)), squeeze=False)
+    names = _main_methods(names)
+    steps = arrays["snapshot_steps"]
+    fig, axes = plt.subplots(len(names), len(steps), figsize=(2.2 * len(steps), 2.2 * len(names)), squeeze=False)
     for i, name in enumerate(names):
-        theta = theta0 if name in ("langevin-theta0", "guidance") else theta_opt[0]
-        for j, c in enumerate(cols):
+        theta = theta0 if name in ("langevin-theta0", "guidance") else arrays["theta_opt"][0]
+        for j, step in enumerate(steps):
             ax = axes[i, j]
             _density_image(ax, potential, theta, n=120)
-            x = results[name].snapshots[c, 0]
+            x = arrays[f"{name}/snapshots_seed0"][j]
             ax.scatter(x[0], x[1], s=1, alpha=0.4, color=f"C{i}")
             if i == 0:
-                ax.set_title(f"step {steps[c]}", fontsize=9)
+                ax.set_title(f"step {step}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(name, fontsize=8)
     return run_dir.save_figure(fig, "fig10_dynamics.png")
 
 
-def fig10_sigma(run_dir, results):
+def fig10_sigma(run_dir, arrays, names):
     """σ(θ) (the mixture weights) over outer steps, mean over seeds, for the methods that train θ."""
-    names = [n for n in _main_methods(list(results)) if results[n].method.update != "none"]
+    names = [n for n in _main_methods(names) if np.ptp(arrays[f"{n}/theta"], axis=0).max() > 0]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        r = results[name]
-        weights = np.asarray(jax.nn.softmax(jnp.asarray(r.theta), axis=-1)).mean(axis=1)  # [L, p]
+        weights = np.asarray(jax.nn.softmax(jnp.asarray(arrays[f"{name}/theta"]), axis=-1)).mean(axis=1)  # [L, p]
         for k in range(weights.shape[1]):
-            ax.plot(r.steps, weights[:, k], label=f"σ(θ)_{k + 1}")
+            ax.plot(arrays["steps"], weights[:, k], label=f"σ(θ)_{k + 1}")
         ax.set(title=name, xlabel="outer steps", ylim=(0, 1))
     axes[0, 0].legend(fontsize=7)
     return run_dir.save_figure(fig, "fig10_sigma_theta.png")
 
 
-def make_all(run_dir, cfg, potential, results, theta_opt):
+def make_all(run_dir, potential, theta0) -> None:
+    """Draws every figure from run_dir's metrics.jsonl and arrays.npz."""
     curves = _by_method(run_dir.read_metrics())
-    theta0 = np.asarray(cfg.theta0, np.float32)
-    fig4(run_dir, potential, results, theta0, theta_opt)
+    names = list(curves)
+    theta0 = np.asarray(theta0, np.float32)
+    with np.load(run_dir.path / "arrays.npz") as npz:
+        arrays = dict(npz)
+    fig4(run_dir, potential, arrays, names, theta0)
     fig5(run_dir, curves)
     fig8(run_dir, curves)
-    fig10(run_dir, potential, results, theta0, theta_opt)
-    fig10_sigma(run_dir, results)
+    fig10(run_dir, potential, arrays, names, theta0)
+    fig10_sigma(run_dir, arrays, names)
