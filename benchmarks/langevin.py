@@ -25,20 +25,29 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from idiff_cli import registry  # noqa: E402
-from idiff_cli.langevin.experiment import LangevinConfig, run_method  # noqa: E402
+from idiff_cli.langevin.experiment import LangevinConfig, simulate  # noqa: E402
+from idiff_cli.langevin.methods import LangevinState, make_optimizer, make_step  # noqa: E402
+from idiff_cli.parallel import shard_leading  # noqa: E402
 
 
 def idiff_rate(cfg: LangevinConfig, devices: int) -> tuple[float, float]:
-    """Steady-state particle-steps/s of `implicit` with the seeds sharded over `devices` devices."""
+    """Steady-state particle-steps/s of `implicit`, seeds sharded over `devices` devices (compiled
+    once, then timed on a second run with the same step function)."""
     potential, reward = registry.get("potential", cfg.potential), registry.get("reward", cfg.reward)
     method = registry.get("method", "implicit")(T=1, lam=0.0, gamma=cfg.gamma)
+    optimizer = make_optimizer(cfg.eta, cfg.eta_schedule)
+    step = make_step(method, potential, reward, cfg.gamma, optimizer)
+    mean_reward = lambda x: jnp.mean(reward(x))  # noqa: E731
     x0 = jax.random.normal(jax.random.key(0), (cfg.seeds, 2, cfg.batch))
     theta0 = jnp.tile(jnp.asarray(cfg.theta0), (cfg.seeds, 1))
+    state = jax.vmap(lambda x, th: LangevinState(x, th, optimizer.init(th)))(x0, theta0)
     keys = jax.random.split(jax.random.key(1), cfg.seeds)
-    mesh = Mesh(np.array(jax.devices()[:devices]), ("seeds",))
-    run_method(method, cfg, potential, reward, x0, theta0, keys, mesh=mesh)  # compile
-    result = run_method(method, cfg, potential, reward, x0, theta0, keys, mesh=mesh)
-    return cfg.seeds * cfg.batch * cfg.steps / result.seconds, float(result.reward[-10:].mean())
+    state, keys = shard_leading((state, keys), Mesh(np.array(jax.devices()[:devices]), ("seeds",)))
+    simulate(step, mean_reward, state, keys, cfg.steps, cfg.log_every)  # compile
+    start = time.perf_counter()
+    _, _, _, rewards = simulate(step, mean_reward, state, keys, cfg.steps, cfg.log_every)
+    seconds = time.perf_counter() - start
+    return cfg.seeds * cfg.batch * cfg.steps / seconds, float(rewards[-10:].mean())
 
 
 def straightforward_rate(cfg: LangevinConfig, steps: int) -> float:

@@ -8,6 +8,7 @@ devices. The host only sees one snapshot per logged step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -97,6 +98,7 @@ class MethodRun:
         return self.theta[-1]
 
 
+@functools.lru_cache(maxsize=64)  # same step function -> compiled once (benchmarks re-run it)
 def _segment_fn(step: Callable, statistic: Callable, log_every: int, n_logs: int) -> Callable:
     """jit(vmap over seeds): `n_logs` chunks of `log_every` outer steps; emits (x, θ, statistic(x)) per chunk."""
 
@@ -126,12 +128,10 @@ def simulate(step: Callable, statistic: Callable, state: LangevinState, keys: ja
     per_segment = max(1, math.ceil(n_full / 25))  # ~25 host round trips per run
     plan = [(log_every, min(per_segment, n_full - i)) for i in range(0, n_full, per_segment)]
     plan += [(rest, 1)] if rest else []
-    compiled: dict[tuple[int, int], Callable] = {}
     xs, thetas, values = [np.asarray(state.x)], [np.asarray(state.theta)], [np.asarray(jax.vmap(statistic)(state.x))]
     steps, done = [0], 0
     for every, count in plan:
-        fn = compiled.setdefault((every, count), _segment_fn(step, statistic, every, count))
-        state, (x, theta, r) = fn(state, keys, done)
+        state, (x, theta, r) = _segment_fn(step, statistic, every, count)(state, keys, done)
         x, theta, r = np.asarray(x), np.asarray(theta), np.asarray(r)  # one host sync per segment
         xs.extend(np.swapaxes(x, 0, 1))
         thetas.extend(np.swapaxes(theta, 0, 1))
