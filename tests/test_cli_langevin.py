@@ -115,3 +115,46 @@ def test_console_script_exit_code_and_stderr(tmp_path):
                            "--steps", "-1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --steps must be an integer >= 1, got -1"
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL after the first method is saved; re-running into the same --out skips it and the
+    final outputs equal those of an uninterrupted run (same device count, same keys)."""
+    import os
+    import signal
+    import time
+
+    args = [*TINY, "--baseline", "implicit,guidance,langevin-theta-opt"]
+    whole = tmp_path / "whole"
+    assert invoke("langevin", *args, "--out", str(whole)).exit_code == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", "langevin", *args,
+                             "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def implicit_saved():  # its arrays, then all 6 of its metrics rows
+        metrics = cut / "metrics.jsonl"
+        return metrics.exists() and metrics.read_text().count('"implicit"') == 6
+
+    deadline = time.time() + 120
+    while not implicit_saved() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (cut / "methods" / "implicit.npz").exists() and not (cut / "arrays.npz").exists()
+
+    result = invoke("langevin", *args, "--out", str(cut))
+    assert result.exit_code == 0, result.output
+    assert "resuming: implicit" in result.output
+    rows = lambda d: sorted(json.dumps(r, sort_keys=True) for r in  # noqa: E731
+                            map(json.loads, (d / "metrics.jsonl").read_text().splitlines()))
+    assert rows(cut) == rows(whole)
+    a, b = np.load(whole / "arrays.npz"), np.load(cut / "arrays.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_another_config_into_the_same_run_directory_is_refused(tiny_run):
+    result = invoke("langevin", *TINY, "--T", "1,3", "--seed", "7", "--out", str(tiny_run))
+    assert result.exit_code == 2
+    assert "holds a run with another config (differs in seed)" in result.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from typing import Any, Callable
@@ -188,8 +189,13 @@ def build_methods(cfg: LangevinConfig) -> list[Method]:
     return methods
 
 
-def run(cfg: LangevinConfig, run_dir: RunDir) -> dict[str, MethodRun]:
-    """Runs every method of `cfg`, streaming metrics to `run_dir`; writes arrays, figures, summary."""
+def run(cfg: LangevinConfig, run_dir: RunDir) -> dict[str, dict[str, np.ndarray]]:
+    """Runs every method of `cfg`, streaming metrics to `run_dir`; writes arrays, figures, summary.
+
+    Each finished method is saved at once (methods/<name>.npz, then its metrics rows), so re-running
+    the same config into the same run directory resumes with the first unfinished method.
+    Returns each method's arrays (see `_method_arrays`).
+    """
     potential = registry.get("potential", cfg.potential)
     reward = registry.get("reward", cfg.reward)
     dim = getattr(potential, "dim", 2)
@@ -197,15 +203,20 @@ def run(cfg: LangevinConfig, run_dir: RunDir) -> dict[str, MethodRun]:
     x0 = jax.random.normal(k_init, (cfg.seeds, dim, cfg.batch))  # p0 = N(0, I), shared by all methods
     keys = jax.random.split(k_run, cfg.seeds)
     theta0 = jnp.tile(jnp.asarray(cfg.theta0, jnp.float32), (cfg.seeds, 1))
-    run_dir.write_json("config.json", cfglib.to_dict(cfg))
-    run_dir.reset_metrics()
+    methods = build_methods(cfg)
+    finished = _resume(run_dir, cfg, [m.name for m in methods])
     console.print(f"[bold]langevin-reward[/]: {cfg.seeds} seeds x {cfg.batch} particles x {cfg.steps} steps "
-                  f"on {seed_mesh(cfg.seeds).size} device(s) -> {run_dir.path}")
+                  f"on {seed_mesh(cfg.seeds).size} device(s) -> {run_dir.path}"
+                  + (f"\nresuming: {', '.join(finished)} already complete" if finished else ""))
 
-    results: dict[str, MethodRun] = {}
-    theta_opt = None
+    per_method: dict[str, dict[str, np.ndarray]] = {}
     with progress_bar("reward") as progress:
-        for method in build_methods(cfg):
+        for method in methods:
+            if method.name in finished:
+                with np.load(run_dir.path / "methods" / f"{method.name}.npz") as npz:
+                    per_method[method.name] = dict(npz)
+                continue
+            theta_opt = per_method["implicit"]["theta"][-1] if "implicit" in per_method else None
             start_theta = theta0 if method.start == "theta0" else jnp.asarray(theta_opt)
             task = progress.add_task(method.name, total=cfg.steps, rate="", reward="-")
             work = cfg.seeds * cfg.batch * method.inner_steps
@@ -216,45 +227,74 @@ def run(cfg: LangevinConfig, run_dir: RunDir) -> dict[str, MethodRun]:
                 progress.update(task, completed=done, reward=f"{r:.3f}", rate=f"{rate:6.1f}M p-steps/s")
 
             result = run_method(method, cfg, potential, reward, x0, start_theta, keys, on_segment)
-            if method.name == "implicit":
-                theta_opt = result.final_theta
+            theta_opt = result.final_theta if method.name == "implicit" else theta_opt
+            per_method[method.name] = _method_arrays(result)
+            run_dir.save_arrays(f"methods/{method.name}.npz", per_method[method.name])
             run_dir.append_metrics(metric_rows(result, log_likelihood(potential, result.snapshots, theta_opt), cfg))
-            results[method.name] = result
 
-    run_dir.save_arrays("arrays.npz", _arrays(results, theta_opt))
+    run_dir.save_arrays("arrays.npz", _arrays(per_method))
     figures.make_all(run_dir, potential, cfg.theta0)
-    _print_summary(run_dir, cfg, results)
-    return results
+    _print_summary(run_dir, cfg, per_method)
+    return per_method
 
 
-def _arrays(results: dict[str, MethodRun], theta_opt: np.ndarray) -> dict[str, np.ndarray]:
-    """θ trajectories and final samples of every method; snapshots of seed 0 at Fig. 10 steps."""
-    first = next(iter(results.values()))
-    out = {"steps": first.steps, "theta_opt": theta_opt,
-           "snapshot_steps": first.steps[figures.snapshot_indices(first.steps)]}
-    for name, r in results.items():
-        out[f"{name}/theta"] = r.theta
-        out[f"{name}/final_x"] = r.snapshots[-1]
-        out[f"{name}/snapshots_seed0"] = r.snapshots[figures.snapshot_indices(r.steps), 0]
+def _resume(run_dir: RunDir, cfg: LangevinConfig, names: list[str]) -> list[str]:
+    """Claims `run_dir` for `cfg`; returns the methods already finished there (same config only).
+
+    A method is finished when methods/<name>.npz exists and metrics.jsonl has all its rows; rows of
+    unfinished methods are dropped, so they are written exactly once when the method reruns.
+    """
+    config = cfglib.to_dict(cfg)
+    if (run_dir.path / "config.json").exists():
+        previous = run_dir.read_json("config.json")
+        if previous != json.loads(json.dumps(config)):
+            changed = sorted(k for k in config if previous.get(k) != json.loads(json.dumps(config[k])))
+            raise UserError(f"run directory '{run_dir.path}' holds a run with another config (differs in "
+                            f"{', '.join(changed)}); pick a new --out")
+    run_dir.write_json("config.json", config)
+    n_rows = 1 + math.ceil(cfg.steps / cfg.log_every)
+    rows = run_dir.read_metrics()
+    finished = [n for n in names if (run_dir.path / "methods" / f"{n}.npz").exists()
+                and sum(r["method"] == n for r in rows) == n_rows]
+    run_dir.reset_metrics()
+    run_dir.append_metrics(r for r in rows if r["method"] in finished)
+    return finished
+
+
+def _method_arrays(run: MethodRun) -> dict[str, np.ndarray]:
+    """What a finished method keeps: θ trajectory, final samples, seed 0 at the Fig. 10 steps."""
+    return {"steps": run.steps, "theta": run.theta, "final_x": run.snapshots[-1],
+            "snapshots_seed0": run.snapshots[figures.snapshot_indices(run.steps), 0],
+            "T": np.asarray(run.method.inner_steps), "seconds": np.asarray(run.seconds)}
+
+
+def _arrays(per_method: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """arrays.npz: every method's θ trajectory and final samples, keyed `<method>/<array>`."""
+    steps = per_method["implicit"]["steps"]
+    out = {"steps": steps, "theta_opt": per_method["implicit"]["theta"][-1],
+           "snapshot_steps": steps[figures.snapshot_indices(steps)]}
+    for name, arrays in per_method.items():
+        out.update({f"{name}/{key}": arrays[key] for key in ("theta", "final_x", "snapshots_seed0")})
     return out
 
 
-def _print_summary(run_dir: RunDir, cfg: LangevinConfig, results: dict[str, MethodRun]) -> None:
+def _print_summary(run_dir: RunDir, cfg: LangevinConfig, per_method: dict[str, dict[str, np.ndarray]]) -> None:
     from rich.table import Table
 
-    rows = {}
+    rows: dict[str, list[dict]] = {}
     for row in run_dir.read_metrics():
         rows.setdefault(row["method"], []).append(row)
     table = Table(title=f"langevin-reward: last 2% of {cfg.steps} steps, {cfg.seeds} seeds (min..max)")
     for col in ("method", "T", "reward", "log-lik under π*(θ_opt)", "grad evals", "wall s", "M p-steps/s"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for name, r in results.items():
-        window = [row for row in rows[name] if row["step"] >= r.steps[-1] * 0.98]
+    for name, arrays in per_method.items():
+        T, seconds = int(arrays["T"]), float(arrays["seconds"])
+        window = [row for row in rows[name] if row["step"] >= cfg.steps * 0.98]
         reward = np.mean([row["reward_mean"] for row in window])
         loglik = np.mean([row["loglik_mean"] for row in window])
         lo, hi = min(row["reward_min"] for row in window), max(row["reward_max"] for row in window)
-        rate = cfg.seeds * cfg.batch * cfg.steps * r.method.inner_steps / r.seconds / 1e6
-        table.add_row(name, str(r.method.inner_steps), f"{reward:.3f} ({lo:.3f}..{hi:.3f})", f"{loglik:.3f}",
-                      f"{cfg.steps * r.method.inner_steps:,}", f"{r.seconds:.1f}", f"{rate:.1f}")
+        rate = cfg.seeds * cfg.batch * cfg.steps * T / seconds / 1e6
+        table.add_row(name, str(T), f"{reward:.3f} ({lo:.3f}..{hi:.3f})", f"{loglik:.3f}",
+                      f"{cfg.steps * T:,}", f"{seconds:.1f}", f"{rate:.1f}")
     console.print(table)
     console.print(f"outputs: {run_dir.path}/{{config.json, metrics.jsonl, arrays.npz, figures/}}")
