@@ -23,6 +23,15 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "potential": ("idiff_cli.langevin.potentials",),
     "reward": ("idiff_cli.langevin.rewards",),
     "method": ("idiff_cli.langevin.methods",),
+    "energy": ("idiff_cli.ebm.energies",),
+    "toy-data": ("idiff_cli.ebm.toy_data",),
+    "dataset": ("idiff_cli.data.datasets",),
+    "sde": ("idiff_cli.diffusion.sde",),
+    "sampler": ("idiff_cli.diffusion.samplers",),
+    "model": ("idiff_cli.diffusion.unet",),
+    "image-reward": ("idiff_cli.implicit.rewards",),
+    "finetune-method": ("idiff_cli.implicit.methods",),
+    "features": ("idiff_cli.fid.features",),
 }
 
 
