@@ -1,0 +1,141 @@
+"""The U-Net ε_θ(x, t[, label]) of DDPM (Ho et al. 2020; Ronneberger et al. 2015), in Flax Linen.
+
+Sinusoidal time embedding -> MLP; per resolution `num_res_blocks` residual blocks (GroupNorm, SiLU,
+3×3 convs, time embedding added), self-attention at the resolutions in `attn_resolutions`, strided-conv
+down- and nearest-neighbour up-sampling, skip connections, and a zero-initialised output conv (the
+untrained network predicts ε = 0). With `num_classes` > 0 a label embedding is added to the time
+embedding (the paper's CIFAR-10 model was label-conditioned).
+
+`UNet.cannot_take(image_size)` says why an image size does not fit the architecture, or returns None.
+`PRESETS[preset](image_size, channels)` gives the preset's architecture for an image size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from idiff_cli.registry import register
+
+
+def timestep_embedding(level: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of noise levels in [0, 1] (scaled by 1000, as DDPM's step index)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
+    args = 1000.0 * level[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+
+
+class ResBlock(nn.Module):
+    out_ch: int
+    groups: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, temb, train: bool):
+        h = nn.Conv(self.out_ch, (3, 3))(nn.silu(nn.GroupNorm(min(self.groups, x.shape[-1]))(x)))
+        h = h + nn.Dense(self.out_ch)(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(nn.GroupNorm(min(self.groups, self.out_ch))(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        if x.shape[-1] != self.out_ch:
+            x = nn.Conv(self.out_ch, (1, 1))(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    groups: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, hgt, wid, c = x.shape
+        h = nn.GroupNorm(min(self.groups, c))(x).reshape(b, hgt * wid, c)
+        q, k, v = (nn.Dense(c)(h) for _ in range(3))
+        weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
+        h = nn.Dense(c, kernel_init=nn.initializers.zeros)(jnp.einsum("bij,bjc->bic", weights, v))
+        return x + h.reshape(b, hgt, wid, c)
+
+
+class UNet(nn.Module):
+    """ε_θ(x [B, H, W, C], level [B] in [0, 1], labels [B] int or None) -> [B, H, W, C]."""
+
+    ch: int = 32
+    ch_mult: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (7,)
+    dropout: float = 0.0
+    num_classes: int = 0
+    groups: int = 8
+
+    @staticmethod
+    def cannot_take(image_size: int, ch_mult: Sequence[int]) -> str | None:
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size % factor:
+            return (f"image size {image_size} cannot be halved {len(ch_mult) - 1} times by the U-Net "
+                    f"(ch_mult {tuple(ch_mult)}): it must be a multiple of {factor}")
+        return None
+
+    @nn.compact
+    def __call__(self, x, level, labels=None, train: bool = False):
+        temb = timestep_embedding(level, self.ch)
+        temb = nn.Dense(4 * self.ch)(nn.silu(nn.Dense(4 * self.ch)(temb)))
+        if self.num_classes:
+            temb = temb + nn.Embed(self.num_classes, 4 * self.ch)(labels)
+        block = lambda ch: ResBlock(ch, self.groups, self.dropout)  # noqa: E731
+
+        h = nn.Conv(self.ch, (3, 3))(x)
+        skips = [h]
+        for i, mult in enumerate(self.ch_mult):
+            for _ in range(self.num_res_blocks):
+                h = block(self.ch * mult)(h, temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttnBlock(self.groups)(h)
+                skips.append(h)
+            if i < len(self.ch_mult) - 1:
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+                skips.append(h)
+
+        h = block(h.shape[-1])(h, temb, train)
+        h = AttnBlock(self.groups)(h)
+        h = block(h.shape[-1])(h, temb, train)
+
+        for i, mult in reversed(list(enumerate(self.ch_mult))):
+            for _ in range(self.num_res_blocks + 1):
+                h = block(self.ch * mult)(jnp.concatenate([h, skips.pop()], axis=-1), temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttnBlock(self.groups)(h)
+            if i > 0:
+                b, hgt, wid, c = h.shape
+                h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
+                h = nn.Conv(c, (3, 3))(h)
+
+        h = nn.silu(nn.GroupNorm(min(self.groups, h.shape[-1]))(h))
+        return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+
+
+def paper_architecture(image_size: int) -> dict[str, Any]:
+    """The usual DDPM-size networks: Ho et al.'s CIFAR-10 (35.7 M parameters) at 32×32 and their
+    LSUN model at 256×256; a smaller one at 28×28 (MNIST); 64×64 in between."""
+    if image_size <= 28:
+        return dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1, groups=32)
+    if image_size <= 32:
+        return dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, groups=32)
+    if image_size <= 64:
+        return dict(ch=128, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, groups=32)
+    return dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, groups=32)
+
+
+def cpu_architecture(image_size: int) -> dict[str, Any]:
+    """≈ 1 M parameters at 28×28: trains in minutes on two CPU cores."""
+    levels = (1, 2, 2) if image_size <= 32 else (1, 2, 2, 2)
+    lowest = image_size // 2 ** (len(levels) - 1)
+    return dict(ch=32, ch_mult=levels, num_res_blocks=1, attn_resolutions=(lowest,), dropout=0.0, groups=8)
+
+
+PRESETS = {"paper": paper_architecture, "cpu": cpu_architecture}
+
+register("model", "unet", UNet)

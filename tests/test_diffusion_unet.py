@@ -1,0 +1,43 @@
+"""The U-Net: shapes, the ≈1 M-parameter CPU preset, the paper's CIFAR-10 size, label conditioning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idiff_cli.diffusion.unet import UNet, cpu_architecture, paper_architecture
+
+
+def n_params(model, size, channels):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)),
+                                               jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_preset_sizes():
+    assert 0.9e6 < n_params(UNet(**cpu_architecture(28)), 28, 1) < 1.3e6
+    # Ho et al.'s CIFAR-10 network has 35.7 M parameters.
+    assert abs(n_params(UNet(**paper_architecture(32)), 32, 3) - 35.7e6) < 0.1e6
+
+
+def test_forward_shapes_zero_init_output_and_label_conditioning():
+    model = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), groups=4, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+    level, labels = jnp.array([0.1, 0.5, 0.9]), jnp.array([0, 1, 2])
+    params = jax.jit(model.init)(jax.random.key(1), x, level, labels)
+    apply = jax.jit(model.apply)
+    out = apply(params, x, level, labels)
+    assert out.shape == x.shape
+    np.testing.assert_array_equal(out, 0.0)  # zero-initialised output: the untrained ε̂ is 0
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    noisy = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    a = apply(noisy, x, level, labels)
+    b = apply(noisy, x, level, jnp.array([5, 6, 7]))
+    c = apply(noisy, x, jnp.array([0.2, 0.6, 0.3]), labels)
+    assert float(jnp.abs(a - b).mean()) > 1e-3 and float(jnp.abs(a - c).mean()) > 1e-3
+
+
+def test_image_sizes_the_model_cannot_take():
+    assert UNet.cannot_take(28, (1, 2, 2)) is None
+    assert UNet.cannot_take(32, (1, 2, 2, 2)) is None
+    assert "multiple of 4" in UNet.cannot_take(30, (1, 2, 2))
