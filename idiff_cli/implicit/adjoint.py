@@ -1,0 +1,130 @@
+"""Gradients of a per-path objective through a T-step sampler: the adjoint method (talk file, §"Example:
+Denoising diffusions"; paper §3.2, §5.2).
+
+A sampler is seen through one bound step, `step(params, x, k, key) -> x_{k+1}`: step k of the time grid,
+its noise regenerated from `key` (so adjoints never store noise). The objective of one batch is
+
+    J(θ) = mean_b [ terminal(θ, x_n^b) + Σ_{k<n} running(θ, x_k^b, k) ],
+
+e.g. terminal = −λ R(x) or −λ R(denoise_θ(x)) (reward) and running = β × the Girsanov KL increment
+(girsanov.py).
+
+* `discrete_adjoint` is the exact gradient of J for the discretised sampler (Euler–Maruyama or any
+  other step): a reverse `lax.scan` of `jax.vjp` of one step over the stored states x_0..x_n. Only
+  the states are kept; the network's activations are recomputed one step at a time, so memory is
+  the states plus one step's activations, whatever n.
+* `continuous_adjoint` integrates the adjoint ODE system of the probability-flow ODE backwards from
+  x_n alone (Z, A, G of the talk file): dZ = −μ dt, dA = Aᵀ∂ₓμ dt, dG = Aᵀ∂θμ dt, with the
+  sampler's own Euler increments μ h = step(θ, z, k) − z. It needs no stored states and converges to
+  the discrete adjoint as the grid is refined.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Step = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x, k, key) -> x_next
+Running = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, x, k) -> [B] cost of state x_k
+Terminal = Callable[[Any, jax.Array], jax.Array]  # (params, x_n) -> [B] cost of the final state
+
+
+class Gradient(NamedTuple):
+    """dJ/dθ (a pytree like params), dJ/dx at the first state of the window (for chaining), and the
+    batch means of the terminal cost and of the running cost summed over the window (0 without one)."""
+
+    params: Any
+    x: jax.Array
+    terminal: jax.Array
+    running: jax.Array
+
+
+def rollout(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_steps: int, first: int = 0) -> jax.Array:
+    """States [n_steps + 1, *x0.shape] of steps first .. first + n_steps − 1 of the sampler from x0."""
+
+    def body(x, k):
+        x_next = step(params, x, k, key)
+        return x_next, x_next
+
+    _, xs = jax.lax.scan(body, x0, first + jnp.arange(n_steps))
+    return jnp.concatenate([x0[None], xs])
+
+
+def terminal_gradient(terminal: Terminal, params: Any, x_final: jax.Array):
+    """(mean_b terminal, its ∂/∂θ, A_0 = its ∂/∂x_n)."""
+    value, (g, a) = jax.value_and_grad(lambda p, x: jnp.mean(terminal(p, x)), argnums=(0, 1))(params, x_final)
+    return value, g, a
+
+
+def discrete_adjoint(step: Step, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
+                     running: Optional[Running] = None, first: int = 0) -> Gradient:
+    """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
+
+    Args:
+      states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
+      terminal: the cost of the final state states[-1].
+      running: optional running cost (params, x, k) -> [B]; its batch mean enters J for k < first + n.
+      first: global index of states[0] on the time grid (truncated backprop starts the window late).
+    Cost: n vjps of one step (+ n of `running`); memory: the states and one step's activations.
+    """
+    n = states.shape[0] - 1
+    value, g_final, a_final = terminal_gradient(terminal, params, states[-1])
+
+    def body(carry, inputs):
+        a, g, total = carry
+        x, k = inputs
+        _, vjp = jax.vjp(lambda p, y: step(p, y, k, key), params, x)
+        g_step, a_step = vjp(a)
+        g = jax.tree.map(jnp.add, g, g_step)
+        if running is not None:
+            cost, (g_run, a_run) = jax.value_and_grad(lambda p, y: jnp.mean(running(p, y, k)),
+                                                      argnums=(0, 1))(params, x)
+            g, a_step, total = jax.tree.map(jnp.add, g, g_run), a_step + a_run, total + cost
+        return (a_step, g, total), None
+
+    ks = first + jnp.arange(n)
+    init = (a_final, g_final, jnp.zeros((), a_final.dtype))
+    (a, g, total), _ = jax.lax.scan(body, init, (states[:-1], ks), reverse=True)
+    return Gradient(g, a, value, total)
+
+
+def continuous_adjoint(step: Step, params: Any, x_final: jax.Array, key: jax.Array, terminal: Terminal,
+                       n_steps: int) -> Gradient:
+    """Adjoint ODE system of a deterministic sampler (probability flow), integrated backwards by Euler.
+
+    With the sampler's increment δ_k(θ, z) = step(θ, z, k) − z = μ(t_k, z, θ) h_k, one backward step is
+        z ← z − δ_k(θ, z),   a ← a + (∂_z δ_k)ᵀ a,   g ← g + (∂_θ δ_k)ᵀ a,
+    started at (z, a, g) = (x_n, ∂J/∂x_n, ∂J/∂θ|_terminal). Terminal cost only (a path-KL needs noise: Girsanov).
+    Returns the estimate of dJ/dθ and of dJ/dx_0 (at the reconstructed z_0).
+    """
+
+    def body(carry, k):
+        z, a, g = carry
+        delta, vjp = jax.vjp(lambda p, y: step(p, y, k, key) - y, params, z)
+        g_step, a_step = vjp(a)
+        return (z - delta, a + a_step, jax.tree.map(jnp.add, g, g_step)), None
+
+    value, g_final, a_final = terminal_gradient(terminal, params, x_final)
+    (z, a, g), _ = jax.lax.scan(body, (x_final, a_final, g_final), jnp.arange(n_steps), reverse=True)
+    return Gradient(g, a, value, jnp.zeros((), a.dtype))
+
+
+def unrolled_gradient(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_steps: int,
+                      terminal: Terminal, running: Optional[Running] = None, remat: bool = True) -> Any:
+    """dJ/dθ by `jax.grad` through the unrolled sampler (AlignProp-like `full-backprop`); with `remat`,
+    each step is `jax.checkpoint`ed so only the states are kept, as in the adjoint."""
+    one = jax.checkpoint(step) if remat else step
+
+    def objective(p):
+        def body(carry, k):
+            x, cost = carry
+            if running is not None:
+                cost = cost + jnp.mean(running(p, x, k))
+            return (one(p, x, k, key), cost), None
+
+        (x, cost), _ = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps))
+        return jnp.mean(terminal(p, x)) + cost
+
+    return jax.grad(objective)(params)

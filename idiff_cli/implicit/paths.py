@@ -1,0 +1,43 @@
+"""A pretrained sampler seen as a function of θ: the bound step used by the queue and the adjoints.
+
+`diffusion.samplers.Sampler` steps take a parameter-free score and a key used as given. Here a path is
+named by one *slot key* s, exactly as `Sampler.sample(score, s, shape)` names its sample:
+x_0 = sampler.init(split(s)[0]) and step k uses fold_in(split(s)[1], k). So a path can be re-run under
+another θ with the same noise (the paper's same-seed figures) and the adjoint regenerates each step's
+noise from s instead of storing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+
+
+class SamplerPaths(NamedTuple):
+    """init(slot_key) -> x_0 [B, ...]; step(params, x, k, slot_key) -> x_{k+1}; denoise(params, x_n) -> image
+    (the sampler's last, Tweedie, step; identity when the sampler has none)."""
+
+    init: Callable[[jax.Array], jax.Array]
+    step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+    denoise: Callable[[Any, jax.Array], jax.Array]
+    n_steps: int
+
+
+def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
+                  labels: Optional[jax.Array] = None) -> SamplerPaths:
+    """Binds a `Sampler` and a score(params, x, t, labels) for batches of `shape` [B, H, W, C]."""
+
+    def bound(params):
+        return lambda y, t: score(params, y, t, labels)
+
+    def init(slot_key):
+        return sampler.init(jax.random.split(slot_key)[0], shape)
+
+    def step(params, x, k, slot_key):
+        return sampler.step(bound(params), x, k, jax.random.fold_in(jax.random.split(slot_key)[1], k))
+
+    def denoise(params, x):
+        return sampler.finalize(bound(params), x)
+
+    return SamplerPaths(init, step, denoise, sampler.n_steps)

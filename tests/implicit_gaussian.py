@@ -1,0 +1,88 @@
+"""The paper's 1-D Gaussian diffusion (§4), shared by the implicit-diffusion oracle tests.
+
+OU process dX = −X dt + √2 dB and the score s_θ(x, t) = −c (x − m e^{−t}), params θ = {m, c}. For
+c = 1 it is the exact score of N(m e^{−t}, 1), the OU marginal started from N(m, 1), so π*(θ) =
+N(m(1 − e^{−2T}), 1) (paper §4). With c ≠ 1 the drift difference to θ0 depends on x, which makes the
+Girsanov and adjoint oracles non-trivial. Every Euler–Maruyama step is affine in x:
+x' = a_k x + b_k + √(2 h_k) ξ, a_k = 1 + h_k (1 − 2c), b_k = 2 c m h_k e^{−t_k}, so the chain's law is
+an explicit Gaussian (`chain_moments`, `chain_joint`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step, probability_flow_step
+from idiff_cli.diffusion.sde import OrnsteinUhlenbeck
+from idiff_cli.implicit.paths import sampler_paths
+
+
+def score(params, x, t, labels=None):
+    t = t.reshape(t.shape + (1,) * (x.ndim - 1))
+    return -params["c"] * (x - params["m"] * jnp.exp(-t))
+
+
+SDE = OrnsteinUhlenbeck()
+
+
+def paths(n_steps: int, batch: int, deterministic: bool = False):
+    step_fn = probability_flow_step if deterministic else euler_maruyama_step
+    sampler = Sampler(SDE, n_steps, step_fn, denoise_final=False)
+    return sampler, sampler_paths(sampler, score, (batch, 1))
+
+
+def theta(m: float, c: float = 1.0, dtype=jnp.float64):
+    return {"m": jnp.asarray(m, dtype), "c": jnp.asarray(c, dtype)}
+
+
+def coefficients(n_steps: int, m: float, c: float):
+    """(a_k, b_k, s_k) of the affine EM steps, numpy float64 [n]."""
+    grid = np.asarray(SDE.time_grid(n_steps), np.float64)
+    h = grid[:-1] - grid[1:]
+    return 1 + h * (1 - 2 * c), 2 * c * m * h * np.exp(-grid[:-1]), np.sqrt(2 * h)
+
+
+def chain_moments(n_steps: int, m: float, c: float = 1.0):
+    """Mean and variance of x_k, k = 0..n, from x_0 ~ N(0, 1)."""
+    a, b, s = coefficients(n_steps, m, c)
+    mean, var = [0.0], [1.0]
+    for k in range(n_steps):
+        mean.append(a[k] * mean[-1] + b[k])
+        var.append(a[k] ** 2 * var[-1] + s[k] ** 2)
+    return np.array(mean), np.array(var)
+
+
+def chain_joint(n_steps: int, m: float, c: float = 1.0):
+    """Mean [n+1] and covariance [n+1, n+1] of the whole path (x_0, ..., x_n): x = μ + L ζ, ζ ~ N(0, I)."""
+    a, b, s = coefficients(n_steps, m, c)
+    L = np.zeros((n_steps + 1, n_steps + 1))
+    mu = np.zeros(n_steps + 1)
+    L[0, 0] = 1.0
+    for k in range(n_steps):
+        L[k + 1] = a[k] * L[k]
+        L[k + 1, k + 1] = s[k]
+        mu[k + 1] = a[k] * mu[k] + b[k]
+    return mu, L @ L.T
+
+
+def gaussian_kl(mu_p, cov_p, mu_q, cov_q) -> float:
+    """KL(N(μp, Σp) ‖ N(μq, Σq)) in closed form."""
+    d = len(mu_p)
+    inv_q = np.linalg.inv(cov_q)
+    diff = mu_q - mu_p
+    _, logdet_p = np.linalg.slogdet(cov_p)
+    _, logdet_q = np.linalg.slogdet(cov_q)
+    return 0.5 * (np.trace(inv_q @ cov_p) + diff @ inv_q @ diff - d + logdet_q - logdet_p)
+
+
+def draw(p, params, key, n_steps):
+    """The stored states [n+1, B, 1] of one batch of paths named by `key`."""
+    from idiff_cli.implicit.adjoint import rollout
+
+    return rollout(p.step, params, p.init(key), key, n_steps)
+
+
+def as_float64(params):
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
