@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,7 @@ class LangevinConfig:
     T: tuple[int, ...] = (1, 10, 100)
     guidance_lambda: float = dataclasses.field(default=1.0, metadata={"flag": "--lambda"})
     eta_schedule: str = "constant"
+    lambda_kl: float = dataclasses.field(default=0.0, metadata={"flag": "--lambda-kl"})
     log_every: int = 10
     seed: int = 0
 
@@ -65,6 +66,9 @@ class LangevinConfig:
         cfglib.require_float(self, "eta")
         cfglib.require_float(self, "guidance_lambda", positive=False)
         cfglib.require_choice(self, "eta_schedule", ("constant", "inv-sqrt"))
+        cfglib.require_float(self, "lambda_kl", positive=False)
+        if self.lambda_kl < 0:
+            raise UserError(f"--lambda-kl must be >= 0 (the weight β of a KL penalty), got {self.lambda_kl!r}")
         for name in self.method_names():
             if name not in ("all",) and ":" not in name and name not in registry.names("method"):
                 raise UserError(f"unknown --baseline '{name}'; valid choices: all, {registry.choices_text('method')}")
@@ -73,6 +77,9 @@ class LangevinConfig:
         n_params = getattr(potential, "n_params", None)
         if n_params is not None and len(self.theta0) != n_params:
             raise UserError(f"--theta0 has {len(self.theta0)} entries; potential '{self.potential}' takes {n_params}")
+        if self.lambda_kl and not hasattr(potential, "sample"):
+            raise UserError(f"--lambda-kl needs exact draws of π*(θ0); potential '{self.potential}' has no sample(); "
+                            "valid choices: a Gaussian mixture potential (hexagon, hexagon-paper, seven-wells)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -116,30 +123,43 @@ def _segment_fn(step: Callable, statistic: Callable, log_every: int, n_logs: int
     return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)))
 
 
+def segments(step: Callable, statistic: Callable, state: LangevinState, keys: jax.Array, n_steps: int,
+             log_every: int, first_step: int = 0, max_segments: int = 25) -> Iterator[tuple]:
+    """Runs outer steps first_step, ..., first_step + n_steps − 1 for every seed (step k uses key
+    fold_in(keys[s], k)) as at most ~`max_segments` jitted segments, logging every `log_every` steps.
+
+    Yields after each segment (one host sync): (state on device, logged steps [c], x [c, S, d, B],
+    θ [c, S, ...] (any pytree), statistic(x) [c, S]) as host arrays, c logs per segment.
+    """
+    n_full, rest = divmod(n_steps, log_every)
+    per_segment = max(1, math.ceil(n_full / max_segments))
+    plan = [(log_every, min(per_segment, n_full - i)) for i in range(0, n_full, per_segment)]
+    plan += [(rest, 1)] if rest else []
+    done = first_step
+    for every, count in plan:
+        state, logged = _segment_fn(step, statistic, every, count)(state, keys, done)
+        x, theta, r = jax.tree.map(lambda a: np.swapaxes(np.asarray(a), 0, 1), logged)  # [S, c] -> [c, S]
+        yield state, done + every * (1 + np.arange(count)), x, theta, r
+        done += every * count
+
+
 def simulate(step: Callable, statistic: Callable, state: LangevinState, keys: jax.Array, n_steps: int,
              log_every: int, on_segment: Callable[[int, float], None] = lambda done, value: None):
-    """Runs `n_steps` outer steps for every seed; outer step k uses key fold_in(keys[s], k).
+    """Runs `n_steps` outer steps for every seed (see `segments`) and stacks the logs.
 
     `statistic` maps particles [d, B] to a scalar (e.g. the batch-mean reward), reported to
     `on_segment(steps_done, mean over seeds)` after each jitted segment.
     Returns host arrays: logged steps [L], x [L, S, d, B], θ [L, S, ...], statistic [L, S], with
     L = 1 + ceil(n_steps / log_every) (the initial state is logged as step 0).
     """
-    n_full, rest = divmod(n_steps, log_every)
-    per_segment = max(1, math.ceil(n_full / 25))  # ~25 host round trips per run
-    plan = [(log_every, min(per_segment, n_full - i)) for i in range(0, n_full, per_segment)]
-    plan += [(rest, 1)] if rest else []
     xs, thetas, values = [np.asarray(state.x)], [np.asarray(state.theta)], [np.asarray(jax.vmap(statistic)(state.x))]
-    steps, done = [0], 0
-    for every, count in plan:
-        state, (x, theta, r) = _segment_fn(step, statistic, every, count)(state, keys, done)
-        x, theta, r = np.asarray(x), np.asarray(theta), np.asarray(r)  # one host sync per segment
-        xs.extend(np.swapaxes(x, 0, 1))
-        thetas.extend(np.swapaxes(theta, 0, 1))
-        values.extend(r.T)
-        steps.extend(done + every * (1 + np.arange(count)))
-        done += every * count
-        on_segment(done, float(r[:, -1].mean()))
+    steps = [0]
+    for _, logged, x, theta, r in segments(step, statistic, state, keys, n_steps, log_every):
+        xs.extend(x)
+        thetas.extend(theta)
+        values.extend(r)
+        steps.extend(logged)
+        on_segment(int(logged[-1]), float(r[-1].mean()))
     return np.asarray(steps), np.stack(xs), np.stack(thetas), np.stack(values)
 
 
@@ -150,7 +170,9 @@ def run_method(method: Method, cfg: LangevinConfig, potential, reward, x0: jax.A
     x0: [S, d, B]; theta_start: [S, p]; keys: [S].
     """
     optimizer = make_optimizer(cfg.eta * method.lr_scale, cfg.eta_schedule)
-    step = make_step(method, potential, reward, cfg.gamma, optimizer)
+    theta0 = jnp.asarray(cfg.theta0, jnp.float32)
+    reference = (lambda key: potential.sample(key, theta0, cfg.batch)) if cfg.lambda_kl else None  # p_ref = π*(θ0)
+    step = make_step(method, potential, reward, cfg.gamma, optimizer, reference)
     state = jax.vmap(lambda x, th: LangevinState(x, th, optimizer.init(th)))(x0, theta_start)
     state, keys = shard_leading((state, keys), mesh or seed_mesh(cfg.seeds))
     start = time.perf_counter()
@@ -184,8 +206,12 @@ def build_methods(cfg: LangevinConfig) -> list[Method]:
     methods = []
     for name in cfg.method_names():
         builder = registry.get("method", name)
-        Ts = cfg.T if name in ("nested", "unrolled") else cfg.T[:1]
-        methods.extend(builder(T=T, lam=cfg.guidance_lambda, gamma=cfg.gamma) for T in Ts)
+        Ts = cfg.T if name in ("nested", "unrolled", "short-run") else cfg.T[:1]
+        for T in Ts:
+            method = builder(T=T, lam=cfg.guidance_lambda, gamma=cfg.gamma)
+            if cfg.lambda_kl and method.update != "none":  # F(p) = −E_p[R] + β KL(π*(θ0) ‖ p)
+                method = dataclasses.replace(method, kl_weight=cfg.lambda_kl)
+            methods.append(method)
     return methods
 
 

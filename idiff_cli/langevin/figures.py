@@ -27,25 +27,30 @@ def snapshot_indices(steps: np.ndarray) -> np.ndarray:
     return np.unique([int(np.searchsorted(steps, t)) for t in targets])
 
 
-def _by_method(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+def by_method(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     grouped: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         grouped[row["method"]].append(row)
     return {m: {k: np.array([r[k] for r in rs]) for k in rs[0] if k != "method"} for m, rs in grouped.items()}
 
 
-def _band(ax, x, curves, metric, label):
+def band(ax, x, curves, metric, label):
     line, = ax.plot(x, curves[f"{metric}_mean"], label=label, lw=1.2)
     ax.fill_between(x, curves[f"{metric}_min"], curves[f"{metric}_max"], color=line.get_color(), alpha=0.2, lw=0)
 
 
-def _density_image(ax, potential, theta, extent=9.0, n=200):
+def density_contours(ax, potential, theta, extent=9.0, n=200, filled=False):
+    """Contour lines (or, `filled`, an image) of π*(θ) on [−extent, extent]²; θ may be a pytree."""
     axis = np.linspace(-extent, extent, n)
     x0, x1 = np.meshgrid(axis, axis, indexing="ij")
     points = jnp.asarray(np.stack([x0.ravel(), x1.ravel()]), jnp.float32)
     log_density = getattr(potential, "log_density", None) or quadrature.log_density_fn(potential)
-    density = np.asarray(jax.jit(log_density)(points, jnp.asarray(theta, jnp.float32))).reshape(n, n)
-    ax.contour(x0, x1, np.exp(density), levels=8, colors="0.4", linewidths=0.6)
+    theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), theta)
+    density = np.exp(np.asarray(jax.jit(log_density)(points, theta)).reshape(n, n))
+    if filled:
+        ax.imshow(density.T, origin="lower", extent=(-extent, extent, -extent, extent), cmap="magma")
+    else:
+        ax.contour(x0, x1, density, levels=8, colors="0.4", linewidths=0.6)
     ax.set_xlim(-extent, extent)
     ax.set_ylim(-extent, extent)
     ax.set_aspect("equal")
@@ -54,13 +59,13 @@ def _density_image(ax, potential, theta, extent=9.0, n=200):
 
 
 def _main_methods(names: list[str]) -> list[str]:
-    """One curve per method: nested/unrolled at their largest T (the paper's T = 100)."""
+    """One curve per method: nested/unrolled/short-run at their largest T (the paper's T = 100)."""
     keep = []
-    for family in ("nested", "unrolled"):
+    for family in ("nested", "unrolled", "short-run"):
         members = [n for n in names if n.startswith(family + "-T")]
         if members:
             keep.append(max(members, key=lambda n: int(n.split("-T")[1])))
-    return [n for n in names if not n.startswith(("nested-T", "unrolled-T")) or n in keep]
+    return [n for n in names if not n.startswith(("nested-T", "unrolled-T", "short-run-T")) or n in keep]
 
 
 def fig4(run_dir, potential, arrays, names, theta0):
@@ -70,7 +75,7 @@ def fig4(run_dir, potential, arrays, names, theta0):
         panels.insert(0, ("langevin-theta0", theta0, "Langevin θ0, π*(θ0)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (name, theta, title) in zip(axes[0], panels):
-        _density_image(ax, potential, theta)
+        density_contours(ax, potential, theta)
         x = arrays[f"{name}/final_x"][0]
         ax.scatter(x[0], x[1], s=2, alpha=0.5, color="C3")
         ax.set_title(title, fontsize=10)
@@ -81,8 +86,8 @@ def fig5(run_dir, curves):
     """Reward and log-likelihood under π*(θ_opt) against outer steps, mean and min/max over seeds."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name in _main_methods(list(curves)):
-        _band(a, curves[name]["step"], curves[name], "reward", name)
-        _band(b, curves[name]["step"], curves[name], "loglik", name)
+        band(a, curves[name]["step"], curves[name], "reward", name)
+        band(b, curves[name]["step"], curves[name], "loglik", name)
     a.set(xlabel="outer steps", ylabel="reward (batch mean)", title="Reward")
     b.set(xlabel="outer steps", ylabel="log π*(θ_opt)(x) (batch mean)", title="Log-likelihood (higher is better)")
     b.legend(fontsize=8)
@@ -94,13 +99,14 @@ def fig8(run_dir, curves):
 
     nested-T1 is Implicit Diffusion itself (same keys, same numbers), so it is drawn once.
     """
-    names = [n for n in curves if n == "implicit" or n.startswith(("nested-T", "unrolled-T")) and n != "nested-T1"]
+    names = [n for n in curves
+             if n == "implicit" or n.startswith(("nested-T", "unrolled-T", "short-run-T")) and n != "nested-T1"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
         c = {k: v[1:] for k, v in curves[name].items()}  # from the first logged step: log x axis
         label = "implicit (= nested-T1)" if name == "implicit" and "nested-T1" in curves else name
-        _band(a, c["grad_evals"], c, "reward", label)
-        _band(b, c["grad_evals"], c, "loglik", label)
+        band(a, c["grad_evals"], c, "reward", label)
+        band(b, c["grad_evals"], c, "loglik", label)
     for ax, title in ((a, "Reward"), (b, "Log-likelihood under π*(θ_opt)")):
         ax.set(xscale="log", xlabel="gradient evaluations (sampling steps)", title=title)
     b.legend(fontsize=8)
@@ -116,7 +122,7 @@ def fig10(run_dir, potential, arrays, names, theta0):
         theta = theta0 if name in ("langevin-theta0", "guidance") else arrays["theta_opt"][0]
         for j, step in enumerate(steps):
             ax = axes[i, j]
-            _density_image(ax, potential, theta, n=120)
+            density_contours(ax, potential, theta, n=120)
             x = arrays[f"{name}/snapshots_seed0"][j]
             ax.scatter(x[0], x[1], s=1, alpha=0.4, color=f"C{i}")
             if i == 0:
@@ -141,7 +147,7 @@ def fig10_sigma(run_dir, arrays, names):
 
 def make_all(run_dir, potential, theta0) -> None:
     """Draws every figure from run_dir's metrics.jsonl and arrays.npz."""
-    curves = _by_method(run_dir.read_metrics())
+    curves = by_method(run_dir.read_metrics())
     names = list(curves)
     theta0 = np.asarray(theta0, np.float32)
     with np.load(run_dir.path / "arrays.npz") as npz:

@@ -51,9 +51,10 @@ class GaussianMixture:
         return -self(x, theta) - 0.5 * self.dim * math.log(2 * math.pi * self.scale**2)
 
     def sample(self, key: jax.Array, theta: jax.Array, n: int) -> jax.Array:
-        """n exact draws from π*(θ), shape [d, n]."""
+        """n exact draws from π*(θ), shape [d, n] (components by inverse CDF: one uniform per draw)."""
         k_comp, k_noise = jax.random.split(key)
-        comp = jax.random.categorical(k_comp, theta, shape=(n,))
+        cdf = jnp.cumsum(jax.nn.softmax(theta))
+        comp = jnp.minimum(jnp.searchsorted(cdf, jax.random.uniform(k_comp, (n,)) * cdf[-1]), len(self.centres) - 1)
         c = jnp.asarray(self.centres)[comp].T  # [d, n]
         return c + self.scale * jax.random.normal(k_noise, (self.dim, n))
 
@@ -73,3 +74,5 @@ def grad_x(potential, x: jax.Array, theta: jax.Array) -> jax.Array:
 register("potential", "hexagon", GaussianMixture(hexagon(4.0), 1.0))
 # The text of Appendix A.1: unit radius, exp(−‖x − μ_i‖²), i.e. s² = 1/2.
 register("potential", "hexagon-paper", GaussianMixture(hexagon(1.0), math.sqrt(0.5)))
+# "Training from scratch" (Appendix A.1, Figs 11-12): the six wells of `hexagon` and a 7th at the origin.
+register("potential", "seven-wells", GaussianMixture(hexagon(4.0) + ((0.0, 0.0),), 1.0))
