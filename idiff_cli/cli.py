@@ -99,6 +99,9 @@ def langevin_reward(
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Guidance strength λ of the guidance "
                                                   "baseline, V(·,θ0) − λ R_smooth. (default: 1)")] = None,
     eta_schedule: Annotated[Optional[str], typer.Option(help="constant or inv-sqrt (η/√(k+1)). (default: constant)")] = None,
+    lambda_kl: Annotated[Optional[float], typer.Option(
+        "--lambda-kl", help="β of a KL penalty: θ updates add β Γ_ref with exact draws of π*(θ0), the gradient "
+                            "of β KL(π*(θ0) ‖ π*(θ)). (default: 0)")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Log metrics every N outer steps. (default: 10)")] = None,
     potential: Annotated[Optional[str], typer.Option(help="Potential V(x, θ): hexagon, hexagon-paper, or "
                                                       "package.module:function. (default: by preset)")] = None,
@@ -119,7 +122,8 @@ def langevin_reward(
     from idiff_cli.langevin import experiment
 
     flags = dict(baseline=baseline, T=parse_list(T, int, "--T"), steps=steps, batch=batch, seeds=seeds,
-                 gamma=gamma, eta=eta, guidance_lambda=lam, eta_schedule=eta_schedule, log_every=log_every,
+                 gamma=gamma, eta=eta, guidance_lambda=lam, eta_schedule=eta_schedule, lambda_kl=lambda_kl,
+                 log_every=log_every,
                  potential=potential, reward=reward, theta0=parse_list([theta0] if theta0 else None, float, "--theta0"),
                  seed=seed)
     cfg = cfglib.resolve(experiment.LangevinConfig, experiment.PRESETS, preset, config, flags)
@@ -128,6 +132,68 @@ def langevin_reward(
 
 app.command("langevin-reward")(langevin_reward)
 app.command("langevin", help="Alias of `langevin-reward`.")(langevin_reward)
+
+
+@user_errors
+def ebm_train(
+    energy: Annotated[Optional[str], typer.Option(help="Energy V(x, θ): wells (7-well mixture, θ ∈ R⁷), mlp "
+                                                   "(Flax MLP), or package.module:attribute. (default: by preset)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data: wells (exact draws of the A.1 target), two-moons, "
+                                                 "eight-gaussians, checkerboard, rings, or FILE.npy ([N, 2]). "
+                                                 "(default: by preset)")] = None,
+    method: Annotated[Optional[str], typer.Option(help="implicit (1 ULA step per update, persistent chains), nested "
+                                                   "(T steps), short-run (restart from N(0, I), T steps), a "
+                                                   "comma-separated list, or all. (default: implicit)")] = None,
+    T: Annotated[Optional[list[str]], typer.Option("--T", help="Inner ULA steps of nested and short-run; several "
+                                                   "values run each (--T 10,100). (default: 10)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Outer (θ update) steps. (default: 40000; mlp: 5000)")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Chains and data points per update, per seed. (default: 1000)")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Independent repetitions, run together. (default: 10; mlp: 2)")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="ULA step size γ. (default: 0.2; mlp: 0.05)")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="sgd or adam (optax). (default: sgd; mlp: adam)")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="Learning rate of θ. (default: 0.1; mlp: 0.0003)")] = None,
+    eta_schedule: Annotated[Optional[str], typer.Option(help="constant or inv-sqrt (η/√(k+1)). (default: constant)")] = None,
+    theta0: Annotated[Optional[str], typer.Option(help="Initial θ of the wells energy, comma-separated. "
+                                                   "(default: -7,-7,-7,-7,-7,-7,11)")] = None,
+    hidden: Annotated[Optional[str], typer.Option(help="Hidden widths of the mlp energy. (default: 64,64)")] = None,
+    samplers: Annotated[Optional[bool], typer.Option("--samplers/--no-samplers", help="Also run Langevin at θ0 and at "
+                                                     "the trained θ (Figs 11-12). (default: on)")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Log metrics every N outer steps. (default: 100)")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Orbax checkpoint every N outer steps (a multiple "
+                                                            "of --log-every). (default: 10000; mlp: 1000)")] = None,
+    n_test: Annotated[Optional[int], typer.Option(help="Held-out points for the NLL. (default: 10000)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoints.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="paper (Appendix A.1; default) or mlp (default with "
+                                                       "--energy mlp).")] = None,
+    out: Out = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+) -> None:
+    """Energy-based models trained by Implicit Diffusion (paper Appendix A.1, "training from scratch").
+
+    Fits V(·, θ) to data with Γ_ref = E_data[∇θV] − E_chains[∇θV]; exact KLs and NLL by quadrature. Writes config.json, metrics.jsonl, methods/, summary.json, checkpoints/ and figures/ (Figs 11, 12) to the run directory.
+    """
+    from idiff_cli import config as cfglib
+    from idiff_cli.ebm import experiment
+
+    flags = dict(energy=energy, data=data, method=method, T=parse_list(T, int, "--T"), steps=steps, batch=batch,
+                 seeds=seeds, gamma=gamma, optimizer=optimizer, eta=eta, eta_schedule=eta_schedule,
+                 theta0=parse_list([theta0] if theta0 else None, float, "--theta0"),
+                 hidden=parse_list([hidden] if hidden else None, int, "--hidden"), samplers=samplers,
+                 log_every=log_every, checkpoint_every=checkpoint_every, n_test=n_test, seed=seed)
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out, the run directory to continue")
+        run_dir = run_dir_for(out, "ebm-train")
+        cfg = experiment.resumed_config(run_dir, flags, preset)
+    else:
+        preset = preset or ("mlp" if energy == "mlp" else "paper")
+        cfg = cfglib.resolve(experiment.EBMConfig, experiment.PRESETS, preset, config, flags)
+        run_dir = run_dir_for(out, "ebm-train")
+    experiment.run(cfg, run_dir, resume=resume)
+
+
+app.command("ebm-train")(ebm_train)
 
 
 def main() -> None:
