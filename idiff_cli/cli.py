@@ -196,5 +196,75 @@ def ebm_train(
 app.command("ebm-train")(ebm_train)
 
 
+@user_errors
+def evaluate_fid(
+    run_dir: Annotated[Optional[pathlib.Path], typer.Argument(
+        help="An `idiff pretrain` run directory: its samples are evaluated and fid.json is written there.")] = None,
+    checkpoint: Annotated[Optional[int], typer.Option(help="Checkpoint step to sample from. (default: θ0 of pretrained.json)")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 50000,
+    batch: Annotated[int, typer.Option(help="Samples per batch (split over the devices); features are kept per batch.")] = 250,
+    sampler: Annotated[Optional[str], typer.Option(help="euler-maruyama, probability-flow or ddpm. (default: the run's)")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="Sampling steps. (default: the run's)")] = None,
+    features: Annotated[str, typer.Option(help="mnist-classifier (offline: 'FID (MNIST classifier features)'), inception "
+                                               "(pytorch-fid's network: the standard FID), or package.module:function.")] = "mnist-classifier",
+    inception_weights: Annotated[Optional[pathlib.Path], typer.Option(
+        help="The .npz converted from pytorch-fid's weights (python -m idiff_cli.fid.convert). "
+             "(default: $IDIFF_INCEPTION_WEIGHTS)")] = None,
+    ref_stats: Annotated[Optional[pathlib.Path], typer.Option(help="Reference statistics: .npz with mu and sigma.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Reference dataset when no --ref-stats: mnist, colored-mnist, "
+                                                        "cifar10, lsun-bedroom or a tfds name. (default: the run's)")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="tfds data directory.")] = None,
+    save_stats: Annotated[Optional[pathlib.Path], typer.Option(
+        help="Write the statistics of --dataset (or of --samples) to this .npz and exit.")] = None,
+    samples: Annotated[Optional[pathlib.Path], typer.Option(
+        help="Evaluate the images in this .npz ([N, H, W, C], uint8 or float in [-1, 1]) instead of sampling.")] = None,
+    out: Out = None,
+    seed: Seed = None,
+) -> None:
+    """Fréchet distance of samples to reference statistics (FID; pytorch-fid's definition with --features inception).
+
+    Writes fid.json (value, n, features, reference, checkpoint, sampler) into RUN_DIR (or --out with --samples).
+    """
+    from idiff_cli.fid import evaluate
+    from idiff_cli.fid.stats import image_statistics, save_stats as write_stats
+    from idiff_cli.runs import console
+
+    for name, value in (("--n", n), ("--batch", batch)):
+        if value < 1:
+            raise UserError(f"{name} must be an integer >= 1, got {value}")
+    modes = [m for m, given in (("RUN_DIR", run_dir), ("--samples", samples)) if given]
+    if len(modes) > 1:
+        raise UserError("give RUN_DIR or --samples, not both")
+    if not modes and not (save_stats and dataset):
+        raise UserError("give RUN_DIR, --samples FILE.npz, or --dataset NAME --save-stats FILE.npz")
+    extractor = evaluate.get_features(features, str(inception_weights) if inception_weights else None)
+    if save_stats:
+        if run_dir:
+            raise UserError("--save-stats writes the statistics of --dataset or --samples, not of a run")
+        from idiff_cli.fid.stats import dataset_images
+
+        images = evaluate.load_samples(samples) if samples else dataset_images(dataset, data_dir)
+        mu, sigma = image_statistics(extractor, images, batch)
+        write_stats(save_stats, mu, sigma, features=extractor.name, n=len(images),
+                    source=str(samples) if samples else f"dataset {dataset}")
+        console.print(f"wrote {save_stats}: {extractor.name} statistics of {len(images)} images", highlight=False)
+        return
+    if samples:
+        images = evaluate.load_samples(samples)
+        extractor.check_shape(images.shape)
+        ref = evaluate.reference(extractor, ref_stats, dataset or ("mnist" if extractor.name == "mnist-classifier" else None),
+                                 data_dir, batch=batch)
+        result = evaluate.evaluate_images(images, extractor, ref, out or run_dir_for(None, "evaluate-fid").path,
+                                          str(samples), batch)
+    else:
+        result = evaluate.evaluate_run(run_dir, extractor, checkpoint=checkpoint, n=n, batch=batch,
+                                       sampler_name=sampler, sample_steps=sample_steps, seed=seed or 0,
+                                       ref_stats=ref_stats, dataset=dataset, data_dir=data_dir)
+    console.print(evaluate.summary(result), highlight=False)
+
+
+app.command("evaluate-fid")(evaluate_fid)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,195 @@
+"""FID of given images, and of the samples of a pretrained run (resumable), written to fid.json.
+
+    fid_of_samples(images, features="mnist-classifier")     # vs the embedded MNIST digits -> float
+    evaluate_run(run_dir, features, reference, n=50000, batch=250, ...)   # samples, FID, fid.json
+
+Sampling: batch i uses the key fold_in(PRNGKey(seed), i), split over the local devices (one sub-batch
+per device, `vmap`ped and sharded), so the samples do not depend on how often a run was interrupted.
+The features of every finished batch are kept in `<run>/fid/<tag>/batch-NNNNN.npy` (tag: features,
+checkpoint, sampler, steps, batch, seed); a re-run with the same settings computes only what is
+missing, and a larger `--n` adds batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from idiff_cli.errors import UserError
+from idiff_cli.fid import stats as statslib
+from idiff_cli.fid.features import Features, embed_all
+from idiff_cli.fid.frechet import feature_statistics, frechet_distance
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Reference statistics and where they come from (a file or a dataset)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    description: str
+
+
+def get_features(features: str | Features, inception_weights: str | None = None) -> Features:
+    from idiff_cli import registry
+
+    return features if isinstance(features, Features) else registry.get("features", features)(inception_weights)
+
+
+def reference(features: Features, ref_stats: str | pathlib.Path | None = None, dataset: str | None = None,
+              data_dir: str | None = None, image_size: int = 0, cache: pathlib.Path | None = None,
+              batch: int = 250) -> Reference:
+    """Statistics from `ref_stats` (.npz with mu, sigma), else of all images of `dataset`
+    (kept as `cache`/ref-<dataset>-<features>.npz when `cache` is given)."""
+    if ref_stats is not None:
+        mu, sigma = statslib.load_stats(ref_stats, dim=features.dim)
+        return Reference(mu, sigma, f"file {ref_stats}")
+    if dataset is None:
+        raise UserError("give the reference: --ref-stats FILE.npz or --dataset NAME")
+    path = cache / f"ref-{dataset}{f'-{image_size}px' if image_size else ''}-{features.name}.npz" if cache else None
+    if path is not None and path.exists():
+        mu, sigma = statslib.load_stats(path, dim=features.dim, what="cached reference")
+    else:
+        images = statslib.dataset_images(dataset, data_dir, image_size)
+        mu, sigma = statslib.image_statistics(features, images, batch)
+        if path is not None:
+            statslib.save_stats(path, mu, sigma, features=features.name, dataset=dataset, n=len(images))
+    return Reference(mu, sigma, f"dataset {dataset}")
+
+
+def fid_of_features(feats: np.ndarray, ref: Reference) -> float:
+    return frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
+
+
+def fid_of_samples(images, features: str | Features = "mnist-classifier", ref_stats=None,
+                   dataset: str = "mnist", batch: int = 250) -> float:
+    """The FID of images [N, H, W, C] (float in [-1, 1] or uint8) against `ref_stats` (an .npz path or
+    a (mu, sigma) pair) or, without it, against all images of `dataset` (default: MNIST, the embedded
+    digits offline). For periodic FID during training (`--fid-every`): build `features` once with
+    `get_features` and pass the object, and pass the reference as (mu, sigma)."""
+    features = get_features(features)
+    if isinstance(ref_stats, tuple):
+        ref = Reference(*ref_stats, "given")
+    else:
+        ref = reference(features, ref_stats, dataset, batch=batch)
+    return fid_of_features(embed_all(features, images, batch), ref)
+
+
+def load_samples(path: str | pathlib.Path) -> np.ndarray:
+    """Images [N, H, W, C] from an .npz: the array `images` or `samples`, or its only array."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"--samples file '{path}' does not exist")
+    try:
+        with np.load(path) as data:
+            names = [k for k in ("images", "samples") if k in data.files]
+            if not names and len(data.files) != 1:
+                raise UserError(f"--samples file '{path}' holds several arrays ({', '.join(data.files)}); "
+                                "name the images 'images' or 'samples'")
+            return data[(names or data.files)[0]]
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read --samples file '{path}': {type(e).__name__}: {e}") from None
+
+
+def _sample_batch_fn(pre, sampler, per_device: int):
+    """keys [n_dev] -> images [n_dev, per_device, H, W, C]: one sub-batch per device (vmapped, the
+    key axis sharded). Class-conditional models get labels uniform over their classes."""
+
+    def one(params, key):
+        sample_key, label_key = jax.random.split(key)
+        labels = (jax.random.randint(label_key, (per_device,), 0, pre.num_classes) if pre.num_classes else None)
+        score = lambda x, t: pre.score(params, x, t, labels)  # noqa: E731
+        return sampler.sample(score, sample_key, (per_device, *pre.image_shape))
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+
+
+def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: int, store: pathlib.Path,
+                    progress=None) -> np.ndarray:
+    """Features [n, dim] of n samples of `pre` with `sampler`, reusing the batches already in `store`."""
+    from idiff_cli.parallel import seed_mesh, shard_leading
+
+    n_dev = len(jax.local_devices())
+    per_device = -(-batch // n_dev)
+    batch = per_device * n_dev
+    n_batches = -(-n // batch)
+    store.mkdir(parents=True, exist_ok=True)
+    mesh = seed_mesh(n_dev)
+    draw = _sample_batch_fn(pre, sampler, per_device)
+    params = jax.device_put(pre.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    root = jax.random.key(seed)
+    done = [i for i in range(n_batches) if (store / f"batch-{i:05d}.npy").exists()]
+    task = progress.add_task("fid samples", total=n, rate="") if progress else None
+    start, fresh = time.monotonic(), 0
+    for i in range(n_batches):
+        path = store / f"batch-{i:05d}.npy"
+        if i not in done:
+            keys = shard_leading(jax.random.split(jax.random.fold_in(root, i), n_dev), mesh)
+            images = np.asarray(draw(params, keys)).reshape(batch, *pre.image_shape)
+            _save_npy(path, embed_all(features, images, batch))
+            fresh += batch
+        if progress:
+            rate = fresh / max(time.monotonic() - start, 1e-9)
+            progress.update(task, completed=min((i + 1) * batch, n), rate=f"{rate:.1f} img/s")
+    return np.concatenate([np.load(store / f"batch-{i:05d}.npy") for i in range(n_batches)])[:n]
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+    import io
+
+    from idiff_cli.runs import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, checkpoint: int | None, n: int, batch: int,
+                 sampler_name: str | None, sample_steps: int | None, seed: int, ref_stats=None,
+                 dataset: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """Samples n images from the run's θ0 (or `checkpoint`), computes the FID and writes fid.json."""
+    from idiff_cli.diffusion.pretrained import load_pretrained
+    from idiff_cli.runs import RunDir, progress_bar
+
+    run = RunDir(run_dir)
+    pre = load_pretrained(run.path, step=checkpoint)
+    features.check_shape((1, *pre.image_shape))
+    sampler = pre.sampler(sample_steps, sampler_name)
+    sampler_name = sampler_name or pre.cfg.sampler
+    dataset = dataset or pre.cfg.dataset
+    ref = reference(features, ref_stats, dataset, data_dir or pre.cfg.data_dir, pre.cfg.image_size,
+                    cache=run.path / "fid", batch=batch)
+    tag = f"{features.name}-ckpt{pre.step}-{sampler_name}-{sampler.n_steps}steps-b{batch}-seed{seed}"
+    with progress_bar() as progress:
+        feats = sample_features(pre, sampler, features, n, batch, seed, run.path / "fid" / tag, progress)
+    result = {"metric": features.label, "value": fid_of_features(feats, ref), "n": n, "features": features.name,
+              "features_source": features.source, "reference": ref.description, "run": str(run.path),
+              "checkpoint": pre.step, "weights": "ema", "sampler": sampler_name, "sample_steps": sampler.n_steps,
+              "batch": batch, "seed": seed}
+    run.write_json("fid.json", result)
+    return result
+
+
+def evaluate_images(images, features: Features, ref: Reference, out: pathlib.Path, source: str,
+                    batch: int) -> dict[str, Any]:
+    """The FID of given images, written to `out`/fid.json."""
+    from idiff_cli.runs import RunDir
+
+    result = {"metric": features.label, "value": fid_of_features(embed_all(features, images, batch), ref),
+              "n": int(len(images)), "features": features.name, "features_source": features.source,
+              "reference": ref.description, "samples": source}
+    RunDir(out).write_json("fid.json", result)
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    return f"{result['metric']} = {result['value']:.4f} (n = {result['n']}, reference: {result['reference']})"
+
+

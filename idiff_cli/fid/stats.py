@@ -1,0 +1,68 @@
+"""Reference statistics (μ, Σ) of features: `.npz` files with `mu` and `sigma` (the format pytorch-fid
+and the TTUR code write, so their published files load as they are), and statistics of a dataset.
+
+    save_stats(path, mu, sigma, features="inception", n=50000, dataset="cifar10")
+    mu, sigma = load_stats(path, dim=2048)
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import numpy as np
+
+from idiff_cli.errors import UserError
+from idiff_cli.fid.features import Features, embed_all
+from idiff_cli.fid.frechet import feature_statistics
+
+
+def save_stats(path, mu, sigma, **meta) -> pathlib.Path:
+    """Writes mu [D], sigma [D, D] (float64) and string metadata to `path` atomically."""
+    from idiff_cli.runs import atomic_write_bytes
+
+    path = pathlib.Path(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+             **{f"meta_{k}": np.array(str(v)) for k, v in meta.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_stats(path, dim: int | None = None, what: str = "--ref-stats") -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) from an .npz; UserError (one line) if absent, unreadable, malformed, or
+    of another dimension than `dim`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file '{path}' does not exist")
+    try:
+        with np.load(path) as data:
+            if "mu" not in data.files or "sigma" not in data.files:
+                raise UserError(f"{what} file '{path}' has no 'mu' and 'sigma' arrays (it has: {', '.join(data.files)})")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read {what} file '{path}': {type(e).__name__}: {e}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise UserError(f"{what} file '{path}' has mu {mu.shape} and sigma {sigma.shape}; expected [D] and [D, D]")
+    if dim is not None and mu.size != dim:
+        raise UserError(f"{what} file '{path}' holds {mu.size}-d statistics, but the features are {dim}-d; "
+                        "use statistics made with the same --features")
+    return mu, sigma
+
+
+def dataset_images(name: str, data_dir: str | None = None, image_size: int = 0,
+                   limit: int | None = None) -> np.ndarray:
+    """All images (uint8 [N, H, W, C]) of a dataset of `idiff_cli.data.datasets` (tfds or embedded;
+    `image_size` > 0 centre-crops and resizes as `idiff pretrain` does), or its first `limit`."""
+    from idiff_cli.data import datasets
+
+    ds = datasets.load(name, data_dir=data_dir or None, image_size=image_size)
+    n = ds.num_examples if limit is None else min(limit, ds.num_examples)
+    return ds.batch(np.arange(n))[0]
+
+
+def image_statistics(features: Features, images, batch: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the features of images [N, H, W, C] (uint8, or float in [-1, 1])."""
+    return feature_statistics(embed_all(features, images, batch))

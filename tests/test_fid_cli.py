@@ -1,0 +1,68 @@
+"""`idiff evaluate-fid` end to end through the real CLI: given images, saved statistics, a tiny
+pretrained run (sampling, fid.json, resuming from kept features), and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from idiff_cli.cli import app
+from idiff_cli.data.embedded import mnist_digits
+from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def half_digits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("samples") / "digits.npz"
+    np.savez(path, images=mnist_digits()[0][1::2])
+    return path
+
+
+def test_given_images_against_the_embedded_digits_and_against_saved_stats(tmp_path, half_digits):
+    """Half of the digits against all of them: small (< 10, see test_fid_features), labelled as the
+    classifier FID; saving the reference first and passing it as --ref-stats gives the same number."""
+    result = invoke("evaluate-fid", "--samples", half_digits, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    fid = json.loads((tmp_path / "a" / "fid.json").read_text())
+    assert fid["metric"] == "FID (MNIST classifier features)" and fid["n"] == 2500
+    assert 0 < fid["value"] < 10 and fid["reference"] == "dataset mnist"
+    assert "FID (MNIST classifier features) = " in result.output
+    result = invoke("evaluate-fid", "--dataset", "mnist", "--save-stats", tmp_path / "ref.npz")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "ref.npz") as ref:
+        assert ref["mu"].shape == (128,) and ref["sigma"].shape == (128, 128)
+    result = invoke("evaluate-fid", "--samples", half_digits, "--ref-stats", tmp_path / "ref.npz", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "b" / "fid.json").read_text())
+    assert again["value"] == pytest.approx(fid["value"], rel=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "{half}", "--features", "inception"], "no Inception weights given"),
+    (["--samples", "{half}", "--features", "inception", "--inception-weights", "{junk}"], "cannot read Inception weights"),
+    (["--samples", "{half}", "--ref-stats", "{wrong_dim}"], "holds 2048-d statistics, but the features are 128-d"),
+    (["--samples", "{tmp}/absent.npz"], "--samples file"),
+    (["--samples", "{half}", "--features", "nope"], "unknown features 'nope'; valid choices: inception, mnist-classifier"),
+    (["--n", "0", "--samples", "{half}"], "--n must be an integer >= 1, got 0"),
+    ([], "give RUN_DIR, --samples FILE.npz, or --dataset NAME --save-stats FILE.npz"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, half_digits, args, message):
+    (tmp_path / "junk.npz").write_bytes(b"not weights")
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    names = dict(half=half_digits, junk=tmp_path / "junk.npz", wrong_dim=tmp_path / "wrong.npz", tmp=tmp_path)
+    result = invoke("evaluate-fid", *[a.format(**names) for a in args], "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "run" / "fid.json").exists()
+
+
+def test_missing_inception_weights_say_how_to_get_them(half_digits):
+    result = invoke("evaluate-fid", "--samples", half_digits, "--features", "inception")
+    assert result.exit_code == 2
+    assert "pt_inception-2015-12-05-6726825d.pth" in result.output and "python -m idiff_cli.fid.convert" in result.output
