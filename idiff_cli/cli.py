@@ -266,5 +266,105 @@ def evaluate_fid(
 app.command("evaluate-fid")(evaluate_fid)
 
 
+@user_errors
+def pretrain(
+    dataset: Annotated[Optional[str], typer.Argument(
+        help="mnist, colored-mnist, cifar10, lsun-bedroom, any tensorflow-datasets image dataset name, or "
+             "package.module:function. mnist falls back to 5,000 embedded digits when tfds data is absent.",
+        show_default=False)] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="tfds data directory with array_record files "
+                                                   "(default: ~/tensorflow_datasets or $TFDS_DATA_DIR).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Crop and resize images of varying size to this "
+                                                     "(default: the dataset's; lsun-bedroom 64).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps. (default: cpu 5000; paper 18000 MNIST, 500000 CIFAR/LSUN)")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Global batch, split over all devices. (default: 32; paper CIFAR/LSUN 2048)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. (default: 1e-3 MNIST, 2e-4 CIFAR/LSUN)")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay of the weights. (default: 0.995 MNIST, 0.9999 CIFAR/LSUN paper)")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up steps. (default: 0; paper CIFAR/LSUN 5000)")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient's global norm (0: off). (default: 0; paper CIFAR/LSUN 1)")] = None,
+    sde: Annotated[Optional[str], typer.Option(help="Noise process: ou or cosine. (default: ou MNIST, cosine CIFAR/LSUN)")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="euler-maruyama, probability-flow or ddpm, for the sample "
+                                                   "grids. (default: euler-maruyama MNIST, ddpm CIFAR/LSUN)")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="Sampling steps. (default: 256; paper CIFAR/LSUN 1024)")] = None,
+    class_conditional: Annotated[Optional[bool], typer.Option("--class-conditional/--unconditional",
+                                 help="Condition the U-Net on labels. (default: paper CIFAR-10 yes, else no)")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips. (default: CIFAR/LSUN yes)")] = None,
+    ch: Annotated[Optional[int], typer.Option(help="U-Net base channels. (default: by preset: cpu 32, paper 64-128)")] = None,
+    ch_mult: Annotated[Optional[str], typer.Option(help="Channel multipliers per resolution, e.g. 1,2,2. (default: by preset)")] = None,
+    num_res_blocks: Annotated[Optional[int], typer.Option(help="Residual blocks per resolution. (default: cpu 1, paper 2)")] = None,
+    attn_resolutions: Annotated[Optional[str], typer.Option(help="Resolutions with self-attention, e.g. 16. (default: by preset)")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout. (default: cpu 0, paper 0.1)")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Log metrics every N steps (one jitted call). (default: 50)")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help="Write a sample grid every N steps. (default: 1000)")] = None,
+    ckpt_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps. (default: 500)")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the last k checkpoints. (default: 3)")] = None,
+    grid_n: Annotated[Optional[int], typer.Option(help="Images per sample grid. (default: 64)")] = None,
+    resume: Annotated[Optional[pathlib.Path], typer.Option(help="Continue the run in this directory with its own "
+                                                           "config (--steps may be raised).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="cpu (≈1 M-parameter U-Net, the default) or paper "
+                                                  "(DDPM-size U-Net, Tables 1/3).")] = None,
+    out: Out = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+) -> None:
+    """Pretrain a denoising diffusion model θ0 (paper Appendix A.2, Tables 1 and 3).
+
+    Denoising score matching with a Flax U-Net, Adam and EMA; the batch is sharded over all devices (and
+    processes: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or run on a multi-host TPU
+    VM). Writes config.json, metrics.jsonl, checkpoints/, pretrained.json, samples/ and figures/ to the run
+    directory; re-running into the same --out resumes from the latest checkpoint.
+    """
+    from idiff_cli.parallel import initialize_distributed_from_env
+
+    initialize_distributed_from_env()
+    from idiff_cli.diffusion import pretrain as experiment
+    from idiff_cli.errors import UserError as _UserError
+
+    flags = dict(data_dir=data_dir, image_size=image_size, steps=steps, batch=batch, lr=lr, ema_decay=ema_decay,
+                 warmup_steps=warmup_steps, grad_clip=grad_clip, sde=sde, sampler=sampler, sample_steps=sample_steps,
+                 class_conditional=class_conditional, flip=flip, ch=ch, ch_mult=parse_list([ch_mult] if ch_mult else None, int, "--ch-mult"),
+                 num_res_blocks=num_res_blocks, attn_resolutions=parse_list([attn_resolutions] if attn_resolutions else None, int, "--attn-resolutions"),
+                 dropout=dropout, log_every=log_every, sample_every=sample_every, ckpt_every=ckpt_every,
+                 keep_checkpoints=keep_checkpoints, grid_n=grid_n, seed=seed)
+    if resume is not None:
+        if out is not None and out != resume:
+            raise _UserError("--resume names the run directory; leave out --out")
+        cfg = experiment.resume_config(resume, dataset, preset, config, flags)
+        out = resume
+    else:
+        if dataset is None:
+            raise _UserError("missing DATASET (mnist, colored-mnist, cifar10, lsun-bedroom or a tfds name), or --resume RUN_DIR")
+        cfg = experiment.resolve_config(dataset, preset or "cpu", config, flags)
+    experiment.run(cfg, run_dir_for(out, f"pretrain-{cfg.dataset.replace(':', '-').replace('/', '-')}"))
+
+
+@user_errors
+def sample(
+    run_dir: Annotated[pathlib.Path, typer.Argument(help="An `idiff pretrain` run directory.", show_default=False)],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    sampler: Annotated[Optional[str], typer.Option(help="euler-maruyama, probability-flow or ddpm. (default: the run's)")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="Sampling steps. (default: the run's: 256 MNIST, 1024 CIFAR/LSUN paper)")] = None,
+    weights: Annotated[str, typer.Option(help="ema (θ0) or params (the raw weights).")] = "ema",
+    step: Annotated[Optional[int], typer.Option(help="Checkpoint step. (default: the one in pretrained.json)")] = None,
+    batch: Annotated[int, typer.Option(help="Images per jitted call, split over the devices.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Optional[pathlib.Path], typer.Option("--out", help="Output path without suffix (default: "
+                                                         "RUN_DIR/samples/sample-step<S>-<weights>-<sampler><steps>-seed<seed>-n<n>).")] = None,
+) -> None:
+    """Sample a pretrained model: a PNG grid (first 256 images) and an .npz of all n images (uint8)."""
+    from idiff_cli.diffusion import pretrain as experiment
+    from idiff_cli.errors import UserError as _UserError
+    from idiff_cli.runs import console
+
+    if n < 1 or batch < 1 or (sample_steps is not None and sample_steps < 1):
+        raise _UserError("--n, --batch and --sample-steps must be integers >= 1")
+    png, npz = experiment.sample_run(run_dir, n, sampler, sample_steps, seed, weights, step, batch, out)
+    console.print(f"wrote {png} and {npz}", highlight=False)
+
+
+app.command("pretrain")(pretrain)
+app.command("sample")(sample)
+
+
 def main() -> None:
     app()
