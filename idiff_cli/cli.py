@@ -151,7 +151,7 @@ def ebm_train(
     seeds: Annotated[Optional[int], typer.Option(help="Independent repetitions, run together. (default: 10; mlp: 2)")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="ULA step size γ. (default: 0.2; mlp: 0.05)")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="sgd or adam (optax). (default: sgd; mlp: adam)")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="Learning rate of θ. (default: 0.1; mlp: 0.0003)")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="Learning rate of θ. (default: 0.1; mlp: 0.0001)")] = None,
     eta_schedule: Annotated[Optional[str], typer.Option(help="constant or inv-sqrt (η/√(k+1)). (default: constant)")] = None,
     theta0: Annotated[Optional[str], typer.Option(help="Initial θ of the wells energy, comma-separated. "
                                                    "(default: -7,-7,-7,-7,-7,-7,11)")] = None,
@@ -185,7 +185,7 @@ def ebm_train(
         if out is None:
             raise UserError("--resume needs --out, the run directory to continue")
         run_dir = run_dir_for(out, "ebm-train")
-        cfg = experiment.resumed_config(run_dir, flags, preset)
+        cfg = experiment.resumed_config(run_dir, flags, preset, config)
     else:
         preset = preset or ("mlp" if energy == "mlp" else "paper")
         cfg = cfglib.resolve(experiment.EBMConfig, experiment.PRESETS, preset, config, flags)

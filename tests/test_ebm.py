@@ -43,11 +43,11 @@ def test_reference_gradient_matches_the_exact_gradient_of_the_kl():
     """Γ_ref(π*(θ), θ) = ∇θ KL(π_target ‖ π*(θ)) (§3.2), θ half-way between θ0 and θ*.
 
     Oracle: jax.grad of the KL computed by quadrature (grid h = 0.2, error ≪ 1e-6 for unit-variance
-    wells). Tolerance: 5 standard errors of the two independent sample means (n = 200,000 each).
+    wells). Tolerance: 5 standard errors of the two independent sample means (n = 100,000 each).
     """
     theta = jnp.array([-2.0, -3.0, -1.0, -3.5, 0.0, -2.5, 4.0])
     exact = exact_kl_gradient(theta)
-    estimate, stderr = gamma_ref_and_stderr(theta, 200_000, jax.random.key(0))
+    estimate, stderr = gamma_ref_and_stderr(theta, 100_000, jax.random.key(0))
     assert jnp.all(jnp.abs(estimate - exact) <= 5 * stderr + 1e-6), (estimate, exact, stderr)
     assert float(jnp.linalg.norm(exact)) > 20 * float(jnp.linalg.norm(stderr))  # the test has power
 
@@ -55,7 +55,7 @@ def test_reference_gradient_matches_the_exact_gradient_of_the_kl():
 def test_reference_gradient_vanishes_at_the_target():
     """At θ = θ*, ∇KL = 0 exactly (quadrature: < 1e-6) and Γ_ref is within 5 standard errors of 0."""
     assert float(jnp.abs(exact_kl_gradient(THETA_STAR)).max()) < 1e-6
-    estimate, stderr = gamma_ref_and_stderr(THETA_STAR, 200_000, jax.random.key(1))
+    estimate, stderr = gamma_ref_and_stderr(THETA_STAR, 100_000, jax.random.key(1))
     assert jnp.all(jnp.abs(estimate) <= 5 * stderr), (estimate, stderr)
 
 
@@ -139,8 +139,8 @@ def test_nested_with_one_inner_step_is_implicit_and_short_run_forgets_the_chains
     short = registry.get("method", "short-run")(T=3, lam=0.0, gamma=0.2)
     assert short.restart and short.inner_steps == 3
     optimizer = optax.sgd(0.1)
-    step = make_step(Method("s", 3, "reference", restart=True), WELLS, None, 0.2, optimizer,
-                     lambda k: TARGET.sample(k, 64))
+    step = jax.jit(make_step(Method("s", 3, "reference", restart=True), WELLS, None, 0.2, optimizer,
+                             lambda k: TARGET.sample(k, 64)))
     key = jax.random.key(8)
     s1 = step(LangevinState(jnp.zeros((2, 64)), theta, optimizer.init(theta)), key)
     s2 = step(LangevinState(jnp.full((2, 64), 5.0), theta, optimizer.init(theta)), key)
@@ -159,8 +159,8 @@ def test_kl_penalty_adds_beta_times_gamma_ref():
     beta, key = 0.7, jax.random.key(9)
     optimizer = optax.sgd(0.1)
     x0 = jax.random.normal(jax.random.key(6), (2, 64))
-    step = make_step(Method("i", 1, "covariance", kl_weight=beta), WELLS, reward, 0.2, optimizer,
-                     lambda k: TARGET.sample(k, 64))
+    step = jax.jit(make_step(Method("i", 1, "covariance", kl_weight=beta), WELLS, reward, 0.2, optimizer,
+                             lambda k: TARGET.sample(k, 64)))
     got = step(LangevinState(x0, theta, optimizer.init(theta)), key).theta
     x = ula_chain(lambda y: WELLS(y, theta), x0, key, 0.2, 1)
     x_ref = TARGET.sample(jax.random.fold_in(key, REFERENCE_STREAM), 64)

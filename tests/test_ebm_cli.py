@@ -139,10 +139,12 @@ def test_langevin_reward_with_a_kl_penalty(tmp_path):
     (["--theta0", "1,2"], "--theta0 has 2 entries; energy 'wells' takes 7"),
     (["--checkpoint-every", "75"], "--checkpoint-every must be a multiple of --log-every (50), got 75"),
     (["--resume"], "--resume needs --out"),
+    (["--resume", "--config", "c.toml", "--out", "OUT"], "--resume continues with the run's saved config.json; drop --config"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     np.save(tmp_path / "bad.npy", np.zeros((5, 3)))
-    args = [str(tmp_path / "bad.npy") if a == "BAD" else a for a in args]
+    names = {"BAD": str(tmp_path / "bad.npy"), "OUT": str(tmp_path / "run")}
+    args = [names.get(a, a) for a in args]
     out = [] if "--resume" in args else ["--out", str(tmp_path / "run")]
     result = invoke("ebm-train", *TINY, *args, *out)
     assert result.exit_code == 2
