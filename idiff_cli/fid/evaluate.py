@@ -68,12 +68,15 @@ def fid_of_features(feats: np.ndarray, ref: Reference) -> float:
 
 def fid_of_samples(images, features: str | Features = "mnist-classifier", ref_stats=None,
                    dataset: str = "mnist", batch: int = 250) -> float:
-    """The FID of images [N, H, W, C] (float in [-1, 1] or uint8) against `ref_stats` (an .npz path or
-    a (mu, sigma) pair) or, without it, against all images of `dataset` (default: MNIST, the embedded
-    digits offline). For periodic FID during training (`--fid-every`): build `features` once with
-    `get_features` and pass the object, and pass the reference as (mu, sigma)."""
+    """The FID of images [N, H, W, C] (float in [-1, 1] or uint8) against `ref_stats` (an .npz path, a
+    (mu, sigma) pair or a `Reference`) or, without it, against all images of `dataset` (default: MNIST,
+    the embedded digits offline). For periodic FID during training (`--fid-every`), build both once
+    before the loop: `features = get_features("mnist-classifier")`, `ref = reference(features,
+    dataset="mnist")`, then `fid_of_samples(samples, features, ref)` every N steps."""
     features = get_features(features)
-    if isinstance(ref_stats, tuple):
+    if isinstance(ref_stats, Reference):
+        ref = ref_stats
+    elif isinstance(ref_stats, tuple):
         ref = Reference(*ref_stats, "given")
     else:
         ref = reference(features, ref_stats, dataset, batch=batch)

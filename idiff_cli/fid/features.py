@@ -58,13 +58,13 @@ def to_unit_range(images) -> np.ndarray:
     return images.astype(np.float32) / 255.0
 
 
-def embed_all(features: Features, images, batch: int = 250) -> np.ndarray:
+def embed_all(features: Features, images, batch: int = 250, devices: int | None = None) -> np.ndarray:
     """Features [N, dim] (float32) of images [N, H, W, C] (uint8 or float in [-1, 1]), `batch` at a
-    time, each batch split over the local devices (padded to a multiple of their number)."""
+    time, each batch split over the local devices (or the first `devices`; padded to a multiple)."""
     from idiff_cli.parallel import seed_mesh, shard_leading
 
     features.check_shape(np.shape(images))
-    n_dev = len(jax.local_devices())
+    n_dev = devices or len(jax.local_devices())
     size = -(-min(batch, len(images)) // n_dev) * n_dev
     mesh = seed_mesh(size)
     out = []
