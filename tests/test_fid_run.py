@@ -1,0 +1,56 @@
+"""`idiff evaluate-fid RUN_DIR` on a tiny pretrained run: sampling, fid.json, and resuming from the
+features kept on disk (an interrupted evaluation recomputes only the missing batches, with the same
+samples, so the value is the same)."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
+from idiff_cli.cli import app
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    result = invoke("pretrain", "mnist", "--steps", "1", "--batch", "4", "--ch", "8", "--sample-steps", "2",
+                    "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1", "--grid-n", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
+    args = ["evaluate-fid", tiny_run, "--n", "6", "--batch", "4", "--sample-steps", "2"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    fid = json.loads((tiny_run / "fid.json").read_text())
+    assert fid["metric"] == "FID (MNIST classifier features)" and fid["n"] == 6 and fid["checkpoint"] == 1
+    assert fid["sampler"] == "euler-maruyama" and fid["sample_steps"] == 2 and np.isfinite(fid["value"])
+    store = tiny_run / "fid" / "mnist-classifier-ckpt1-euler-maruyama-2steps-b4-seed0"
+    assert sorted(p.name for p in store.iterdir()) == ["batch-00000.npy", "batch-00001.npy"]
+    kept, lost = np.load(store / "batch-00000.npy"), np.load(store / "batch-00001.npy")
+    (store / "batch-00001.npy").unlink()
+    (store / "batch-00000.npy").write_bytes((store / "batch-00000.npy").read_bytes())  # same bytes, new mtime
+    mtime = (store / "batch-00000.npy").stat().st_mtime_ns
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert (store / "batch-00000.npy").stat().st_mtime_ns == mtime  # reused, not recomputed
+    np.testing.assert_array_equal(np.load(store / "batch-00001.npy"), lost)  # same samples again
+    assert json.loads((tiny_run / "fid.json").read_text())["value"] == fid["value"]
+    result = invoke(*args[:2], "--n", "10", *args[4:])  # a larger --n adds one batch
+    assert result.exit_code == 0, result.output
+    assert len(list(store.iterdir())) == 3
+    np.testing.assert_array_equal(np.load(store / "batch-00000.npy"), kept)
+
+
+def test_a_directory_without_a_pretrained_model_is_a_one_line_error(tmp_path):
+    result = invoke("evaluate-fid", tmp_path)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "holds no pretrained model" in lines[0], result.output
