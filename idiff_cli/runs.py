@@ -40,6 +40,10 @@ if not console.is_terminal:  # logs and pipes: wide enough for the summary table
     console.width = 120
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def default_run_dir(command: str, root: str | os.PathLike = "runs") -> pathlib.Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return pathlib.Path(root) / f"{command}-{stamp}"
@@ -53,6 +57,7 @@ def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
     os.close(fd)
     try:
         yield pathlib.Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
