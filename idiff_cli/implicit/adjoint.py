@@ -112,9 +112,11 @@ def continuous_adjoint(step: Step, params: Any, x_final: jax.Array, key: jax.Arr
 
 
 def unrolled_gradient(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_steps: int,
-                      terminal: Terminal, running: Optional[Running] = None, remat: bool = True) -> Any:
+                      terminal: Terminal, running: Optional[Running] = None, remat: bool = True,
+                      with_states: bool = False) -> Any:
     """dJ/dθ by `jax.grad` through the unrolled sampler (AlignProp-like `full-backprop`); with `remat`,
-    each step is `jax.checkpoint`ed so only the states are kept, as in the adjoint."""
+    each step is `jax.checkpoint`ed so only the states are kept, as in the adjoint. With `with_states`,
+    returns (dJ/dθ, states [n + 1, ...]) of the forward pass."""
     one = jax.checkpoint(step) if remat else step
 
     def objective(p):
@@ -122,9 +124,11 @@ def unrolled_gradient(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_
             x, cost = carry
             if running is not None:
                 cost = cost + jnp.mean(running(p, x, k))
-            return (one(p, x, k, key), cost), None
+            x_next = one(p, x, k, key)
+            return (x_next, cost), x_next
 
-        (x, cost), _ = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps))
-        return jnp.mean(terminal(p, x)) + cost
+        (x, cost), xs = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps))
+        return jnp.mean(terminal(p, x)) + cost, jnp.concatenate([x0[None], xs])
 
-    return jax.grad(objective)(params)
+    grad, states = jax.grad(objective, has_aux=True)(params)
+    return (grad, states) if with_states else grad

@@ -1,0 +1,80 @@
+"""Cost per outer step of the finetuning methods at MNIST size (issue 6, item 9), all measured in one run.
+
+For `implicit` (Algorithm 2, full adjoint), `nested` and `truncated-1` on the same pretrained U-Net, reward
+and settings, prints per outer step: sequential batched network calls (the critical path on parallel
+hardware), network evaluations (images through a forward or a backward pass), steady-state wall time
+(each method's jitted chunk compiled once, then timed), the wall-time ratio to `nested`, and network
+evaluations per unit of reward gained over the timed steps.
+
+On a CPU a batched call costs as much as its images, so the queue cannot shorten wall time here: the
+expected result is implicit ≈ nested per outer step at equal work (the queue adds no overhead), while
+the critical path of implicit is L + T calls against 2T (and 2 with a pipelined adjoint, not built).
+
+Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from idiff_cli.parallel import use_host_cores
+
+use_host_cores()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from idiff_cli.diffusion.pretrained import load_pretrained  # noqa: E402
+from idiff_cli.implicit import finetune as F  # noqa: E402
+
+
+def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
+    bind, optimizer = F.build(cfg, pre)
+    params0 = jax.device_put(pre.params, jax.devices()[0])
+    _, method, _ = bind(params0)
+    init = jax.jit(lambda p0, key: bind(p0)[1].init(p0, key))
+    state = F.FinetuneState(params0, optimizer.init(params0), init(params0, jax.random.key(cfg.seed)),
+                            jnp.asarray(0, jnp.int32))
+    chunk = F.make_chunk(bind, optimizer, steps)
+    state, metrics, _ = chunk(state, params0)  # compile (and `steps` outer steps)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    state, (reward, _, _), _ = chunk(state, params0)
+    jax.block_until_ready(reward)
+    seconds = (time.perf_counter() - start) / steps
+    c = method.cost
+    gain = float(reward[-3:].mean() - reward[:3].mean())
+    return {"method": method.name, "sequential": c.sequential, "net_evals": (c.forward + c.backward) * cfg.batch,
+            "seconds": seconds, "gain": gain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="from_run", default="", help="pretrain run (default: latest under runs/)")
+    parser.add_argument("--T", type=int, default=16)
+    parser.add_argument("--M", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed outer steps per method")
+    parser.add_argument("--lam", type=float, default=10.0)
+    args = parser.parse_args()
+    from_run = args.from_run or str(F.latest_pretrain_run())
+    pre = load_pretrained(from_run)
+    base = F.FinetuneConfig(from_run=from_run, reward="brightness", lam=args.lam, beta=1.0, T=args.T, M=args.M,
+                            batch=args.batch, lr=1e-4, log_every=args.steps)
+    rows = [measure(dataclasses.replace(base, method=m), pre, args.steps) for m in ("implicit", "nested", "truncated-1")]
+    nested = next(r for r in rows if r["method"] == "nested")
+    print(f"pretrained {from_run}: image {pre.image_shape}, T={args.T}, M={args.M}, batch {args.batch}, "
+          f"{args.steps} timed outer steps per method, {jax.device_count()} device(s)")
+    print(f"{'method':<14}{'seq. calls':>11}{'vs nested':>10}{'net evals':>11}{'s/step':>9}{'vs nested':>10}"
+          f"{'reward gain':>13}{'evals/gain':>12}")
+    for r in rows:
+        per_gain = r["net_evals"] * args.steps / r["gain"] if r["gain"] > 0 else float("inf")
+        print(f"{r['method']:<14}{r['sequential']:>11}{r['sequential'] / nested['sequential']:>10.2f}"
+              f"{r['net_evals']:>11.0f}{r['seconds']:>9.3f}{r['seconds'] / nested['seconds']:>10.2f}"
+              f"{r['gain']:>13.4f}{per_gain:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()

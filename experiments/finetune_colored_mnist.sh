@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Paper §5.2, Figs 7 and 16 on the offline colored-MNIST model: reward training for redder digits
+# (the `red` reward: mean red channel minus the mean of the other channels).
+# PRE: an `idiff pretrain colored-mnist` run (default: runs/pretrain-colored-mnist-cpu).
+set -euo pipefail
+PRE=${PRE:-runs/pretrain-colored-mnist-cpu}
+PRESET=${PRESET:-cpu}
+OUT=${OUT:-runs/paper-finetune-colored-mnist}
+idiff finetune --from "$PRE" --preset "$PRESET" --reward red --lambda 30 --beta 1 --lr 1e-4 --out "$OUT/redder" "$@"

@@ -1,0 +1,168 @@
+"""Finetuning methods: how each outer step gets its batch of samples and its gradient Γ (paper §3.3, §5.2).
+
+Every method is a pair of pure functions over a method-specific carry, registered under kind
+"finetune-method":
+
+    init(params0, key) -> carry                          # e.g. the warm queue P_M of Algorithm 2
+    estimate(params, carry, key) -> (carry, Estimate)    # samples under the current θ and Γ(p, θ)
+
+* `implicit` (Algorithm 2): a queue of M slots advanced by T/M steps per outer step under the current
+  θ; the completed slot's gradient by the discrete adjoint along its stored path.
+* `nested`: a full T-step sampling under θ_k, then the adjoint gradient, every outer step.
+* `truncated-K`: as nested, but backpropagates through the last K sampling steps only (DRaFT-K;
+  K = 1 is last-step unrolling).
+* `full-backprop`: `jax.grad` through the unrolled sampler with each step `jax.checkpoint`ed
+  (AlignProp-like); the same gradient as `nested`, computed by autodiff instead of the adjoint scan.
+
+The i-th batch of paths any method samples is named by the slot key fold_in(key, i) (paths.py), so
+all methods see the same noise. `Cost` counts network evaluations per outer step, in batches of B images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from idiff_cli.errors import UserError
+from idiff_cli.implicit import adjoint
+from idiff_cli.implicit import queue as queue_lib
+from idiff_cli.implicit.paths import SamplerPaths
+from idiff_cli.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The bound pieces of F(p) = −λ E R(x) + β KL(p ‖ π*(θ0)) for one run.
+
+    terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; running(θ, x_k, k) = β × Girsanov KL increment [B]
+    (None when β = 0); reward(images) [B]."""
+
+    paths: SamplerPaths
+    terminal: Callable
+    running: Optional[Callable]
+    reward: Callable
+
+
+class Estimate(NamedTuple):
+    """One outer step's gradient and the completed batch it came from (states [T + 1, B, ...])."""
+
+    grad: Any
+    states: jax.Array
+    images: jax.Array  # [B, H, W, C] the denoised samples the reward is computed on
+
+
+class Cost(NamedTuple):
+    """Network evaluations per outer step, in batches of B images: forward passes, backward passes,
+    and sequential batched calls (the critical path on parallel hardware; a vjp counts as one call)."""
+
+    forward: float
+    backward: float
+    sequential: int
+
+
+class Method(NamedTuple):
+    name: str
+    init: Callable[[Any, jax.Array], Any]
+    estimate: Callable[[Any, Any, jax.Array], tuple[Any, Estimate]]
+    cost: Cost  # per outer step
+    warmup: Cost  # once, by init
+
+
+def _gradient_cost(n_adjoint: int, has_running: bool) -> tuple[float, float]:
+    """(forward, backward) batches of an adjoint over n steps: one vjp per step (1 + 1), the terminal
+    denoiser (1 + 1), and with a KL term two scores (θ, θ0) per step, forward and backward."""
+    per_step = 1 + (2 if has_running else 0)
+    return n_adjoint * per_step + 1, n_adjoint * per_step + 1
+
+
+def _images(problem: Problem, params, states):
+    return problem.paths.denoise(params, states[-1])
+
+
+def implicit(problem: Problem, T: int, M: int) -> Method:
+    """Algorithm 2 with the discrete adjoint on the completed slot."""
+    L = queue_lib.check_divides(M, T)
+    p = problem.paths
+
+    def init(params0, key):
+        return queue_lib.queue_init(p.step, params0, key, p.init, M, T), key
+
+    def estimate(params, carry, key):
+        queue, root = carry
+        queue, done = queue_lib.queue_advance(p.step, params, queue, M, T)
+        grad = adjoint.discrete_adjoint(p.step, params, done.states, done.key, problem.terminal, problem.running)
+        queue = queue_lib.queue_push(queue, root, p.init)
+        return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states))
+
+    fwd, bwd = _gradient_cost(T, problem.running is not None)
+    warmup = L * M * (M - 1) // 2  # slot m pre-advanced m·L steps under θ0, one slot after the other
+    return Method("implicit", init, estimate, Cost(T + fwd, bwd, L + T), Cost(warmup, 0, warmup))
+
+
+def _fresh_paths(problem: Problem, params, carry, T: int):
+    """A new batch of paths under θ: slot key i = fold_in(root, i), as in the queue."""
+    started, root = carry
+    key = queue_lib.slot_key(root, started)
+    states = adjoint.rollout(problem.paths.step, params, problem.paths.init(key), key, T)
+    return (started + 1, root), key, states
+
+
+def _fresh_init(params0, key):
+    return jnp.asarray(0, jnp.int32), key
+
+
+def nested(problem: Problem, T: int, K: Optional[int] = None) -> Method:
+    """T sampling steps under θ_k, then the adjoint through the last K steps (all T when K is None)."""
+    K = T if K is None else K
+    if not 1 <= K <= T:
+        raise UserError(f"truncated-K needs 1 <= K <= --T {T}, got K={K}")
+    p = problem.paths
+
+    def estimate(params, carry, key):
+        carry, slot, states = _fresh_paths(problem, params, carry, T)
+        grad = adjoint.discrete_adjoint(p.step, params, states[T - K:], slot, problem.terminal, problem.running,
+                                        first=T - K)
+        return carry, Estimate(grad.params, states, _images(problem, params, states))
+
+    fwd, bwd = _gradient_cost(K, problem.running is not None)
+    name = "nested" if K == T else f"truncated-{K}"
+    return Method(name, _fresh_init, estimate, Cost(T + fwd, bwd, T + K), Cost(0, 0, 0))
+
+
+def full_backprop(problem: Problem, T: int) -> Method:
+    """jax.grad through the unrolled, per-step rematerialised sampler (AlignProp-like)."""
+    p = problem.paths
+
+    def estimate(params, carry, key):
+        started, root = carry
+        slot = queue_lib.slot_key(root, started)
+        grad, states = adjoint.unrolled_gradient(p.step, params, p.init(slot), slot, T, problem.terminal,
+                                                 problem.running, with_states=True)
+        return (started + 1, root), Estimate(grad, states, _images(problem, params, states))
+
+    # grad of the unrolled scan: its forward (T steps), then per step a recompute and a backward pass
+    fwd, bwd = _gradient_cost(T, problem.running is not None)
+    return Method("full-backprop", _fresh_init, estimate, Cost(T + fwd, bwd, 2 * T), Cost(0, 0, 0))
+
+
+register("finetune-method", "implicit", lambda problem, T, M: implicit(problem, T, M))
+register("finetune-method", "nested", lambda problem, T, M: nested(problem, T))
+register("finetune-method", "truncated-K", lambda problem, T, M, K=1: nested(problem, T, K))
+register("finetune-method", "full-backprop", lambda problem, T, M: full_backprop(problem, T))
+
+
+def make_method(name: str, problem: Problem, T: int, M: int) -> Method:
+    """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, or a
+    plug-in builder `package.module:function(problem, T, M) -> Method`."""
+    from idiff_cli import registry
+
+    match = re.fullmatch(r"truncated-(\d+)", name)
+    if match:
+        return registry.get("finetune-method", "truncated-K")(problem, T, M, int(match.group(1)))
+    if name == "truncated-K":
+        raise UserError("--method truncated-K takes the number of steps K, e.g. truncated-1 or truncated-8")
+    return registry.get("finetune-method", name)(problem, T, M)
