@@ -75,15 +75,15 @@ def embed_all(features: Features, images, batch: int = 250, devices: int | None 
     return np.concatenate(out)
 
 
-_COMPILED: dict[int, Callable] = {}
+_COMPILED: dict[Callable, Callable] = {}
 
 
 def _embed_jit(features: Features) -> Callable:
-    """One jitted `embed` per extractor object (compiled once per batch shape)."""
-    key = id(features)
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(features.embed)
-    return _COMPILED[key]
+    """One jitted `embed` per embed function (compiled once per batch shape); the dict holds the
+    function itself as key, so a later extractor can never be mistaken for a freed one."""
+    if features.embed not in _COMPILED:
+        _COMPILED[features.embed] = jax.jit(features.embed)
+    return _COMPILED[features.embed]
 
 
 @register("features", "inception")
