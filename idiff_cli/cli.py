@@ -309,10 +309,7 @@ def pretrain(
 ) -> None:
     """Pretrain a denoising diffusion model θ0 (paper Appendix A.2, Tables 1 and 3).
 
-    Denoising score matching with a Flax U-Net, Adam and EMA; the batch is sharded over all devices (and
-    processes: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or run on a multi-host TPU
-    VM). Writes config.json, metrics.jsonl, checkpoints/, pretrained.json, samples/ and figures/ to the run
-    directory; re-running into the same --out resumes from the latest checkpoint.
+    Denoising score matching with a Flax U-Net, Adam and EMA; the batch is sharded over all devices (and processes: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or run on a multi-host TPU VM). Writes config.json, metrics.jsonl, checkpoints/, pretrained.json, samples/ and figures/ to the run directory; re-running into the same --out resumes from the latest checkpoint.
     """
     from idiff_cli.parallel import initialize_distributed_from_env
 

@@ -1,0 +1,105 @@
+"""Throughput of `idiff pretrain`: training images/s and sampling steps/s, per preset, on this machine.
+
+For each preset (`cpu`: ≈1.1 M-parameter U-Net; `paper`: the DDPM-size U-Net) and image size, measures
+in one run:
+  * training: images/s of the jitted training step (loss, gradient, Adam, EMA) at the given batch,
+    dispatched as `idiff pretrain` does (batch sharded over all local devices, parameters replicated);
+  * sampling: reverse-SDE steps/s (one Euler–Maruyama step of the whole batch) and images/s for a
+    256-step sample;
+  * model FLOPs per training step from XLA's cost analysis and, with --peak-tflops (or on a known
+    GPU), the model FLOPs utilisation.
+Compilation is excluded (one warm-up call). Usage:
+    python benchmarks/pretrain.py                         # cpu preset 28×28 (batch 32), paper 28×28 and 32×32 (batch 8)
+    python benchmarks/pretrain.py --presets paper:32:128 --steps 20 --peak-tflops 494   # e.g. an H100 (TF32 dense)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from idiff_cli.parallel import use_host_cores
+
+use_host_cores()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from idiff_cli.diffusion import pretrain as P  # noqa: E402
+from idiff_cli.diffusion.losses import score_function  # noqa: E402
+from idiff_cli.parallel import batch_mesh, global_batch, replicate, replicated  # noqa: E402
+
+# Peak dense TF32 tensor-core throughput (TFLOP/s; JAX runs float32 matmuls/convs as TF32 on these
+# GPUs by default), for MFU.
+PEAK_TFLOPS = {"H100": 494.0, "H200": 494.0, "A100": 156.0}
+
+
+def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, peak: float | None) -> dict:
+    channels = 1 if size == 28 else 3
+    dataset = "mnist" if channels == 1 else "cifar10"
+    cfg = P.resolve_config(dataset, preset, None, {"batch": batch})
+    arch = P.ARCHITECTURES[preset](size)
+    cfg = P.dataclasses.replace(cfg, image_size=size, **{k: arch[k] for k in P.ARCH_FIELDS})
+    mesh = batch_mesh()
+    model, sde, opt = P.make_model(cfg, 0), P.make_sde(cfg), P.make_optimizer(cfg)
+    state = jax.jit(lambda: P.init_state(model, opt, (size, size, channels), 0), out_shardings=replicated(mesh))()
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    step_fn = P.make_step_fn(P.make_train_step(cfg, model, sde, opt), mesh)
+    rng = np.random.default_rng(0)
+    data = global_batch((rng.integers(0, 256, (batch, size, size, channels), np.uint8), np.zeros(batch, np.int32)), mesh)
+    flops = step_fn.lower(state, data).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, list) else flops or {}).get("flops", float("nan"))
+    state, m = step_fn(state, data)  # warm-up (compiles)
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, m = step_fn(state, data)
+    jax.block_until_ready(m)
+    train_s = (time.perf_counter() - start) / steps
+
+    score = score_function(P.model_apply(model), sde)
+    sampler = P.make_sampler(cfg, sde, sample_steps, "euler-maruyama")
+    em_step = jax.jit(lambda p, y, k, key: sampler.step(lambda x, t: score(p, x, t), y, k, key))
+    y = global_batch(np.zeros((batch, size, size, channels), np.float32), mesh)
+    key = replicate(jax.random.key_data(jax.random.key(0)), mesh)
+    y = em_step(state.ema, y, 0, jax.random.wrap_key_data(key)).block_until_ready()
+    start = time.perf_counter()
+    for k in range(sample_steps):
+        y = em_step(state.ema, y, k, jax.random.wrap_key_data(key))
+    y.block_until_ready()
+    sample_s = (time.perf_counter() - start) / sample_steps
+    row = {"preset": preset, "size": size, "params_M": n_params / 1e6, "batch": batch, "devices": mesh.size,
+           "train_s_per_step": train_s, "train_img_per_s": batch / train_s,
+           "sample_steps_per_s": 1 / sample_s, "sample_img_per_s_256": batch / (256 * sample_s),
+           "train_tflops_per_s": flops / train_s / 1e12}
+    if peak:
+        row["mfu"] = row["train_tflops_per_s"] / peak
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="cpu:28:32,paper:28:8,paper:32:8",
+                        help="comma-separated preset:image_size:batch")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--sample-steps", type=int, default=10, help="timed sampling steps")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device, for MFU")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
+    peak = peak * len(jax.devices()) if peak else None
+    print(f"devices: {len(jax.devices())} × {device.device_kind} ({jax.default_backend()}); jax {jax.__version__}")
+    print(f"{'preset':<7}{'size':>5}{'params':>9}{'batch':>6}{'train s/step':>14}{'train img/s':>13}"
+          f"{'sample steps/s':>16}{'img/s (256 st)':>16}{'TFLOP/s':>9}{'MFU':>7}")
+    for spec in args.presets.split(","):
+        preset, size, batch = spec.split(":")
+        r = measure(preset, int(size), int(batch), args.steps, args.sample_steps, peak)
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(f"{r['preset']:<7}{r['size']:>5}{r['params_M']:>8.2f}M{r['batch']:>6}{r['train_s_per_step']:>14.3f}"
+              f"{r['train_img_per_s']:>13.1f}{r['sample_steps_per_s']:>16.2f}{r['sample_img_per_s_256']:>16.2f}"
+              f"{r['train_tflops_per_s']:>9.3f}{mfu:>7}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
