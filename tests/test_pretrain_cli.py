@@ -155,10 +155,12 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     (["pretrain", "mnist", "--sampler", "nope"], "unknown sampler 'nope'"),
     (["pretrain", "mnist", "--ckpt-every", "75"], "--ckpt-every (75) must be a multiple of --log-every (50)"),
     (["pretrain"], "missing DATASET"),
+    (["pretrain", "--resume", "/nonexistent"], "holds no run (no config.json)"),
     (["sample", "/nonexistent"], "holds no pretrained model"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")] if args[0] == "pretrain" else args)
+    with_out = args[0] == "pretrain" and "--resume" not in args
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")] if with_out else args)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1]

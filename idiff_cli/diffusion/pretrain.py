@@ -406,12 +406,15 @@ def run(cfg: PretrainConfig, run_dir: RunDir) -> TrainState:
     if cfg.batch % mesh.size:
         raise UserError(f"--batch {cfg.batch} is not divisible by the {mesh.size} devices "
                         f"({jax.process_count()} process(es)); pick a multiple of {mesh.size}")
+    ckpt = Checkpointer(run_dir.path / "checkpoints", keep=cfg.keep_checkpoints)
+    resume_step = ckpt.latest_step()
+    if resume_step is not None and resume_step > cfg.steps:
+        ckpt.close()
+        raise UserError(f"the run in '{run_dir.path}' is at step {resume_step}; --steps must be at least that")
     _claim(run_dir, cfg, is_main)
 
     model, sde, optimizer = make_model(cfg, ds.num_classes), make_sde(cfg), make_optimizer(cfg)
     image_shape = ds.image_shape
-    ckpt = Checkpointer(run_dir.path / "checkpoints", keep=cfg.keep_checkpoints)
-    resume_step = ckpt.latest_step()
     if resume_step is None:
         init = jax.jit(lambda: init_state(model, optimizer, image_shape, cfg.seed), out_shardings=replicated(mesh))
         state, position = init(), 0
