@@ -4,8 +4,8 @@ array_record files, no TensorFlow at run time), and the embedded offline sets.
     ds = load("mnist", data_dir=None, image_size=0)   # an ImageDataset; ds.source says where from
     images, labels = ds.batch(indices)                # uint8 [n, H, W, C], int32 [n]
 
-Names: `mnist` (tfds, else the embedded 5,000 digits: the only silent-free fallback, announced by
-`source`), `colored-mnist` (embedded), `cifar10`, `lsun-bedroom` (tfds `lsun/bedroom`, centre-cropped
+Names: `mnist` (tfds, else the embedded 5,000 digits — the only fallback, and `source` says so),
+`colored-mnist` (embedded), `cifar10`, `lsun-bedroom` (tfds `lsun/bedroom`, centre-cropped
 and resized), and any other tfds image dataset name. Missing tfds data is a UserError that gives the
 preparation command; TensorFlow is needed once, to prepare the files:
 
