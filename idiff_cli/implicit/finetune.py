@@ -194,8 +194,10 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     params0 = jax.device_put(pre.params, jax.devices()[0])
     problem, method, _ = bind(params0)
     init = jax.jit(lambda p0, key: bind(p0)[1].init(p0, key))
-    state = FinetuneState(params0, optimizer.init(params0), init(params0, jax.random.fold_in(root, 0)),
-                          jnp.asarray(0, jnp.int32))
+    # every leaf committed to the device: an uncommitted leaf (the step counter) would make the second
+    # chunk call, whose inputs are the first call's committed outputs, compile the chunk again
+    state = jax.device_put(FinetuneState(params0, optimizer.init(params0), init(params0, jax.random.fold_in(root, 0)),
+                                         jnp.asarray(0, jnp.int32)), jax.devices()[0])
     if resume is None:
         run_dir.reset_metrics()
     else:
