@@ -145,7 +145,7 @@ def make_chunk(bind, optimizer, n_steps: int):
             updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             r = problem.reward(est.images)
-            metrics = (jnp.mean(r), jnp.std(r), optax.global_norm(est.grad))
+            metrics = (jnp.mean(r), jnp.std(r), optax.tree.norm(est.grad))
             return FinetuneState(params, opt_state, carry, state.step + 1), (metrics, est.states)
 
         state, (metrics, states) = jax.lax.scan(outer, state, None, length=n_steps)
