@@ -32,6 +32,12 @@ app = typer.Typer(
 Out = Annotated[Optional[pathlib.Path], typer.Option("--out", help="Run directory (default: runs/<command>-<timestamp>).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Root random seed of the run (default: 0).")]
 ConfigFile = Annotated[Optional[pathlib.Path], typer.Option("--config", help="JSON or TOML file of config overrides (flags win).")]
+FidEvery = Annotated[Optional[int], typer.Option(help="Log the FID of --fid-n samples (fixed keys) every N steps into "
+                                                 "metrics.jsonl; 0: off. (default: 0)")]
+FidN = Annotated[Optional[int], typer.Option(help="Samples per periodic FID. (default: 500 pretrain, 64 finetune)")]
+FidFeatures = Annotated[Optional[str], typer.Option(help="Feature extractor of the periodic FID: mnist-classifier "
+                                                    "(offline, 28×28) or inception (needs its weights, see "
+                                                    "`idiff evaluate-fid --help`). (default: mnist-classifier)")]
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -299,6 +305,9 @@ def pretrain(
     ckpt_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps. (default: 500)")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the last k checkpoints. (default: 3)")] = None,
     grid_n: Annotated[Optional[int], typer.Option(help="Images per sample grid. (default: 64)")] = None,
+    fid_every: FidEvery = None,
+    fid_n: FidN = None,
+    fid_features: FidFeatures = None,
     resume: Annotated[Optional[pathlib.Path], typer.Option(help="Continue the run in this directory with its own "
                                                            "config (--steps may be raised).")] = None,
     preset: Annotated[Optional[str], typer.Option(help="cpu (≈1 M-parameter U-Net, the default) or paper "
@@ -322,7 +331,8 @@ def pretrain(
                  class_conditional=class_conditional, flip=flip, ch=ch, ch_mult=parse_list([ch_mult] if ch_mult else None, int, "--ch-mult"),
                  num_res_blocks=num_res_blocks, attn_resolutions=parse_list([attn_resolutions] if attn_resolutions else None, int, "--attn-resolutions"),
                  dropout=dropout, log_every=log_every, sample_every=sample_every, ckpt_every=ckpt_every,
-                 keep_checkpoints=keep_checkpoints, grid_n=grid_n, seed=seed)
+                 keep_checkpoints=keep_checkpoints, grid_n=grid_n, fid_every=fid_every, fid_n=fid_n,
+                 fid_features=fid_features, seed=seed)
     if resume is not None:
         if out is not None and out != resume:
             raise _UserError("--resume names the run directory; leave out --out")
@@ -376,6 +386,10 @@ def finetune(
     method: Annotated[Optional[str], typer.Option(
         help="implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), full-backprop, or "
              "package.module:builder. (default: implicit)")] = None,
+    adjoint: Annotated[Optional[str], typer.Option(
+        help="Gradient through the sampler: full (exact discrete adjoint of the completed batch), pipelined "
+             "(implicit only: a queue of adjoint states, constant sequential calls with M = T), or continuous "
+             "(probability-flow ODE adjoint; needs --sampler probability-flow). (default: full)")] = None,
     M: Annotated[Optional[int], typer.Option("--M", help="Queue length M; must divide T. (default: by dataset/preset)")] = None,
     T: Annotated[Optional[int], typer.Option("--T", help="Sampling steps T. (default: by dataset/preset)")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per batch. (default: by dataset/preset)")] = None,
@@ -387,6 +401,9 @@ def finetune(
     sample_every: Annotated[Optional[int], typer.Option(help="Re-sample the fixed-key grid every N steps. (default: 50)")] = None,
     ckpt_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps. (default: 50)")] = None,
     grid_n: Annotated[Optional[int], typer.Option(help="Images in the fixed-key grid. (default: 16)")] = None,
+    fid_every: FidEvery = None,
+    fid_n: FidN = None,
+    fid_features: FidFeatures = None,
     preset: Annotated[str, typer.Option(help="cpu (T=16, M=4, batch 8) or paper (Tables 2 and 4 by dataset: "
                                              "MNIST M=4, T=64, batch 32; LSUN M=2, batch 16).")] = "cpu",
     out: Out = None,
@@ -401,8 +418,10 @@ def finetune(
     from idiff_cli.implicit import finetune as experiment
 
     flags = dict(from_run=str(from_run) if from_run else None, reward=reward, lam=lam, beta=beta, method=method,
+                 adjoint=adjoint,
                  M=M, T=T, batch=batch, lr=lr, steps=steps, sampler=sampler, log_every=log_every,
-                 sample_every=sample_every, ckpt_every=ckpt_every, grid_n=grid_n, seed=seed)
+                 sample_every=sample_every, ckpt_every=ckpt_every, grid_n=grid_n, fid_every=fid_every, fid_n=fid_n,
+                 fid_features=fid_features, seed=seed)
     cfg = cfglib.resolve(experiment.FinetuneConfig, experiment.PRESETS, preset, config, flags)
     experiment.run(cfg, run_dir_for(out, "finetune"))
 

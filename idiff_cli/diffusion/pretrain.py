@@ -78,12 +78,16 @@ class PretrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     grid_n: int = 64
+    fid_every: int = 0
+    fid_n: int = 500
+    fid_features: str = "mnist-classifier"
     seed: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "batch", "sample_steps", "log_every", "sample_every", "ckpt_every",
-                     "keep_checkpoints", "grid_n"):
+                     "keep_checkpoints", "grid_n", "fid_n"):
             cfglib.require_int(self, name)
+        cfglib.require_int(self, "fid_every", minimum=0)
         cfglib.require_int(self, "seed", minimum=0)
         cfglib.require_int(self, "warmup_steps", minimum=0)
         cfglib.require_int(self, "image_size", minimum=0)
@@ -94,7 +98,7 @@ class PretrainConfig:
             if not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise UserError(f"{cfglib.flag(self, name)} must be in [0, 1), got {value!r}")
         cfglib.require_float(self, "grad_clip", positive=False)
-        for name in ("sample_every", "ckpt_every"):
+        for name in ("sample_every", "ckpt_every", "fid_every"):
             if getattr(self, name) % self.log_every:
                 raise UserError(f"{cfglib.flag(self, name)} ({getattr(self, name)}) must be a multiple of "
                                 f"--log-every ({self.log_every})")
@@ -449,6 +453,15 @@ def run(cfg: PretrainConfig, run_dir: RunDir) -> TrainState:
         if is_main:
             save_grid(images, path)
 
+    if cfg.fid_every:  # FID of fid_n samples of the EMA weights from fixed keys, every fid_every steps
+        from idiff_cli.fid.evaluate import PeriodicFID
+
+        fid = PeriodicFID(cfg.fid_features, cfg.dataset, cfg.data_dir, cfg.image_size, image_shape,
+                          run_dir.path / "fid")
+        fid_fn = make_sample_fn(model, sde, make_sampler(cfg, sde), image_shape, cfg.fid_n, mesh)
+        fid_inputs = replicate((jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 3)),
+                                np.arange(cfg.fid_n) % max(ds.num_classes, 1)), mesh)
+
     def checkpoint(step: int, final: bool) -> None:
         ckpt.save(step, state, meta={"data_position": position})
         ckpt.wait()
@@ -474,6 +487,8 @@ def run(cfg: PretrainConfig, run_dir: RunDir) -> TrainState:
                    "data_position": position}
             if not np.isfinite(row["loss"]):
                 raise UserError(f"the loss is {row['loss']} at step {step}: lower --lr or set --grad-clip")
+            if cfg.fid_every and step % cfg.fid_every == 0:
+                row["fid"], row["fid_n"] = fid(to_host(fid_fn(state.ema, *fid_inputs))), cfg.fid_n
             if is_main:
                 run_dir.append_metrics([row])
                 progress.update(task, completed=step, rate=f"{row['images_per_s']:,.0f} img/s", loss=f"{row['loss']:.4f}")

@@ -6,6 +6,8 @@
 
 The run directory's `pretrained.json` names the checkpoint that is θ0 (the last one saved; `final`
 once the run has finished), the image shape and the number of classes of the data. `weights="params"` gives the raw (non-EMA) parameters instead.
+An `idiff finetune` run directory (`finetuned.json`: its base run and its weights/ checkpoints) loads
+as its base model with the finetuned θ of its last (or the given) checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def load_pretrained(run_dir: str | pathlib.Path, weights: str = "ema", step: int
     from idiff_cli.diffusion import pretrain
 
     run_dir = pathlib.Path(run_dir)
+    if (run_dir / "finetuned.json").exists():
+        return _load_finetuned(run_dir, step)
     record_path = run_dir / "pretrained.json"
     if not record_path.exists():
         raise UserError(f"'{run_dir}' holds no pretrained model (no pretrained.json); run `idiff pretrain` "
@@ -77,3 +81,18 @@ def load_pretrained(run_dir: str | pathlib.Path, weights: str = "ema", step: int
     params = state.ema if weights == "ema" else state.params
     return Pretrained(model, params, sde, cfg, image_shape, model.num_classes, int(chosen),
                       bool(record["final"]) and step in (None, record["step"]))
+
+
+def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Pretrained:
+    """The base model of a finetune run with the finetuned θ of `step` (default: the last saved)."""
+    from idiff_cli.checkpoint import Checkpointer
+
+    record = json.loads((run_dir / "finetuned.json").read_text())
+    base = load_pretrained(record["from"])
+    with Checkpointer(run_dir / record["weights"]) as ckpt:
+        chosen = record["step"] if step is None else step
+        if chosen not in ckpt.all_steps():
+            raise UserError(f"'{run_dir}' has no finetuned weights at step {chosen}; available: {ckpt.all_steps()}")
+        params, _ = ckpt.restore(base.params, step=chosen)
+    return dataclasses.replace(base, params=params, step=int(chosen),
+                               final=bool(record["final"]) and step in (None, record["step"]))

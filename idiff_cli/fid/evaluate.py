@@ -83,6 +83,22 @@ def fid_of_samples(images, features: str | Features = "mnist-classifier", ref_st
     return fid_of_features(embed_all(features, images, batch), ref)
 
 
+class PeriodicFID:
+    """FID of a fixed set of samples every N training steps (`--fid-every` of pretrain and finetune): the
+    feature extractor and the reference statistics (all images of `dataset`, cached in `cache`) are
+    built once; `fid(images [N, H, W, C])` -> float."""
+
+    def __init__(self, features: str, dataset: str, data_dir: str | None, image_size: int,
+                 image_shape: tuple[int, ...], cache: pathlib.Path):
+        self.features = get_features(features)
+        self.features.check_shape((1, *image_shape))
+        self.ref = reference(self.features, None, dataset, data_dir or None, image_size, cache=cache)
+        self.label = self.features.label
+
+    def __call__(self, images) -> float:
+        return fid_of_features(embed_all(self.features, np.asarray(images)), self.ref)
+
+
 def load_samples(path: str | pathlib.Path) -> np.ndarray:
     """Images [N, H, W, C] from an .npz: the array `images` or `samples`, or its only array."""
     path = pathlib.Path(path)

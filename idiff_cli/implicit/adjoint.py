@@ -58,19 +58,27 @@ def terminal_gradient(terminal: Terminal, params: Any, x_final: jax.Array):
     return value, g, a
 
 
-def discrete_adjoint(step: Step, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
-                     running: Optional[Running] = None, first: int = 0) -> Gradient:
-    """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
+class AdjointState(NamedTuple):
+    """The adjoint of a path part-way back: a = ∂J/∂x_k [B, ...] at the current state, g = the
+    ∂J/∂θ gathered so far (a pytree like params), running = the batch-mean running cost gathered so far."""
 
-    Args:
-      states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
-      terminal: the cost of the final state states[-1].
-      running: optional running cost (params, x, k) -> [B]; its batch mean enters J for k < first + n.
-      first: global index of states[0] on the time grid (truncated backprop starts the window late).
-    Cost: n vjps of one step (+ n of `running`); memory: the states and one step's activations.
-    """
+    a: jax.Array
+    g: Any
+    running: jax.Array
+
+
+def adjoint_start(terminal: Terminal, params: Any, x_final: jax.Array) -> tuple[jax.Array, AdjointState]:
+    """(mean_b terminal(θ, x_n), the adjoint at x_n: a = ∂/∂x_n, g = ∂/∂θ of the terminal cost)."""
+    value, g, a = terminal_gradient(terminal, params, x_final)
+    return value, AdjointState(a, g, jnp.zeros((), a.dtype))
+
+
+def adjoint_walk(step: Step, params: Any, states: jax.Array, key: jax.Array, adj: AdjointState,
+                 running: Optional[Running] = None, first: jax.Array | int = 0) -> AdjointState:
+    """Walks the adjoint back through the steps first .. first + n − 1 that made states [n + 1, B, ...]:
+    a ← (∂_x step_k)ᵀ a (+ ∂_x running_k), g ← g + (∂_θ step_k)ᵀ a (+ ∂_θ running_k), for k from the last
+    down to `first` (a reverse `lax.scan` of `jax.vjp` of one step; `first` may be traced)."""
     n = states.shape[0] - 1
-    value, g_final, a_final = terminal_gradient(terminal, params, states[-1])
 
     def body(carry, inputs):
         a, g, total = carry
@@ -82,12 +90,26 @@ def discrete_adjoint(step: Step, params: Any, states: jax.Array, key: jax.Array,
             cost, (g_run, a_run) = jax.value_and_grad(lambda p, y: jnp.mean(running(p, y, k)),
                                                       argnums=(0, 1))(params, x)
             g, a_step, total = jax.tree.map(jnp.add, g, g_run), a_step + a_run, total + cost
-        return (a_step, g, total), None
+        return AdjointState(a_step, g, total), None
 
-    ks = first + jnp.arange(n)
-    init = (a_final, g_final, jnp.zeros((), a_final.dtype))
-    (a, g, total), _ = jax.lax.scan(body, init, (states[:-1], ks), reverse=True)
-    return Gradient(g, a, value, total)
+    adj, _ = jax.lax.scan(body, adj, (states[:-1], first + jnp.arange(n)), reverse=True)
+    return adj
+
+
+def discrete_adjoint(step: Step, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
+                     running: Optional[Running] = None, first: int = 0) -> Gradient:
+    """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
+
+    Args:
+      states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
+      terminal: the cost of the final state states[-1].
+      running: optional running cost (params, x, k) -> [B]; its batch mean enters J for k < first + n.
+      first: global index of states[0] on the time grid (truncated backprop starts the window late).
+    Cost: n vjps of one step (+ n of `running`); memory: the states and one step's activations.
+    """
+    value, adj = adjoint_start(terminal, params, states[-1])
+    adj = adjoint_walk(step, params, states, key, adj, running, first)
+    return Gradient(adj.g, adj.a, value, adj.running)
 
 
 def continuous_adjoint(step: Step, params: Any, x_final: jax.Array, key: jax.Array, terminal: Terminal,

@@ -5,7 +5,9 @@ pretrained θ0, with one of the methods of methods.py (default: Implicit Diffusi
 optax Adam. The host drives jitted chunks of `log_every` outer steps (a `lax.scan`) and logs once per
 chunk: metrics.jsonl, figures/reward_kl.png, same-seed sample grids samples/step_XXXXXX.png (the
 noise keys are fixed for the whole run, Figs 7, 13, 14, 16) and orbax checkpoints; re-running into the
-same --out resumes from the last checkpoint.
+same --out resumes from the last checkpoint. The weights θ of every checkpoint are also kept on their
+own in weights/ with finetuned.json, so `load_pretrained` (hence `idiff sample`, `idiff evaluate-fid`)
+reads a finetuned run like a pretrained one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import optax
 from idiff_cli import config as cfglib
 from idiff_cli import registry
 from idiff_cli.errors import UserError
+from idiff_cli.implicit.methods import ADJOINTS
 from idiff_cli.runs import RunDir, atomic_path, console, progress_bar
 
 SAMPLERS = ("euler-maruyama", "probability-flow")
@@ -38,6 +41,7 @@ class FinetuneConfig:
     lam: float = dataclasses.field(default=10.0, metadata={"flag": "--lambda"})
     beta: float = 1.0
     method: str = "implicit"
+    adjoint: str = "full"
     sampler: str = "euler-maruyama"
     M: int = 0
     T: int = 0
@@ -48,13 +52,17 @@ class FinetuneConfig:
     sample_every: int = 50
     ckpt_every: int = 50
     grid_n: int = 16
+    fid_every: int = 0
+    fid_n: int = 64
+    fid_features: str = "mnist-classifier"
     seed: int = 0
 
     def validate(self) -> None:
         for name in ("M", "T", "batch"):
             cfglib.require_int(self, name, minimum=0)
-        for name in ("steps", "log_every", "sample_every", "ckpt_every", "grid_n"):
+        for name in ("steps", "log_every", "sample_every", "ckpt_every", "grid_n", "fid_n"):
             cfglib.require_int(self, name)
+        cfglib.require_int(self, "fid_every", minimum=0)
         cfglib.require_int(self, "seed", minimum=0)
         cfglib.require_float(self, "lr")
         cfglib.require_float(self, "lam", positive=False)
@@ -62,10 +70,14 @@ class FinetuneConfig:
         if self.beta < 0:
             raise UserError(f"--beta must be >= 0, got {self.beta}")
         cfglib.require_choice(self, "sampler", SAMPLERS)
+        cfglib.require_choice(self, "adjoint", ADJOINTS)
+        if self.adjoint == "continuous" and self.sampler != "probability-flow":
+            raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
+                            "--sampler probability-flow (and --beta 0)")
         if self.sampler == "probability-flow" and self.beta:
             raise UserError("--sampler probability-flow is deterministic: the Girsanov KL needs noise; "
                             "use --beta 0 or --sampler euler-maruyama")
-        for name in ("steps", "sample_every", "ckpt_every"):
+        for name in ("steps", "sample_every", "ckpt_every", "fid_every"):
             if getattr(self, name) % self.log_every:
                 raise UserError(f"{cfglib.flag(self, name)} ({getattr(self, name)}) must be a multiple of "
                                 f"--log-every ({self.log_every})")
@@ -127,7 +139,7 @@ def build(cfg: FinetuneConfig, pre):
         kl = girsanov.kl_running_cost(pre.score, pre.sde, sampler.grid, params0, labels)
         running = (lambda params, x, k: cfg.beta * kl(params, x, k)) if cfg.beta else None  # noqa: E731
         problem = methods.Problem(paths, terminal, running, reward)
-        return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M), kl
+        return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint), kl
 
     return bind, optax.adam(cfg.lr)
 
@@ -189,6 +201,7 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     root = jax.random.key(cfg.seed)
 
     ckpt = Checkpointer(run_dir.path / "checkpoints", keep=2)
+    weights = Checkpointer(run_dir.path / "weights", keep=cfg.steps // cfg.ckpt_every + 1)
     resume = ckpt.latest_step()
     # one device: the U-Net's batch is small, and a fixed placement keeps the chunk compiled once
     params0 = jax.device_put(pre.params, jax.devices()[0])
@@ -222,11 +235,24 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
             np.save(tmp, pixels)
         return float(np.mean(np.asarray(problem.reward(jnp.asarray(images)))))
 
+    if cfg.fid_every:  # FID of fid_n samples of θ (the finetuning sampler, fixed keys) every fid_every steps
+        from idiff_cli.fid.evaluate import PeriodicFID
+
+        fid = PeriodicFID(cfg.fid_features, pre.cfg.dataset, pre.cfg.data_dir, pre.cfg.image_size, pre.image_shape,
+                          run_dir.path / "fid")
+        fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, 2))
+
+    def with_fid(row: dict, step: int) -> dict:
+        if cfg.fid_every and step % cfg.fid_every == 0:
+            row.update(fid=fid(fid_sampler(state.params)), fid_n=cfg.fid_n)
+        return row
+
     rows = run_dir.read_metrics()
     elapsed = rows[-1]["wall_s"] if rows else 0.0
     if start == 0:
-        run_dir.append_metrics([{"step": 0, "eval_reward": evaluate(0), "net_evals": method.warmup.forward * cfg.batch,
-                                 "sequential_calls": method.warmup.sequential, "wall_s": 0.0}])
+        run_dir.append_metrics([with_fid({"step": 0, "eval_reward": evaluate(0), "wall_s": 0.0,
+                                          "net_evals": method.warmup.forward * cfg.batch,
+                                          "sequential_calls": method.warmup.sequential}, 0)])
     with progress_bar("reward", "kl") as progress:
         task = progress.add_task(f"finetune {method.name}", total=cfg.steps, completed=start, rate="",
                                  reward="-", kl="-")
@@ -251,13 +277,19 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
                 raise UserError(f"the reward or gradient is not finite at step {step}: lower --lr or |--lambda|")
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 new[-1]["eval_reward"] = evaluate(step)
+            with_fid(new[-1], step)
             run_dir.append_metrics(new)
             progress.update(task, completed=step, rate=f"{cfg.log_every / seconds:.2f} steps/s",
                             reward=f"{new[-1]['reward_mean']:.4f}", kl=f"{kl_value:.3f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 ckpt.save(step, state)
+                weights.save(step, state.params)
                 ckpt.wait()
+                weights.wait()
+                run_dir.write_json("finetuned.json", {"from": str(from_run), "weights": "weights", "step": step,
+                                                      "final": step == cfg.steps})
     ckpt.close()
+    weights.close()
     report.finish_run(run_dir)
     console.print(f"done: outputs in {run_dir.path}/ (config.json, metrics.jsonl, samples/, figures/, checkpoints/)",
                   highlight=False)

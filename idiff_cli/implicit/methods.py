@@ -8,6 +8,8 @@ Every method is a pair of pure functions over a method-specific carry, registere
 
 * `implicit` (Algorithm 2): a queue of M slots advanced by T/M steps per outer step under the current
   θ; the completed slot's gradient by the discrete adjoint along its stored path.
+* `implicit` with `--adjoint pipelined` (beyond the paper): Algorithm 2 with a second queue of
+  adjoint states walked back T/M steps per outer step (pipeline.py): 2 sequential calls with M = T.
 * `nested`: a full T-step sampling under θ_k, then the adjoint gradient, every outer step.
 * `truncated-K`: as nested, but backpropagates through the last K sampling steps only (DRaFT-K;
   K = 1 is last-step unrolling).
@@ -83,10 +85,26 @@ def _images(problem: Problem, params, states):
     return problem.paths.denoise(params, states[-1])
 
 
-def implicit(problem: Problem, T: int, M: int) -> Method:
-    """Algorithm 2 with the discrete adjoint on the completed slot."""
+ADJOINTS = ("full", "pipelined", "continuous")
+
+
+def _path_gradient(problem: Problem, kind: str, n_steps: int) -> Callable:
+    """grad(params, states [n + 1, B, ...], key, first) -> adjoint.Gradient of one batch of paths:
+    `full` = the exact discrete adjoint along the stored states; `continuous` = the probability-flow
+    adjoint ODE integrated back from the final state alone (whole paths only: first = 0)."""
+    p = problem.paths
+    if kind == "continuous":
+        return lambda params, states, key, first=0: adjoint.continuous_adjoint(
+            p.step, params, states[-1], key, problem.terminal, n_steps)
+    return lambda params, states, key, first=0: adjoint.discrete_adjoint(
+        p.step, params, states, key, problem.terminal, problem.running, first=first)
+
+
+def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
+    """Algorithm 2 with the full (or continuous) adjoint on the completed slot."""
     L = queue_lib.check_divides(M, T)
     p = problem.paths
+    path_gradient = _path_gradient(problem, kind, T)
 
     def init(params0, key):
         return queue_lib.queue_init(p.step, params0, key, p.init, M, T), key
@@ -94,13 +112,42 @@ def implicit(problem: Problem, T: int, M: int) -> Method:
     def estimate(params, carry, key):
         queue, root = carry
         queue, done = queue_lib.queue_advance(p.step, params, queue, M, T)
-        grad = adjoint.discrete_adjoint(p.step, params, done.states, done.key, problem.terminal, problem.running)
+        grad = path_gradient(params, done.states, done.key)
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states))
 
     fwd, bwd = _gradient_cost(T, problem.running is not None)
     warmup = L * M * (M - 1) // 2  # slot m pre-advanced m·L steps under θ0, one slot after the other
-    return Method("implicit", init, estimate, Cost(T + fwd, bwd, L + T), Cost(warmup, 0, warmup))
+    name = "implicit" if kind == "full" else f"implicit-{kind}"
+    return Method(name, init, estimate, Cost(T + fwd, bwd, L + T), Cost(warmup, 0, warmup))
+
+
+def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
+    """Algorithm 2 with the pipelined adjoint (pipeline.py): the completed slots are walked back L steps
+    per outer step in a second queue; with M = T, 2 sequential batched calls per outer step."""
+    from idiff_cli.implicit import pipeline
+
+    L = queue_lib.check_divides(M, T)
+    p = problem.paths
+
+    def init(params0, key):
+        aq = pipeline.adjoint_queue_init(p.step, params0, key, p.init, problem.terminal, problem.running, M, T)
+        return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1), aq, key
+
+    def estimate(params, carry, key):
+        queue, aq, root = carry
+        queue, done = queue_lib.queue_advance(p.step, params, queue, M, T)
+        aq, finished = pipeline.backward_wave(p.step, params, aq, problem.terminal, problem.running, M, T)
+        aq = aq._replace(pending_states=done.states, pending_key=done.key)
+        queue = queue_lib.queue_push(queue, root, p.init)
+        return (queue, aq, root), Estimate(finished.g, done.states, _images(problem, params, done.states))
+
+    fwd, bwd = _gradient_cost(T, problem.running is not None)  # the same work as one full adjoint
+    per_wave = _gradient_cost(L * M, problem.running is not None)[0]
+    warmup_fwd = L * M * (M - 1) // 2 + (M + 1) * T + M * per_wave
+    warmup_seq = L * M * (M - 1) // 2 + T + M * L
+    return Method("implicit-pipelined", init, estimate, Cost(T + fwd, bwd, 2 * L),
+                  Cost(warmup_fwd, M * per_wave, warmup_seq))
 
 
 def _fresh_paths(problem: Problem, params, carry, T: int):
@@ -115,21 +162,20 @@ def _fresh_init(params0, key):
     return jnp.asarray(0, jnp.int32), key
 
 
-def nested(problem: Problem, T: int, K: Optional[int] = None) -> Method:
+def nested(problem: Problem, T: int, K: Optional[int] = None, kind: str = "full") -> Method:
     """T sampling steps under θ_k, then the adjoint through the last K steps (all T when K is None)."""
     K = T if K is None else K
     if not 1 <= K <= T:
         raise UserError(f"truncated-K needs 1 <= K <= --T {T}, got K={K}")
-    p = problem.paths
+    path_gradient = _path_gradient(problem, kind, K)
 
     def estimate(params, carry, key):
         carry, slot, states = _fresh_paths(problem, params, carry, T)
-        grad = adjoint.discrete_adjoint(p.step, params, states[T - K:], slot, problem.terminal, problem.running,
-                                        first=T - K)
+        grad = path_gradient(params, states[T - K:], slot, T - K)
         return carry, Estimate(grad.params, states, _images(problem, params, states))
 
     fwd, bwd = _gradient_cost(K, problem.running is not None)
-    name = "nested" if K == T else f"truncated-{K}"
+    name = ("nested" if K == T else f"truncated-{K}") + ("" if kind == "full" else f"-{kind}")
     return Method(name, _fresh_init, estimate, Cost(T + fwd, bwd, T + K), Cost(0, 0, 0))
 
 
@@ -149,17 +195,28 @@ def full_backprop(problem: Problem, T: int) -> Method:
     return Method("full-backprop", _fresh_init, estimate, Cost(T + fwd, bwd, 2 * T), Cost(0, 0, 0))
 
 
-register("finetune-method", "implicit", lambda problem, T, M: implicit(problem, T, M))
-register("finetune-method", "nested", lambda problem, T, M: nested(problem, T))
+register("finetune-method", "implicit", implicit)
+register("finetune-method", "nested", lambda problem, T, M, kind="full": nested(problem, T, kind=kind))
 register("finetune-method", "truncated-K", lambda problem, T, M, K=1: nested(problem, T, K))
 register("finetune-method", "full-backprop", lambda problem, T, M: full_backprop(problem, T))
 
 
-def make_method(name: str, problem: Problem, T: int, M: int) -> Method:
+def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full") -> Method:
     """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, or a
-    plug-in builder `package.module:function(problem, T, M) -> Method`."""
+    plug-in builder `package.module:function(problem, T, M) -> Method`; `kind` is the adjoint (ADJOINTS):
+    `pipelined` is Algorithm 2's only, `continuous` needs a deterministic sampler and whole paths."""
     from idiff_cli import registry
 
+    if kind == "pipelined":
+        if name != "implicit":
+            raise UserError(f"--adjoint pipelined is a queue of adjoint states beside Algorithm 2's queue: it needs "
+                            f"--method implicit, got --method {name}")
+        return implicit_pipelined(problem, T, M)
+    if kind == "continuous":
+        if name not in ("implicit", "nested"):
+            raise UserError(f"--adjoint continuous integrates back over whole paths: it needs --method implicit or "
+                            f"nested, got --method {name}")
+        return registry.get("finetune-method", name)(problem, T, M, kind=kind)
     match = re.fullmatch(r"truncated-(\d+)", name)
     if match:
         return registry.get("finetune-method", "truncated-K")(problem, T, M, int(match.group(1)))

@@ -50,21 +50,22 @@ def slot_key(key: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def queue_init(step: Step, params: Any, key: jax.Array, init: Callable[[jax.Array], jax.Array],
-               M: int, T: int) -> Queue:
+               M: int, T: int, first: int = 0) -> Queue:
     """The warm queue P_M of Algorithm 2: slot m pre-advanced m·L steps under `params` (θ0).
 
-    `init(slot_key) -> x_0` draws a slot's starting noise. Slot m gets key index M − 1 − m, so slots
-    complete in the order of their key indices. Cost: M(M − 1)/2 · L steps of one batch.
+    `init(slot_key) -> x_0` draws a slot's starting noise. Slot m gets key index first + M − 1 − m, so
+    slots complete in the order of their key indices (`first` > 0 when earlier indices are already
+    taken, as by the pipelined adjoint's warm paths). Cost: M(M − 1)/2 · L steps of one batch.
     """
     L = check_divides(M, T)
-    keys = jax.vmap(lambda i: slot_key(key, i))(M - 1 - jnp.arange(M))
+    keys = jax.vmap(lambda i: slot_key(key, i))(first + M - 1 - jnp.arange(M))
     x0 = jax.vmap(init)(keys)
     template = jnp.zeros((T + 1,) + x0.shape[1:], x0.dtype)
     slots = []
     for m in range(M):  # warm-up only: slot m runs m·L steps
         path = rollout(step, params, x0[m], keys[m], m * L)
         slots.append(template.at[: m * L + 1].set(path))
-    return Queue(jnp.stack(slots), keys, jnp.asarray(M, jnp.int32))
+    return Queue(jnp.stack(slots), keys, jnp.asarray(first + M, jnp.int32))
 
 
 def queue_advance(step: Step, params: Any, queue: Queue, M: int, T: int) -> tuple[Queue, Completed]:

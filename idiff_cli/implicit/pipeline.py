@@ -1,0 +1,90 @@
+"""The pipelined adjoint (beyond the paper): a second queue, of adjoint states, advanced in step with
+the forward queue of Algorithm 2, so that an outer step costs a constant number of batched network
+calls whatever T.
+
+Algorithm 2 with the full adjoint walks the completed slot back through all T steps in every outer
+step: T sequential vjps. Here the walk is spread over M outer steps, like the forward sampling: the
+adjoint queue holds M completed paths, slot j (0 = newest) already walked back j·L steps (L = T/M),
+with its adjoint state (a = ∂J/∂x at its position, g = the ∂J/∂θ gathered so far). One outer step
+
+  1. forward wave: every forward slot advances L steps under θ_k (queue.queue_advance);
+  2. backward wave: every adjoint slot walks back L steps under θ_k (one vmapped `adjoint_walk`), and
+     the slot the forward queue completed in the previous outer step starts its adjoint (the terminal
+     gradient of −λR(denoise_θ(x_T))) — independent of the walk, so it runs in the same wave;
+  3. the oldest adjoint slot has reached x_0: its g is this step's Γ; the queue shifts.
+
+The two waves depend only on θ_k, so with M = T (L = 1) the critical path is 2 batched calls per
+outer step against 2T for `nested`. The price is staleness: Γ at step k comes from a path finished
+M + 1 steps earlier, whose vjps were taken under the θ of the steps since. With θ frozen the
+pipelined Γ equals the full adjoint of the same path exactly (tests/test_implicit_pipeline.py).
+
+Key indices: the M + 1 warm paths sampled under θ0 at start-up take slot keys 0..M (they fill the
+adjoint queue), the forward queue's slots start at M + 1, so the i-th Γ (i = 1, 2, ...) always comes
+from the path of slot key i − 1, as in the full-adjoint `implicit` method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from idiff_cli.implicit import queue as queue_lib
+from idiff_cli.implicit.adjoint import AdjointState, Running, Step, Terminal, adjoint_start, adjoint_walk, rollout
+
+
+class AdjointQueue(NamedTuple):
+    """M completed paths being walked back, newest first, and the path waiting to start.
+
+    states: [M, T + 1, B, ...]; keys: [M]; adj: AdjointState with a leading M axis (slot j at
+    position T − j·L); pending_states: [T + 1, B, ...] and pending_key: completed last outer step."""
+
+    states: jax.Array
+    keys: jax.Array
+    adj: AdjointState
+    pending_states: jax.Array
+    pending_key: jax.Array
+
+
+def backward_wave(step: Step, params: Any, aq: AdjointQueue, terminal: Terminal, running: Optional[Running],
+                  M: int, T: int) -> tuple[AdjointQueue, AdjointState]:
+    """Walks every slot back L steps and starts the pending path; returns the queue with the pending
+    path as slot 0 (its `pending_*` left for the caller to replace) and the finished oldest slot's
+    adjoint (its g is dJ/dθ of that path's batch)."""
+    L = T // M
+
+    def walk(states, key, adj, j):
+        first = T - (j + 1) * L
+        window = jax.lax.dynamic_slice_in_dim(states, first, L + 1, axis=0)
+        return adjoint_walk(step, params, window, key, adj, running, first)
+
+    walked = jax.vmap(walk)(aq.states, aq.keys, aq.adj, jnp.arange(M))
+    _, start = adjoint_start(terminal, params, aq.pending_states[-1])
+
+    def shift(new, old):
+        return jnp.concatenate([new[None], old[:-1]])
+
+    finished = jax.tree.map(lambda x: x[-1], walked)
+    adj = jax.tree.map(shift, start, walked)
+    return aq._replace(states=shift(aq.pending_states, aq.states), keys=shift(aq.pending_key, aq.keys),
+                       adj=adj), finished
+
+
+def adjoint_queue_init(step: Step, params: Any, key: jax.Array, init, terminal: Terminal,
+                       running: Optional[Running], M: int, T: int) -> AdjointQueue:
+    """The warm adjoint queue: M + 1 paths of slot keys 0..M sampled under θ0 (one vmapped rollout),
+    then M backward waves under θ0 fill it (slot j = key M − 1 − j walked back j·L steps, key M
+    pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave."""
+    keys = jax.vmap(lambda i: queue_lib.slot_key(key, i))(jnp.arange(M + 1))
+    paths = jax.vmap(lambda k: rollout(step, params, init(k), k, T))(keys)  # [M + 1, T + 1, B, ...]
+    _, adj0 = adjoint_start(terminal, params, paths[0, -1])
+    empty = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
+                         jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj0), paths[0], keys[0])
+
+    def fill(aq, i):
+        aq, _ = backward_wave(step, params, aq, terminal, running, M, T)
+        return aq._replace(pending_states=paths[i], pending_key=keys[i]), None
+
+    aq, _ = jax.lax.scan(fill, empty, jnp.arange(1, M + 1))
+    return aq
