@@ -1,16 +1,16 @@
 """Cost per outer step of the finetuning methods at MNIST size (issue 6, item 9), all measured in one run.
 
-For `implicit` (Algorithm 2, full adjoint), `nested` and `truncated-1` on the same pretrained U-Net, reward
-and settings, prints per outer step: sequential batched network calls (the critical path on parallel
+For `implicit` (Algorithm 2) with the full adjoint (queue of M) and with the pipelined adjoint (M = T),
+`nested` and `truncated-1` on the same pretrained U-Net, reward and settings, prints per outer step: sequential batched network calls (the critical path on parallel
 hardware), network evaluations (images through a forward or a backward pass), steady-state wall time
 (each method's jitted chunk compiled once, then timed), the wall-time ratio to `nested`, and network
 evaluations per unit of reward gained over the timed steps.
 
 On a CPU a batched call costs as much as its images, so the queue cannot shorten wall time here: the
 expected result is implicit ≈ nested per outer step at equal work (the queue adds no overhead), while
-the critical path of implicit is L + T calls against 2T (and 2 with a pipelined adjoint, not built).
+the critical path of implicit is L + T calls against 2T, and 2 with the pipelined adjoint at M = T.
 
-Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--steps 10]
+Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--steps 5]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
     seconds = (time.perf_counter() - start) / steps
     c = method.cost
     gain = float(reward[-3:].mean() - reward[:3].mean())
-    return {"method": method.name, "sequential": c.sequential, "net_evals": (c.forward + c.backward) * cfg.batch,
+    return {"method": method.name, "M": cfg.M, "sequential": c.sequential, "net_evals": (c.forward + c.backward) * cfg.batch,
             "seconds": seconds, "gain": gain}
 
 
@@ -56,22 +56,24 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=16)
     parser.add_argument("--M", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed outer steps per method")
+    parser.add_argument("--steps", type=int, default=5, help="timed outer steps per method")
     parser.add_argument("--lam", type=float, default=10.0)
     args = parser.parse_args()
     from_run = args.from_run or str(F.latest_pretrain_run())
     pre = load_pretrained(from_run)
     base = F.FinetuneConfig(from_run=from_run, reward="brightness", lam=args.lam, beta=1.0, T=args.T, M=args.M,
                             batch=args.batch, lr=1e-4, log_every=args.steps)
-    rows = [measure(dataclasses.replace(base, method=m), pre, args.steps) for m in ("implicit", "nested", "truncated-1")]
+    variants = [("implicit", "full", args.M), ("implicit", "pipelined", args.T), ("nested", "full", args.M),
+                ("truncated-1", "full", args.M)]
+    rows = [measure(dataclasses.replace(base, method=m, adjoint=a, M=M), pre, args.steps) for m, a, M in variants]
     nested = next(r for r in rows if r["method"] == "nested")
     print(f"pretrained {from_run}: image {pre.image_shape}, T={args.T}, M={args.M}, batch {args.batch}, "
-          f"{args.steps} timed outer steps per method, {jax.device_count()} device(s)")
-    print(f"{'method':<14}{'seq. calls':>11}{'vs nested':>10}{'net evals':>11}{'s/step':>9}{'vs nested':>10}"
+          f"{args.steps} timed outer steps per method (pipelined: M = T), {jax.device_count()} device(s)")
+    print(f"{'method':<20}{'M':>4}{'seq. calls':>11}{'vs nested':>10}{'net evals':>11}{'s/step':>9}{'vs nested':>10}"
           f"{'reward gain':>13}{'evals/gain':>12}")
     for r in rows:
         per_gain = r["net_evals"] * args.steps / r["gain"] if r["gain"] > 0 else float("inf")
-        print(f"{r['method']:<14}{r['sequential']:>11}{r['sequential'] / nested['sequential']:>10.2f}"
+        print(f"{r['method']:<20}{r['M']:>4}{r['sequential']:>11}{r['sequential'] / nested['sequential']:>10.2f}"
               f"{r['net_evals']:>11.0f}{r['seconds']:>9.3f}{r['seconds'] / nested['seconds']:>10.2f}"
               f"{r['gain']:>13.4f}{per_gain:>12.0f}")
 

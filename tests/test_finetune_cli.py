@@ -1,5 +1,6 @@
 """`idiff finetune` and `idiff report` end to end through the real CLI: a tiny pretrain, then 20 finetuning
-steps with the brightness reward for λ > 0 and λ < 0 (issue 6, item 8), and bad input -> one line, exit 2."""
+steps with the brightness reward for λ > 0 (full adjoint, periodic FID) and λ < 0 (pipelined adjoint)
+(issue 6, item 8), `idiff evaluate-fid` of a finetuned run, and bad input -> one line, exit 2."""
 
 import json
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
 from idiff_cli.cli import app
 
 TINY_PRETRAIN = ["--steps", "2", "--batch", "4", "--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1",
@@ -31,9 +33,10 @@ def pretrained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(pretrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    for name, lam in (("brighter", 10), ("darker", -10)):
+    for name, lam, extra in (("brighter", 10, ["--fid-every", 20, "--fid-n", 4]),
+                             ("darker", -10, ["--adjoint", "pipelined"])):
         result = invoke("finetune", "--from", pretrained, "--reward", "brightness", "--lambda", lam,
-                        *TINY_FINETUNE, "--out", root / name)
+                        *TINY_FINETUNE, *extra, "--out", root / name)
         assert result.exit_code == 0, result.output
     return root
 
@@ -68,6 +71,26 @@ def test_outputs_metrics_and_accounting(runs):
     assert (run / "figures" / "reward_kl.png").stat().st_size > 5000
     assert (run / "figures" / "evolution.png").stat().st_size > 500
     assert (run / "checkpoints" / "20").is_dir()
+    assert [(r["step"], r["fid_n"]) for r in metrics if "fid" in r] == [(0, 4), (20, 4)]
+    # the pipelined adjoint with M = T = 2: 2 sequential calls per outer step
+    darker = [r for r in rows(runs / "darker") if "reward_mean" in r]
+    assert np.all(np.diff([r["sequential_calls"] for r in darker]) == 2)
+
+
+def test_evaluate_fid_and_sample_read_a_finetuned_run(runs):
+    """A finetune run directory loads as its base model with the finetuned θ (finetuned.json, weights/):
+    evaluate-fid records checkpoint 20, and its samples differ from the base model's with the same keys."""
+    run = runs / "brighter"
+    result = invoke("evaluate-fid", run, "--n", 4, "--batch", 4, "--sample-steps", 2)
+    assert result.exit_code == 0, result.output
+    fid = json.loads((run / "fid.json").read_text())
+    assert fid["checkpoint"] == 20 and fid["n"] == 4 and np.isfinite(fid["value"])
+    config = json.loads((run / "config.json").read_text())
+    for name, source in (("finetuned", run), ("base", config["from_run"])):
+        result = invoke("sample", source, "--n", 4, "--sample-steps", 2, "--out", runs / name)
+        assert result.exit_code == 0, result.output
+    finetuned, base = (np.load(runs / f"{name}.npz")["images"].astype(int) for name in ("finetuned", "base"))
+    assert np.abs(finetuned - base).max() > 0
 
 
 def test_rerun_into_a_finished_run_resumes_without_new_steps(runs, pretrained):
