@@ -2,8 +2,7 @@
 
 Minimises F(p) = −λ E_{x∼p}[R(x)] + β KL(p ‖ π*(θ0)) over the U-Net weights θ, starting from the
 pretrained θ0, with one of the methods of methods.py (default: Implicit Diffusion, Algorithm 2) and
-optax Adam. The host drives jitted chunks of `log_every` outer steps (a `lax.scan`) and logs once per
-chunk: metrics.jsonl, figures/reward_kl.png, same-seed sample grids samples/step_XXXXXX.png (the
+optax Adam. The host dispatches one jitted outer step at a time and logs once per `log_every` steps: metrics.jsonl, figures/reward_kl.png, same-seed sample grids samples/step_XXXXXX.png (the
 noise keys are fixed for the whole run, Figs 7, 13, 14, 16) and orbax checkpoints; re-running into the
 same --out resumes from the last checkpoint. The weights θ of every checkpoint are also kept on their
 own in weights/ with finetuned.json, so `load_pretrained` (hence `idiff sample`, `idiff evaluate-fid`)
@@ -122,7 +121,7 @@ class FinetuneState(NamedTuple):
 def build(cfg: FinetuneConfig, pre):
     """`bind(params0) -> (problem, method, kl)` for a run on the pretrained model `pre`, and the optimiser.
 
-    θ0 enters the KL term; `bind` is called inside the jitted chunk with θ0 as an argument, so the
+    θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0 as an argument, so the
     weights are not baked into the compiled program as constants."""
     from idiff_cli.implicit import girsanov, methods
     from idiff_cli.implicit.paths import sampler_paths
@@ -149,27 +148,36 @@ def build(cfg: FinetuneConfig, pre):
 
 
 def make_chunk(bind, optimizer, n_steps: int):
-    """jit: (state, θ0) -> n_steps outer steps as one lax.scan -> (state, per-step metrics, KL of the
-    last completed batch)."""
+    """(state, θ0) -> n_steps outer steps -> (state, per-step metrics [n_steps] each, KL of the last
+    completed batch). One jitted outer step per dispatch (asynchronous: the host reads the metrics once
+    per chunk), not a `lax.scan` over outer steps: XLA:CPU runs backward passes of the U-Net ~10× slower
+    inside a while loop (adjoint.unroll)."""
     from idiff_cli.implicit.girsanov import path_kl
 
+    def outer(state: FinetuneState, params0):
+        problem, method, _ = bind(params0)
+        carry, est = method.estimate(state.params, state.carry, None)
+        updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        r = problem.reward(est.images)
+        metrics = (jnp.mean(r), jnp.std(r), optax.tree.norm(est.grad))
+        return FinetuneState(params, opt_state, carry, state.step + 1), metrics, est.states
+
+    def kl_of(params, params0, states):
+        return jnp.mean(path_kl(bind(params0)[2], params, states))
+
+    outer_jit, kl_jit = jax.jit(outer), jax.jit(kl_of)
+
     def chunk(state, params0):
-        problem, method, kl = bind(params0)
-
-        def outer(state: FinetuneState, _):
-            carry, est = method.estimate(state.params, state.carry, None)
-            updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            r = problem.reward(est.images)
-            metrics = (jnp.mean(r), jnp.std(r), optax.tree.norm(est.grad))
-            return FinetuneState(params, opt_state, carry, state.step + 1), (metrics, est.states)
-
-        state, (metrics, states) = jax.lax.scan(outer, state, None, length=n_steps)
+        metrics = []
+        for _ in range(n_steps):
+            state, m, states = outer_jit(state, params0)
+            metrics.append(m)
         # Girsanov KL(p ‖ π*(θ0)) on the last completed batch under the updated θ (logging only: its
         # 2T network calls are not counted in net_evals)
-        return state, metrics, jnp.mean(path_kl(kl, state.params, states[-1]))
+        return state, tuple(jnp.stack(v) for v in zip(*metrics)), kl_jit(state.params, params0, states)
 
-    return jax.jit(chunk)
+    return chunk
 
 
 def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
@@ -197,6 +205,9 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     from idiff_cli.diffusion.pretrained import load_pretrained
     from idiff_cli.implicit import report
 
+    from idiff_cli.diffusion.pretrain import use_compilation_cache
+
+    use_compilation_cache()  # the unrolled adjoint compiles for minutes on a CPU; a resumed run skips it
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     pre = load_pretrained(from_run)
     cfg = complete(dataclasses.replace(cfg, from_run=str(from_run)), pre.cfg.dataset)

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.implicit import queue as queue_lib
-from idiff_cli.implicit.adjoint import AdjointState, Running, Step, Terminal, adjoint_start, adjoint_walk, rollout
+from idiff_cli.implicit.adjoint import (AdjointState, Running, Step, Terminal, adjoint_start, adjoint_walk, rollout,
+                                        unroll)
 
 
 class AdjointQueue(NamedTuple):
@@ -86,5 +87,5 @@ def adjoint_queue_init(step: Step, params: Any, key: jax.Array, init, terminal: 
         aq, _ = backward_wave(step, params, aq, terminal, running, M, T)
         return aq._replace(pending_states=paths[i], pending_key=keys[i]), None
 
-    aq, _ = jax.lax.scan(fill, empty, jnp.arange(1, M + 1))
+    aq, _ = jax.lax.scan(fill, empty, jnp.arange(1, M + 1), unroll=unroll(M))
     return aq
