@@ -390,6 +390,8 @@ def finetune(
         help="Gradient through the sampler: full (exact discrete adjoint of the completed batch), pipelined "
              "(implicit only: a queue of adjoint states, constant sequential calls with M = T), or continuous "
              "(probability-flow ODE adjoint; needs --sampler probability-flow). (default: full)")] = None,
+    clip: Annotated[Optional[bool], typer.Option("--clip/--no-clip", help="Clip the samples to [-1, 1] before the "
+                                                 "reward (no gain from pixels past white or black). (default: clip)")] = None,
     M: Annotated[Optional[int], typer.Option("--M", help="Queue length M; must divide T. (default: by dataset/preset)")] = None,
     T: Annotated[Optional[int], typer.Option("--T", help="Sampling steps T. (default: by dataset/preset)")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per batch. (default: by dataset/preset)")] = None,
@@ -418,7 +420,7 @@ def finetune(
     from idiff_cli.implicit import finetune as experiment
 
     flags = dict(from_run=str(from_run) if from_run else None, reward=reward, lam=lam, beta=beta, method=method,
-                 adjoint=adjoint,
+                 adjoint=adjoint, clip=clip,
                  M=M, T=T, batch=batch, lr=lr, steps=steps, sampler=sampler, log_every=log_every,
                  sample_every=sample_every, ckpt_every=ckpt_every, grid_n=grid_n, fid_every=fid_every, fid_n=fid_n,
                  fid_features=fid_features, seed=seed)

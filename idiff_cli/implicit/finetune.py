@@ -42,6 +42,7 @@ class FinetuneConfig:
     method: str = "implicit"
     adjoint: str = "full"
     sampler: str = "euler-maruyama"
+    clip: bool = True
     M: int = 0
     T: int = 0
     batch: int = 0
@@ -132,10 +133,10 @@ def build(cfg: FinetuneConfig, pre):
     labels = jnp.arange(cfg.batch) % pre.num_classes if pre.num_classes else None
     sampler = pre.sampler(cfg.T, cfg.sampler)
     paths = sampler_paths(sampler, pre.score, (cfg.batch, *pre.image_shape), labels)
-    # the reward sees the images as they are shown: clipped to [-1, 1] (no gradient for pushing a pixel
-    # beyond white or black, so brightness cannot be gained by unbounded pixel values)
-    denoise = paths.denoise
-    paths = paths._replace(denoise=lambda params, x: jnp.clip(denoise(params, x), -1.0, 1.0))
+    if cfg.clip:  # the reward sees the images as they are shown: clipped to [-1, 1] (no gradient for
+        # pushing a pixel beyond white or black, so brightness cannot be gained by unbounded pixel values)
+        denoise = paths.denoise
+        paths = paths._replace(denoise=lambda params, x: jnp.clip(denoise(params, x), -1.0, 1.0))
     terminal = lambda params, x: -cfg.lam * reward(paths.denoise(params, x))  # noqa: E731
 
     def bind(params0):
