@@ -34,10 +34,9 @@ def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
     bind, optimizer = F.build(cfg, pre)
     params0 = jax.device_put(pre.params, jax.devices()[0])
     _, method, _ = bind(params0)
-    init = jax.jit(lambda p0, key: bind(p0)[1].init(p0, key))
-    state = F.FinetuneState(params0, optimizer.init(params0), init(params0, jax.random.key(cfg.seed)),
+    state = F.FinetuneState(params0, optimizer.init(params0), method.init(params0, jax.random.key(cfg.seed)),
                             jnp.asarray(0, jnp.int32))
-    chunk = F.make_chunk(bind, optimizer, steps)
+    chunk = F.make_chunk(bind, optimizer, steps, (cfg.lam, cfg.beta))
     state, metrics, _ = chunk(state, params0)  # compile (and `steps` outer steps)
     jax.block_until_ready(metrics)
     start = time.perf_counter()

@@ -557,7 +557,7 @@ def sample_run(run_dir: pathlib.Path, n: int, sampler: str | None = None, sample
             done = min(n, i + batch)
             progress.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.1f} img/s")
     images = np.concatenate(images)
-    stem = out or run_dir / "samples" / f"sample-step{pre.step}-{weights}-{name}{chosen.n_steps}-seed{seed}-n{n}"
+    stem = out or run_dir / "samples" / f"sample-step{pre.step}-{pre.weights}-{name}{chosen.n_steps}-seed{seed}-n{n}"
     png, npz = pathlib.Path(f"{stem}.png"), pathlib.Path(f"{stem}.npz")
     save_grid(images[:256], png)
     pixels = np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8)

@@ -23,7 +23,8 @@ from idiff_cli.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
     """A pretrained denoiser: `model` (Flax U-Net), `params` (its variables), the noise process `sde`,
-    and the run's `PretrainConfig` (`cfg`; config.json holds the same)."""
+    and the run's `PretrainConfig` (`cfg`; config.json holds the same). `weights` names the params:
+    "ema" or "params" of a pretrain run, "finetuned" for the θ of a finetune run."""
 
     model: Any
     params: Any
@@ -33,6 +34,7 @@ class Pretrained:
     num_classes: int
     step: int
     final: bool
+    weights: str
 
     def apply(self, params, x, level, labels=None):
         """ε_θ(x, level, labels): the network's noise prediction (evaluation mode)."""
@@ -80,7 +82,7 @@ def load_pretrained(run_dir: str | pathlib.Path, weights: str = "ema", step: int
     ckpt.close()
     params = state.ema if weights == "ema" else state.params
     return Pretrained(model, params, sde, cfg, image_shape, model.num_classes, int(chosen),
-                      bool(record["final"]) and step in (None, record["step"]))
+                      bool(record["final"]) and step in (None, record["step"]), weights)
 
 
 def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Pretrained:
@@ -94,5 +96,5 @@ def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Pretrained:
         if chosen not in ckpt.all_steps():
             raise UserError(f"'{run_dir}' has no finetuned weights at step {chosen}; available: {ckpt.all_steps()}")
         params, _ = ckpt.restore(base.params, step=chosen)
-    return dataclasses.replace(base, params=params, step=int(chosen),
+    return dataclasses.replace(base, params=params, step=int(chosen), weights="finetuned",
                                final=bool(record["final"]) and step in (None, record["step"]))

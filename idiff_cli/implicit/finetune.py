@@ -120,10 +120,12 @@ class FinetuneState(NamedTuple):
 
 
 def build(cfg: FinetuneConfig, pre):
-    """`bind(params0) -> (problem, method, kl)` for a run on the pretrained model `pre`, and the optimiser.
+    """`bind(params0, lam, beta) -> (problem, method, kl)` for a run on the pretrained model `pre`, and
+    the optimiser.
 
-    θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0 as an argument, so the
-    weights are not baked into the compiled program as constants."""
+    θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
+    so the weights are not baked into the compiled program as constants and runs that differ only in λ
+    or β (brighter and darker) share one compiled outer step in the compilation cache."""
     from idiff_cli.implicit import girsanov, methods
     from idiff_cli.implicit.paths import sampler_paths
     from idiff_cli.implicit.rewards import check_reward
@@ -137,26 +139,26 @@ def build(cfg: FinetuneConfig, pre):
         # pushing a pixel beyond white or black, so brightness cannot be gained by unbounded pixel values)
         denoise = paths.denoise
         paths = paths._replace(denoise=lambda params, x: jnp.clip(denoise(params, x), -1.0, 1.0))
-    terminal = lambda params, x: -cfg.lam * reward(paths.denoise(params, x))  # noqa: E731
 
-    def bind(params0):
+    def bind(params0, lam=cfg.lam, beta=cfg.beta):
+        terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
         kl = girsanov.kl_running_cost(pre.score, pre.sde, sampler.grid, params0, labels)
-        running = (lambda params, x, k: cfg.beta * kl(params, x, k)) if cfg.beta else None  # noqa: E731
+        running = (lambda params, x, k: beta * kl(params, x, k)) if cfg.beta else None  # noqa: E731
         problem = methods.Problem(paths, terminal, running, reward)
         return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint), kl
 
     return bind, optax.adam(cfg.lr)
 
 
-def make_chunk(bind, optimizer, n_steps: int):
-    """(state, θ0) -> n_steps outer steps -> (state, per-step metrics [n_steps] each, KL of the last
-    completed batch). One jitted outer step per dispatch (asynchronous: the host reads the metrics once
+def make_chunk(bind, optimizer, n_steps: int, coef: tuple[float, float]):
+    """(state, θ0) -> n_steps outer steps with (λ, β) = `coef` -> (state, per-step metrics [n_steps]
+    each, KL of the last completed batch). One jitted outer step per dispatch (asynchronous: the host reads the metrics once
     per chunk), not a `lax.scan` over outer steps: XLA:CPU runs backward passes of the U-Net ~10× slower
     inside a while loop (adjoint.unroll)."""
     from idiff_cli.implicit.girsanov import path_kl
 
-    def outer(state: FinetuneState, params0):
-        problem, method, _ = bind(params0)
+    def outer(state: FinetuneState, params0, coef):
+        problem, method, _ = bind(params0, *coef)
         carry, est = method.estimate(state.params, state.carry, None)
         updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -169,10 +171,12 @@ def make_chunk(bind, optimizer, n_steps: int):
 
     outer_jit, kl_jit = jax.jit(outer), jax.jit(kl_of)
 
+    coef = jnp.asarray(coef, jnp.float32)
+
     def chunk(state, params0):
         metrics = []
         for _ in range(n_steps):
-            state, m, states = outer_jit(state, params0)
+            state, m, states = outer_jit(state, params0, coef)
             metrics.append(m)
         # Girsanov KL(p ‖ π*(θ0)) on the last completed batch under the updated θ (logging only: its
         # 2T network calls are not counted in net_evals)
@@ -222,11 +226,11 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     # one device: the U-Net's batch is small, and a fixed placement keeps the chunk compiled once
     params0 = jax.device_put(pre.params, jax.devices()[0])
     problem, method, _ = bind(params0)
-    init = jax.jit(lambda p0, key: bind(p0)[1].init(p0, key))
     # every leaf committed to the device: an uncommitted leaf (the step counter) would make the second
     # chunk call, whose inputs are the first call's committed outputs, compile the chunk again
-    state = jax.device_put(FinetuneState(params0, optimizer.init(params0), init(params0, jax.random.fold_in(root, 0)),
-                                         jnp.asarray(0, jnp.int32)), jax.devices()[0])
+    carry = method.init(params0, jax.random.fold_in(root, 0))
+    state = jax.device_put(FinetuneState(params0, optimizer.init(params0), carry, jnp.asarray(0, jnp.int32)),
+                           jax.devices()[0])
     if resume is None:
         run_dir.reset_metrics()
     else:
@@ -239,7 +243,7 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
                   f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch}, lr {cfg.lr}) -> {run_dir.path}",
                   highlight=False)
 
-    chunk = make_chunk(bind, optimizer, cfg.log_every)
+    chunk = make_chunk(bind, optimizer, cfg.log_every, (cfg.lam, cfg.beta))
     grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, 1))
     per_step = method.cost
 

@@ -1,10 +1,13 @@
 """Finetuning methods: how each outer step gets its batch of samples and its gradient Γ (paper §3.3, §5.2).
 
-Every method is a pair of pure functions over a method-specific carry, registered under kind
+Every method is a pair of functions over a method-specific carry, registered under kind
 "finetune-method":
 
     init(params0, key) -> carry                          # e.g. the warm queue P_M of Algorithm 2
     estimate(params, carry, key) -> (carry, Estimate)    # samples under the current θ and Γ(p, θ)
+
+`estimate` is pure and traced inside the jitted outer step; `init` runs once, on the host, and jits
+its own parts (the pipelined warm-up is a host loop of jitted backward waves).
 
 * `implicit` (Algorithm 2): a queue of M slots advanced by T/M steps per outer step under the current
   θ; the completed slot's gradient by the discrete adjoint along its stored path.
@@ -106,6 +109,7 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
     p = problem.paths
     path_gradient = _path_gradient(problem, kind, T)
 
+    @jax.jit
     def init(params0, key):
         return queue_lib.queue_init(p.step, params0, key, p.init, M, T), key
 
@@ -130,9 +134,10 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
     L = queue_lib.check_divides(M, T)
     p = problem.paths
 
-    def init(params0, key):
+    def init(params0, key):  # untraced: a host loop of jitted waves
         aq = pipeline.adjoint_queue_init(p.step, params0, key, p.init, problem.terminal, problem.running, M, T)
-        return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1), aq, key
+        queue = jax.jit(queue_lib.queue_init, static_argnums=(0, 3, 4, 5, 6))(p.step, params0, key, p.init, M, T, M + 1)
+        return queue, aq, key
 
     def estimate(params, carry, key):
         queue, aq, root = carry

@@ -76,16 +76,16 @@ def adjoint_queue_init(step: Step, params: Any, key: jax.Array, init, terminal: 
                        running: Optional[Running], M: int, T: int) -> AdjointQueue:
     """The warm adjoint queue: M + 1 paths of slot keys 0..M sampled under θ0 (one vmapped rollout),
     then M backward waves under θ0 fill it (slot j = key M − 1 − j walked back j·L steps, key M
-    pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave."""
+    pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave.
+
+    A host loop over one jitted wave (call it untraced): traced, the M waves would unroll into one
+    program that XLA compiles for minutes (adjoint.unroll)."""
     keys = jax.vmap(lambda i: queue_lib.slot_key(key, i))(jnp.arange(M + 1))
-    paths = jax.vmap(lambda k: rollout(step, params, init(k), k, T))(keys)  # [M + 1, T + 1, B, ...]
+    paths = jax.jit(jax.vmap(lambda k: rollout(step, params, init(k), k, T)))(keys)  # [M + 1, T + 1, B, ...]
     _, adj0 = adjoint_start(terminal, params, paths[0, -1])
-    empty = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
-                         jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj0), paths[0], keys[0])
-
-    def fill(aq, i):
-        aq, _ = backward_wave(step, params, aq, terminal, running, M, T)
-        return aq._replace(pending_states=paths[i], pending_key=keys[i]), None
-
-    aq, _ = jax.lax.scan(fill, empty, jnp.arange(1, M + 1), unroll=unroll(M))
+    aq = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
+                      jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj0), paths[0], keys[0])
+    wave = jax.jit(lambda aq: backward_wave(step, params, aq, terminal, running, M, T)[0])
+    for i in range(1, M + 1):
+        aq = wave(aq)._replace(pending_states=paths[i], pending_key=keys[i])
     return aq
