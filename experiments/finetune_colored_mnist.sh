@@ -6,4 +6,4 @@ set -euo pipefail
 PRE=${PRE:-runs/pretrain-colored-mnist-cpu}
 PRESET=${PRESET:-cpu}
 OUT=${OUT:-runs/paper-finetune-colored-mnist}
-idiff finetune --from "$PRE" --preset "$PRESET" --reward red --lambda 10 --beta 1 --lr 5e-4 --steps 100 --out "$OUT/redder" "$@"
+idiff finetune --from "$PRE" --preset "$PRESET" --reward red --lambda 10 --beta 1 --lr 1e-4 --steps 100 --out "$OUT/redder" "$@"
