@@ -88,10 +88,12 @@ def test_evaluate_fid_and_sample_read_a_finetuned_run(runs):
     fid = json.loads((run / "fid.json").read_text())
     assert fid["checkpoint"] == 20 and fid["n"] == 4 and np.isfinite(fid["value"])
     config = json.loads((run / "config.json").read_text())
-    for name, source in (("finetuned", run), ("base", config["from_run"])):
-        result = invoke("sample", source, "--n", 4, "--sample-steps", 2, "--out", runs / name)
-        assert result.exit_code == 0, result.output
-    finetuned, base = (np.load(runs / f"{name}.npz")["images"].astype(int) for name in ("finetuned", "base"))
+    result = invoke("sample", run, "--n", 4, "--sample-steps", 2)  # the default name says "finetuned", not "ema"
+    assert result.exit_code == 0, result.output
+    finetuned = np.load(run / "samples" / "sample-step20-finetuned-euler-maruyama2-seed0-n4.npz")["images"].astype(int)
+    result = invoke("sample", config["from_run"], "--n", 4, "--sample-steps", 2, "--out", runs / "base")
+    assert result.exit_code == 0, result.output
+    base = np.load(runs / "base.npz")["images"].astype(int)
     assert np.abs(finetuned - base).max() > 0
 
 

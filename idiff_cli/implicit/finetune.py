@@ -124,8 +124,8 @@ def build(cfg: FinetuneConfig, pre):
     the optimiser.
 
     θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
-    so the weights are not baked into the compiled program as constants and runs that differ only in λ
-    or β (brighter and darker) share one compiled outer step in the compilation cache."""
+    so the weights are not baked into the compiled program as constants, and runs that differ only in
+    λ or β (brighter and darker) can share one compiled outer step in the compilation cache."""
     from idiff_cli.implicit import girsanov, methods
     from idiff_cli.implicit.paths import sampler_paths
     from idiff_cli.implicit.rewards import check_reward
@@ -152,9 +152,9 @@ def build(cfg: FinetuneConfig, pre):
 
 def make_chunk(bind, optimizer, n_steps: int, coef: tuple[float, float]):
     """(state, θ0) -> n_steps outer steps with (λ, β) = `coef` -> (state, per-step metrics [n_steps]
-    each, KL of the last completed batch). One jitted outer step per dispatch (asynchronous: the host reads the metrics once
-    per chunk), not a `lax.scan` over outer steps: XLA:CPU runs backward passes of the U-Net ~10× slower
-    inside a while loop (adjoint.unroll)."""
+    each, KL of the last completed batch). One jitted outer step per dispatch (asynchronous: the host
+    reads the metrics once per chunk), not a `lax.scan` over outer steps: XLA:CPU runs backward passes
+    of the U-Net ~10× slower inside a while loop (adjoint.unroll)."""
     from idiff_cli.implicit.girsanov import path_kl
 
     def outer(state: FinetuneState, params0, coef):
