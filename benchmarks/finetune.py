@@ -10,7 +10,7 @@ On a CPU a batched call costs as much as its images, so the queue cannot shorten
 expected result is implicit ≈ nested per outer step at equal work (the queue adds no overhead), while
 the critical path of implicit is L + T calls against 2T, and 2 with the pipelined adjoint at M = T.
 
-Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--steps 5]
+Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--steps 5] [--variants ...]
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed outer steps per method")
     parser.add_argument("--lam", type=float, default=10.0)
+    parser.add_argument("--variants", default="implicit:full,implicit:pipelined,nested:full,truncated-1:full",
+                        help="comma-separated method:adjoint pairs to measure, nested:full among them (the "
+                        "ratios are to it); pipelined runs at M = T")
     args = parser.parse_args()
     from_run = args.from_run or str(F.latest_pretrain_run())
     pre = load_pretrained(from_run)
     base = F.FinetuneConfig(from_run=from_run, reward="brightness", lam=args.lam, beta=1.0, T=args.T, M=args.M,
                             batch=args.batch, lr=1e-4, log_every=args.steps)
-    variants = [("implicit", "full", args.M), ("implicit", "pipelined", args.T), ("nested", "full", args.M),
-                ("truncated-1", "full", args.M)]
+    variants = [(m, a, args.T if a == "pipelined" else args.M) for m, a in (v.split(":") for v in args.variants.split(","))]
     rows = [measure(dataclasses.replace(base, method=m, adjoint=a, M=M), pre, args.steps) for m, a, M in variants]
     nested = next(r for r in rows if r["method"] == "nested")
     print(f"pretrained {from_run}: image {pre.image_shape}, T={args.T}, M={args.M}, batch {args.batch}, "
