@@ -124,8 +124,7 @@ def build(cfg: FinetuneConfig, pre):
     the optimiser.
 
     θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
-    so the weights are not baked into the compiled program as constants, and runs that differ only in
-    λ or β (brighter and darker) can share one compiled outer step in the compilation cache."""
+    so neither the weights nor λ and β are baked into the compiled program as constants."""
     from idiff_cli.implicit import girsanov, methods
     from idiff_cli.implicit.paths import sampler_paths
     from idiff_cli.implicit.rewards import check_reward
