@@ -2,8 +2,9 @@
 
 Minimises F(p) = −λ E_{x∼p}[R(x)] + β KL(p ‖ π*(θ0)) over the U-Net weights θ, starting from the
 pretrained θ0, with one of the methods of methods.py (default: Implicit Diffusion, Algorithm 2) and
-optax Adam. The host dispatches one jitted outer step at a time and logs once per `log_every` steps: metrics.jsonl, figures/reward_kl.png, same-seed sample grids samples/step_XXXXXX.png (the
-noise keys are fixed for the whole run, Figs 7, 13, 14, 16) and orbax checkpoints; re-running into the
+optax Adam. The host dispatches one jitted outer step at a time and logs once per `log_every` steps:
+metrics.jsonl, figures/reward_kl.png, same-seed sample grids samples/step_XXXXXX.png (the noise keys
+are fixed for the whole run, Figs 7, 13, 14, 16) and orbax checkpoints; re-running into the
 same --out resumes from the last checkpoint. The weights θ of every checkpoint are also kept on their
 own in weights/ with finetuned.json, so `load_pretrained` (hence `idiff sample`, `idiff evaluate-fid`)
 reads a finetuned run like a pretrained one.
@@ -205,11 +206,9 @@ def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
 def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     """Finetunes (or resumes) the run in `run_dir`; returns the final state."""
     from idiff_cli.checkpoint import Checkpointer
-    from idiff_cli.diffusion.pretrain import save_grid
+    from idiff_cli.diffusion.pretrain import save_grid, use_compilation_cache
     from idiff_cli.diffusion.pretrained import load_pretrained
     from idiff_cli.implicit import report
-
-    from idiff_cli.diffusion.pretrain import use_compilation_cache
 
     use_compilation_cache()  # the unrolled adjoint compiles for minutes on a CPU; a resumed run skips it
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()

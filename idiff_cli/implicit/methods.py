@@ -134,10 +134,13 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
     L = queue_lib.check_divides(M, T)
     p = problem.paths
 
+    @jax.jit
+    def forward_queue(params0, key):
+        return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1)
+
     def init(params0, key):  # untraced: a host loop of jitted waves
         aq = pipeline.adjoint_queue_init(p.step, params0, key, p.init, problem.terminal, problem.running, M, T)
-        queue = jax.jit(queue_lib.queue_init, static_argnums=(0, 3, 4, 5, 6))(p.step, params0, key, p.init, M, T, M + 1)
-        return queue, aq, key
+        return forward_queue(params0, key), aq, key
 
     def estimate(params, carry, key):
         queue, aq, root = carry

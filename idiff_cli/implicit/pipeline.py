@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.implicit import queue as queue_lib
-from idiff_cli.implicit.adjoint import (AdjointState, Running, Step, Terminal, adjoint_start, adjoint_walk, rollout,
-                                        unroll)
+from idiff_cli.implicit.adjoint import AdjointState, Running, Step, Terminal, adjoint_start, adjoint_walk, rollout
 
 
 class AdjointQueue(NamedTuple):
