@@ -58,7 +58,7 @@ def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, p
     jax.block_until_ready(m)
     train_s = (time.perf_counter() - start) / steps
 
-    score = score_function(P.model_apply(model), sde)
+    score = score_function(P.model_apply(model), sde, cfg.precondition)
     sampler = P.make_sampler(cfg, sde, sample_steps, "euler-maruyama")
     em_step = jax.jit(lambda p, y, k, key: sampler.step(lambda x, t: score(p, x, t), y, k, key))
     y = global_batch(np.zeros((batch, size, size, channels), np.float32), mesh)

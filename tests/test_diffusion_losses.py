@@ -45,3 +45,28 @@ def test_score_function_of_a_noise_predictor():
     score = score_function(apply, sde)
     x, t = jnp.ones((4, 2, 2, 1)), jnp.array([0.1, 0.5, 1.0, 2.0])
     np.testing.assert_allclose(score(3.0, x, t), -3.0 / sde.sigma(t)[:, None, None, None] * x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sde", [OrnsteinUhlenbeck(), Cosine()], ids=["ou", "cosine"])
+def test_preconditioned_score_with_a_silent_network_is_exact_for_gaussian_data(sde):
+    """With F ≡ 0 the preconditioned ε_θ is the best linear guess σx/v: for data N(0, σ_d² I) that is
+    E[ε | X_t = x] exactly, so the score is the true −x/(α²σ_d² + σ²) (float32 rounding, rtol 1e-5)."""
+    from idiff_cli.diffusion.losses import DATA_STD
+
+    score = score_function(lambda params, x, level, labels: jnp.zeros_like(x), sde, precondition=True)
+    x = jax.random.normal(jax.random.key(0), (5, 2, 2, 1))
+    t = jnp.array([0.01, 0.1, 0.5, 0.9, sde.t_max])
+    a, s = sde.alpha(t)[:, None, None, None], sde.sigma(t)[:, None, None, None]
+    np.testing.assert_allclose(score(None, x, t), -x / (a**2 * DATA_STD**2 + s**2), rtol=1e-5)
+
+
+def test_preconditioned_network_sees_unit_variance_inputs_and_scaled_outputs():
+    """F gets x/√v and its output enters ε_θ times ασ_d/√v (checked with F(u) = u, so ε_θ = (σ/v + ασ_d/v) x)."""
+    from idiff_cli.diffusion.losses import DATA_STD
+
+    sde = OrnsteinUhlenbeck()
+    score = score_function(lambda params, x, level, labels: x, sde, precondition=True)
+    x, t = jnp.ones((3, 1, 1, 1)), jnp.array([0.05, 0.5, 3.0])
+    a, s = sde.alpha(t), sde.sigma(t)
+    v = a**2 * DATA_STD**2 + s**2
+    np.testing.assert_allclose(score(None, x, t)[:, 0, 0, 0], -(s / v + a * DATA_STD / v) / s, rtol=1e-5)

@@ -85,6 +85,17 @@ def test_pretrained_model_loads_and_samples(tmp_path):
         pre.params, jax.random.key(0))
     assert x.shape == (2, 28, 28, 3) and np.isfinite(np.asarray(x)).all()
 
+    # A run written before preconditioning existed (no "precondition" in config.json) loads as the
+    # plain ε-network it was trained as.
+    assert pre.cfg.precondition
+    config = json.loads((out / "config.json").read_text())
+    del config["precondition"]
+    (out / "config.json").write_text(json.dumps(config))
+    legacy = load_pretrained(out)
+    y, t = jax.random.normal(jax.random.key(1), (2, 28, 28, 3)), np.array([0.5, 2.0])
+    assert not legacy.cfg.precondition
+    assert not np.allclose(legacy.score(legacy.params, y, t), pre.score(pre.params, y, t), atol=1e-3)
+
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL once a checkpoint is on disk; re-running into the same --out continues from it (params,

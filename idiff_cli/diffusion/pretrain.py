@@ -67,6 +67,7 @@ class PretrainConfig:
     ema_decay: float = 0.995
     class_conditional: bool = False
     flip: bool = False
+    precondition: bool = True
     ch: int = 0
     ch_mult: tuple[int, ...] = ()
     num_res_blocks: int = 0
@@ -205,13 +206,10 @@ def init_state(model: UNet, optimizer, image_shape, seed: int) -> TrainState:
 def state_template(model: UNet, optimizer, image_shape, sharding=None) -> TrainState:
     """The structure, dtypes and placement of `init_state`, filled with zeros (a restore template that
     costs no initialisation)."""
+    from idiff_cli.checkpoint import restore_template
+
     shapes = jax.eval_shape(lambda: init_state(model, optimizer, image_shape, 0))
-
-    def zeros():
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes._replace(key=None))._replace(
-            key=jax.random.key(0))
-
-    return jax.jit(zeros, out_shardings=sharding)()
+    return jax.jit(lambda: restore_template(shapes), out_shardings=sharding)()
 
 
 def model_apply(model: UNet):
@@ -226,7 +224,7 @@ def make_train_step(cfg: PretrainConfig, model: UNet, sde, optimizer):
     def loss_fn(params, x, labels, key):
         loss_key, dropout_key = jax.random.split(key)
         apply = lambda p, xt, level, y: model.apply(p, xt, level, y, train=True, rngs={"dropout": dropout_key})  # noqa: E731
-        score = score_function(apply, sde)
+        score = score_function(apply, sde, cfg.precondition)
         return jnp.mean(denoising_loss(lambda xt, t: score(params, xt, t, labels), sde, x, loss_key))
 
     def step(state: TrainState, batch):
@@ -258,11 +256,11 @@ def make_step_fn(step, mesh):
     return jax.jit(step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
-def make_sample_fn(model: UNet, sde, sampler: Sampler, image_shape, n: int, mesh=None):
+def make_sample_fn(cfg: PretrainConfig, model: UNet, sde, sampler: Sampler, image_shape, n: int, mesh=None):
     """jit: (params, key data [2] uint32, labels [n]) -> images [n, H, W, C] in [-1, 1] (batch sharded
     over `mesh` when n divides evenly). The key travels as raw key data, so that every process can
     pass the same host value."""
-    score = score_function(model_apply(model), sde)
+    score = score_function(model_apply(model), sde, cfg.precondition)
     conditional = model.num_classes > 0
 
     def sample(params, key_data, labels):
@@ -366,13 +364,22 @@ def plot_loss(run_dir: RunDir) -> None:
 
 # ---- the run ----
 
+# Fields added after runs were written, with the value that reproduces those runs.
+LEGACY_DEFAULTS = {"precondition": False}
+
+
+def read_config(run_dir: pathlib.Path | str) -> dict[str, Any]:
+    """A run directory's config.json as a dict, fields it predates filled with `LEGACY_DEFAULTS`."""
+    config = json.loads((pathlib.Path(run_dir) / "config.json").read_text())
+    return {**LEGACY_DEFAULTS, **config}
+
 
 def _claim(run_dir: RunDir, cfg: PretrainConfig, is_main: bool) -> None:
     """Writes config.json; a run directory holding another config (other than --steps) is refused."""
     config = json.loads(json.dumps(cfglib.to_dict(cfg)))
     path = run_dir.path / "config.json"
     if path.exists():
-        previous = run_dir.read_json("config.json")
+        previous = read_config(run_dir.path)
         changed = sorted(k for k in config if k != "steps" and previous.get(k) != config[k])
         if changed:
             raise UserError(f"run directory '{run_dir.path}' holds a run with another config (differs in "
@@ -445,7 +452,7 @@ def run(cfg: PretrainConfig, run_dir: RunDir) -> TrainState:
 
     stream = DataStream(ds, cfg.batch, cfg.seed, jax.process_index(), jax.process_count())
     step_fn = make_step_fn(make_train_step(cfg, model, sde, optimizer), mesh)
-    grid_fn = make_sample_fn(model, sde, make_sampler(cfg, sde), image_shape, cfg.grid_n, mesh)
+    grid_fn = make_sample_fn(cfg, model, sde, make_sampler(cfg, sde), image_shape, cfg.grid_n, mesh)
     grid_inputs = replicate((jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 2)),
                              np.arange(cfg.grid_n) % max(ds.num_classes, 1)), mesh)
 
@@ -459,7 +466,7 @@ def run(cfg: PretrainConfig, run_dir: RunDir) -> TrainState:
 
         fid = PeriodicFID(cfg.fid_features, cfg.dataset, cfg.data_dir, cfg.image_size, image_shape,
                           run_dir.path / "fid")
-        fid_fn = make_sample_fn(model, sde, make_sampler(cfg, sde), image_shape, cfg.fid_n, mesh)
+        fid_fn = make_sample_fn(cfg, model, sde, make_sampler(cfg, sde), image_shape, cfg.fid_n, mesh)
         fid_inputs = replicate((jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 3)),
                                 np.arange(cfg.fid_n) % max(ds.num_classes, 1)), mesh)
 
@@ -543,7 +550,7 @@ def sample_run(run_dir: pathlib.Path, n: int, sampler: str | None = None, sample
     mesh = batch_mesh()
     batch = min(batch, n)
     batch -= batch % mesh.size if batch >= mesh.size else 0
-    fn = make_sample_fn(pre.model, pre.sde, chosen, pre.image_shape, batch, mesh)
+    fn = make_sample_fn(pre.cfg, pre.model, pre.sde, chosen, pre.image_shape, batch, mesh)
     params = replicate(pre.params, mesh)
     labels = np.arange(n + batch) % max(pre.num_classes, 1)
     images = []
@@ -570,10 +577,9 @@ def sample_run(run_dir: pathlib.Path, n: int, sampler: str | None = None, sample
 def resume_config(run_dir: pathlib.Path, dataset: str | None, preset: str | None, config_file,
                   flags: dict[str, Any]) -> PretrainConfig:
     """The config of the run in `run_dir` (its config.json), with `flags` on top (only --steps may differ)."""
-    path = pathlib.Path(run_dir) / "config.json"
-    if not path.exists():
+    if not (pathlib.Path(run_dir) / "config.json").exists():
         raise UserError(f"--resume: '{run_dir}' holds no run (no config.json)")
-    previous = json.loads(path.read_text())
+    previous = read_config(run_dir)
     for name, given in (("DATASET", dataset), ("--preset", preset)):
         key = "dataset" if name == "DATASET" else "preset"
         if given is not None and given != previous[key]:

@@ -7,7 +7,7 @@
 The run directory's `pretrained.json` names the checkpoint that is θ0 (the last one saved; `final`
 once the run has finished), the image shape and the number of classes of the data. `weights="params"` gives the raw (non-EMA) parameters instead.
 An `idiff finetune` run directory (`finetuned.json`: its base run and its weights/ checkpoints) loads
-as its base model with the finetuned θ of its last (or the given) checkpoint.
+as its base model with the finetuned θ of its last (or the given) checkpoint (`weights` left at its default).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Pretrained:
         """s_θ(x, t) = −ε_θ(x, t)/σ(t)."""
         from idiff_cli.diffusion.losses import score_function
 
-        return score_function(self.apply, self.sde)(params, x, t, labels)
+        return score_function(self.apply, self.sde, self.cfg.precondition)(params, x, t, labels)
 
     def sampler(self, n_steps: int | None = None, name: str | None = None):
         """The run's sampler (Tables 1/3: Euler–Maruyama 256 steps for MNIST, DDPM 1024 for CIFAR/LSUN),
@@ -62,6 +62,9 @@ def load_pretrained(run_dir: str | pathlib.Path, weights: str = "ema", step: int
 
     run_dir = pathlib.Path(run_dir)
     if (run_dir / "finetuned.json").exists():
+        if weights != "ema":
+            raise UserError(f"'{run_dir}' is a finetune run: it holds only its finetuned weights, so weights "
+                            f"'{weights}' does not apply (leave the default)")
         return _load_finetuned(run_dir, step)
     record_path = run_dir / "pretrained.json"
     if not record_path.exists():
@@ -70,7 +73,7 @@ def load_pretrained(run_dir: str | pathlib.Path, weights: str = "ema", step: int
     if weights not in ("ema", "params"):
         raise UserError(f"weights must be 'ema' or 'params', got '{weights}'")
     record = json.loads(record_path.read_text())
-    config = json.loads((run_dir / "config.json").read_text())
+    config = pretrain.read_config(run_dir)
     cfg = pretrain.PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     model, sde, optimizer = pretrain.make_model(cfg, record["num_classes"]), pretrain.make_sde(cfg), pretrain.make_optimizer(cfg)
     image_shape = tuple(record["image_shape"])
