@@ -4,13 +4,14 @@ For `implicit` (Algorithm 2) with the full adjoint (queue of M) and with the pip
 `nested` and `truncated-1` on the same pretrained U-Net, reward and settings, prints per outer step: sequential batched network calls (the critical path on parallel
 hardware), network evaluations (images through a forward or a backward pass), steady-state wall time
 (each method's jitted chunk compiled once, then timed), the wall-time ratio to `nested`, and network
-evaluations per unit of reward gained over the timed steps.
+evaluations per unit of reward gained over the timed steps; then the time of `method.init` (the warm
+queues) and of compiling the outer step (first chunk minus its steps at the steady-state rate).
 
 On a CPU a batched call costs as much as its images, so the queue cannot shorten wall time here: the
 expected result is implicit ≈ nested per outer step at equal work (the queue adds no overhead), while
 the critical path of implicit is L + T calls against 2T, and 2 with the pipelined adjoint at M = T.
 
-Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--steps 5] [--variants ...]
+Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--beta 1] [--steps 5] [--variants ...]
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
     bind, optimizer = F.build(cfg, pre)
     params0 = jax.device_put(pre.params, jax.devices()[0])
     _, method, _ = bind(params0)
+    start = time.perf_counter()
     state = F.FinetuneState(params0, optimizer.init(params0), method.init(params0, jax.random.key(cfg.seed)),
                             jnp.asarray(0, jnp.int32))
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
     chunk = F.make_chunk(bind, optimizer, steps, (cfg.lam, cfg.beta))
+    start = time.perf_counter()
     state, metrics, _ = chunk(state, params0)  # compile (and `steps` outer steps)
     jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - start
     start = time.perf_counter()
     state, (reward, _, _), _ = chunk(state, params0)
     jax.block_until_ready(reward)
@@ -46,7 +52,7 @@ def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
     c = method.cost
     gain = float(reward[-3:].mean() - reward[:3].mean())
     return {"method": method.name, "M": cfg.M, "sequential": c.sequential, "net_evals": (c.forward + c.backward) * cfg.batch,
-            "seconds": seconds, "gain": gain}
+            "seconds": seconds, "gain": gain, "init_s": init_s, "compile_s": first_s - steps * seconds}
 
 
 def main() -> None:
@@ -57,26 +63,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed outer steps per method")
     parser.add_argument("--lam", type=float, default=10.0)
+    parser.add_argument("--beta", type=float, default=1.0,
+                        help="KL weight; 0 drops the Girsanov running cost (1 instead of 3 network passes per adjoint step)")
     parser.add_argument("--variants", default="implicit:full,implicit:pipelined,nested:full,truncated-1:full",
                         help="comma-separated method:adjoint pairs to measure, nested:full among them (the "
                         "ratios are to it); pipelined runs at M = T")
     args = parser.parse_args()
     from_run = args.from_run or str(F.latest_pretrain_run())
     pre = load_pretrained(from_run)
-    base = F.FinetuneConfig(from_run=from_run, reward="brightness", lam=args.lam, beta=1.0, T=args.T, M=args.M,
+    base = F.FinetuneConfig(from_run=from_run, reward="brightness", lam=args.lam, beta=args.beta, T=args.T, M=args.M,
                             batch=args.batch, lr=1e-4, log_every=args.steps)
     variants = [(m, a, args.T if a == "pipelined" else args.M) for m, a in (v.split(":") for v in args.variants.split(","))]
-    rows = [measure(dataclasses.replace(base, method=m, adjoint=a, M=M), pre, args.steps) for m, a, M in variants]
-    nested = next(r for r in rows if r["method"] == "nested")
-    print(f"pretrained {from_run}: image {pre.image_shape}, T={args.T}, M={args.M}, batch {args.batch}, "
+    if ("nested", "full", args.M) not in variants:
+        parser.error("--variants must include nested:full (the ratios are to it)")
+    variants.sort(key=lambda v: v[:2] != ("nested", "full"))  # nested first: each row prints when measured
+    print(f"pretrained {from_run}: image {pre.image_shape}, T={args.T}, M={args.M}, batch {args.batch}, β={args.beta}, "
           f"{args.steps} timed outer steps per method (pipelined: M = T), {jax.device_count()} device(s)")
     print(f"{'method':<20}{'M':>4}{'seq. calls':>11}{'vs nested':>10}{'net evals':>11}{'s/step':>9}{'vs nested':>10}"
-          f"{'reward gain':>13}{'evals/gain':>12}")
-    for r in rows:
+          f"{'reward gain':>13}{'evals/gain':>12}{'init s':>8}{'compile s':>10}", flush=True)
+    nested = None
+    for m, a, M in variants:
+        r = measure(dataclasses.replace(base, method=m, adjoint=a, M=M), pre, args.steps)
+        nested = nested or r
         per_gain = r["net_evals"] * args.steps / r["gain"] if r["gain"] > 0 else float("inf")
         print(f"{r['method']:<20}{r['M']:>4}{r['sequential']:>11}{r['sequential'] / nested['sequential']:>10.2f}"
               f"{r['net_evals']:>11.0f}{r['seconds']:>9.3f}{r['seconds'] / nested['seconds']:>10.2f}"
-              f"{r['gain']:>13.4f}{per_gain:>12.0f}")
+              f"{r['gain']:>13.4f}{per_gain:>12.0f}{r['init_s']:>8.0f}{r['compile_s']:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     ckpt = Checkpointer(run_dir.path / "checkpoints", keep=3)
     ckpt.save(step, state, meta={"data_position": 1234})   # state: any pytree of arrays (keys included)
     state, meta = ckpt.restore(template)                    # latest step; template gives structure/shardings
+    template = restore_template(jax.eval_shape(make_state))  # a template without computing the state
     ckpt.close()
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
@@ -16,6 +17,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -42,6 +44,19 @@ def _abstract(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
     return jax.tree.map(leaf_spec, _to_storable(tree))
+
+
+def restore_template(abstract: Any) -> Any:
+    """A concrete restore template for an abstract state (`jax.eval_shape`'s output): zeros, and PRNG
+    keys of the default implementation, so that restoring costs no computation of the state."""
+
+    def leaf(spec):
+        if jax.dtypes.issubdtype(spec.dtype, jax.dtypes.prng_key):
+            data = jax.eval_shape(jax.random.key_data, spec)
+            return jax.random.wrap_key_data(jnp.zeros(data.shape, data.dtype))
+        return jnp.zeros(spec.shape, spec.dtype)
+
+    return jax.tree.map(leaf, abstract)
 
 
 class Checkpointer:

@@ -15,10 +15,11 @@ TINY_PRETRAIN = ["--steps", "2", "--batch", "4", "--ch", "8", "--ch-mult", "1,2"
                  "--attn-resolutions", "14", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "2",
                  "--sample-steps", "2", "--grid-n", "4"]
 TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log-every", "10",
-                 "--sample-every", "20", "--ckpt-every", "20", "--grid-n", "4", "--lr", "0.01", "--beta", "0.1",
+                 "--sample-every", "20", "--ckpt-every", "10", "--grid-n", "4", "--lr", "0.01", "--beta", "0.1",
                  "--no-clip"]  # the 2-step model's samples lie mostly beyond [-1, 1]: clipped, they give no gradient
 
 BRIGHTER = ["--fid-every", 20, "--fid-n", 4]  # the λ > 0 run also logs the periodic FID
+DARKER = ["--adjoint", "pipelined"]
 
 
 def invoke(*args):
@@ -36,7 +37,7 @@ def pretrained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(pretrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    for name, lam, extra in (("brighter", 10, BRIGHTER), ("darker", -10, ["--adjoint", "pipelined"])):
+    for name, lam, extra in (("brighter", 10, BRIGHTER), ("darker", -10, DARKER)):
         result = invoke("finetune", "--from", pretrained, "--reward", "brightness", "--lambda", lam,
                         *TINY_FINETUNE, *extra, "--out", root / name)
         assert result.exit_code == 0, result.output
@@ -95,6 +96,8 @@ def test_evaluate_fid_and_sample_read_a_finetuned_run(runs):
     assert result.exit_code == 0, result.output
     base = np.load(runs / "base.npz")["images"].astype(int)
     assert np.abs(finetuned - base).max() > 0
+    result = invoke("sample", run, "--weights", "params")
+    assert result.exit_code == 2 and "is a finetune run" in result.output and "Traceback" not in result.output
 
 
 def test_rerun_into_a_finished_run_resumes_without_new_steps(runs, pretrained):
@@ -103,6 +106,22 @@ def test_rerun_into_a_finished_run_resumes_without_new_steps(runs, pretrained):
                     *BRIGHTER, "--out", runs / "brighter")
     assert result.exit_code == 0, result.output
     assert rows(runs / "brighter") == before
+
+
+def test_run_resumed_from_a_middle_checkpoint_logs_the_uninterrupted_metrics(runs, pretrained, tmp_path):
+    """Checkpoint 10 of the pipelined run (both queues, Adam state, θ) restored through an abstract
+    template: steps 11-20 repeat the uninterrupted run's metrics exactly (same program, same inputs)."""
+    import shutil
+
+    run = tmp_path / "darker"
+    shutil.copytree(runs / "darker", run)
+    shutil.rmtree(run / "checkpoints" / "20")
+    shutil.rmtree(run / "weights" / "20")
+    result = invoke("finetune", "--from", pretrained, "--reward", "brightness", "--lambda", -10, *TINY_FINETUNE,
+                    *DARKER, "--out", run)
+    assert result.exit_code == 0, result.output
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(rows(run)) == strip(rows(runs / "darker"))
 
 
 def test_report_overlays_runs(runs, tmp_path):

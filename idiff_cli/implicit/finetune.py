@@ -205,7 +205,7 @@ def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
 
 def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     """Finetunes (or resumes) the run in `run_dir`; returns the final state."""
-    from idiff_cli.checkpoint import Checkpointer
+    from idiff_cli.checkpoint import Checkpointer, restore_template
     from idiff_cli.diffusion.pretrain import save_grid, use_compilation_cache
     from idiff_cli.diffusion.pretrained import load_pretrained
     from idiff_cli.implicit import report
@@ -224,15 +224,19 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     # one device: the U-Net's batch is small, and a fixed placement keeps the chunk compiled once
     params0 = jax.device_put(pre.params, jax.devices()[0])
     problem, method, _ = bind(params0)
+
+    def initial_state():
+        carry = method.init(params0, jax.random.fold_in(root, 0))  # the warm queue(s): real work
+        return FinetuneState(params0, optimizer.init(params0), carry, jnp.asarray(0, jnp.int32))
+
     # every leaf committed to the device: an uncommitted leaf (the step counter) would make the second
     # chunk call, whose inputs are the first call's committed outputs, compile the chunk again
-    carry = method.init(params0, jax.random.fold_in(root, 0))
-    state = jax.device_put(FinetuneState(params0, optimizer.init(params0), carry, jnp.asarray(0, jnp.int32)),
-                           jax.devices()[0])
     if resume is None:
+        state = jax.device_put(initial_state(), jax.devices()[0])
         run_dir.reset_metrics()
     else:
-        state, _ = ckpt.restore(state)
+        template = jax.device_put(restore_template(jax.eval_shape(initial_state)), jax.devices()[0])
+        state, _ = ckpt.restore(template)
         rows = [r for r in run_dir.read_metrics() if r["step"] <= resume]
         run_dir.reset_metrics()
         run_dir.append_metrics(rows)
