@@ -50,7 +50,8 @@ def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
     jax.block_until_ready(reward)
     seconds = (time.perf_counter() - start) / steps
     c = method.cost
-    gain = float(reward[-3:].mean() - reward[:3].mean())
+    third = max(1, steps // 3)  # batch-mean reward, first third of the timed steps against the last third
+    gain = float(reward[-third:].mean() - reward[:third].mean())
     return {"method": method.name, "M": cfg.M, "sequential": c.sequential, "net_evals": (c.forward + c.backward) * cfg.batch,
             "seconds": seconds, "gain": gain, "init_s": init_s, "compile_s": first_s - steps * seconds}
 

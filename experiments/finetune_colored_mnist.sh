@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Paper §5.2, Figs 7 and 16 on the offline colored-MNIST model: reward training for redder digits
 # (the `red` reward: mean red channel minus the mean of the other channels).
-# PRE: an `idiff pretrain colored-mnist` run (default: runs/pretrain-colored-mnist-cpu).
+# PRE: an `idiff pretrain colored-mnist` run (default: runs/pretrain-colored-mnist-cpu), preconditioned
+# (the default since 2026-11-25; without it half of the samples are saturated squares, README). cpu preset
+# (M=4, T=16, batch 8): 19 min on 2 idle cores (6 min compiling, ~5.9 s per outer step).
 set -euo pipefail
 PRE=${PRE:-runs/pretrain-colored-mnist-cpu}
 PRESET=${PRESET:-cpu}

@@ -2,8 +2,8 @@
 
     ckpt = Checkpointer(run_dir.path / "checkpoints", keep=3)
     ckpt.save(step, state, meta={"data_position": 1234})   # state: any pytree of arrays (keys included)
+    template = restore_template(jax.eval_shape(make_state))  # zeros shaped like the state, not computed
     state, meta = ckpt.restore(template)                    # latest step; template gives structure/shardings
-    template = restore_template(jax.eval_shape(make_state))  # a template without computing the state
     ckpt.close()
 
 orbax writes each step into a temporary directory and renames it when complete, so a run killed
