@@ -11,6 +11,7 @@ in one run:
 Compilation is excluded (one warm-up call). Usage:
     python benchmarks/pretrain.py                         # cpu preset 28×28 (batch 32), paper 28×28 and 32×32 (batch 8)
     python benchmarks/pretrain.py --presets paper:32:128 --steps 20 --peak-tflops 494   # e.g. an H100 (TF32 dense)
+    python benchmarks/pretrain.py --presets cpu:28:32,cpu:28:32:plain      # with and without preconditioning
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from idiff_cli.parallel import batch_mesh, global_batch, replicate, replicated  
 PEAK_TFLOPS = {"H100": 494.0, "H200": 494.0, "A100": 156.0}
 
 
-def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, peak: float | None) -> dict:
+def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, peak: float | None,
+            precondition: bool = True) -> dict:
     channels = 1 if size == 28 else 3
     dataset = "mnist" if channels == 1 else "cifar10"
-    cfg = P.resolve_config(dataset, preset, None, {"batch": batch})
+    cfg = P.resolve_config(dataset, preset, None, {"batch": batch, "precondition": precondition})
     arch = P.ARCHITECTURES[preset](size)
     cfg = P.dataclasses.replace(cfg, image_size=size, **{k: arch[k] for k in P.ARCH_FIELDS})
     mesh = batch_mesh()
@@ -81,7 +83,7 @@ def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, p
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="cpu:28:32,paper:28:8,paper:32:8",
-                        help="comma-separated preset:image_size:batch")
+                        help="comma-separated preset:image_size:batch, with :plain for --no-precondition")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--sample-steps", type=int, default=10, help="timed sampling steps")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device, for MFU")
@@ -90,13 +92,13 @@ def main() -> None:
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
     peak = peak * len(jax.devices()) if peak else None
     print(f"devices: {len(jax.devices())} × {device.device_kind} ({jax.default_backend()}); jax {jax.__version__}")
-    print(f"{'preset':<7}{'size':>5}{'params':>9}{'batch':>6}{'train s/step':>14}{'train img/s':>13}"
+    print(f"{'preset':<13}{'size':>5}{'params':>9}{'batch':>6}{'train s/step':>14}{'train img/s':>13}"
           f"{'sample steps/s':>16}{'img/s (256 st)':>16}{'TFLOP/s':>9}{'MFU':>7}")
     for spec in args.presets.split(","):
-        preset, size, batch = spec.split(":")
-        r = measure(preset, int(size), int(batch), args.steps, args.sample_steps, peak)
+        preset, size, batch, *plain = spec.split(":")
+        r = measure(preset, int(size), int(batch), args.steps, args.sample_steps, peak, precondition=plain != ["plain"])
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        print(f"{r['preset']:<7}{r['size']:>5}{r['params_M']:>8.2f}M{r['batch']:>6}{r['train_s_per_step']:>14.3f}"
+        print(f"{r['preset'] + (' plain' if plain else ''):<13}{r['size']:>5}{r['params_M']:>8.2f}M{r['batch']:>6}{r['train_s_per_step']:>14.3f}"
               f"{r['train_img_per_s']:>13.1f}{r['sample_steps_per_s']:>16.2f}{r['sample_img_per_s_256']:>16.2f}"
               f"{r['train_tflops_per_s']:>9.3f}{mfu:>7}", flush=True)
 
