@@ -210,7 +210,7 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     from idiff_cli.diffusion.pretrained import load_pretrained
     from idiff_cli.implicit import report
 
-    use_compilation_cache()  # the unrolled adjoint compiles for minutes on a CPU; a resumed run skips it
+    use_compilation_cache()  # the unrolled adjoint compiles for minutes; on XLA:CPU reading it back is slow too (README)
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     pre = load_pretrained(from_run)
     cfg = complete(dataclasses.replace(cfg, from_run=str(from_run)), pre.cfg.dataset)
