@@ -249,9 +249,8 @@ def make_step_fn(step, mesh):
     """jit(step): batch sharded over `mesh`, state replicated, state buffers donated.
 
     The host dispatches one call per step without waiting (dispatch is asynchronous; the metrics
-    are read once per `log_every` steps). Not a `lax.scan` over steps: XLA:CPU runs this U-Net's
-    training step ~15× slower inside a while loop than as a top-level computation (measured:
-    43 s vs 2.7 s per step on the loaded 2-core machine).
+    are read once per `log_every` steps), which keeps logging, checkpoints and preemption between
+    steps at no cost.
     """
     return jax.jit(step, out_shardings=replicated(mesh), donate_argnums=0)
 

@@ -12,6 +12,7 @@ embedding (the paper's CIFAR-10 model was label-conditioned).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -19,7 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idiff_cli.diffusion.conv import conv
 from idiff_cli.registry import register
+
+# every convolution's gradients are canonical convolutions, fast on XLA:CPU inside loops too (conv.py)
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv)
 
 
 def timestep_embedding(level: jax.Array, dim: int) -> jax.Array:
@@ -37,13 +42,13 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, train: bool):
-        h = nn.Conv(self.out_ch, (3, 3))(nn.silu(nn.GroupNorm(min(self.groups, x.shape[-1]))(x)))
+        h = Conv(self.out_ch, (3, 3))(nn.silu(nn.GroupNorm(min(self.groups, x.shape[-1]))(x)))
         h = h + nn.Dense(self.out_ch)(nn.silu(temb))[:, None, None, :]
         h = nn.silu(nn.GroupNorm(min(self.groups, self.out_ch))(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
+        h = Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
         if x.shape[-1] != self.out_ch:
-            x = nn.Conv(self.out_ch, (1, 1))(x)
+            x = Conv(self.out_ch, (1, 1))(x)
         return x + h
 
 
@@ -87,7 +92,7 @@ class UNet(nn.Module):
             temb = temb + nn.Embed(self.num_classes, 4 * self.ch)(labels)
         block = lambda ch: ResBlock(ch, self.groups, self.dropout)  # noqa: E731
 
-        h = nn.Conv(self.ch, (3, 3))(x)
+        h = Conv(self.ch, (3, 3))(x)
         skips = [h]
         for i, mult in enumerate(self.ch_mult):
             for _ in range(self.num_res_blocks):
@@ -96,7 +101,7 @@ class UNet(nn.Module):
                     h = AttnBlock(self.groups)(h)
                 skips.append(h)
             if i < len(self.ch_mult) - 1:
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+                h = Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
                 skips.append(h)
 
         h = block(h.shape[-1])(h, temb, train)
@@ -111,10 +116,10 @@ class UNet(nn.Module):
             if i > 0:
                 b, hgt, wid, c = h.shape
                 h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
-                h = nn.Conv(c, (3, 3))(h)
+                h = Conv(c, (3, 3))(h)
 
         h = nn.silu(nn.GroupNorm(min(self.groups, h.shape[-1]))(h))
-        return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+        return Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
 
 
 def paper_architecture(image_size: int) -> dict[str, Any]:

@@ -72,8 +72,9 @@ def train(steps: int = STEPS, seed: int = SEED) -> tuple[dict, float]:
         updates, opt_state = optimizer.update(jax.grad(loss)(params, idx), opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    # A host loop over one jitted step, not a lax.scan: XLA:CPU runs these convolutions ~14x slower
-    # inside a while loop (7 ms vs 95 ms per step measured here), and nothing is read back per step.
+    # A host loop over one jitted step, not a lax.scan: XLA:CPU runs the gradients of these nn.Conv
+    # ~14x slower inside a while loop (7 ms vs 95 ms per step measured here; the cause: diffusion/conv.py),
+    # and nothing is read back per step.
     state = (params, optimizer.init(params))
     for k in range(steps):
         state = step(state, k)

@@ -26,18 +26,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-UNROLL_MAX = 64
-
-
-def unroll(n: int) -> int:
-    """`lax.scan` unroll factor for loops that hold backward passes of a network: all n steps on CPU
-    (up to UNROLL_MAX, which bounds the compile time), none elsewhere. XLA:CPU runs the U-Net's vjp ~10×
-    slower inside a while loop than outside one (measured: 14.0 s against 1.25 s for 4 vjps at batch
-    8), so on CPU the loop is unrolled at the price of a longer compilation (minutes for T = 16 with
-    the KL term); GPUs and TPUs keep the compact loop."""
-    return max(n, 1) if jax.default_backend() == "cpu" and n <= UNROLL_MAX else 1
-
-
 Step = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x, k, key) -> x_next
 Running = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, x, k) -> [B] cost of state x_k
 Terminal = Callable[[Any, jax.Array], jax.Array]  # (params, x_n) -> [B] cost of the final state
@@ -104,7 +92,7 @@ def adjoint_walk(step: Step, params: Any, states: jax.Array, key: jax.Array, adj
             g, a_step, total = jax.tree.map(jnp.add, g, g_run), a_step + a_run, total + cost
         return AdjointState(a_step, g, total), None
 
-    adj, _ = jax.lax.scan(body, adj, (states[:-1], first + jnp.arange(n)), reverse=True, unroll=unroll(n))
+    adj, _ = jax.lax.scan(body, adj, (states[:-1], first + jnp.arange(n)), reverse=True)
     return adj
 
 
@@ -141,8 +129,7 @@ def continuous_adjoint(step: Step, params: Any, x_final: jax.Array, key: jax.Arr
         return (z - delta, a + a_step, jax.tree.map(jnp.add, g, g_step)), None
 
     value, g_final, a_final = terminal_gradient(terminal, params, x_final)
-    (z, a, g), _ = jax.lax.scan(body, (x_final, a_final, g_final), jnp.arange(n_steps), reverse=True,
-                                unroll=unroll(n_steps))
+    (z, a, g), _ = jax.lax.scan(body, (x_final, a_final, g_final), jnp.arange(n_steps), reverse=True)
     return Gradient(g, a, value, jnp.zeros((), a.dtype))
 
 
@@ -162,7 +149,7 @@ def unrolled_gradient(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_
             x_next = one(p, x, k, key)
             return (x_next, cost), x_next
 
-        (x, cost), xs = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps), unroll=unroll(n_steps))
+        (x, cost), xs = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps))
         return jnp.mean(terminal(p, x)) + cost, jnp.concatenate([x0[None], xs])
 
     grad, states = jax.grad(objective, has_aux=True)(params)

@@ -153,8 +153,7 @@ def build(cfg: FinetuneConfig, pre):
 def make_chunk(bind, optimizer, n_steps: int, coef: tuple[float, float]):
     """(state, θ0) -> n_steps outer steps with (λ, β) = `coef` -> (state, per-step metrics [n_steps]
     each, KL of the last completed batch). One jitted outer step per dispatch (asynchronous: the host
-    reads the metrics once per chunk), not a `lax.scan` over outer steps: XLA:CPU runs backward passes
-    of the U-Net ~10× slower inside a while loop (adjoint.unroll)."""
+    reads the metrics once per chunk)."""
     from idiff_cli.implicit.girsanov import path_kl
 
     def outer(state: FinetuneState, params0, coef):
@@ -210,7 +209,7 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     from idiff_cli.diffusion.pretrained import load_pretrained
     from idiff_cli.implicit import report
 
-    use_compilation_cache()  # the unrolled adjoint compiles for minutes; on XLA:CPU reading it back is slow too (README)
+    use_compilation_cache()
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     pre = load_pretrained(from_run)
     cfg = complete(dataclasses.replace(cfg, from_run=str(from_run)), pre.cfg.dataset)

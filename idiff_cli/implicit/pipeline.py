@@ -77,8 +77,8 @@ def adjoint_queue_init(step: Step, params: Any, key: jax.Array, init, terminal: 
     then M backward waves under θ0 fill it (slot j = key M − 1 − j walked back j·L steps, key M
     pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave.
 
-    A host loop over one jitted wave (call it untraced): traced, the M waves would unroll into one
-    program that XLA compiles for minutes (adjoint.unroll)."""
+    A host loop over one jitted wave (call it untraced): traced, the M waves would be M copies of
+    the wave in one program, M times the compilation."""
     keys = jax.vmap(lambda i: queue_lib.slot_key(key, i))(jnp.arange(M + 1))
     paths = jax.jit(jax.vmap(lambda k: rollout(step, params, init(k), k, T)))(keys)  # [M + 1, T + 1, B, ...]
     _, adj0 = adjoint_start(terminal, params, paths[0, -1])
