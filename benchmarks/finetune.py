@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed outer steps per method")
     parser.add_argument("--lam", type=float, default=10.0)
     parser.add_argument("--beta", type=float, default=1.0,
-                        help="KL weight; 0 drops the Girsanov running cost (1 instead of 3 network passes per adjoint step)")
+                        help="KL weight; 0 drops the Girsanov running cost (an adjoint step is then a forward and a backward pass of θ, without the forward pass of θ0)")
     parser.add_argument("--variants", default="implicit:full,implicit:pipelined,nested:full,truncated-1:full",
                         help="comma-separated method:adjoint pairs to measure, nested:full among them (the "
                         "ratios are to it); pipelined runs at M = T")

@@ -44,7 +44,8 @@ def test_gamma_is_minus_expected_reward_slope_times_one_minus_exp():
         _, p = paths(N_STEPS, 20_000)
         key = jax.random.key(1)
         states = draw(p, theta(m), key, N_STEPS)
-        grad = adjoint.discrete_adjoint(p.step, theta(m), states, key, lambda q, x: -lam * jnp.sin(x[:, 0]))
+        grad = adjoint.discrete_adjoint(adjoint.transition(p.step), theta(m), states, key,
+                                        lambda q, x: -lam * jnp.sin(x[:, 0]))
     mean, var = chain_moments(N_STEPS, 1.0)
     cos_x = np.cos(np.asarray(states[-1, :, 0]))
     np.testing.assert_allclose(float(grad.params["m"]), -lam * cos_x.mean() * mean[-1], rtol=1e-8)
@@ -54,25 +55,28 @@ def test_gamma_is_minus_expected_reward_slope_times_one_minus_exp():
 
 
 def objective_parts(batch=64, c0=1.0):
-    """The finetuning objective J = mean[−λ R(x_n)] + β KL_Girsanov on the Gaussian case, x-dependent KL."""
+    """The finetuning objective J = mean[−λ R(x_n)] + β KL_Girsanov on the Gaussian case, x-dependent KL:
+    (paths, terminal, running cost, the fused transition of the finetuning runs)."""
     _, p = paths(N_STEPS, batch)
     params0 = theta(0.0, c0)
     running = lambda q, x, k: 0.3 * girsanov.kl_running_cost(score, SDE, SDE.time_grid(N_STEPS), params0)(q, x, k)
     terminal = lambda q, x: -2.0 * jnp.sin(x[:, 0]) + 0.1 * x[:, 0] ** 2
-    return p, terminal, running
+    return p, terminal, running, girsanov.kl_transition(p, score, SDE, SDE.time_grid(N_STEPS), params0, 0.3)
 
 
 def test_discrete_adjoint_equals_grad_through_unrolled_sampler_and_finite_differences():
-    """Reverse scan of vjps of one step == jax.grad through the unrolled scan (with and without
+    """Reverse scan of vjps of the fused transition (step and KL increment from one score evaluation)
+    == jax.grad through the unrolled scan of the step and the separate running cost (with and without
     jax.checkpoint), relative 1e-6 in float64 (they differ only by summation order), and == central
     finite differences with step 1e-5 (truncation error O(ε²) ≈ 1e-10, round-off ≈ 1e-16/ε ≈ 1e-11)."""
     with enable_x64(True):
-        p, terminal, running = objective_parts()
+        p, terminal, running, fused = objective_parts()
         params, key = theta(0.8, 1.3), jax.random.key(2)
         states = draw(p, params, key, N_STEPS)
-        adj = adjoint.discrete_adjoint(p.step, params, states, key, terminal, running)
+        adj = adjoint.discrete_adjoint(fused, params, states, key, terminal)
         for remat in (True, False):
-            unrolled = adjoint.unrolled_gradient(p.step, params, states[0], key, N_STEPS, terminal, running, remat)
+            unrolled = adjoint.unrolled_gradient(adjoint.transition(p.step, running), params, states[0], key, N_STEPS,
+                                                 terminal, remat)
             for name in ("m", "c"):
                 np.testing.assert_allclose(adj.params[name], unrolled[name], rtol=1e-6)
 
@@ -94,10 +98,11 @@ def test_truncated_adjoint_is_grad_with_stopped_early_states():
     x_{n−K} held fixed (stop_gradient), relative 1e-6 in float64."""
     K = 5
     with enable_x64(True):
-        p, terminal, _ = objective_parts()
+        p, terminal, _, _ = objective_parts()
         params, key = theta(0.8, 1.3), jax.random.key(3)
         states = draw(p, params, key, N_STEPS)
-        adj = adjoint.discrete_adjoint(p.step, params, states[-K - 1:], key, terminal, first=N_STEPS - K)
+        adj = adjoint.discrete_adjoint(adjoint.transition(p.step), params, states[-K - 1:], key, terminal,
+                                       first=N_STEPS - K)
 
         def J(q):
             s = adjoint.rollout(p.step, q, states[-K - 1], key, K, first=N_STEPS - K)
@@ -120,7 +125,7 @@ def test_continuous_adjoint_converges_to_discrete_as_steps_grow():
         for n in (32, 128, 512):
             _, p = paths(n, 16, deterministic=True)
             states = draw(p, params, key, n)
-            exact = adjoint.discrete_adjoint(p.step, params, states, key, terminal).params
+            exact = adjoint.discrete_adjoint(adjoint.transition(p.step), params, states, key, terminal).params
             cont = adjoint.continuous_adjoint(p.step, params, states[-1], key, terminal, n).params
             gaps.append(max(abs(float(cont[k] - exact[k])) / abs(float(exact[k])) for k in ("m", "c")))
     assert gaps[0] / gaps[1] > 2.5 and gaps[1] / gaps[2] > 2.5, gaps
@@ -128,8 +133,10 @@ def test_continuous_adjoint_converges_to_discrete_as_steps_grow():
 
 
 def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
-    """The U-Net's score through 3 Euler–Maruyama steps on 8×8 images, reward on the Tweedie-denoised
-    output: adjoint == jax.grad through the unrolled sampler, float64. Tolerance: max |difference| over
+    """The U-Net's score (with a strided down-sampling conv, diffusion/conv.py) through 3 Euler–Maruyama
+    steps on 8×8 images, reward on the Tweedie-denoised output plus a Girsanov KL to other weights θ0:
+    the adjoint of the fused transition == jax.grad through the unrolled sampler with the step and the
+    KL increment evaluated separately, float64. Tolerance: max |difference| over
     all leaves below 1e-8 × the largest gradient entry (leaves whose true gradient is 0, e.g. attention
     key biases, carry round-off only, so a per-leaf relative test would divide 1e-17 by 1e-17).
     Parameters are drawn with numpy: flax's initialisers take ~30 s to compile on this CPU."""
@@ -139,7 +146,7 @@ def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
     from idiff_cli.implicit.paths import sampler_paths
 
     with enable_x64(True):
-        net = UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), groups=2)
+        net = UNet(ch=4, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), groups=2)
         x = jnp.zeros((2, 8, 8, 1))
         rng = np.random.default_rng(0)
         shapes = jax.eval_shape(net.init, jax.random.key(0), x, jnp.zeros(2))
@@ -148,9 +155,15 @@ def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
         p = sampler_paths(Sampler(SDE, 3), sc, (2, 8, 8, 1))
         key = jax.random.key(5)
         terminal = lambda q, x: -jnp.mean(p.denoise(q, x), axis=(1, 2, 3))
+        params0, grid = jax.tree.map(lambda v: 0.8 * v, params), SDE.time_grid(3)
+        running = lambda q, x, k: 0.5 * girsanov.kl_running_cost(sc, SDE, grid, params0)(q, x, k)
         states = draw(p, params, key, 3)
-        adj = adjoint.discrete_adjoint(p.step, params, states, key, terminal).params
-        ref = adjoint.unrolled_gradient(p.step, params, states[0], key, 3, terminal, remat=False)
+        fused = girsanov.kl_transition(p, sc, SDE, grid, params0, 0.5)
+        adj = adjoint.discrete_adjoint(fused, params, states, key, terminal)
+        assert float(adj.running) > 1e-3  # the KL term is really there
+        ref = adjoint.unrolled_gradient(adjoint.transition(p.step, running), params, states[0], key, 3, terminal,
+                                        remat=False)
+        adj = adj.params
         a, b = jax.tree.leaves(adj), jax.tree.leaves(ref)
         scale = max(float(jnp.max(jnp.abs(v))) for v in b)
         assert scale > 1e-3

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from jax import enable_x64
 
 from idiff_cli.implicit import adjoint, girsanov
@@ -36,10 +37,10 @@ def test_girsanov_gradient_through_the_adjoint_equals_closed_form_gradient():
     independent sub-batches of 1,000 paths."""
     with enable_x64(True):
         _, p = paths(N_STEPS, 1000)
-        running = girsanov.kl_running_cost(score, SDE, SDE.time_grid(N_STEPS), theta(*THETA0))
+        kl = girsanov.kl_transition(p, score, SDE, SDE.time_grid(N_STEPS), theta(*THETA0), 1.0)
         zero = lambda q, x: 0.0 * x[:, 0]
         gradient = jax.jit(lambda key: adjoint.discrete_adjoint(
-            p.step, theta(*THETA), draw(p, theta(*THETA), key, N_STEPS), key, zero, running).params)
+            kl, theta(*THETA), draw(p, theta(*THETA), key, N_STEPS), key, zero).params)
         grads = [gradient(jax.random.key(i)) for i in range(20)]
     for name, index in (("m", 0), ("c", 1)):
         g = np.array([float(gr[name]) for gr in grads])
@@ -48,3 +49,19 @@ def test_girsanov_gradient_through_the_adjoint_equals_closed_form_gradient():
         down[index] -= 1e-5
         exact = (closed_form_kl(*up) - closed_form_kl(*down)) / 2e-5
         assert abs(g.mean() - exact) < 5 * g.std() / np.sqrt(g.size), (name, g.mean(), exact)
+
+
+def test_kl_transition_needs_a_step_that_evaluates_the_score_once_at_x():
+    """The fused transition reuses the step's score evaluation as sθ(x_k, t_k); a step that evaluates
+    the score elsewhere (here also at x + h s, a Heun-like predictor) is refused, not silently mixed."""
+    from idiff_cli.diffusion.samplers import Sampler
+    from idiff_cli.implicit.paths import sampler_paths
+
+    def heun_like(sde, score, y, t, t_next, key):
+        tb = jax.numpy.full(y.shape[:1], t)
+        return y + score(y + (t - t_next) * score(y, tb), tb) * (t - t_next)
+
+    p = sampler_paths(Sampler(SDE, 4, heun_like, denoise_final=False), score, (3, 1))
+    kl = girsanov.kl_transition(p, score, SDE, SDE.time_grid(4), theta(*THETA0, dtype=jax.numpy.float32), 1.0)
+    with pytest.raises(ValueError, match="heun_like evaluated it 2 times"):
+        kl(theta(*THETA, dtype=jax.numpy.float32), jax.numpy.zeros((3, 1)), 0, jax.random.key(0))

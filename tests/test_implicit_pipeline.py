@@ -16,10 +16,10 @@ from implicit_gaussian import SDE, paths, score, theta
 def problem(T: int, batch: int = 6, deterministic: bool = False, beta: float = 0.3, quadratic: float = 0.1):
     _, p = paths(T, batch, deterministic)
     params0 = theta(0.5, 1.0)
-    kl = girsanov.kl_running_cost(score, SDE, SDE.time_grid(T), params0)
-    running = (lambda params, x, k: beta * kl(params, x, k)) if beta else None
+    transition = (girsanov.kl_transition(p, score, SDE, SDE.time_grid(T), params0, beta) if beta
+                  else adjoint.transition(p.step))
     terminal = lambda params, x: -2.0 * jnp.sin(x[:, 0]) + quadratic * x[:, 0] ** 2  # noqa: E731
-    return methods.Problem(p, terminal, running, lambda x: x[:, 0]), params0
+    return methods.Problem(p, terminal, transition, lambda x: x[:, 0], bool(beta)), params0
 
 
 def gradients(method, params, key, n_steps):
@@ -45,7 +45,7 @@ def test_frozen_theta_pipelined_gradient_equals_full_adjoint_of_the_same_path(M,
         for i, (f, g) in enumerate(zip(full, piped)):
             k = q.slot_key(key, i)
             states = adjoint.rollout(prob.paths.step, params, prob.paths.init(k), k, T)
-            oracle = adjoint.discrete_adjoint(prob.paths.step, params, states, k, prob.terminal, prob.running)
+            oracle = adjoint.discrete_adjoint(prob.transition, params, states, k, prob.terminal)
             for name in ("m", "c"):
                 np.testing.assert_allclose(g[name], oracle.params[name], rtol=1e-10, err_msg=f"step {i + 1}")
                 np.testing.assert_allclose(f[name], oracle.params[name], rtol=1e-10, err_msg=f"step {i + 1}")
@@ -62,8 +62,7 @@ def test_pipelined_backward_wave_uses_the_current_theta():
         _, aq, _ = method.init(old, key)
         _, est = method.estimate(new, method.init(old, key), None)
         oldest = jax.tree.map(lambda x: x[-1], aq.adj)
-        expect = adjoint.adjoint_walk(prob.paths.step, new, aq.states[-1, : T // M + 1], aq.keys[-1], oldest,
-                                      prob.running, 0)
+        expect = adjoint.adjoint_walk(prob.transition, new, aq.states[-1, : T // M + 1], aq.keys[-1], oldest, 0)
         for name in ("m", "c"):
             np.testing.assert_allclose(est.grad[name], expect.g[name], rtol=1e-10)
 

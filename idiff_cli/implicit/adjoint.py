@@ -7,10 +7,12 @@ its noise regenerated from `key` (so adjoints never store noise). The objective 
     J(θ) = mean_b [ terminal(θ, x_n^b) + Σ_{k<n} running(θ, x_k^b, k) ],
 
 e.g. terminal = −λ R(x) or −λ R(denoise_θ(x)) (reward) and running = β × the Girsanov KL increment
-(girsanov.py).
+(girsanov.py). The gradients differentiate a *transition* (params, x_k, k, key) -> (x_{k+1},
+running cost of x_k [B]): `transition(step, running)` pairs any two functions, and
+girsanov.kl_transition computes both from one score evaluation, so one vjp per step covers both.
 
 * `discrete_adjoint` is the exact gradient of J for the discretised sampler (Euler–Maruyama or any
-  other step): a reverse `lax.scan` of `jax.vjp` of one step over the stored states x_0..x_n. Only
+  other step): a reverse `lax.scan` of `jax.vjp` of one transition over the stored states x_0..x_n. Only
   the states are kept; the network's activations are recomputed one step at a time, so memory is
   the states plus one step's activations, whatever n.
 * `continuous_adjoint` integrates the adjoint ODE system of the probability-flow ODE backwards from
@@ -29,6 +31,17 @@ import jax.numpy as jnp
 Step = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x, k, key) -> x_next
 Running = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, x, k) -> [B] cost of state x_k
 Terminal = Callable[[Any, jax.Array], jax.Array]  # (params, x_n) -> [B] cost of the final state
+Transition = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]  # -> (x_next, [B])
+
+
+def transition(step: Step, running: Optional[Running] = None) -> Transition:
+    """(params, x_k, k, key) -> (step(params, x_k, k, key), running(params, x_k, k) [B], or zeros)."""
+
+    def both(params, x, k, key):
+        cost = running(params, x, k) if running is not None else jnp.zeros(x.shape[:1], x.dtype)
+        return step(params, x, k, key), cost
+
+    return both
 
 
 class Gradient(NamedTuple):
@@ -73,42 +86,38 @@ def adjoint_start(terminal: Terminal, params: Any, x_final: jax.Array) -> tuple[
     return value, AdjointState(a, g, jnp.zeros((), a.dtype))
 
 
-def adjoint_walk(step: Step, params: Any, states: jax.Array, key: jax.Array, adj: AdjointState,
-                 running: Optional[Running] = None, first: jax.Array | int = 0) -> AdjointState:
+def adjoint_walk(transition: Transition, params: Any, states: jax.Array, key: jax.Array, adj: AdjointState,
+                 first: jax.Array | int = 0) -> AdjointState:
     """Walks the adjoint back through the steps first .. first + n − 1 that made states [n + 1, B, ...]:
-    a ← (∂_x step_k)ᵀ a (+ ∂_x running_k), g ← g + (∂_θ step_k)ᵀ a (+ ∂_θ running_k), for k from the last
-    down to `first` (a reverse `lax.scan` of `jax.vjp` of one step; `first` may be traced)."""
+    a ← (∂_x step_k)ᵀ a + ∂_x running_k, g ← g + (∂_θ step_k)ᵀ a + ∂_θ running_k, for k from the last
+    down to `first` (a reverse `lax.scan` of one `jax.vjp` of the transition; `first` may be traced)."""
     n = states.shape[0] - 1
 
     def body(carry, inputs):
         a, g, total = carry
         x, k = inputs
-        _, vjp = jax.vjp(lambda p, y: step(p, y, k, key), params, x)
-        g_step, a_step = vjp(a)
-        g = jax.tree.map(jnp.add, g, g_step)
-        if running is not None:
-            cost, (g_run, a_run) = jax.value_and_grad(lambda p, y: jnp.mean(running(p, y, k)),
-                                                      argnums=(0, 1))(params, x)
-            g, a_step, total = jax.tree.map(jnp.add, g, g_run), a_step + a_run, total + cost
-        return AdjointState(a_step, g, total), None
+        (_, cost), vjp = jax.vjp(lambda p, y: transition(p, y, k, key), params, x)
+        g_step, a_step = vjp((a, jnp.full_like(cost, 1.0 / cost.shape[0])))  # J holds the batch mean of the cost
+        return AdjointState(a_step, jax.tree.map(jnp.add, g, g_step), total + jnp.mean(cost)), None
 
     adj, _ = jax.lax.scan(body, adj, (states[:-1], first + jnp.arange(n)), reverse=True)
     return adj
 
 
-def discrete_adjoint(step: Step, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
-                     running: Optional[Running] = None, first: int = 0) -> Gradient:
+def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
+                     first: int = 0) -> Gradient:
     """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
 
     Args:
+      transition: (params, x_k, k, key) -> (x_{k+1}, running cost [B]); the batch mean of the running
+        cost enters J for first <= k < first + n.
       states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
       terminal: the cost of the final state states[-1].
-      running: optional running cost (params, x, k) -> [B]; its batch mean enters J for k < first + n.
       first: global index of states[0] on the time grid (truncated backprop starts the window late).
-    Cost: n vjps of one step (+ n of `running`); memory: the states and one step's activations.
+    Cost: n vjps of one transition; memory: the states and one step's activations.
     """
     value, adj = adjoint_start(terminal, params, states[-1])
-    adj = adjoint_walk(step, params, states, key, adj, running, first)
+    adj = adjoint_walk(transition, params, states, key, adj, first)
     return Gradient(adj.g, adj.a, value, adj.running)
 
 
@@ -133,21 +142,18 @@ def continuous_adjoint(step: Step, params: Any, x_final: jax.Array, key: jax.Arr
     return Gradient(g, a, value, jnp.zeros((), a.dtype))
 
 
-def unrolled_gradient(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_steps: int,
-                      terminal: Terminal, running: Optional[Running] = None, remat: bool = True,
-                      with_states: bool = False) -> Any:
+def unrolled_gradient(transition: Transition, params: Any, x0: jax.Array, key: jax.Array, n_steps: int,
+                      terminal: Terminal, remat: bool = True, with_states: bool = False) -> Any:
     """dJ/dθ by `jax.grad` through the unrolled sampler (AlignProp-like `full-backprop`); with `remat`,
     each step is `jax.checkpoint`ed so only the states are kept, as in the adjoint. With `with_states`,
     returns (dJ/dθ, states [n + 1, ...]) of the forward pass."""
-    one = jax.checkpoint(step) if remat else step
+    one = jax.checkpoint(transition) if remat else transition
 
     def objective(p):
         def body(carry, k):
             x, cost = carry
-            if running is not None:
-                cost = cost + jnp.mean(running(p, x, k))
-            x_next = one(p, x, k, key)
-            return (x_next, cost), x_next
+            x_next, step_cost = one(p, x, k, key)
+            return (x_next, cost + jnp.mean(step_cost)), x_next
 
         (x, cost), xs = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps))
         return jnp.mean(terminal(p, x)) + cost, jnp.concatenate([x0[None], xs])

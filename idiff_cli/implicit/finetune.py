@@ -126,7 +126,7 @@ def build(cfg: FinetuneConfig, pre):
 
     θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
     so neither the weights nor λ and β are baked into the compiled program as constants."""
-    from idiff_cli.implicit import girsanov, methods
+    from idiff_cli.implicit import adjoint, girsanov, methods
     from idiff_cli.implicit.paths import sampler_paths
     from idiff_cli.implicit.rewards import check_reward
 
@@ -143,8 +143,9 @@ def build(cfg: FinetuneConfig, pre):
     def bind(params0, lam=cfg.lam, beta=cfg.beta):
         terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
         kl = girsanov.kl_running_cost(pre.score, pre.sde, sampler.grid, params0, labels)
-        running = (lambda params, x, k: beta * kl(params, x, k)) if cfg.beta else None  # noqa: E731
-        problem = methods.Problem(paths, terminal, running, reward)
+        transition = (girsanov.kl_transition(paths, pre.score, pre.sde, sampler.grid, params0, beta, labels)
+                      if cfg.beta else adjoint.transition(paths.step))
+        problem = methods.Problem(paths, terminal, transition, reward, bool(cfg.beta))
         return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint), kl
 
     return bind, optax.adam(cfg.lr)

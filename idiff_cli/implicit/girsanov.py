@@ -13,7 +13,9 @@ diffusion g(t). Two such processes from the same start differ only in the score,
 is the *exact* KL between the two discrete Euler–Maruyama chains (each step is Gaussian with the same
 variance g(t_k)² h_k), averaged over paths x_0..x_n of the θ-chain. Being an expectation over the
 noise of a smooth function of (θ, path), its gradient is the gradient of the same sum through the
-sampler: `kl_running_cost` is the running cost of adjoint.discrete_adjoint.
+sampler: `kl_running_cost` is a running cost for the adjoints, and `kl_transition` the sampler step
+and that cost in one function that evaluates sθ(x_k, t_k) once, for the step and the increment (so
+an adjoint step is one forward and one backward pass of θ, and a forward pass of θ0).
 """
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ import jax.numpy as jnp
 def kl_increment(score: Callable, sde: Any, params: Any, params0: Any, x: jax.Array, t: jax.Array,
                  t_next: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """½ (t − t_next) g(t)² ‖sθ(x, t) − sθ0(x, t)‖² per sample: [B] for x of shape [B, ...]."""
-    tb = jnp.full((x.shape[0],), t, x.dtype)
-    diff = score(params, x, tb, labels) - score(jax.lax.stop_gradient(params0), x, tb, labels)
+    return _increment(score(params, x, jnp.full((x.shape[0],), t, x.dtype), labels), score, sde, params0, x, t,
+                      t_next, labels)
+
+
+def _increment(s: jax.Array, score: Callable, sde: Any, params0: Any, x: jax.Array, t: jax.Array,
+               t_next: jax.Array, labels: jax.Array | None) -> jax.Array:
+    """kl_increment given s = sθ(x, t)."""
+    diff = s - score(jax.lax.stop_gradient(params0), x, jnp.full((x.shape[0],), t, x.dtype), labels)
     g = jnp.asarray(sde.diffusion(t), x.dtype)
     return 0.5 * (t - t_next) * g**2 * jnp.sum(diff.reshape(x.shape[0], -1) ** 2, axis=1)
 
@@ -41,6 +49,18 @@ def kl_running_cost(score: Callable, sde: Any, grid: jax.Array, params0: Any,
         return kl_increment(score, sde, params, params0, x, grid[k], grid[k + 1], labels)
 
     return running
+
+
+def kl_transition(paths: Any, score: Callable, sde: Any, grid: jax.Array, params0: Any, beta: float | jax.Array,
+                  labels: jax.Array | None = None) -> Callable:
+    """(params, x_k, k, slot_key) -> (x_{k+1}, β × KL increment of step k [B]): an adjoint.Transition
+    whose step and increment share the step's score evaluation (paths.step_and_score)."""
+
+    def transition(params, x, k, slot_key):
+        x_next, s = paths.step_and_score(params, x, k, slot_key)
+        return x_next, beta * _increment(s, score, sde, params0, x, grid[k], grid[k + 1], labels)
+
+    return transition
 
 
 def path_kl(running: Callable, params: Any, states: jax.Array, first: int = 0) -> jax.Array:

@@ -43,13 +43,14 @@ from idiff_cli.registry import register
 class Problem:
     """The bound pieces of F(p) = −λ E R(x) + β KL(p ‖ π*(θ0)) for one run.
 
-    terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; running(θ, x_k, k) = β × Girsanov KL increment [B]
-    (None when β = 0); reward(images) [B]."""
+    terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
+    increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]."""
 
     paths: SamplerPaths
     terminal: Callable
-    running: Optional[Callable]
+    transition: Callable
     reward: Callable
+    with_kl: bool
 
 
 class Estimate(NamedTuple):
@@ -77,11 +78,11 @@ class Method(NamedTuple):
     warmup: Cost  # once, by init
 
 
-def _gradient_cost(n_adjoint: int, has_running: bool) -> tuple[float, float]:
-    """(forward, backward) batches of an adjoint over n steps: one vjp per step (1 + 1), the terminal
-    denoiser (1 + 1), and with a KL term two scores (θ, θ0) per step, forward and backward."""
-    per_step = 1 + (2 if has_running else 0)
-    return n_adjoint * per_step + 1, n_adjoint * per_step + 1
+def _gradient_cost(n_adjoint: int, with_kl: bool) -> tuple[float, float]:
+    """(forward, backward) batches of an adjoint over n steps: one vjp of θ's score per step (1 + 1),
+    with a KL term also a forward pass of θ0's (the increment shares θ's evaluation with the step:
+    girsanov.kl_transition), and the terminal denoiser (1 + 1)."""
+    return n_adjoint * (1 + with_kl) + 1, n_adjoint + 1
 
 
 def _images(problem: Problem, params, states):
@@ -100,7 +101,7 @@ def _path_gradient(problem: Problem, kind: str, n_steps: int) -> Callable:
         return lambda params, states, key, first=0: adjoint.continuous_adjoint(
             p.step, params, states[-1], key, problem.terminal, n_steps)
     return lambda params, states, key, first=0: adjoint.discrete_adjoint(
-        p.step, params, states, key, problem.terminal, problem.running, first=first)
+        problem.transition, params, states, key, problem.terminal, first=first)
 
 
 def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
@@ -120,7 +121,7 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states))
 
-    fwd, bwd = _gradient_cost(T, problem.running is not None)
+    fwd, bwd = _gradient_cost(T, problem.with_kl)
     warmup = L * M * (M - 1) // 2  # slot m pre-advanced m·L steps under θ0, one slot after the other
     name = "implicit" if kind == "full" else f"implicit-{kind}"
     return Method(name, init, estimate, Cost(T + fwd, bwd, L + T), Cost(warmup, 0, warmup))
@@ -139,19 +140,19 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
         return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1)
 
     def init(params0, key):  # untraced: a host loop of jitted waves
-        aq = pipeline.adjoint_queue_init(p.step, params0, key, p.init, problem.terminal, problem.running, M, T)
+        aq = pipeline.adjoint_queue_init(p.step, problem.transition, params0, key, p.init, problem.terminal, M, T)
         return forward_queue(params0, key), aq, key
 
     def estimate(params, carry, key):
         queue, aq, root = carry
         queue, done = queue_lib.queue_advance(p.step, params, queue, M, T)
-        aq, finished = pipeline.backward_wave(p.step, params, aq, problem.terminal, problem.running, M, T)
+        aq, finished = pipeline.backward_wave(problem.transition, params, aq, problem.terminal, M, T)
         aq = aq._replace(pending_states=done.states, pending_key=done.key)
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, aq, root), Estimate(finished.g, done.states, _images(problem, params, done.states))
 
-    fwd, bwd = _gradient_cost(T, problem.running is not None)  # the same work as one full adjoint
-    per_wave = _gradient_cost(L * M, problem.running is not None)[0]
+    fwd, bwd = _gradient_cost(T, problem.with_kl)  # the same work as one full adjoint
+    per_wave = _gradient_cost(L * M, problem.with_kl)[0]
     warmup_fwd = L * M * (M - 1) // 2 + (M + 1) * T + M * per_wave
     warmup_seq = L * M * (M - 1) // 2 + T + M * L
     return Method("implicit-pipelined", init, estimate, Cost(T + fwd, bwd, 2 * L),
@@ -182,7 +183,7 @@ def nested(problem: Problem, T: int, K: Optional[int] = None, kind: str = "full"
         grad = path_gradient(params, states[T - K:], slot, T - K)
         return carry, Estimate(grad.params, states, _images(problem, params, states))
 
-    fwd, bwd = _gradient_cost(K, problem.running is not None)
+    fwd, bwd = _gradient_cost(K, problem.with_kl)
     name = ("nested" if K == T else f"truncated-{K}") + ("" if kind == "full" else f"-{kind}")
     return Method(name, _fresh_init, estimate, Cost(T + fwd, bwd, T + K), Cost(0, 0, 0))
 
@@ -194,13 +195,14 @@ def full_backprop(problem: Problem, T: int) -> Method:
     def estimate(params, carry, key):
         started, root = carry
         slot = queue_lib.slot_key(root, started)
-        grad, states = adjoint.unrolled_gradient(p.step, params, p.init(slot), slot, T, problem.terminal,
-                                                 problem.running, with_states=True)
+        grad, states = adjoint.unrolled_gradient(problem.transition, params, p.init(slot), slot, T,
+                                                 problem.terminal, with_states=True)
         return (started + 1, root), Estimate(grad, states, _images(problem, params, states))
 
-    # grad of the unrolled scan: its forward (T steps), then per step a recompute and a backward pass
-    fwd, bwd = _gradient_cost(T, problem.running is not None)
-    return Method("full-backprop", _fresh_init, estimate, Cost(T + fwd, bwd, 2 * T), Cost(0, 0, 0))
+    # grad of the unrolled scan: its forward (T transitions), then per step a recompute and a backward pass
+    fwd, bwd = _gradient_cost(T, problem.with_kl)
+    return Method("full-backprop", _fresh_init, estimate, Cost(T * (1 + problem.with_kl) + fwd, bwd, 2 * T),
+                  Cost(0, 0, 0))
 
 
 register("finetune-method", "implicit", implicit)

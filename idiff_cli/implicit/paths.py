@@ -16,12 +16,14 @@ import jax
 
 class SamplerPaths(NamedTuple):
     """init(slot_key) -> x_0 [B, ...]; step(params, x, k, slot_key) -> x_{k+1}; denoise(params, x_n) -> image
-    (the sampler's last, Tweedie, step; identity when the sampler has none)."""
+    (the sampler's last, Tweedie, step; identity when the sampler has none); step_and_score(params, x, k,
+    slot_key) -> (x_{k+1}, the score sθ(x_k, t_k) [B, ...] the step evaluated, for a running cost to share)."""
 
     init: Callable[[jax.Array], jax.Array]
     step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
     denoise: Callable[[Any, jax.Array], jax.Array]
     n_steps: int
+    step_and_score: Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
@@ -37,7 +39,20 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
     def step(params, x, k, slot_key):
         return sampler.step(bound(params), x, k, jax.random.fold_in(jax.random.split(slot_key)[1], k))
 
+    def step_and_score(params, x, k, slot_key):
+        evaluated = []
+
+        def recorded(y, t):
+            evaluated.append((y is x, score(params, y, t, labels)))
+            return evaluated[-1][1]
+
+        x_next = sampler.step(recorded, x, k, jax.random.fold_in(jax.random.split(slot_key)[1], k))
+        if [at_x for at_x, _ in evaluated] != [True]:
+            raise ValueError(f"step_and_score needs a sampler step that evaluates the score once, at x_k; "
+                             f"{sampler.step_fn.__name__} evaluated it {len(evaluated)} times")
+        return x_next, evaluated[0][1]
+
     def denoise(params, x):
         return sampler.finalize(bound(params), x)
 
-    return SamplerPaths(init, step, denoise, sampler.n_steps)
+    return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score)

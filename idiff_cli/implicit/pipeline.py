@@ -25,13 +25,13 @@ from the path of slot key i − 1, as in the full-adjoint `implicit` method.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from idiff_cli.implicit import queue as queue_lib
-from idiff_cli.implicit.adjoint import AdjointState, Running, Step, Terminal, adjoint_start, adjoint_walk, rollout
+from idiff_cli.implicit.adjoint import AdjointState, Step, Terminal, Transition, adjoint_start, adjoint_walk, rollout
 
 
 class AdjointQueue(NamedTuple):
@@ -47,7 +47,7 @@ class AdjointQueue(NamedTuple):
     pending_key: jax.Array
 
 
-def backward_wave(step: Step, params: Any, aq: AdjointQueue, terminal: Terminal, running: Optional[Running],
+def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, terminal: Terminal,
                   M: int, T: int) -> tuple[AdjointQueue, AdjointState]:
     """Walks every slot back L steps and starts the pending path; returns the queue with the pending
     path as slot 0 (its `pending_*` left for the caller to replace) and the finished oldest slot's
@@ -57,7 +57,7 @@ def backward_wave(step: Step, params: Any, aq: AdjointQueue, terminal: Terminal,
     def walk(states, key, adj, j):
         first = T - (j + 1) * L
         window = jax.lax.dynamic_slice_in_dim(states, first, L + 1, axis=0)
-        return adjoint_walk(step, params, window, key, adj, running, first)
+        return adjoint_walk(transition, params, window, key, adj, first)
 
     walked = jax.vmap(walk)(aq.states, aq.keys, aq.adj, jnp.arange(M))
     _, start = adjoint_start(terminal, params, aq.pending_states[-1])
@@ -71,8 +71,8 @@ def backward_wave(step: Step, params: Any, aq: AdjointQueue, terminal: Terminal,
                        adj=adj), finished
 
 
-def adjoint_queue_init(step: Step, params: Any, key: jax.Array, init, terminal: Terminal,
-                       running: Optional[Running], M: int, T: int) -> AdjointQueue:
+def adjoint_queue_init(step: Step, transition: Transition, params: Any, key: jax.Array, init, terminal: Terminal,
+                       M: int, T: int) -> AdjointQueue:
     """The warm adjoint queue: M + 1 paths of slot keys 0..M sampled under θ0 (one vmapped rollout),
     then M backward waves under θ0 fill it (slot j = key M − 1 − j walked back j·L steps, key M
     pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave.
@@ -84,7 +84,7 @@ def adjoint_queue_init(step: Step, params: Any, key: jax.Array, init, terminal: 
     _, adj0 = adjoint_start(terminal, params, paths[0, -1])
     aq = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
                       jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj0), paths[0], keys[0])
-    wave = jax.jit(lambda aq: backward_wave(step, params, aq, terminal, running, M, T)[0])
+    wave = jax.jit(lambda aq: backward_wave(transition, params, aq, terminal, M, T)[0])
     for i in range(1, M + 1):
         aq = wave(aq)._replace(pending_states=paths[i], pending_key=keys[i])
     return aq
