@@ -48,18 +48,25 @@ class AdjointQueue(NamedTuple):
 
 
 def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, terminal: Terminal,
-                  M: int, T: int) -> tuple[AdjointQueue, AdjointState]:
+                  M: int, T: int, batched: bool | None = None) -> tuple[AdjointQueue, AdjointState]:
     """Walks every slot back L steps and starts the pending path; returns the queue with the pending
     path as slot 0 (its `pending_*` left for the caller to replace) and the finished oldest slot's
-    adjoint (its g is dJ/dθ of that path's batch)."""
+    adjoint (its g is dJ/dθ of that path's batch).
+
+    `batched` (default: not on CPU): the slots are walked in one vmapped call, the critical path of
+    the design; otherwise one after another (`lax.map`), the same work. Vmapped, the per-slot weight
+    gradients become grouped convolutions, which XLA:CPU runs ~3.5× slower than the same convolutions
+    one slot at a time (measured: 9.5 s against 2.7 s for 16 slots of 8 images, cpu-preset U-Net)."""
     L = T // M
+    batched = jax.default_backend() != "cpu" if batched is None else batched
 
     def walk(states, key, adj, j):
         first = T - (j + 1) * L
         window = jax.lax.dynamic_slice_in_dim(states, first, L + 1, axis=0)
         return adjoint_walk(transition, params, window, key, adj, first)
 
-    walked = jax.vmap(walk)(aq.states, aq.keys, aq.adj, jnp.arange(M))
+    slots = (aq.states, aq.keys, aq.adj, jnp.arange(M))
+    walked = jax.vmap(walk)(*slots) if batched else jax.lax.map(lambda s: walk(*s), slots)
     _, start = adjoint_start(terminal, params, aq.pending_states[-1])
 
     def shift(new, old):
