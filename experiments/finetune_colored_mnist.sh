@@ -3,9 +3,9 @@
 # (the `red` reward: mean red channel minus the mean of the other channels).
 # PRE: an `idiff pretrain colored-mnist` run (default: runs/pretrain-colored-mnist-cpu), preconditioned
 # (the default since 2026-11-25; without it half of the samples are saturated squares, README). cpu preset
-# (M=4, T=16, batch 8): 19 min on 2 idle cores (6 min compiling, ~5.9 s per outer step).
+# (M=4, T=16, batch 8); λ/β = 100 as for MNIST (experiments/finetune_mnist.sh).
 set -euo pipefail
 PRE=${PRE:-runs/pretrain-colored-mnist-cpu}
 PRESET=${PRESET:-cpu}
 OUT=${OUT:-runs/paper-finetune-colored-mnist}
-idiff finetune --from "$PRE" --preset "$PRESET" --reward red --lambda 10 --beta 1 --lr 1e-4 --steps 100 --out "$OUT/redder" "$@"
+idiff finetune --from "$PRE" --preset "$PRESET" --reward red --lambda 10 --beta 0.1 --lr 1e-4 --steps 100 --out "$OUT/redder" "$@"
