@@ -24,7 +24,6 @@ from idiff_cli.parallel import use_host_cores
 use_host_cores()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idiff_cli.diffusion import pretrain as P  # noqa: E402

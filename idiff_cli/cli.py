@@ -384,7 +384,8 @@ def finetune(
              "to [B]. (default: brightness)")] = None,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Reward weight λ in F = −λ E R + β KL; "
                                                   "negative λ lowers the reward. (default: 10)")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="KL weight β >= 0. (default: 1)")] = None,
+    beta: Annotated[Optional[float], typer.Option(
+        help="KL weight β >= 0; the reward gained at the reward/KL balance grows as λ/β. (default: 0.1)")] = None,
     method: Annotated[Optional[str], typer.Option(
         help="implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), full-backprop, or "
              "package.module:builder. (default: implicit)")] = None,

@@ -4,7 +4,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax import enable_x64
 
 from idiff_cli.implicit import adjoint, girsanov

@@ -1,7 +1,5 @@
 """ULA at fixed θ reaches π*(θ): moments against the exact mixture moments (paper §2.2, eq. 3-4)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from idiff_cli.diffusion.sde import NoiseProcess, _expand
+from idiff_cli.diffusion.sde import NoiseProcess
 from idiff_cli.registry import register
 
 Score = Callable[[jax.Array, jax.Array], jax.Array]

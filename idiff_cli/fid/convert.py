@@ -22,7 +22,7 @@ import pathlib
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 

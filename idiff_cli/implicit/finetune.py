@@ -39,7 +39,7 @@ class FinetuneConfig:
     from_run: str = dataclasses.field(default="", metadata={"flag": "--from"})
     reward: str = "brightness"
     lam: float = dataclasses.field(default=10.0, metadata={"flag": "--lambda"})
-    beta: float = 1.0
+    beta: float = 0.1  # λ/β = 100: at λ/β = 10 the reward gained at the reward/KL balance is ~0.01 (README)
     method: str = "implicit"
     adjoint: str = "full"
     sampler: str = "euler-maruyama"
