@@ -132,8 +132,8 @@ def test_continuous_adjoint_converges_to_discrete_as_steps_grow():
 
 
 def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
-    """The U-Net's score (with a strided down-sampling conv, diffusion/conv.py) through 3 Euler–Maruyama
-    steps on 8×8 images, reward on the Tweedie-denoised output plus a Girsanov KL to other weights θ0:
+    """The U-Net's score (convolutions of diffusion/conv.py; strided ones are tested in
+    test_diffusion_conv.py) through 3 Euler–Maruyama steps on 8×8 images, reward on the Tweedie-denoised output plus a Girsanov KL to other weights θ0:
     the adjoint of the fused transition == jax.grad through the unrolled sampler with the step and the
     KL increment evaluated separately, float64. Tolerance: max |difference| over
     all leaves below 1e-8 × the largest gradient entry (leaves whose true gradient is 0, e.g. attention
@@ -145,7 +145,7 @@ def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
     from idiff_cli.implicit.paths import sampler_paths
 
     with enable_x64(True):
-        net = UNet(ch=4, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), groups=2)
+        net = UNet(ch=4, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), groups=2)
         x = jnp.zeros((2, 8, 8, 1))
         rng = np.random.default_rng(0)
         shapes = jax.eval_shape(net.init, jax.random.key(0), x, jnp.zeros(2))
