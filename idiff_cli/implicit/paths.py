@@ -36,17 +36,20 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
     def init(slot_key):
         return sampler.init(jax.random.split(slot_key)[0], shape)
 
+    def noise_key(slot_key, k):
+        return jax.random.fold_in(jax.random.split(slot_key)[1], k)
+
     def step(params, x, k, slot_key):
-        return sampler.step(bound(params), x, k, jax.random.fold_in(jax.random.split(slot_key)[1], k))
+        return sampler.step(bound(params), x, k, noise_key(slot_key, k))
 
     def step_and_score(params, x, k, slot_key):
         evaluated = []
 
         def recorded(y, t):
-            evaluated.append((y is x, score(params, y, t, labels)))
+            evaluated.append((y is x, bound(params)(y, t)))
             return evaluated[-1][1]
 
-        x_next = sampler.step(recorded, x, k, jax.random.fold_in(jax.random.split(slot_key)[1], k))
+        x_next = sampler.step(recorded, x, k, noise_key(slot_key, k))
         if [at_x for at_x, _ in evaluated] != [True]:
             raise ValueError(f"step_and_score needs a sampler step that evaluates the score once, at x_k; "
                              f"{sampler.step_fn.__name__} evaluated it {len(evaluated)} times")
