@@ -214,8 +214,8 @@ def run(cfg: FinetuneConfig, run_dir: RunDir) -> FinetuneState:
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     pre = load_pretrained(from_run)
     cfg = complete(dataclasses.replace(cfg, from_run=str(from_run)), pre.cfg.dataset)
+    bind, optimizer = build(cfg, pre)  # checks the reward on the model before the run directory is claimed
     _claim(run_dir, cfg)
-    bind, optimizer = build(cfg, pre)
     root = jax.random.key(cfg.seed)
 
     ckpt = Checkpointer(run_dir.path / "checkpoints", keep=2)
