@@ -1,7 +1,16 @@
-"""Configs: a dataclass per subcommand, named presets, and overrides from a file and from flags.
+"""Option schemas: every option of a command defined once, and the configs resolved from them.
 
-Precedence, lowest first: dataclass defaults < preset < `--config FILE` (JSON or TOML) < flags.
-The resolved config is written to the run directory as `config.json`.
+An `Option` carries its name, type, default, help, validation and whether it *defines the run*
+(changes results: model, data, method, λ, β, seeds, …) or is *run-time* (cadences, devices, how
+far `--steps` goes). A `Schema` is a command's options, its presets (named sets of overrides a
+reader can diff) and its cross-option checks. The CLI generates the Typer options from a schema;
+`Schema.resolve` builds the frozen config:
+
+    defaults < preset < `--config FILE` (JSON or TOML) < flags given on the command line
+
+A default that depends on something only known later (finetune's M, T, batch on the pretrained
+model's dataset) is `None` in the schema, with its rule in `rule` (shown by `--help`); the command
+fills it in one function and `config.json` holds the filled value.
 """
 
 from __future__ import annotations
@@ -10,23 +19,225 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence
 
 from idiff_cli.errors import UserError
 
-C = TypeVar("C")
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option. `kind` is int, float, str, bool or path; `many` makes it a tuple of `kind`
+    (comma-separated on the command line). Checks: `minimum` (inclusive), `positive` (> 0),
+    `below` (exclusive upper bound), `choices` (a tuple, or a registry kind whose names are valid,
+    plug-ins `package.module:name` included)."""
+
+    name: str
+    kind: type | str
+    default: Any
+    help: str
+    defining: bool = True
+    many: bool = False
+    flags: tuple[str, ...] = ()  # command-line spellings (default: --name-with-dashes)
+    rule: str = ""  # how a `None` default is resolved, shown in --help
+    minimum: float | None = None
+    positive: bool = False
+    below: float | None = None
+    choices: tuple[str, ...] | str = ()
+    argument: bool = False  # positional (its name in --help: NAME in capitals)
+    required: bool = False
+    config: bool = True  # False: a CLI-only input (e.g. --out), not part of config.json
+
+    @property
+    def flag(self) -> str:
+        if self.argument:
+            return self.name.upper()
+        return self.flags[0] if self.flags else ("--" + self.name.replace("_", "-"))
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        return self.flags or (self.flag,)
+
+    def default_text(self) -> str:
+        if self.rule:
+            return self.rule
+        if self.default is None or self.default == "":
+            return "none"
+        if self.many:
+            return ",".join(str(v) for v in self.default)
+        if self.kind is bool:
+            return "yes" if self.default else "no"
+        return str(self.default)
+
+    def check(self, value: Any) -> None:
+        """Raises a one-line UserError naming the flag when `value` is not valid for this option."""
+        if value is None:
+            if self.required:
+                what = self.name.upper() if self.argument else self.flag
+                choices = f" ({', '.join(self.choices)})" if isinstance(self.choices, tuple) and self.choices else ""
+                raise UserError(f"missing {what}{choices}")
+            if self.default is None:
+                return
+            raise UserError(f"{self.flag} must be given")
+        values = value if self.many else (value,)
+        if self.many and (not isinstance(value, tuple) or not value):
+            raise UserError(f"{self.flag} must be one or more values separated by commas, got {value!r}")
+        for v in values:
+            self._check_one(v, value)
+
+    def _check_one(self, v: Any, whole: Any) -> None:
+        shown = ",".join(map(str, whole)) if self.many else whole
+        if self.kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UserError(f"{self.flag} must be an integer, got {shown!r}")
+        if self.kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise UserError(f"{self.flag} must be a finite number, got {shown!r}")
+        if self.kind is bool and not isinstance(v, bool):
+            raise UserError(f"{self.flag} must be true or false, got {shown!r}")
+        if self.kind in (str, "path") and not isinstance(v, str):
+            raise UserError(f"{self.flag} must be a string, got {shown!r}")
+        if self.minimum is not None and v < self.minimum:
+            raise UserError(f"{self.flag} must be >= {self.minimum:g}, got {shown}")
+        if self.positive and v <= 0:
+            raise UserError(f"{self.flag} must be > 0, got {shown}")
+        if self.below is not None and v >= self.below:
+            raise UserError(f"{self.flag} must be < {self.below:g}, got {shown}")
+        if isinstance(self.choices, tuple) and self.choices and v not in self.choices:
+            raise UserError(f"unknown {self.flag} '{v}'; valid choices: {', '.join(self.choices)}")
+        if isinstance(self.choices, str):
+            from idiff_cli import registry
+
+            registry.get(self.choices, v, flag=self.flag)
 
 
-def flag(cls_or_cfg: Any, name: str) -> str:
-    """The command-line spelling of a config field (`eta_schedule` -> `--eta-schedule`)."""
-    for f in dataclasses.fields(cls_or_cfg):
-        if f.name == name:
-            return f.metadata.get("flag", "--" + name.replace("_", "-"))
-    raise KeyError(name)
+# The options every command that writes a run directory shares.
+def out_option(what: str = "Run directory") -> Option:
+    return Option("out", "path", None, f"{what}.", config=False, rule="runs/<command>-<timestamp>")
+
+
+def seed_option(default: int = 0) -> Option:
+    return Option("seed", int, default, "Root random seed.", minimum=0)
+
+
+CONFIG_OPTION = Option("config", "path", None, "JSON or TOML file of option values (flags win).", config=False)
+
+
+def preset_option(presets: Mapping[str, str], default: str) -> Option:
+    """`--preset`, from {name: what it is}; run-time, since the values it sets are compared one by one."""
+    described = "; ".join(f"{name}: {what}" for name, what in presets.items())
+    return Option("preset", str, default, f"Named set of defaults ({described}).", defining=False,
+                  choices=tuple(presets))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """A command's options, presets and cross-option checks (each `check(cfg)` raises UserError)."""
+
+    command: str
+    help: str
+    options: tuple[Option, ...]
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    checks: tuple[Callable[[Any], None], ...] = ()
+
+    def __post_init__(self):
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.command}: an option is defined twice")
+        if self.presets and "preset" not in names:
+            raise ValueError(f"{self.command}: presets need a `preset` option")
+        for preset, values in self.presets.items():
+            unknown = set(values) - set(names)
+            if unknown:
+                raise ValueError(f"{self.command} preset {preset}: unknown options {sorted(unknown)}")
+
+    def option(self, name: str) -> Option:
+        return next(o for o in self.options if o.name == name)
+
+    @property
+    def fields(self) -> tuple[Option, ...]:
+        """The options that make up the config (config.json)."""
+        return tuple(o for o in self.options if o.config)
+
+    def defining(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.fields if o.defining)
+
+    def config_class(self) -> type:
+        return _config_class(self)
+
+    def resolve(self, values: Mapping[str, Any] | None = None, config_file: pathlib.Path | str | None = None) -> Any:
+        """The config: defaults < preset < `config_file` < `values` (None entries are left out).
+
+        The preset is `values["preset"]`, else the file's, else the `preset` option's default."""
+        fields = {o.name: o for o in self.fields}
+        given = {k: v for k, v in (values or {}).items() if v is not None and k in fields}
+        from_file = load_overrides(config_file)
+        unknown = sorted(set(from_file) - set(fields))
+        if unknown:
+            raise UserError(f"config file '{config_file}': unknown option(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(fields)}")
+        merged: dict[str, Any] = {name: o.default for name, o in fields.items()}
+        if self.presets:
+            preset = given.get("preset", from_file.get("preset", fields["preset"].default))
+            if preset not in self.presets:
+                raise UserError(f"unknown --preset '{preset}'; valid choices: {', '.join(self.presets)}")
+            merged.update(self.presets[preset])
+        merged.update(from_file)
+        merged.update(given)
+        for name, value in merged.items():
+            if isinstance(value, list):  # JSON/TOML lists become tuples, so configs stay hashable
+                merged[name] = tuple(value)
+            if fields[name].kind is float and isinstance(value, int) and not isinstance(value, bool):
+                merged[name] = float(value)
+        return self.validated(self.config_class()(**merged))
+
+    def validated(self, cfg: Any) -> Any:
+        """Checks every option of `cfg` and the schema's cross-option checks; returns `cfg`."""
+        for o in self.fields:
+            o.check(getattr(cfg, o.name))
+        for check in self.checks:
+            check(cfg)
+        return cfg
+
+    def from_json(self, data: Mapping[str, Any]) -> Any:
+        """A config from its `config.json` form (lists back to tuples; unknown keys are an error)."""
+        fields = {o.name for o in self.fields}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "command"}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise UserError(f"a {self.command} config.json with unknown option(s) {', '.join(unknown)}")
+        return self.config_class()(**values)
+
+
+_CLASSES: dict[int, type] = {}
+
+
+def _config_class(schema: Schema) -> type:
+    """A frozen dataclass with one field per config option (cached per schema)."""
+    key = id(schema)
+    if key not in _CLASSES:
+        fields = [(o.name, Any, dataclasses.field(default=o.default)) for o in schema.fields]
+        name = "".join(part.capitalize() for part in schema.command.split("-")) + "Config"
+        _CLASSES[key] = dataclasses.make_dataclass(name, fields, frozen=True)
+    return _CLASSES[key]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """`cfg` as JSON values (tuples become lists), as config.json holds it."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def differences(schema: Schema, old: Mapping[str, Any], new: Any) -> list[str]:
+    """The defining options whose values differ between a stored config.json and `new`, as
+    `--flag old -> new`."""
+    mine = to_dict(new)
+    return [f"{schema.option(n).flag} {_show(old.get(n))} -> {_show(mine[n])}"
+            for n in schema.defining() if old.get(n, schema.option(n).default) != mine[n]]
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def load_overrides(path: pathlib.Path | str | None) -> dict[str, Any]:
-    """Reads a JSON or TOML file of config overrides (a flat table of field: value)."""
+    """Reads a JSON or TOML file of option values (a flat table of name: value)."""
     if path is None:
         return {}
     path = pathlib.Path(path)
@@ -35,76 +246,27 @@ def load_overrides(path: pathlib.Path | str | None) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10: the `toml` package comes with tensorflow-datasets
-                import toml as tomllib  # type: ignore[no-redef]
+            import tomllib
+
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
     except Exception as e:
         raise UserError(f"cannot parse config file '{path}': {e}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file '{path}' must hold a table of field: value")
+        raise UserError(f"config file '{path}' must hold a table of name: value")
     return data
 
 
-def resolve(
-    cls: type[C],
-    presets: Mapping[str, Mapping[str, Any]],
-    preset: str,
-    config_file: pathlib.Path | str | None = None,
-    flags: Mapping[str, Any] | None = None,
-) -> C:
-    """Builds `cls` from defaults < preset < file < flags (flags set to None are left out)."""
-    if preset not in presets:
-        raise UserError(f"unknown preset '{preset}'; valid choices: {', '.join(presets)}")
-    values: dict[str, Any] = dict(presets[preset])
-    values.update(load_overrides(config_file))
-    values.update({k: v for k, v in (flags or {}).items() if v is not None})
-    values["preset"] = preset
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UserError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(fields)}")
-    for name, value in values.items():
-        if isinstance(value, list):  # JSON/TOML lists become tuples, so configs stay hashable
-            values[name] = tuple(value)
-    cfg = cls(**values)
-    validate = getattr(cfg, "validate", None)
-    if validate is not None:
-        validate()
-    return cfg
+def multiple_of(names: Sequence[str], base: str = "log_every") -> Callable[[Any], None]:
+    """A check: every option in `names` (0 = off is allowed) is a multiple of `base`."""
 
+    def check(cfg: Any) -> None:
+        step = getattr(cfg, base)
+        for name in names:
+            value = getattr(cfg, name)
+            if value and value % step:
+                raise UserError(f"--{name.replace('_', '-')} ({value}) must be a multiple of "
+                                f"--{base.replace('_', '-')} ({step})")
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-# ---- validation helpers: each raises a one-line UserError naming the flag and the bad value ----
-
-
-def require_int(cfg: Any, name: str, minimum: int = 1) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{flag(cfg, name)} must be an integer >= {minimum}, got {value!r}")
-
-
-def require_ints(cfg: Any, name: str, minimum: int = 1) -> None:
-    values = getattr(cfg, name)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
-        raise UserError(f"{flag(cfg, name)} must be one or more integers >= {minimum}, got {values!r}")
-
-
-def require_float(cfg: Any, name: str, positive: bool = True) -> None:
-    value = getattr(cfg, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (positive and value <= 0):
-        kind = "a finite number > 0" if positive else "a finite number"
-        raise UserError(f"{flag(cfg, name)} must be {kind}, got {value!r}")
-
-
-def require_choice(cfg: Any, name: str, choices: list[str] | tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise UserError(f"unknown {flag(cfg, name)} '{value}'; valid choices: {', '.join(choices)}")
+    return check

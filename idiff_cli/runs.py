@@ -84,8 +84,11 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+
+    def create(self) -> "RunDir":
+        """Makes the directory (and its parents); nothing is created before a run is validated."""
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "figures").mkdir(exist_ok=True)
+        return self
 
     @property
     def metrics_path(self) -> pathlib.Path:
@@ -101,14 +104,17 @@ class RunDir:
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Appends rows to metrics.jsonl, one `write` call per line."""
+        self.create()
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, default=_json_default) + "\n")
                 f.flush()
             os.fsync(f.fileno())
 
-    def reset_metrics(self) -> None:
-        atomic_write_bytes(self.metrics_path, b"")
+    def reset_metrics(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Replaces metrics.jsonl by `rows` (atomically)."""
+        text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
+        atomic_write_bytes(self.metrics_path, text.encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)

@@ -1,6 +1,48 @@
-"""Test-suite set-up: two XLA host devices (so the sharded code paths run), float32 by default."""
+"""Test-suite set-up: two XLA host devices (so the sharded code paths run), float32 by default, one
+compilation cache and one MNIST-classifier cache per session, and the session's tiny pretrained
+model that the sample, FID and finetune tests share."""
 
 import os
+import pathlib
+
+import pytest
 
 # Before JAX starts: expose two CPU devices, as the `idiff` CLI does on a 2-core machine.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+# A U-Net small enough to compile in seconds: 8 channels, two resolutions, attention at 14×14.
+TINY_UNET = ["--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "14"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_caches(tmp_path_factory):
+    """$IDIFF_JAX_CACHE and $IDIFF_CACHE_DIR (the MNIST classifier, trained once) under the session's
+    temporary directory."""
+    base = tmp_path_factory.getbasetemp()
+    saved = {k: os.environ.get(k) for k in ("IDIFF_JAX_CACHE", "IDIFF_CACHE_DIR")}
+    os.environ["IDIFF_JAX_CACHE"] = str(base / "jax-cache")
+    os.environ["IDIFF_CACHE_DIR"] = str(base / "idiff-cache")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain(tmp_path_factory) -> pathlib.Path:
+    """One tiny `idiff pretrain mnist` run (2 steps, batch 4, checkpoints at 1 and 2, the periodic FID
+    of 6 samples at step 2), shared by every test that needs a pretrained model. Read it, never write
+    into it: copy it first (shutil.copytree) to resume or extend it."""
+    from typer.testing import CliRunner
+
+    from idiff_cli.cli import app
+
+    out = tmp_path_factory.mktemp("shared") / "pretrain-mnist"
+    args = ["pretrain", "mnist", "--steps", "2", "--batch", "4", *TINY_UNET, "--log-every", "1",
+            "--ckpt-every", "1", "--sample-every", "2", "--sample-steps", "2", "--grid-n", "4",
+            "--fid-every", "2", "--fid-n", "6", "--keep-checkpoints", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out

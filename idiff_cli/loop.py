@@ -1,0 +1,239 @@
+"""The run loop of every long command (pretrain, finetune, ebm-train, langevin-reward).
+
+A command describes its work as one or more `Unit`s (a whole pretrain or finetune run; one method
+of langevin-reward or ebm-train) built from pure pieces — `init() -> state` and `advance(state,
+step, n) -> (state, rows)`, a jitted chunk or a host loop of jitted steps — and `Run` owns
+everything around them:
+
+* the run directory: `claim` validates nothing itself (the command has), writes `config.json`,
+  and resumes when the *defining* options match the stored ones; otherwise one line names the
+  differing options. Run-time options (cadences, devices, `--steps`) may change between runs;
+* resume: the latest orbax checkpoint of each unit, its metrics rows after that step dropped, so
+  a resumed run logs exactly what the uninterrupted run logs (wall-clock fields aside);
+* chunks of steps between events (log, hooks, checkpoint, end), one host sync per chunk;
+* hooks every N steps (sample grids, FID), the non-finite guard, progress and the `wall_s` column;
+* checkpoints every `ckpt_every` steps and at the end, `on_checkpoint` for the files that point at
+  them (pretrained.json, finetuned.json).
+
+Multi-process runs: every process takes part in checkpoints; only process 0 writes files and shows
+progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from idiff_cli import config as cfglib
+from idiff_cli.checkpoint import Checkpointer
+from idiff_cli.errors import UserError
+from idiff_cli.runs import RunDir, console, progress_bar
+
+Rows = list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(state, step) -> dict | None` at every multiple of `every` (0: never) and, with `at_end`,
+    at the last step; a returned dict is merged into that step's metrics row."""
+
+    every: int
+    fn: Callable[[Any, int], Mapping[str, Any] | None]
+    at_end: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One resumable unit of work.
+
+    init:      () -> state at step 0 (a pytree of arrays; jax or numpy leaves).
+    advance:   (state, step, n) -> (state after step + n, rows): rows are the metrics of the logged
+               steps in (step, step + n], each with its "step".
+    template:  () -> a restore template shaped and placed like the state (default: `init`; give a
+               cheaper one when init does real work).
+    first_rows: state -> the rows of step 0 (e.g. the initial reward); written on a fresh start.
+    chunk:     most steps per `advance` call (events shorten it).
+    finite:    row fields that must be finite: the run stops with one line naming the step and the
+               field, and keeps its last good checkpoint.
+    """
+
+    steps: int
+    init: Callable[[], Any]
+    advance: Callable[[Any, int, int], tuple[Any, Rows]]
+    name: str | None = None
+    template: Callable[[], Any] | None = None
+    first_rows: Callable[[Any], Rows] = lambda state: []
+    hooks: Sequence[Hook] = ()
+    chunk: int = 1
+    finite: Sequence[str] = ()
+    nan_hint: str = ""
+    progress: Sequence[str] = ()  # row fields shown beside the progress bar
+    on_checkpoint: Callable[[Any, int, bool], None] = lambda state, step, final: None
+    rate: Callable[[float, int], str] = lambda seconds, n: f"{n / seconds:.2f} steps/s"
+
+
+class Run:
+    """A claimed run directory and the loop over its units (see the module docstring)."""
+
+    def __init__(self, schema: cfglib.Schema, cfg: Any, run_dir: RunDir, ckpt_every: int, keep: int = 2,
+                 is_main: bool = True):
+        self.schema, self.cfg, self.dir = schema, cfg, run_dir
+        self.ckpt_every, self.keep, self.is_main = ckpt_every, keep, is_main
+        self.resumed = claim(schema, cfg, run_dir, is_main)
+        self._progress = None
+
+    def __enter__(self) -> "Run":
+        self._progress = (progress_bar("metric") if self.is_main else _Silent()).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._progress.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        if self.is_main:
+            console.print(text, highlight=False)
+
+    def checkpoints(self, unit: Unit) -> Checkpointer:
+        path = self.dir.path / "checkpoints"
+        return Checkpointer(path / unit.name if unit.name else path, keep=self.keep)
+
+    def run(self, unit: Unit) -> Any:
+        """Runs `unit` to `unit.steps` from its latest checkpoint (or from `init`); returns the final state."""
+        with self.checkpoints(unit) as ckpt:
+            restored = ckpt.latest_step()
+            if restored is not None and restored > unit.steps:
+                raise UserError(f"the run in '{self.dir.path}' is at step {restored}"
+                                f"{f' ({unit.name})' if unit.name else ''}; --steps must be at least that")
+            if restored is None:
+                state, step = unit.init(), 0
+                rows = self._keep_rows(unit, -1)
+                self._append(unit, unit.first_rows(state))
+            else:
+                state, _ = ckpt.restore((unit.template or unit.init)())
+                step = restored
+                rows = self._keep_rows(unit, restored)
+                self.print(f"resuming{f' {unit.name}' if unit.name else ''} from checkpoint step {restored}")
+            elapsed = rows[-1].get("wall_s", 0.0) if rows else 0.0
+            task = self._progress.add_task(unit.name or self.schema.command, total=unit.steps, completed=step,
+                                           rate="", metric="-")
+            while step < unit.steps:
+                n = self._next_event(unit, step) - step
+                t0 = time.perf_counter()
+                state, rows = unit.advance(state, step, n)
+                seconds = time.perf_counter() - t0
+                for row in rows:
+                    row["wall_s"] = elapsed + seconds * (row["step"] - step) / n
+                elapsed += seconds
+                step += n
+                self._guard(unit, rows)
+                extra = {}
+                for hook in unit.hooks:
+                    if (hook.every and step % hook.every == 0) or (hook.at_end and step == unit.steps):
+                        extra.update(hook.fn(state, step) or {})
+                if extra:
+                    if not rows or rows[-1]["step"] != step:
+                        rows.append({"step": step, "wall_s": elapsed})
+                    rows[-1].update(extra)
+                self._append(unit, rows)
+                shown = " ".join(f"{k} {rows[-1][k]:.4g}" for k in unit.progress if rows and k in rows[-1])
+                self._progress.update(task, completed=step, rate=unit.rate(seconds, n), metric=shown or "-")
+                if step == unit.steps or (self.ckpt_every and step % self.ckpt_every == 0):
+                    ckpt.save(step, state)
+                    ckpt.wait()
+                    unit.on_checkpoint(state, step, step == unit.steps)
+            if restored == unit.steps:  # a finished unit: the files that point at its checkpoint again
+                unit.on_checkpoint(state, step, True)
+        return state
+
+    def _next_event(self, unit: Unit, step: int) -> int:
+        """The step of the next log point, hook, checkpoint or the end, at most `unit.chunk` ahead."""
+        cadences = [c for c in (self.ckpt_every, *(h.every for h in unit.hooks)) if c]
+        nxt = min([unit.steps, step + unit.chunk] + [(step // c + 1) * c for c in cadences])
+        return max(nxt, step + 1)
+
+    def _keep_rows(self, unit: Unit, upto: int) -> Rows:
+        """Drops this unit's rows after step `upto` (logged after its last checkpoint); returns its rows kept."""
+        rows = self.dir.read_metrics()
+        mine = lambda r: r.get("method") == unit.name if unit.name else True  # noqa: E731
+        kept = [r for r in rows if not mine(r) or r["step"] <= upto]
+        if self.is_main and len(kept) != len(rows):
+            self.dir.reset_metrics(kept)
+        return [r for r in kept if mine(r)]
+
+    def _append(self, unit: Unit, rows: Rows) -> None:
+        if unit.name:
+            rows = [{"method": unit.name, **r} for r in rows]
+        if self.is_main and rows:
+            self.dir.append_metrics(rows)
+
+    def _guard(self, unit: Unit, rows: Rows) -> None:
+        for row in rows:
+            for name in unit.finite:
+                value = row.get(name)
+                if value is not None and not np.all(np.isfinite(value)):
+                    where = f" ({unit.name})" if unit.name else ""
+                    raise UserError(f"{name} is {value} at step {row['step']}{where}; the last checkpoint is kept"
+                                    + (f": {unit.nan_hint}" if unit.nan_hint else ""))
+
+    def done(self, outputs: str) -> None:
+        self.print(f"done: outputs in {self.dir.path}/ ({outputs})")
+
+
+def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True) -> bool:
+    """Writes `config.json` into `run_dir` (creating it); returns whether it already held this run.
+
+    A directory holding a run whose defining options differ is refused with one line naming them;
+    run-time options are taken from `cfg`."""
+    path = run_dir.path / "config.json"
+    exists = path.exists()
+    if exists:
+        stored = run_dir.read_json("config.json")
+        if stored.get("command", schema.command) != schema.command:
+            raise UserError(f"'{run_dir.path}' holds an `idiff {stored['command']}` run, not {schema.command}; "
+                            "pick a new --out")
+        changed = cfglib.differences(schema, stored, cfg)
+        if changed:
+            raise UserError(f"'{run_dir.path}' holds a run with other defining options ({'; '.join(changed)}); "
+                            "pick a new --out, or repeat them to resume")
+    if is_main:
+        run_dir.create()
+        run_dir.write_json("config.json", {"command": schema.command, **cfglib.to_dict(cfg)})
+    return exists
+
+
+def read_config(schema: cfglib.Schema, run_dir) -> Any:
+    """The config stored in a run directory of `schema`'s command."""
+    path = RunDir(run_dir).path / "config.json"
+    if not path.exists():
+        raise UserError(f"'{run_dir}' holds no run (no config.json)")
+    return schema.from_json(RunDir(run_dir).read_json("config.json"))
+
+
+def logged_steps(steps: int, every: int) -> np.ndarray:
+    """0, every, 2·every, …, and `steps` (the logged steps of a unit)."""
+    return np.unique(np.minimum(np.arange(0, steps + every, every), steps))
+
+
+def segments_of(steps: int, every: int, max_segments: int = 25) -> int:
+    """A chunk size (a multiple of `every`) that runs `steps` in at most ~`max_segments` dispatches."""
+    return every * max(1, math.ceil(steps // every / max_segments))
+
+
+class _Silent:
+    """The progress calls, doing nothing (processes other than 0)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
