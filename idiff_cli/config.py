@@ -105,7 +105,7 @@ class Option:
         if isinstance(self.choices, str):
             from idiff_cli import registry
 
-            registry.get(self.choices, v, flag=self.flag)
+            registry.get(self.choices, v)
 
 
 # The options every command that writes a run directory shares.

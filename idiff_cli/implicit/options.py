@@ -1,0 +1,95 @@
+"""The options of `idiff finetune` (JAX-free: `--help` and bad flags answer without starting JAX).
+
+M, T and batch default to the pretrained model's dataset and the preset (paper Tables 2 and 4);
+`finetune.complete` fills them in and config.json holds the filled values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from idiff_cli import config as cfglib
+from idiff_cli.errors import UserError
+
+SAMPLERS = ("euler-maruyama", "probability-flow")
+ADJOINTS = ("full", "pipelined", "continuous")
+
+# (M, T, batch) by dataset: the paper's (Tables 2 and 4) and the cpu preset's.
+DATASET_DEFAULTS = {
+    "paper": {"mnist": (4, 64, 32), "colored-mnist": (4, 64, 32), "cifar10": (4, 64, 32),
+              "lsun-bedroom": (2, 64, 16)},
+    "cpu": {"mnist": (4, 16, 8), "colored-mnist": (4, 16, 8), "cifar10": (4, 16, 8),
+            "lsun-bedroom": (2, 16, 8)},
+}
+BY_DATASET = "by the pretrained model's dataset and the preset (cpu: 16/4/8; paper: MNIST M=4 T=64 batch 32, LSUN M=2 batch 16)"
+
+
+def _sampler_checks(cfg: Any) -> None:
+    if cfg.adjoint == "continuous" and cfg.sampler != "probability-flow":
+        raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
+                        "--sampler probability-flow (and --beta 0)")
+    if cfg.sampler == "probability-flow" and cfg.beta:
+        raise UserError("--sampler probability-flow is deterministic: the Girsanov KL needs noise; "
+                        "use --beta 0 or --sampler euler-maruyama")
+
+
+def _m_divides_t(cfg: Any) -> None:
+    if cfg.M is not None and cfg.T is not None and cfg.T % cfg.M:
+        raise UserError(f"--M ({cfg.M}) must divide --T ({cfg.T})")
+
+
+O = cfglib.Option
+SCHEMA = cfglib.Schema(
+    "finetune",
+    "Reward training of a pretrained diffusion model with Implicit Diffusion (paper §5.2, Algorithm 2): "
+    "minimises −λ E R(x) + β KL(p ‖ π*(θ0)) over the U-Net weights. Writes config.json, metrics.jsonl, "
+    "samples/ (same-seed grids), figures/ (reward_kl.png, evolution.png), checkpoints/ and weights/ with "
+    "finetuned.json; re-running into the same --out resumes.",
+    (
+        O("from_run", "path", None, "An `idiff pretrain` run directory.", flags=("--from",),
+          rule="the most recent run under runs/ holding pretrained.json"),
+        O("reward", str, "brightness", "Reward R(x) on images [B,H,W,C] in [-1,1]: brightness, red, or "
+          "package.module:function.", choices="image-reward"),
+        O("lam", float, 10.0, "Reward weight λ in F = −λ E R + β KL; negative λ lowers the reward.",
+          flags=("--lambda",)),
+        O("beta", float, 0.1, "KL weight β; the reward gained at the reward/KL balance grows as λ/β.", minimum=0),
+        O("method", str, "implicit", "implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), "
+          "full-backprop, or package.module:builder."),
+        O("adjoint", str, "full", "Gradient through the sampler: full (exact discrete adjoint of the completed "
+          "batch), pipelined (implicit only: a queue of adjoint states, constant sequential calls with M = T), "
+          "or continuous (probability-flow ODE adjoint).", choices=ADJOINTS),
+        O("clip", bool, True, "Clip the samples to [-1, 1] before the reward (no gain from pixels past white "
+          "or black)."),
+        O("M", int, None, "Queue length M; must divide T.", flags=("--M",), rule=BY_DATASET, positive=True),
+        O("T", int, None, "Sampling steps T.", flags=("--T",), rule=BY_DATASET, positive=True),
+        O("batch", int, None, "Images per batch.", rule=BY_DATASET, positive=True),
+        O("lr", float, 1e-4, "Adam learning rate.", positive=True),
+        O("steps", int, 200, "Outer steps (θ updates).", defining=False, positive=True),
+        O("sampler", str, "euler-maruyama", "euler-maruyama or probability-flow (deterministic: needs --beta 0).",
+          choices=SAMPLERS),
+        O("log_every", int, 10, "Outer steps per log line (the KL is logged on it).", defining=False,
+          positive=True),
+        O("sample_every", int, 50, "Re-sample the fixed-key grid every N steps.", defining=False, positive=True),
+        O("ckpt_every", int, 50, "Checkpoint (and write weights/) every N steps.", defining=False, positive=True),
+        O("grid_n", int, 16, "Images in the fixed-key grid.", defining=False, positive=True),
+        O("fid_every", int, 0, "Log the FID of --fid-n fixed-key samples every N steps; 0: off.", defining=False,
+          minimum=0),
+        O("fid_n", int, 64, "Samples per periodic FID.", defining=False, positive=True),
+        O("fid_features", str, "mnist-classifier", "Feature extractor of the periodic FID: mnist-classifier "
+          "(offline, 28×28) or inception (needs its weights, see `idiff evaluate-fid --help`).",
+          choices="features"),
+        cfglib.preset_option({"cpu": "T=16, M=4, batch 8", "paper": "Tables 2 and 4 by dataset"}, "cpu"),
+        cfglib.out_option("Run directory"),
+        cfglib.seed_option(),
+        cfglib.CONFIG_OPTION,
+    ),
+    presets={"cpu": {}, "paper": {}},
+    checks=(_sampler_checks, _m_divides_t,
+            cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every"))),
+)
+
+
+def dataset_defaults(preset: str, dataset: str) -> tuple[int, int, int]:
+    """(M, T, batch) for `dataset` (a name, or name:variant) under `preset`; unknown datasets take MNIST's."""
+    table = DATASET_DEFAULTS[preset]
+    return table.get(dataset.split(":")[0], table["mnist"])
