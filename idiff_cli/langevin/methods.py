@@ -1,23 +1,30 @@
-"""The six methods of the Langevin reward experiment (Appendix A.1), composed from ULA and Γ.
+"""Methods of the Langevin experiments (Appendix A.1) as (init, update) pairs built from small pieces.
 
-Every method is the same outer step with different pieces: T ULA steps under a sampling energy
-(V(·, θ), or V(·, θ0) − λ R_smooth for guidance), then an optional θ update from the new samples:
+A method's outer step is a *sampler step* (T ULA steps under V(·, θ), or V(·, θ0) − λ R_smooth for
+guidance, optionally restarted from N(0, I)) followed, for trained methods, by a θ update with a
+*gradient estimator* Γ(x, θ, key) -> (Γ, x) and an optax optimiser:
 
-    implicit            T = 1, θ ← θ − η Γ_reward(p_k, θ)       (Algorithm 1)
+    implicit            T = 1, θ ← θ − η Γ(p_k, θ)                (Algorithm 1)
     nested              T inner steps, then the same update       (T = 1 is `implicit`)
-    unrolled            T steps; the reward is differentiated through the last step only
-    langevin-theta0     T = 1 at fixed θ0 (no reward)
-    guidance            T = 1 with V(·, θ0) − λ R_smooth (no θ update)
-    langevin-theta-opt  T = 1 at fixed θ_opt, the final θ of `implicit`
+    unrolled            T steps; −E[R] is differentiated through the last step only, step 2η/γ
     short-run           chains restarted from N(0, I), T steps, then the update (short-run MCMC)
+    langevin-theta0     T = 1 at fixed θ0
+    guidance            T = 1 under V(·, θ0) − λ R_smooth, θ fixed
+    langevin-theta-opt  T = 1 at fixed θ_opt, the final θ of `implicit`
 
-The update is Γ_reward (reward training), Γ_ref (training to a reference distribution, i.e.
-energy-based models, `idiff ebm-train`), or Γ_reward + β Γ_ref (reward with a KL penalty).
+Γ is the objective's estimator: Γ_reward (reward training, paper §3.2), Γ_ref (energy-based models,
+`idiff ebm-train`), and a KL penalty β Γ_ref adds to either (`add`), so reward training with a KL
+penalty is Γ_reward + β Γ_ref, the gradient of −E[R] + β KL(π*(θ0) ‖ π*(θ)).
+
+A method is registered (kind "method") as a builder `builder(c: Components, T: int) -> Method`;
+`--method package.module:builder` runs a plug-in with that signature, nothing else to edit.
+
+Keys: the outer step's key k draws inner step t from fold_in(k, t), the reference samples from
+fold_in(k, REFERENCE_STREAM) and short-run restarts from fold_in(k, RESTART_STREAM).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,97 +36,185 @@ from idiff_cli.langevin.rewards import smooth_version
 from idiff_cli.langevin.ula import ula_chain, ula_step
 from idiff_cli.registry import register
 
-
-class LangevinState(NamedTuple):
-    x: jax.Array  # [d, B] particles
-    theta: jax.Array  # [p]
-    opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One outer step: `inner_steps` ULA steps, then the θ update named by `update`."""
-
-    name: str
-    inner_steps: int = 1  # T: sampling steps (gradient evaluations of V) per outer step
-    update: str = "none"  # "covariance" (Γ_reward), "reference" (Γ_ref), "unrolled", or "none" (θ fixed)
-    guidance: float = 0.0  # λ: sample V(·, θ) − λ R_smooth
-    start: str = "theta0"  # initial θ: "theta0", or "theta_opt" (needs the result of `implicit`)
-    lr_scale: float = 1.0  # multiplies η (the unrolled baseline uses 2/γ, Appendix A.1)
-    restart: bool = False  # short-run MCMC: chains restart from N(0, I) at every outer step
-    kl_weight: float = 0.0  # β: the update adds β Γ_ref, the gradient of β KL(p_ref ‖ π*(θ))
-
-
-# Streams of an outer step's key besides the inner ULA steps (which use fold_in(key, t), t < T).
 REFERENCE_STREAM = 2**31 - 1  # draws of p_ref
 RESTART_STREAM = 2**31 - 2  # N(0, I) restarts of short-run chains
 
+Energy = Callable[[Any], Callable[[jax.Array], jax.Array]]  # θ -> (x [d, B] -> U(x) [B])
+Sampler = Callable[[jax.Array, Any, jax.Array], jax.Array]  # (x, θ, key) -> x after the inner steps
+Estimator = Callable[[jax.Array, Any, jax.Array], tuple[Any, jax.Array]]  # (x, θ, key) -> (Γ like θ, x)
 
-def make_step(method: Method, potential, reward, gamma: float, optimizer: optax.GradientTransformation,
-              reference: Callable[[jax.Array], jax.Array] | None = None
-              ) -> Callable[[LangevinState, jax.Array], LangevinState]:
-    """The jittable outer step (state, key) -> state. Inner step t uses noise fold_in(key, t).
 
-    `reference(key) -> x_ref [d, B]` draws the reference samples of Γ_ref (update "reference" or
-    kl_weight > 0), with key fold_in(key, REFERENCE_STREAM). θ may be any pytree (e.g. Flax params).
-    """
-    smooth = smooth_version(reward)
-    if (method.update == "reference" or method.kl_weight) and reference is None:
-        raise ValueError(f"method {method.name} needs reference samples")
+class LangevinState(NamedTuple):
+    x: jax.Array  # [d, B] particles
+    theta: Any  # [p] or a pytree (Flax params)
+    opt_state: Any
 
-    def energy(theta):
-        if method.guidance:
-            return lambda y: potential(y, theta) - method.guidance * smooth(y)
-        return lambda y: potential(y, theta)
 
-    n_plain = method.inner_steps - (method.update == "unrolled")
+class Method(NamedTuple):
+    """An (init, update) pair and what the run needs to know about it.
 
-    def step(state: LangevinState, key: jax.Array) -> LangevinState:
-        theta = state.theta
-        x = state.x
-        if method.restart:
+    init(x [d, B], θ) -> LangevinState; update(state, key) -> state (one outer step, jittable).
+    T: sampling steps (gradient evaluations of V) per outer step; start: "theta0", or "theta_opt"
+    (the final θ of the first trained method); trains: whether update changes θ."""
+
+    name: str
+    T: int
+    init: Callable[[jax.Array, Any], LangevinState]
+    update: Callable[[LangevinState, jax.Array], LangevinState]
+    start: str = "theta0"
+    trains: bool = True
+
+
+class Components(NamedTuple):
+    """What a builder composes a method from.
+
+    potential V(x, θ); reward R(x) (None for energy-based models); gamma: ULA step; lam: guidance λ;
+    optimizer(scale) -> optax transformation at learning rate scale·η; gradient: the objective's
+    estimator Γ (penalty included); penalty: the KL penalty β Γ_ref alone (None: no penalty)."""
+
+    potential: Any
+    reward: Callable | None
+    gamma: float
+    lam: float
+    optimizer: Callable[[float], optax.GradientTransformation]
+    gradient: Estimator
+    penalty: Estimator | None = None
+
+
+# ---- sampler steps ----
+
+def potential_energy(potential) -> Energy:
+    return lambda theta: (lambda y: potential(y, theta))
+
+
+def ula_sampler(energy: Energy, gamma: float, T: int, restart: bool = False) -> Sampler:
+    """T ULA steps under energy(θ) (inner step t: fold_in(key, t)); `restart`: from N(0, I) first."""
+
+    def sample(x, theta, key):
+        if restart:
             x = jax.random.normal(jax.random.fold_in(key, RESTART_STREAM), x.shape, x.dtype)
-        x = ula_chain(energy(theta), x, key, gamma, n_plain)
-        if method.update == "none":
-            return state._replace(x=x)
-        x_ref = reference(jax.random.fold_in(key, REFERENCE_STREAM)) if reference is not None else None
-        if method.update == "covariance":
-            grad = reward_gradient(potential, reward, x, theta)
-        elif method.update == "reference":
-            grad = reference_gradient(potential, x, x_ref, theta)
-        else:  # unrolled: differentiate −mean R through the last ULA step only
-            last_key = jax.random.fold_in(key, n_plain)
+        return ula_chain(energy(theta), x, key, gamma, T)
 
-            def loss(th):
-                y = ula_step(energy(th), x, last_key, gamma)
-                return -jnp.mean(reward(y)), y
-
-            (_, x), grad = jax.value_and_grad(loss, has_aux=True)(theta)
-        if method.kl_weight:
-            kl_grad = reference_gradient(potential, x, x_ref, theta)
-            grad = jax.tree.map(lambda g, k: g + method.kl_weight * k, grad, kl_grad)
-        updates, opt_state = optimizer.update(grad, state.opt_state, theta)
-        return LangevinState(x, optax.apply_updates(theta, updates), opt_state)
-
-    return step
+    return sample
 
 
-def make_optimizer(eta: float, schedule: str, name: str = "sgd") -> optax.GradientTransformation:
+# ---- gradient estimators ----
+
+def covariance(potential, reward) -> Estimator:
+    """Γ_reward(p, θ) = Cov_p[R, ∇θV] (paper §3.2)."""
+    return lambda x, theta, key: (reward_gradient(potential, reward, x, theta), x)
+
+
+def reference(potential, draw: Callable[[jax.Array], jax.Array]) -> Estimator:
+    """Γ_ref(p, θ) = E_{p_ref}[∇θV] − E_p[∇θV], p_ref drawn by draw(fold_in(key, REFERENCE_STREAM))."""
+    return lambda x, theta, key: (reference_gradient(potential, x, draw(jax.random.fold_in(key, REFERENCE_STREAM)),
+                                                     theta), x)
+
+
+def scaled(weight: float, estimate: Estimator) -> Estimator:
+    def scaled_estimate(x, theta, key):
+        g, x = estimate(x, theta, key)
+        return jax.tree.map(lambda a: weight * a, g), x
+
+    return scaled_estimate
+
+
+def add(*estimates: Estimator | None) -> Estimator:
+    """Γ_1 + Γ_2 + …: each term sees the samples the previous one returned (unrolled's last step)."""
+    terms = [e for e in estimates if e is not None]
+
+    def total(x, theta, key):
+        g, x = terms[0](x, theta, key)
+        for estimate in terms[1:]:
+            extra, x = estimate(x, theta, key)
+            g = jax.tree.map(jnp.add, g, extra)
+        return g, x
+
+    return total
+
+
+def unrolled(energy: Energy, reward, gamma: float, step_index: int) -> Estimator:
+    """∇θ of −mean R(y), y one ULA step from x under energy(θ) with key fold_in(key, step_index);
+    returns y as the new samples."""
+
+    def estimate(x, theta, key):
+        last_key = jax.random.fold_in(key, step_index)
+
+        def loss(th):
+            y = ula_step(energy(th), x, last_key, gamma)
+            return -jnp.mean(reward(y)), y
+
+        (_, y), g = jax.value_and_grad(loss, has_aux=True)(theta)
+        return g, y
+
+    return estimate
+
+
+# ---- methods ----
+
+def trained(name: str, T: int, sample: Sampler, estimate: Estimator, optimizer: optax.GradientTransformation,
+            start: str = "theta0") -> Method:
+    """Sample, then θ ← optimizer(Γ(x, θ))."""
+
+    def update(state, key):
+        x = sample(state.x, state.theta, key)
+        g, x = estimate(x, state.theta, key)
+        updates, opt_state = optimizer.update(g, state.opt_state, state.theta)
+        return LangevinState(x, optax.apply_updates(state.theta, updates), opt_state)
+
+    return Method(name, T, lambda x, theta: LangevinState(x, theta, optimizer.init(theta)), update, start)
+
+
+def sampling(name: str, sample: Sampler, start: str = "theta0") -> Method:
+    """Sample with θ fixed (T = 1)."""
+    return Method(name, 1, lambda x, theta: LangevinState(x, theta, ()),
+                  lambda state, key: state._replace(x=sample(state.x, state.theta, key)), start, trains=False)
+
+
+def _implicit(c: Components, T: int) -> Method:
+    return trained("implicit", 1, ula_sampler(potential_energy(c.potential), c.gamma, 1), c.gradient, c.optimizer(1.0))
+
+
+def _nested(c: Components, T: int) -> Method:
+    return trained(f"nested-T{T}", T, ula_sampler(potential_energy(c.potential), c.gamma, T), c.gradient,
+                   c.optimizer(1.0))
+
+
+def _short_run(c: Components, T: int) -> Method:
+    return trained(f"short-run-T{T}", T, ula_sampler(potential_energy(c.potential), c.gamma, T, restart=True),
+                   c.gradient, c.optimizer(1.0))
+
+
+def _unrolled(c: Components, T: int) -> Method:
+    """Appendix A.1: the unrolled baseline's step is 2η/γ."""
+    energy = potential_energy(c.potential)
+    return trained(f"unrolled-T{T}", T, ula_sampler(energy, c.gamma, T - 1),
+                   add(unrolled(energy, c.reward, c.gamma, T - 1), c.penalty), c.optimizer(2.0 / c.gamma))
+
+
+def _langevin_theta0(c: Components, T: int) -> Method:
+    return sampling("langevin-theta0", ula_sampler(potential_energy(c.potential), c.gamma, 1))
+
+
+def _langevin_theta_opt(c: Components, T: int) -> Method:
+    return sampling("langevin-theta-opt", ula_sampler(potential_energy(c.potential), c.gamma, 1), start="theta_opt")
+
+
+def _guidance(c: Components, T: int) -> Method:
+    """Langevin under V(·, θ) − λ R_smooth with θ fixed at θ0 (the guidance baseline)."""
+    smooth = smooth_version(c.reward)
+    energy = lambda theta: (lambda y: c.potential(y, theta) - c.lam * smooth(y))  # noqa: E731
+    return sampling("guidance", ula_sampler(energy, c.gamma, 1))
+
+
+def make_optimizer(lr: float, schedule: str, name: str = "sgd") -> optax.GradientTransformation:
     """SGD (the paper's Langevin experiments) or Adam on θ, with η constant or η/√(k+1)
     ("inv-sqrt", the rate of the paper's theorems)."""
-    rate = (lambda k: eta / jnp.sqrt(k + 1.0)) if schedule == "inv-sqrt" else eta
+    rate = (lambda k: lr / jnp.sqrt(k + 1.0)) if schedule == "inv-sqrt" else lr
     return {"sgd": optax.sgd, "adam": optax.adam}[name](rate)
 
 
-# Registered builders: (T, λ, γ) -> Method. A plug-in method is any such callable.
-METHOD_BUILDERS: dict[str, Callable[..., Method]] = {
-    "implicit": lambda T, lam, gamma: Method("implicit", 1, "covariance"),
-    "langevin-theta0": lambda T, lam, gamma: Method("langevin-theta0"),
-    "nested": lambda T, lam, gamma: Method(f"nested-T{T}", T, "covariance"),
-    "unrolled": lambda T, lam, gamma: Method(f"unrolled-T{T}", T, "unrolled", lr_scale=2.0 / gamma),
-    "guidance": lambda T, lam, gamma: Method("guidance", guidance=lam),
-    "langevin-theta-opt": lambda T, lam, gamma: Method("langevin-theta-opt", start="theta_opt"),
-    "short-run": lambda T, lam, gamma: Method(f"short-run-T{T}", T, "covariance", restart=True),
-}
-for _name, _builder in METHOD_BUILDERS.items():
+for _name, _builder in {"implicit": _implicit, "langevin-theta0": _langevin_theta0, "nested": _nested,
+                        "unrolled": _unrolled, "guidance": _guidance, "langevin-theta-opt": _langevin_theta_opt,
+                        "short-run": _short_run}.items():
     register("method", _name, _builder)
