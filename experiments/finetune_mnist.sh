@@ -3,8 +3,9 @@
 # darker (λ < 0) digits with Implicit Diffusion (Algorithm 2), then the reward/KL curves overlaid.
 # PRE: an `idiff pretrain mnist` run (default: runs/pretrain-mnist-cpu, from experiments/pretrain_mnist.sh).
 # PRESET=paper gives Table 2 (M=4, T=64, batch 32; an accelerator); the default cpu preset (M=4, T=16, batch 8).
-# λ/β = 100: the reward gained at the balance of reward and KL grows as λ/β (README); at λ/β = 10 it is ~0.01.
-# cpu preset: ~9 min per run on the 2 cores (2026-11-25: about a minute compiling, ~4.7 s per outer step).
+# λ/β = 100: the reward gained at the balance of reward and KL grows as λ/β (docs/results.md); at λ/β = 10 it is ~0.01.
+# cpu preset: ~9 min per run on 2 CPU cores (about a minute compiling, ~4.7 s per outer step).
+# Re-running with the same OUT resumes.
 set -euo pipefail
 PRE=${PRE:-runs/pretrain-mnist-cpu}
 PRESET=${PRESET:-cpu}
