@@ -22,6 +22,7 @@ import numpy as np
 
 from idiff_cli.data import embedded
 from idiff_cli.errors import UserError
+from idiff_cli import registry
 from idiff_cli.registry import register
 
 TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10", "lsun-bedroom": "lsun/bedroom"}
@@ -136,15 +137,11 @@ def lsun_bedroom(data_dir: str | None = None, image_size: int = 0) -> ImageDatas
 
 
 def names() -> list[str]:
-    from idiff_cli import registry
-
     return registry.names("dataset")
 
 
 def load(name: str, data_dir: str | None = None, image_size: int = 0) -> ImageDataset:
     """A registered dataset, a `package.module:function` plug-in, or any tfds image dataset by name."""
-    from idiff_cli import registry
-
     if name in names() or ":" in name:
         ds = registry.get("dataset", name)(data_dir=data_dir, image_size=image_size)
     else:

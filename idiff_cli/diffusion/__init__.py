@@ -9,6 +9,10 @@ One file per concept, after score_sde's layout:
   losses.py      score_function (network -> score s_θ(x, t) = −ε_θ/σ(t)) and denoising score matching
   samplers.py    Euler–Maruyama on the reverse SDE, Euler on the probability-flow ODE, DDPM ancestral,
                  each as one pure `step` over a fixed time grid, and `sample` that scans it
-  pretrain.py    the experiment: data, jitted sharded train step, EMA, checkpoints, resume, figures
-  pretrained.py  `load_pretrained(run_dir)`: the model, θ0 (EMA) and noise process of a finished run
+  model.py       the model layer: U-Net, noise process, sampler and optimiser of a config; θ0 and
+                 finetuned θ saved and loaded (`load(run_dir)`, pretrained.json / finetuned.json)
+  options.py     the option schemas of `idiff pretrain` and `idiff sample` (JAX-free)
+  pretrain.py    the pretraining task on the run loop: jitted sharded train step, EMA, grids, FID
+  sample.py      `idiff sample`: images of a trained model as a PNG grid and an .npz
+  figures.py     loss (and FID) curves from metrics.jsonl; `idiff report` of pretrain runs
 """

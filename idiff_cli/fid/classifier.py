@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idiff_cli.checkpoint import Checkpointer
+from idiff_cli.data.embedded import mnist_digits
+
 FEATURE_DIM = 128
 STEPS, BATCH, LEARNING_RATE, SEED = 600, 64, 2e-3, 0
 
@@ -45,8 +48,6 @@ def cache_dir() -> pathlib.Path:
 def split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(train, held-out) digits as float [0, 1] and labels: 400 + 100 of each class (the embedded
     digits come in blocks of 500 per class)."""
-    from idiff_cli.data.embedded import mnist_digits
-
     images, labels = mnist_digits()
     held_out = (np.arange(len(images)) % 500) >= 400
     x = images.astype(np.float32) / 255.0
@@ -86,8 +87,6 @@ def train(steps: int = STEPS, seed: int = SEED) -> tuple[dict, float]:
 def load_or_train(directory: pathlib.Path | None = None) -> tuple[dict, dict]:
     """The cached (params, meta) from `directory` (default: cache_dir()), training and caching them first
     if absent. meta: steps, seed, held-out accuracy."""
-    from idiff_cli.checkpoint import Checkpointer
-
     checkpointer = Checkpointer(directory or cache_dir(), keep=1)
     try:
         template = MnistClassifier().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]

@@ -13,6 +13,7 @@ missing, and a larger `--n` adds batches.
 from __future__ import annotations
 
 import dataclasses
+import io
 import pathlib
 import time
 from typing import Any
@@ -20,10 +21,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from idiff_cli import registry
+from idiff_cli.diffusion.model import load
 from idiff_cli.errors import UserError
 from idiff_cli.fid import stats as statslib
 from idiff_cli.fid.features import Features, embed_all
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
+from idiff_cli.parallel import seed_mesh, shard_leading, use_compilation_cache
+from idiff_cli.runs import RunDir, atomic_write_bytes, console, default_run_dir, progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +41,6 @@ class Reference:
 
 
 def get_features(features: str | Features, inception_weights: str | None = None) -> Features:
-    from idiff_cli import registry
-
     return features if isinstance(features, Features) else registry.get("features", features)(inception_weights)
 
 
@@ -133,8 +136,6 @@ def _sample_batch_fn(pre, sampler, per_device: int):
 def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: int, store: pathlib.Path,
                     progress=None) -> np.ndarray:
     """Features [n, dim] of n samples of `pre` with `sampler`, reusing the batches already in `store`."""
-    from idiff_cli.parallel import seed_mesh, shard_leading
-
     n_dev = len(jax.local_devices())
     per_device = -(-batch // n_dev)
     batch = per_device * n_dev
@@ -161,10 +162,6 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
 
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-    import io
-
-    from idiff_cli.runs import atomic_write_bytes
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     atomic_write_bytes(path, buffer.getvalue())
@@ -173,12 +170,10 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
 def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, checkpoint: int | None, n: int, batch: int,
                  sampler_name: str | None, sample_steps: int | None, seed: int, ref_stats=None,
                  dataset: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """Samples n images from the run's θ0 (or `checkpoint`), computes the FID and writes fid.json."""
-    from idiff_cli.diffusion.pretrained import load_pretrained
-    from idiff_cli.runs import RunDir, progress_bar
-
+    """Samples n images of the run's model (θ0 of a pretrain run, θ of a finetune run; or `checkpoint`),
+    computes the FID and writes fid.json."""
     run = RunDir(run_dir)
-    pre = load_pretrained(run.path, step=checkpoint)
+    pre = load(run.path, step=checkpoint)
     features.check_shape((1, *pre.image_shape))
     sampler = pre.sampler(sample_steps, sampler_name)
     sampler_name = sampler_name or pre.cfg.sampler
@@ -190,7 +185,7 @@ def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, checkpoint:
         feats = sample_features(pre, sampler, features, n, batch, seed, run.path / "fid" / tag, progress)
     result = {"metric": features.label, "value": fid_of_features(feats, ref), "n": n, "features": features.name,
               "features_source": features.source, "reference": ref.description, "run": str(run.path),
-              "checkpoint": pre.step, "weights": "ema", "sampler": sampler_name, "sample_steps": sampler.n_steps,
+              "checkpoint": pre.step, "weights": pre.weights, "sampler": sampler_name, "sample_steps": sampler.n_steps,
               "batch": batch, "seed": seed}
     run.write_json("fid.json", result)
     return result
@@ -199,8 +194,6 @@ def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, checkpoint:
 def evaluate_images(images, features: Features, ref: Reference, out: pathlib.Path, source: str,
                     batch: int) -> dict[str, Any]:
     """The FID of given images, written to `out`/fid.json."""
-    from idiff_cli.runs import RunDir
-
     result = {"metric": features.label, "value": fid_of_features(embed_all(features, images, batch), ref),
               "n": int(len(images)), "features": features.name, "features_source": features.source,
               "reference": ref.description, "samples": source}
@@ -212,3 +205,37 @@ def summary(result: dict[str, Any]) -> str:
     return f"{result['metric']} = {result['value']:.4f} (n = {result['n']}, reference: {result['reference']})"
 
 
+
+
+def main(cfg: Any, out: pathlib.Path | None) -> dict[str, Any] | None:
+    """`idiff evaluate-fid` in its three modes (RUN_DIR, --samples, --dataset --save-stats); returns the
+    fid.json content (None when writing statistics)."""
+    modes = [m for m, given in (("RUN_DIR", cfg.run_dir), ("--samples", cfg.samples)) if given]
+    if len(modes) > 1:
+        raise UserError("give RUN_DIR or --samples, not both")
+    if not modes and not (cfg.save_stats and cfg.dataset):
+        raise UserError("give RUN_DIR, --samples FILE.npz, or --dataset NAME --save-stats FILE.npz")
+    if cfg.save_stats and cfg.run_dir:
+        raise UserError("--save-stats writes the statistics of --dataset or --samples, not of a run")
+    use_compilation_cache()
+    extractor = get_features(cfg.features, cfg.inception_weights)
+    if cfg.save_stats:
+        images = load_samples(cfg.samples) if cfg.samples else statslib.dataset_images(cfg.dataset, cfg.data_dir)
+        mu, sigma = statslib.image_statistics(extractor, images, cfg.batch)
+        statslib.save_stats(cfg.save_stats, mu, sigma, features=extractor.name, n=len(images),
+                            source=str(cfg.samples) if cfg.samples else f"dataset {cfg.dataset}")
+        console.print(f"wrote {cfg.save_stats}: {extractor.name} statistics of {len(images)} images", highlight=False)
+        return None
+    if cfg.samples:
+        images = load_samples(cfg.samples)
+        extractor.check_shape(images.shape)
+        dataset = cfg.dataset or ("mnist" if extractor.name == "mnist-classifier" else None)
+        ref = reference(extractor, cfg.ref_stats, dataset, cfg.data_dir, batch=cfg.batch)
+        result = evaluate_images(images, extractor, ref, out or default_run_dir("evaluate-fid"), str(cfg.samples),
+                                 cfg.batch)
+    else:
+        result = evaluate_run(cfg.run_dir, extractor, checkpoint=cfg.checkpoint, n=cfg.n, batch=cfg.batch,
+                              sampler_name=cfg.sampler, sample_steps=cfg.sample_steps, seed=cfg.seed,
+                              ref_stats=cfg.ref_stats, dataset=cfg.dataset, data_dir=cfg.data_dir)
+    console.print(summary(result), highlight=False)
+    return result

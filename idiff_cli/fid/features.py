@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from typing import Callable
 
 import jax
@@ -24,6 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from idiff_cli.errors import UserError
+from idiff_cli.fid import classifier, convert, inception
+from idiff_cli.images import to_uint8
+from idiff_cli.parallel import seed_mesh, shard_leading
 from idiff_cli.registry import register
 
 WEIGHTS_ENV = "IDIFF_INCEPTION_WEIGHTS"
@@ -51,18 +55,13 @@ class Features:
 
 
 def to_unit_range(images) -> np.ndarray:
-    """uint8 images -> /255; float images in [-1, 1] -> clipped, quantised to 8 bits, /255. float32."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        images = np.round((np.clip(images.astype(np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    return images.astype(np.float32) / 255.0
+    """uint8 images -> /255; float images in [-1, 1] -> quantised to 8 bits (`images.to_uint8`), /255. float32."""
+    return to_uint8(images).astype(np.float32) / 255.0
 
 
 def embed_all(features: Features, images, batch: int = 250, devices: int | None = None) -> np.ndarray:
     """Features [N, dim] (float32) of images [N, H, W, C] (uint8 or float in [-1, 1]), `batch` at a
     time, each batch split over the local devices (or the first `devices`; padded to a multiple)."""
-    from idiff_cli.parallel import seed_mesh, shard_leading
-
     features.check_shape(np.shape(images))
     n_dev = devices or len(jax.local_devices())
     size = -(-min(batch, len(images)) // n_dev) * n_dev
@@ -89,8 +88,6 @@ def _embed_jit(features: Features) -> Callable:
 @register("features", "inception")
 def inception_features(weights: str | None = None) -> Features:
     """pytorch-fid's Inception-v3 pool features; `weights`: the converted .npz (default: $IDIFF_INCEPTION_WEIGHTS)."""
-    from idiff_cli.fid import inception
-
     weights = weights or os.environ.get(WEIGHTS_ENV)
     if not weights:
         raise UserError(inception.missing_weights_message(f"no Inception weights given (--inception-weights or ${WEIGHTS_ENV})"))
@@ -106,8 +103,6 @@ def inception_features(weights: str | None = None) -> Features:
 
 
 def inception_source_sha() -> str:
-    from idiff_cli.fid import convert
-
     return convert.PINNED_SHA256
 
 
@@ -115,10 +110,6 @@ def inception_source_sha() -> str:
 def mnist_classifier_features(weights: str | None = None) -> Features:
     """The project's MNIST classifier's 128-d features; `weights`: its cache directory (default:
     $IDIFF_CACHE_DIR/mnist-classifier, trained there on first use)."""
-    import pathlib
-
-    from idiff_cli.fid import classifier
-
     directory = pathlib.Path(weights) if weights else classifier.cache_dir()
     params, meta = classifier.load_or_train(directory)
     model = classifier.MnistClassifier()

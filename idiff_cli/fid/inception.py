@@ -17,12 +17,17 @@ is `Mixed_5b.branch1x1.conv.weight` (transposed OIHW -> HWIO).
 
 from __future__ import annotations
 
+import pathlib
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from idiff_cli.errors import UserError
+from idiff_cli.fid import convert
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -175,8 +180,6 @@ def random_variables(seed: int) -> dict:
     He-normal kernels, batch-norm scale and running variance ~ U[0.5, 1.5], bias and running mean
     ~ N(0, 0.1²). Drawn with NumPy from the shapes, so no network is run (a traced `init` of this
     network takes a minute to compile on a CPU)."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
     rng = np.random.default_rng(seed)
 
     def draw(path, spec):
@@ -197,13 +200,6 @@ def load_weights(path, require_pinned: bool = True) -> dict:
     been converted from the pinned pytorch-fid weights (its recorded source checksum), so that a
     number reported as Inception FID is one. Raises UserError (one line) otherwise.
     """
-    import pathlib
-
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    from idiff_cli.errors import UserError
-    from idiff_cli.fid import convert
-
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise UserError(missing_weights_message(f"Inception weights '{path}' do not exist"))
@@ -228,8 +224,6 @@ def load_weights(path, require_pinned: bool = True) -> dict:
 
 
 def missing_weights_message(what: str) -> str:
-    from idiff_cli.fid import convert
-
     return (f"{what}; the Inception FID needs pytorch-fid's weights, converted once: download "
             f"{convert.WEIGHTS_URL} (sha256 {convert.PINNED_SHA256[:16]}...), run `python -m idiff_cli.fid.convert "
             "pt_inception-2015-12-05-6726825d.pth inception.npz`, then pass --inception-weights inception.npz "

@@ -12,15 +12,15 @@ import pathlib
 
 import numpy as np
 
+from idiff_cli.data import datasets
 from idiff_cli.errors import UserError
 from idiff_cli.fid.features import Features, embed_all
 from idiff_cli.fid.frechet import feature_statistics
+from idiff_cli.runs import atomic_write_bytes
 
 
 def save_stats(path, mu, sigma, **meta) -> pathlib.Path:
     """Writes mu [D], sigma [D, D] (float64) and string metadata to `path` atomically."""
-    from idiff_cli.runs import atomic_write_bytes
-
     path = pathlib.Path(path)
     buffer = io.BytesIO()
     np.savez(buffer, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
@@ -56,8 +56,6 @@ def dataset_images(name: str, data_dir: str | None = None, image_size: int = 0,
                    limit: int | None = None) -> np.ndarray:
     """All images (uint8 [N, H, W, C]) of a dataset of `idiff_cli.data.datasets` (tfds or embedded;
     `image_size` > 0 centre-crops and resizes as `idiff pretrain` does), or its first `limit`."""
-    from idiff_cli.data import datasets
-
     ds = datasets.load(name, data_dir=data_dir or None, image_size=image_size)
     n = ds.num_examples if limit is None else min(limit, ds.num_examples)
     return ds.batch(np.arange(n))[0]

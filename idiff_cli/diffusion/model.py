@@ -1,0 +1,209 @@
+"""The model layer: a denoiser built from a pretrain config, and θ0 / finetuned θ saved and loaded.
+
+    model = load("runs/pretrain-mnist-cpu")               # EMA weights of the checkpoint in pretrained.json
+    score = lambda x, t: model.score(model.params, x, t)  # s_θ0(x, t), x [B, H, W, C], t [B]
+    x0 = model.sampler().sample(score, key, (16, *model.image_shape))   # the run's sampler and step count
+
+A pretrain run directory holds `pretrained.json` (`write_pretrained`): the checkpoint that is θ0
+(the last one saved; `final` once the run has finished), the image shape, the number of classes and
+the data source; its checkpoints hold a `TrainState`, whose EMA weights are θ0 (`weights="params"`:
+the raw weights). A finetune run directory holds `finetuned.json` (`write_finetuned`): its base run
+(`from`) and the directory of its θ checkpoints (`weights/`, orbax, one per checkpoint step); it loads
+as the base model with the finetuned θ of its last (or the given) step.
+
+Everything here builds on sde.py, unet.py, losses.py and samplers.py; nothing here knows about the
+commands that train or evaluate models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from idiff_cli import registry
+from idiff_cli.checkpoint import Checkpointer, restore_template
+from idiff_cli.diffusion.losses import score_function
+from idiff_cli.diffusion.options import PRETRAIN
+from idiff_cli.diffusion.samplers import Sampler
+from idiff_cli.diffusion.unet import UNet
+from idiff_cli.errors import UserError
+from idiff_cli.parallel import replicated
+from idiff_cli.runs import RunDir
+
+PRETRAINED, FINETUNED = "pretrained.json", "finetuned.json"
+WEIGHTS_DIR = "weights"  # a finetune run's θ checkpoints
+
+
+# ---- the model, the noise process, the sampler and the optimiser of a pretrain config ----
+
+
+def make_model(cfg: Any, num_classes: int) -> UNet:
+    """The U-Net of a (completed) pretrain config; label-conditioned on `num_classes` when the config is."""
+    return UNet(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout,
+                num_classes=num_classes if cfg.class_conditional else 0, groups=cfg.groups)
+
+
+def make_sde(cfg: Any):
+    return registry.get("sde", cfg.sde)()
+
+
+def make_sampler(cfg: Any, sde, n_steps: int | None = None, name: str | None = None) -> Sampler:
+    """The config's sampler and step count, or `name` with `n_steps` steps."""
+    return Sampler(sde, n_steps or cfg.sample_steps, registry.get("sampler", name or cfg.sampler))
+
+
+def learning_rate(cfg: Any) -> optax.Schedule:
+    """Constant `lr`, after a linear warm-up over `warmup_steps` when given (Ho et al. 2020)."""
+    if cfg.warmup_steps:
+        return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.constant_schedule(cfg.lr)
+
+
+def make_optimizer(cfg: Any) -> optax.GradientTransformation:
+    """Adam (Tables 1/3), after clipping the gradient's global norm when `grad_clip` > 0."""
+    adam = optax.adam(learning_rate(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip else adam
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 []
+    params: Any  # Flax variables {"params": ...}
+    ema: Any
+    opt_state: Any
+    key: jax.Array  # typed PRNG key; step k uses fold_in(key, k)
+
+
+def init_state(model: UNet, optimizer, image_shape, seed: int) -> TrainState:
+    """The initial state of a run with root seed `seed` (traceable, no array inputs: jit it with
+    replicated out_shardings and every process builds the same global state)."""
+    init_key, train_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0))
+    x = jnp.zeros((1, *image_shape))
+    params = model.init(init_key, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+    return TrainState(jnp.zeros((), jnp.int32), params, params, optimizer.init(params), train_key)
+
+
+def state_template(model: UNet, optimizer, image_shape, sharding=None) -> TrainState:
+    """The structure, dtypes and placement of `init_state`, filled with zeros (a restore template that
+    costs no initialisation)."""
+    shapes = jax.eval_shape(lambda: init_state(model, optimizer, image_shape, 0))
+    return jax.jit(lambda: restore_template(shapes), out_shardings=sharding)()
+
+
+def make_sample_fn(cfg: Any, model: UNet, sde, sampler: Sampler, image_shape, n: int, mesh=None):
+    """jit: (params, key data [2] uint32, labels [n]) -> images [n, H, W, C] in [-1, 1] (batch sharded
+    over `mesh` when n divides evenly). The key travels as raw key data, so that every process can
+    pass the same host value."""
+    score = score_function(lambda params, x, level, labels=None: model.apply(params, x, level, labels), sde,
+                           cfg.precondition)
+    conditional = model.num_classes > 0
+
+    def sample(params, key_data, labels):
+        fn = lambda x, t: score(params, x, t, labels if conditional else None)  # noqa: E731
+        return sampler.sample(fn, jax.random.wrap_key_data(key_data), (n, *image_shape))
+
+    out = None
+    if mesh is not None:
+        out = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if n % mesh.size == 0 else replicated(mesh)
+    return jax.jit(sample, out_shardings=out)
+
+
+# ---- a trained model ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A trained denoiser: `model` (Flax U-Net), `params` (its variables), the noise process `sde`,
+    and the run's pretrain config `cfg` (as config.json holds it). `weights` names the params: "ema"
+    or "params" of a pretrain run, "finetuned" for the θ of a finetune run; `step` is their
+    checkpoint, `final` whether that is the finished run's last."""
+
+    model: UNet
+    params: Any
+    sde: Any
+    cfg: Any
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    step: int
+    final: bool
+    weights: str
+
+    def apply(self, params, x, level, labels=None):
+        """ε_θ(x, level, labels): the network's noise prediction (evaluation mode)."""
+        return self.model.apply(params, x, level, labels if self.num_classes else None)
+
+    def score(self, params, x, t, labels=None):
+        """s_θ(x, t) = −ε_θ(x, t)/σ(t) (with the run's preconditioning)."""
+        return score_function(self.apply, self.sde, self.cfg.precondition)(params, x, t, labels)
+
+    def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
+        """The run's sampler (Tables 1/3: Euler–Maruyama 256 steps for MNIST, DDPM 1024 for CIFAR/LSUN),
+        or `name` ("euler-maruyama", "probability-flow", "ddpm") with `n_steps` steps."""
+        return make_sampler(self.cfg, self.sde, n_steps, name)
+
+
+def write_pretrained(run_dir: RunDir, step: int, final: bool, image_shape, num_classes: int, dataset: str,
+                     source: str) -> None:
+    """pretrained.json: θ0 is the EMA weights of checkpoint `step` of checkpoints/ (read by `load`)."""
+    run_dir.write_json(PRETRAINED, {"checkpoints": "checkpoints", "step": int(step), "weights": "ema",
+                                    "final": bool(final), "image_shape": list(image_shape),
+                                    "num_classes": int(num_classes), "dataset": dataset, "data": source})
+
+
+def write_finetuned(run_dir: RunDir, from_run: str | pathlib.Path, step: int, final: bool) -> None:
+    """finetuned.json: θ of checkpoint `step` in weights/ finetunes the model of `from_run` (read by `load`)."""
+    run_dir.write_json(FINETUNED, {"from": str(from_run), "weights": WEIGHTS_DIR, "step": int(step),
+                                   "final": bool(final)})
+
+
+def finetuned_weights(run_dir: RunDir, keep: int) -> Checkpointer:
+    """The orbax store of a finetune run's θ, one entry per checkpoint step (`save(step, params)`)."""
+    return Checkpointer(run_dir.path / WEIGHTS_DIR, keep=keep)
+
+
+def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = None) -> Model:
+    """The model of a pretrain or finetune run directory (see the module docstring). Raises UserError
+    when the directory holds neither, or has no checkpoint `step`."""
+    run_dir = pathlib.Path(run_dir)
+    if (run_dir / FINETUNED).exists():
+        if weights != "ema":
+            raise UserError(f"'{run_dir}' is a finetune run: it holds only its finetuned weights, so weights "
+                            f"'{weights}' does not apply (leave the default)")
+        return _load_finetuned(run_dir, step)
+    if not (run_dir / PRETRAINED).exists():
+        raise UserError(f"'{run_dir}' holds no trained model (no {PRETRAINED} or {FINETUNED}); run "
+                        "`idiff pretrain` into it first")
+    if weights not in ("ema", "params"):
+        raise UserError(f"weights must be 'ema' or 'params', got '{weights}'")
+    run = RunDir(run_dir)
+    record = run.read_json(PRETRAINED)
+    cfg = PRETRAIN.from_json(run.read_json("config.json"))
+    model = make_model(cfg, record["num_classes"])
+    image_shape = tuple(record["image_shape"])
+    chosen = record["step"] if step is None else step
+    with Checkpointer(run_dir / record["checkpoints"], keep=cfg.keep_checkpoints) as ckpt:
+        if chosen not in ckpt.all_steps():
+            raise UserError(f"'{run_dir}' has no checkpoint {chosen}; available: {ckpt.all_steps()}")
+        state, _ = ckpt.restore(state_template(model, make_optimizer(cfg), image_shape), step=chosen)
+    params = state.ema if weights == "ema" else state.params
+    return Model(model, params, make_sde(cfg), cfg, image_shape, model.num_classes, int(chosen),
+                 bool(record["final"]) and step in (None, record["step"]), weights)
+
+
+def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Model:
+    """The base model of a finetune run with the finetuned θ of `step` (default: the last saved)."""
+    record = RunDir(run_dir).read_json(FINETUNED)
+    base = load(record["from"])
+    with Checkpointer(run_dir / record["weights"]) as ckpt:
+        chosen = record["step"] if step is None else step
+        if chosen not in ckpt.all_steps():
+            raise UserError(f"'{run_dir}' has no finetuned weights at step {chosen}; available: {ckpt.all_steps()}")
+        params, _ = ckpt.restore(base.params, step=chosen)
+    return dataclasses.replace(base, params=params, step=int(chosen), weights="finetuned",
+                               final=bool(record["final"]) and step in (None, record["step"]))
