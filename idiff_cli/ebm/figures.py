@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from idiff_cli.ebm.problem import unflat_theta  # noqa: E402
 from idiff_cli.langevin.figures import band, by_method, density_contours  # noqa: E402
 
 PANELS = (("kl_fwd", "KL(p_data ‖ π*(θ)) exact", True), ("kl_rev", "KL(π*(θ) ‖ p_data) exact", True),
@@ -30,8 +31,6 @@ def _extent(problem) -> float:
 
 def _theta(arrays, prefix, index=(0,)):
     """θ saved under `prefix` in a method's arrays, at `index` (default: seed 0 of the final θ)."""
-    from idiff_cli.ebm.experiment import unflat_theta
-
     return jax.tree.map(lambda a: a[index], unflat_theta(arrays, prefix))
 
 
