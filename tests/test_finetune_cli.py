@@ -1,8 +1,15 @@
-"""`idiff finetune` and `idiff report` end to end through the real CLI: a tiny pretrain, then 20 finetuning
-steps with the brightness reward for λ > 0 (full adjoint, periodic FID) and λ < 0 (pipelined adjoint)
-(issue 6, item 8), `idiff evaluate-fid` of a finetuned run, and bad input -> one line, exit 2."""
+"""`idiff finetune` and its `idiff report` end to end through the CLI, on the session's tiny pretrained
+model: 20 finetuning steps with the brightness reward for λ > 0 (full adjoint, periodic FID) and
+λ < 0 (pipelined adjoint); the finetuned run read by `sample` and `evaluate-fid`; the resume rule
+(defining options must match, run-time ones may change); bad input -> one line, exit 2."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,37 +17,32 @@ from typer.testing import CliRunner
 
 from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
 from idiff_cli.cli import app
+from idiff_cli.implicit import finetune, report
+from idiff_cli.implicit.options import SCHEMA
 
-TINY_PRETRAIN = ["--steps", "2", "--batch", "4", "--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1",
-                 "--attn-resolutions", "14", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "2",
-                 "--sample-steps", "2", "--grid-n", "4"]
 TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log-every", "10",
                  "--sample-every", "20", "--ckpt-every", "10", "--grid-n", "4", "--lr", "0.01", "--beta", "0.1",
                  "--no-clip"]  # the 2-step model's samples lie mostly beyond [-1, 1]: clipped, they give no gradient
 
-BRIGHTER = ["--fid-every", 20, "--fid-n", 4]  # the λ > 0 run also logs the periodic FID
-DARKER = ["--adjoint", "pipelined"]
+BRIGHTER = ["--lambda", "10", "--fid-every", "20", "--fid-n", "4"]  # the λ > 0 run also logs the periodic FID
+DARKER = ["--lambda", "-10", "--adjoint", "pipelined"]
 
 
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "pretrain"
-    result = invoke("pretrain", "mnist", *TINY_PRETRAIN, "--out", out)
+def finetune_into(pretrained, out, *args):
+    result = invoke("finetune", "--from", pretrained, *TINY_FINETUNE, *args, "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.fixture(scope="module")
-def runs(pretrained, tmp_path_factory):
+def runs(tiny_pretrain, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    for name, lam, extra in (("brighter", 10, BRIGHTER), ("darker", -10, DARKER)):
-        result = invoke("finetune", "--from", pretrained, "--reward", "brightness", "--lambda", lam,
-                        *TINY_FINETUNE, *extra, "--out", root / name)
-        assert result.exit_code == 0, result.output
+    finetune_into(tiny_pretrain, root / "brighter", *BRIGHTER)
+    finetune_into(tiny_pretrain, root / "darker", *DARKER)
     return root
 
 
@@ -48,86 +50,144 @@ def rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def without_wall(rs):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
+
+
 def test_brightness_rises_for_positive_lambda_and_falls_for_negative(runs):
-    """The fixed-key evaluation reward (16 → 4 images, same noise keys at steps 0 and 20) moves in the
-    direction of λ by more than 0.01 (mean pixel value on [0, 1]). Measured moves: > 0.05 either way,
-    from Adam with lr 1e-2 on a 2-step pretrained U-Net (a brightness gradient is easy to follow)."""
+    """The fixed-key evaluation reward (4 images, the same noise keys at steps 0 and 20) moves in the
+    direction of λ by more than 0.01 (mean pixel value on [0, 1]): Adam with lr 1e-2 on a 2-step
+    pretrained U-Net follows a brightness gradient easily."""
     for name, sign in (("brighter", 1), ("darker", -1)):
         ev = {r["step"]: r["eval_reward"] for r in rows(runs / name) if "eval_reward" in r}
         assert sorted(ev) == [0, 20]
         assert sign * (ev[20] - ev[0]) > 0.01, (name, ev)
 
 
-def test_outputs_metrics_and_accounting(runs):
+def test_outputs_and_metrics(runs):
     run = runs / "brighter"
     metrics = rows(run)
     train = [r for r in metrics if "reward_mean" in r]
     assert [r["step"] for r in train] == list(range(1, 21))
-    assert all(np.isfinite(r["grad_norm"]) and r["reward_std"] >= 0 for r in train)
-    assert [r["step"] for r in train if "kl" in r] == [10, 20] and all(r["kl"] >= 0 for r in train if "kl" in r)
-    # implicit with M = T = 2, β > 0: per outer step L + T = 1 + 2 sequential calls after a warm-up of 1
-    assert [r["sequential_calls"] for r in train[:2]] == [1 + 3, 1 + 6]
-    assert np.all(np.diff([r["net_evals"] for r in train]) > 0)
+    assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train)
+    assert [r["step"] for r in train if "kl" in r] == [10, 20]
+    assert all(r["kl"] > 0 for r in train if "kl" in r)  # θ moved away from θ0
     config = json.loads((run / "config.json").read_text())
-    assert (config["M"], config["T"], config["batch"], config["lam"]) == (2, 2, 4, 10.0)
+    assert (config["command"], config["M"], config["T"], config["batch"], config["lam"]) == ("finetune", 2, 2, 4, 10.0)
+    assert config["from_run"]
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000000.png", "step_000020.png"]
-    assert (run / "figures" / "reward_kl.png").stat().st_size > 5000
-    assert (run / "figures" / "evolution.png").stat().st_size > 500
-    assert (run / "checkpoints" / "20").is_dir()
+    assert {p.name for p in (run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
+    assert (run / "checkpoints" / "20").is_dir() and (run / "weights" / "20").is_dir()
+    assert json.loads((run / "finetuned.json").read_text())["step"] == 20
     assert [(r["step"], r["fid_n"]) for r in metrics if "fid" in r] == [(0, 4), (20, 4)]
-    # the pipelined adjoint with M = T = 2: 2 sequential calls per outer step
-    darker = [r for r in rows(runs / "darker") if "reward_mean" in r]
-    assert np.all(np.diff([r["sequential_calls"] for r in darker]) == 2)
 
 
-def test_evaluate_fid_and_sample_read_a_finetuned_run(runs):
+def test_filled_defaults_follow_the_dataset_and_preset(tmp_path):
+    """M, T, batch left to their rule: cpu 4/16/8; paper Tables 2 and 4 (MNIST 4/64/32, LSUN 2/64/16);
+    a value given on the command line wins."""
+    fill = lambda preset, dataset, **given: finetune.complete(  # noqa: E731
+        SCHEMA.resolve({"preset": preset, **given}), tmp_path, dataset)
+    assert [(c.M, c.T, c.batch) for c in (fill("cpu", "mnist"), fill("paper", "mnist"), fill("paper", "lsun-bedroom"))] \
+        == [(4, 16, 8), (4, 64, 32), (2, 64, 16)]
+    assert (fill("paper", "mnist", T=8).T, fill("cpu", "mnist").from_run) == (8, str(tmp_path))
+
+
+def test_evaluate_fid_and_sample_read_a_finetuned_run(runs, tmp_path):
     """A finetune run directory loads as its base model with the finetuned θ (finetuned.json, weights/):
     evaluate-fid records checkpoint 20, and its samples differ from the base model's with the same keys."""
-    run = runs / "brighter"
+    run = tmp_path / "brighter"
+    shutil.copytree(runs / "brighter", run)
     result = invoke("evaluate-fid", run, "--n", 4, "--batch", 4, "--sample-steps", 2)
     assert result.exit_code == 0, result.output
     fid = json.loads((run / "fid.json").read_text())
     assert fid["checkpoint"] == 20 and fid["n"] == 4 and np.isfinite(fid["value"])
     config = json.loads((run / "config.json").read_text())
-    result = invoke("sample", run, "--n", 4, "--sample-steps", 2)  # the default name says "finetuned", not "ema"
+    result = invoke("sample", run, "--n", 4, "--sample-steps", 2, "--out", tmp_path / "finetuned")
     assert result.exit_code == 0, result.output
-    finetuned = np.load(run / "samples" / "sample-step20-finetuned-euler-maruyama2-seed0-n4.npz")["images"].astype(int)
-    result = invoke("sample", config["from_run"], "--n", 4, "--sample-steps", 2, "--out", runs / "base")
+    result = invoke("sample", config["from_run"], "--n", 4, "--sample-steps", 2, "--out", tmp_path / "base")
     assert result.exit_code == 0, result.output
-    base = np.load(runs / "base.npz")["images"].astype(int)
-    assert np.abs(finetuned - base).max() > 0
-    result = invoke("sample", run, "--weights", "params")
-    assert result.exit_code == 2 and "is a finetune run" in result.output and "Traceback" not in result.output
+    images = [np.load(next((tmp_path / d).glob("*.npz")))["images"].astype(int) for d in ("finetuned", "base")]
+    assert np.abs(images[0] - images[1]).max() > 0
 
 
-def test_rerun_into_a_finished_run_resumes_without_new_steps(runs, pretrained):
-    before = rows(runs / "brighter")
-    result = invoke("finetune", "--from", pretrained, "--reward", "brightness", "--lambda", 10, *TINY_FINETUNE,
-                    *BRIGHTER, "--out", runs / "brighter")
-    assert result.exit_code == 0, result.output
-    assert rows(runs / "brighter") == before
+def test_rerun_into_a_finished_run_adds_no_steps(runs, tiny_pretrain, tmp_path):
+    run = tmp_path / "brighter"
+    shutil.copytree(runs / "brighter", run)
+    finetune_into(tiny_pretrain, run, *BRIGHTER)
+    assert rows(run) == rows(runs / "brighter")
 
 
-def test_run_resumed_from_a_middle_checkpoint_logs_the_uninterrupted_metrics(runs, pretrained, tmp_path):
-    """Checkpoint 10 of the pipelined run (both queues, Adam state, θ) restored through an abstract
-    template: steps 11-20 repeat the uninterrupted run's metrics exactly (same program, same inputs)."""
-    import shutil
-
+def resumable_copy(runs, tmp_path):
+    """The darker run as it was at its middle checkpoint (step 10): checkpoint 20 and θ of step 20 gone."""
     run = tmp_path / "darker"
     shutil.copytree(runs / "darker", run)
     shutil.rmtree(run / "checkpoints" / "20")
     shutil.rmtree(run / "weights" / "20")
-    result = invoke("finetune", "--from", pretrained, "--reward", "brightness", "--lambda", -10, *TINY_FINETUNE,
-                    *DARKER, "--out", run)
-    assert result.exit_code == 0, result.output
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
-    assert strip(rows(run)) == strip(rows(runs / "darker"))
+    return run
 
 
-def test_report_overlays_runs(runs, tmp_path):
+def test_resumed_from_the_middle_checkpoint_logs_the_uninterrupted_metrics(runs, tiny_pretrain, tmp_path):
+    """Checkpoint 10 of the pipelined run (both queues, Adam state, θ) restored through an abstract
+    template: steps 11-20 repeat the uninterrupted run's rows exactly (same program, same inputs), and
+    the rows after step 10 that the copy held are replaced, not duplicated."""
+    run = resumable_copy(runs, tmp_path)
+    finetune_into(tiny_pretrain, run, *DARKER)
+    assert without_wall(rows(run)) == without_wall(rows(runs / "darker"))
+
+
+def test_a_changed_run_time_option_resumes(runs, tiny_pretrain, tmp_path):
+    """--log-every 5 (run-time) on the run stopped at step 10: it resumes; each outer step's reward and
+    gradient norm are the uninterrupted run's, and the KL is now logged every 5 steps."""
+    run = resumable_copy(runs, tmp_path)
+    finetune_into(tiny_pretrain, run, *DARKER, "--log-every", "5")
+    resumed = {r["step"]: r for r in rows(run)}
+    for r in rows(runs / "darker"):
+        assert (resumed[r["step"]].get("reward_mean"), resumed[r["step"]].get("grad_norm")) == \
+            (r.get("reward_mean"), r.get("grad_norm"))
+    assert [s for s, r in resumed.items() if "kl" in r] == [10, 15, 20]
+    assert json.loads((run / "config.json").read_text())["log_every"] == 5
+
+
+def test_a_changed_defining_option_is_refused_in_one_line(runs, tiny_pretrain, tmp_path):
+    run = tmp_path / "brighter"
+    shutil.copytree(runs / "brighter", run)
+    result = invoke("finetune", "--from", tiny_pretrain, *TINY_FINETUNE, *BRIGHTER[2:], "--lambda", 5, "--out", run)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "--lambda 10.0 -> 5.0" in lines[0], result.output
+    assert rows(run) == rows(runs / "brighter")
+
+
+def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
+    """`idiff report A B --x net_evals`: per run, the training reward line is (net_evals, reward_mean)
+    of metrics.jsonl, the dots are the fixed-key evaluations, the KL line the rows logging kl."""
+    drawn = []
+    save = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append(fig) or save(fig, path))
     result = invoke("report", runs / "brighter", runs / "darker", "--x", "net_evals", "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "figures" / "reward_kl_net_evals.png").stat().st_size > 5000
+    assert (tmp_path / "reward_kl_net_evals.png").is_file()
+    (fig,) = drawn
+    ax_reward, ax_kl = fig.axes
+    for i, name in enumerate(("brighter", "darker")):
+        metrics = rows(runs / name)
+        line, dots = ax_reward.lines[2 * i: 2 * i + 2]
+        series = lambda field: ([r["net_evals"] for r in metrics if field in r],  # noqa: E731
+                                [r[field] for r in metrics if field in r])
+        for drawn_line, field in ((line, "reward_mean"), (dots, "eval_reward"), (ax_kl.lines[i], "kl")):
+            np.testing.assert_array_equal(drawn_line.get_xdata(), series(field)[0])
+            np.testing.assert_array_equal(drawn_line.get_ydata(), series(field)[1])
+
+
+def test_report_of_one_run_redraws_its_figures_and_refuses_an_x_it_does_not_log(runs, tmp_path):
+    run = tmp_path / "brighter"
+    shutil.copytree(runs / "brighter", run)
+    shutil.rmtree(run / "figures")
+    result = invoke("report", run)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["evolution.png", "reward_kl.png"]
+    result = invoke("report", run, "--x", "grad_evals")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "grad_evals" in lines[0], result.output
 
 
 PLUGIN = """
@@ -148,14 +208,38 @@ def wrong_shape(x):
     (["--reward", "ft_plugin:wrong_shape"], "error: reward 'ft_plugin:wrong_shape' must map images [B, H, W, C] "
                                             "to [B] rewards; on a batch of shape (2, 28, 28, 1) it returned shape (2, 1)"),
     (["--reward", "sparkle"], "error: unknown image-reward 'sparkle'; valid choices: brightness, red"),
-    (["--M", "3", "--T", "8"], "error: --M 3 must divide --T 8"),
+    (["--M", "3", "--T", "8"], "error: --M (3) must divide --T (8)"),
     (["--method", "sideways"], "error: unknown finetune-method 'sideways'; valid choices:"),
+    (["--method", "nested", "--adjoint", "pipelined"], "error: --adjoint pipelined is a queue of adjoint states"),
     (["--sampler", "probability-flow"], "error: --sampler probability-flow is deterministic"),
+    (["--adjoint", "continuous"], "error: --adjoint continuous is the adjoint ODE of the probability flow"),
+    (["--sample-every", "15"], "error: --sample-every (15) must be a multiple of --log-every (10)"),
+    (["--from", "/nonexistent"], "error: '/nonexistent' holds no trained model"),
 ])
-def test_bad_input_is_one_line_and_exit_2(pretrained, tmp_path, monkeypatch, args, message):
+def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tiny_pretrain, tmp_path, monkeypatch, args, message):
     (tmp_path / "ft_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = invoke("finetune", "--from", pretrained, *args, "--out", tmp_path / "run")
+    result = invoke("finetune", "--from", tiny_pretrain, *args, "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_metrics(runs, tiny_pretrain, tmp_path):
+    """SIGKILL after the first checkpoint of the pipelined run (a real process, no clean-up), then the
+    same command again: the rows equal the uninterrupted run's (wall_s aside)."""
+    run = tmp_path / "darker"
+    args = ["finetune", "--from", str(tiny_pretrain), *TINY_FINETUNE, *DARKER, "--out", str(run)]
+    command = [sys.executable, "-c", "import sys; from idiff_cli.cli import main; sys.argv[0] = 'idiff'; main()"]
+    proc = subprocess.Popen(command + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 600
+    while not (run / "finetuned.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert (run / "checkpoints" / "10").is_dir()
+    result = subprocess.run(command + args, capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr
+    assert without_wall(rows(run)) == without_wall(rows(runs / "darker"))

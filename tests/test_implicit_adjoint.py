@@ -1,4 +1,4 @@
-"""Gradient paths through the sampler against oracles (issue 6, item 8): the 1-D Gaussian case of paper
+"""Gradient paths through the sampler against oracles: the 1-D Gaussian case of paper
 §4 (closed forms), jax.grad through the unrolled sampler, finite differences, and a small U-Net."""
 
 import jax

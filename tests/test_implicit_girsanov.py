@@ -1,4 +1,4 @@
-"""Girsanov KL(p ‖ π*(θ0)) against the closed-form KL of two Gaussian OU paths (issue 6, item 8)."""
+"""Girsanov KL(p ‖ π*(θ0)) against the closed-form KL of two Gaussian OU paths."""
 
 import jax
 import numpy as np

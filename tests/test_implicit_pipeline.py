@@ -1,5 +1,5 @@
-"""The pipelined adjoint and the `--adjoint` choices of the finetuning methods (issue 6, items 3 and 5),
-on the paper's 1-D Gaussian diffusion (§4) with a KL running cost, in float64."""
+"""The pipelined adjoint and the `--adjoint` choices of the finetuning methods, on the paper's 1-D
+Gaussian diffusion (§4) with a KL running cost, in float64."""
 
 import jax
 import jax.numpy as jnp

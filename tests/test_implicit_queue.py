@@ -1,4 +1,4 @@
-"""Invariants of the queue of Algorithm 2 (issue 6, item 2)."""
+"""Invariants of the queue of Algorithm 2."""
 
 import jax
 import jax.numpy as jnp

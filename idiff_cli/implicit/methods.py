@@ -32,8 +32,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from idiff_cli import registry
 from idiff_cli.errors import UserError
-from idiff_cli.implicit import adjoint
+from idiff_cli.implicit import adjoint, pipeline
 from idiff_cli.implicit import queue as queue_lib
 from idiff_cli.implicit.paths import SamplerPaths
 from idiff_cli.registry import register
@@ -130,8 +131,6 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
 def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
     """Algorithm 2 with the pipelined adjoint (pipeline.py): the completed slots are walked back L steps
     per outer step in a second queue; with M = T, 2 sequential batched calls per outer step."""
-    from idiff_cli.implicit import pipeline
-
     L = queue_lib.check_divides(M, T)
     p = problem.paths
 
@@ -215,8 +214,6 @@ def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full")
     """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, or a
     plug-in builder `package.module:function(problem, T, M) -> Method`; `kind` is the adjoint (ADJOINTS):
     `pipelined` is Algorithm 2's only, `continuous` needs a deterministic sampler and whole paths."""
-    from idiff_cli import registry
-
     if kind == "pipelined":
         if name != "implicit":
             raise UserError(f"--adjoint pipelined is a queue of adjoint states beside Algorithm 2's queue: it needs "

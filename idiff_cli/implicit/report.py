@@ -1,34 +1,36 @@
-"""Figures of finetuning runs, drawn from their run directories alone (used by `idiff finetune` and
-`idiff report`): reward and KL against outer steps or network evaluations (paper Figs 6, 15, 17) and
-the same-seed sample-evolution strip (Figs 7, 13, 14, 16)."""
+"""Figures of finetuning runs, drawn from their run directories alone (by `idiff finetune` at the end
+of a run and by `idiff report`): reward and KL against outer steps, network evaluations, sequential
+calls or wall time (paper Figs 6, 15, 17), and the same-seed sample-evolution strip (Figs 7, 13, 14, 16).
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Sequence
 
-import numpy as np
+import matplotlib
 
-from idiff_cli.errors import UserError
-from idiff_cli.runs import RunDir, read_metrics
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from idiff_cli.errors import UserError  # noqa: E402
+from idiff_cli.images import save_strip  # noqa: E402
+from idiff_cli.runs import atomic_path, read_metrics  # noqa: E402
 
 X_AXES = {"step": "outer step", "net_evals": "network evaluations (images)", "wall_s": "wall time (s)",
           "sequential_calls": "sequential batched network calls"}
+EVOLUTION_ROWS = 8  # images per row of the evolution strip
 
 
 def plot_reward_kl(run_dirs: Sequence[pathlib.Path], labels: Sequence[str], x: str = "step"):
-    """Reward (batch mean ± std, and the fixed-key evaluation reward) and KL against `x`, runs overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The figure: left, per run, the training-batch reward (line, ± std band) and the fixed-key
+    evaluation reward (dots); right, the Girsanov KL to θ0, each against `x`. Returns the figure."""
     fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
         rows = read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
         train = [r for r in rows if "reward_mean" in r]
-        if not train:
-            continue
         xs = np.array([r[x] for r in train])
         mean = np.array([r["reward_mean"] for r in train])
         std = np.array([r["reward_std"] for r in train])
@@ -45,50 +47,52 @@ def plot_reward_kl(run_dirs: Sequence[pathlib.Path], labels: Sequence[str], x: s
     return fig
 
 
-def evolution_strip(run_dir: pathlib.Path, n_images: int = 8, upscale: int = 2) -> pathlib.Path | None:
-    """figures/evolution.png: one row per saved step (top: θ0) of the first `n_images` fixed-key samples,
-    read from samples/step_*.npy."""
-    from PIL import Image
-
-    from idiff_cli.runs import atomic_path
-
-    files = sorted((run_dir / "samples").glob("step_*.npy"))
+def evolution_strip(run_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path | None:
+    """`target`: one row per saved step (top: θ0) of the first fixed-key samples, read from
+    samples/step_*.npy; None when the run saved none."""
+    files = sorted((pathlib.Path(run_dir) / "samples").glob("step_*.npy"))
     if not files:
         return None
-    rows = []
-    for path in files:
-        images = np.load(path)[:n_images]  # uint8 [n, H, W, C]
-        n, h, w, c = images.shape
-        row = np.full((h + 2, n * (w + 2) + 2, c), 255, np.uint8)
-        for i in range(n):
-            row[1: 1 + h, 2 + i * (w + 2): 2 + i * (w + 2) + w] = images[i]
-        rows.append(row)
-    strip = np.concatenate(rows)
-    image = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip)
-    image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    target = run_dir / "figures" / "evolution.png"
-    with atomic_path(target) as tmp:
-        image.save(tmp, format="PNG")
-    return target
+    return save_strip([np.load(path)[:EVOLUTION_ROWS] for path in files], target)
 
 
-def finish_run(run_dir: RunDir) -> None:
-    """The figures of one run: figures/reward_kl.png and figures/evolution.png."""
-    run_dir.save_figure(plot_reward_kl([run_dir.path], [run_dir.path.name]), "reward_kl.png")
-    evolution_strip(run_dir.path)
+def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
+    """`fig` as a PNG at `path` (atomically); closes it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def finish_run(run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The figures of one run, into run_dir/figures/."""
+    return report([run_dir], pathlib.Path(run_dir) / "figures", "step")
+
+
+def _label(run_dir: pathlib.Path) -> str:
+    path = run_dir / "config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    return (f"{run_dir.name}: {cfg.get('method', '?')} λ={cfg.get('lam', '?')} β={cfg.get('beta', '?')} "
+            f"lr={cfg.get('lr', '?')}")
 
 
 def report(run_dirs: Sequence[pathlib.Path], out: pathlib.Path, x: str = "step") -> list[pathlib.Path]:
-    """Overlays several finetuning runs: `out`/reward_kl_<x>.png. Returns the files written."""
+    """One run: its reward_kl.png (x = step) or reward_kl_<x>.png and evolution.png into `out`; several:
+    their curves overlaid in `out`/reward_kl_<x>.png. Returns the files written."""
+    run_dirs = [pathlib.Path(r) for r in run_dirs]
     if x not in X_AXES:
-        raise UserError(f"unknown --x '{x}'; valid choices: {', '.join(X_AXES)}")
+        raise UserError(f"finetune runs have no x axis '{x}'; valid: {', '.join(X_AXES)}")
     for run_dir in run_dirs:
-        if not (pathlib.Path(run_dir) / "metrics.jsonl").exists():
-            raise UserError(f"'{run_dir}' is not a finetune run directory (no metrics.jsonl)")
-    labels = []
-    for run_dir in run_dirs:
-        cfg = RunDir(run_dir).read_json("config.json") if (pathlib.Path(run_dir) / "config.json").exists() else {}
-        labels.append(f"{pathlib.Path(run_dir).name}: {cfg.get('method', '?')} λ={cfg.get('lam', '?')} "
-                      f"β={cfg.get('beta', '?')} lr={cfg.get('lr', '?')}")
-    target = RunDir(out)
-    return [target.save_figure(plot_reward_kl(run_dirs, labels, x), f"reward_kl_{x}.png")]
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        train = [r for r in rows if "reward_mean" in r]
+        if not train:
+            raise UserError(f"'{run_dir}' has no finetuning steps logged in metrics.jsonl yet")
+        if any(x not in r for r in rows):
+            raise UserError(f"'{run_dir}' does not log {x} on every row of metrics.jsonl")
+    out = pathlib.Path(out)
+    name = "reward_kl.png" if x == "step" and len(run_dirs) == 1 else f"reward_kl_{x}.png"
+    written = [save_figure(plot_reward_kl(run_dirs, [_label(r) for r in run_dirs], x), out / name)]
+    if len(run_dirs) == 1:
+        strip = evolution_strip(run_dirs[0], out / "evolution.png")
+        written += [strip] if strip else []
+    return written
