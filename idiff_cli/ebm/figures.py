@@ -6,9 +6,14 @@
     grad_evals.png              the headline metric against gradient evaluations (sampling steps)
     sigma_theta.png             σ(θ) over steps (mixture energies)
     density_steps.png           the data beside the learned density exp(−V(·, θ_k))/Z at the snapshot steps
+
+`report` redraws one run's figures from its files (the problem rebuilt from config.json), or overlays
+the headline metric of several runs.
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import jax
 import matplotlib
@@ -17,8 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from idiff_cli.ebm.problem import unflat_theta  # noqa: E402
-from idiff_cli.langevin.figures import band, by_method, density_contours  # noqa: E402
+from idiff_cli.ebm.options import SCHEMA  # noqa: E402
+from idiff_cli.ebm.problem import Problem, unflat_theta  # noqa: E402
+from idiff_cli.errors import UserError  # noqa: E402
+from idiff_cli.langevin.figures import FigureDir, band, by_method, density_contours  # noqa: E402
+from idiff_cli.loop import read_config  # noqa: E402
+from idiff_cli.runs import RunDir  # noqa: E402
 
 PANELS = (("kl_fwd", "KL(p_data ‖ π*(θ)) exact", True), ("kl_rev", "KL(π*(θ) ‖ p_data) exact", True),
           ("sigma_err", "‖σ(θ) − σ(θ*)‖", True), ("hist_kl", "KL(histogram of chains ‖ π*(θ))", True),
@@ -128,12 +137,44 @@ def fig_density(run_dir, problem, arrays, name):
     return run_dir.save_figure(fig, "density_steps.png")
 
 
-def make_all(run_dir, problem, per_method) -> None:
+def make_all(run_dir: RunDir, problem: Problem, per_method, out=None) -> list[pathlib.Path]:
+    """Every figure from run_dir's metrics.jsonl and method arrays into `out` (default: run_dir/figures)."""
+    target = out or run_dir
     curves = by_method(run_dir.read_metrics())
     trained = [n for n in per_method if not n.startswith("langevin-")]
-    fig11(run_dir, problem, per_method, trained[0])
-    fig12(run_dir, curves)
-    fig_grad_evals(run_dir, curves, "kl_fwd" if problem.has_density else "nll")
+    paths = [fig11(target, problem, per_method, trained[0]), fig12(target, curves),
+             fig_grad_evals(target, curves, problem.headline)]
     if problem.theta_target is not None:
-        fig_sigma(run_dir, per_method, problem.theta_target)
-    fig_density(run_dir, problem, per_method[trained[0]], trained[0])
+        paths.append(fig_sigma(target, per_method, problem.theta_target))
+    return paths + [fig_density(target, problem, per_method[trained[0]], trained[0])]
+
+
+def report(run_dirs: list[pathlib.Path], out: pathlib.Path, x: str = "step") -> list[pathlib.Path]:
+    """`idiff report`: one run's figures again into `out`; several runs: the NLL and, where the data
+    has a density, the exact KL of every method against `x` (step or grad_evals), one band per run."""
+    if x not in ("step", "grad_evals", "wall_s"):
+        raise UserError(f"--x {x}: ebm-train runs log step, grad_evals and wall_s")
+    figure_dir = FigureDir(out)
+    if len(run_dirs) == 1:
+        run_dir = RunDir(run_dirs[0])
+        cfg = read_config(SCHEMA, run_dir.path)
+        per_method = {}
+        for name in by_method(run_dir.read_metrics()):  # in the order the methods ran
+            with np.load(run_dir.path / "methods" / f"{name}.npz") as npz:
+                per_method[name] = dict(npz)
+        return make_all(run_dir, Problem(cfg), per_method, figure_dir)
+    runs = {str(r): by_method(RunDir(r).read_metrics()) for r in run_dirs}
+    metrics = [m for m in ("kl_fwd", "nll") if all(f"{m}_mean" in c for curves in runs.values() for c in curves.values())]
+    names = list(dict.fromkeys(n for curves in runs.values() for n in curves))
+    fig, axes = plt.subplots(len(metrics), len(names), figsize=(4 * len(names), 3.5 * len(metrics)), squeeze=False)
+    for j, name in enumerate(names):
+        for label, curves in runs.items():
+            if name in curves:
+                for i, metric in enumerate(metrics):
+                    band(axes[i, j], curves[name][x], curves[name], metric, label)
+        axes[0, j].set_title(name, fontsize=10)
+        axes[-1, j].set_xlabel(x)
+    for i, metric in enumerate(metrics):
+        axes[i, 0].set_ylabel(dict((p[0], p[1]) for p in PANELS)[metric])
+    axes[0, 0].legend(fontsize=7)
+    return [figure_dir.save_figure(fig, "metrics_runs.png")]

@@ -1,11 +1,14 @@
 """Figures of the Langevin reward experiment: paper Figs 4, 5, 8 and 10 (Appendix A.1).
 
 Everything is drawn from the run directory alone: curves from metrics.jsonl (mean over seeds with
-a min/max band, as in the paper), samples and θ trajectories from arrays.npz.
+a min/max band, as in the paper), samples and θ trajectories from arrays.npz. `report` redraws one
+run's figures, or overlays the reward and log-likelihood curves of several runs.
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 from collections import defaultdict
 
 import jax
@@ -16,7 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from idiff_cli import registry  # noqa: E402
+from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.langevin import quadrature  # noqa: E402
+from idiff_cli.runs import RunDir, atomic_path  # noqa: E402
 
 SNAPSHOT_TARGETS = (100, 1000, 2500)
 
@@ -145,15 +151,53 @@ def fig10_sigma(run_dir, arrays, names):
     return run_dir.save_figure(fig, "fig10_sigma_theta.png")
 
 
-def make_all(run_dir, potential, theta0) -> None:
-    """Draws every figure from run_dir's metrics.jsonl and arrays.npz."""
+class FigureDir:
+    """Where figures go: `save_figure(fig, name)` writes <path>/<name> (PNG) and closes the figure."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+
+    def save_figure(self, fig, name: str) -> pathlib.Path:
+        target = self.path / name
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        plt.close(fig)
+        return target
+
+
+def make_all(run_dir: RunDir, potential, theta0, out=None) -> list[pathlib.Path]:
+    """Draws every figure from run_dir's metrics.jsonl and arrays.npz into `out` (default: run_dir/figures)."""
     curves = by_method(run_dir.read_metrics())
     names = list(curves)
     theta0 = np.asarray(theta0, np.float32)
+    target = out or run_dir
     with np.load(run_dir.path / "arrays.npz") as npz:
         arrays = dict(npz)
-    fig4(run_dir, potential, arrays, names, theta0)
-    fig5(run_dir, curves)
-    fig8(run_dir, curves)
-    fig10(run_dir, potential, arrays, names, theta0)
-    fig10_sigma(run_dir, arrays, names)
+    return [fig4(target, potential, arrays, names, theta0), fig5(target, curves), fig8(target, curves),
+            fig10(target, potential, arrays, names, theta0), fig10_sigma(target, arrays, names)]
+
+
+def report(run_dirs: list[pathlib.Path], out: pathlib.Path, x: str = "step") -> list[pathlib.Path]:
+    """`idiff report`: one run's figures again into `out`; several runs: each method's reward and
+    log-likelihood (mean over seeds, min/max band) against `x` (step or grad_evals), one curve per run."""
+    if x not in ("step", "grad_evals", "wall_s"):
+        raise UserError(f"--x {x}: langevin-reward runs log step, grad_evals and wall_s")
+    figure_dir = FigureDir(out)
+    if len(run_dirs) == 1:
+        config = json.loads((pathlib.Path(run_dirs[0]) / "config.json").read_text())
+        return make_all(RunDir(run_dirs[0]), registry.get("potential", config["potential"]), config["theta0"],
+                        figure_dir)
+    runs = {str(r): by_method(RunDir(r).read_metrics()) for r in run_dirs}
+    names = list(dict.fromkeys(n for curves in runs.values() for n in _main_methods(list(curves))))
+    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 7), squeeze=False)
+    for j, name in enumerate(names):
+        for label, curves in runs.items():
+            if name in curves:
+                for i, metric in enumerate(("reward", "loglik")):
+                    band(axes[i, j], curves[name][x], curves[name], metric, label)
+        axes[0, j].set_title(name, fontsize=10)
+        axes[1, j].set_xlabel(x)
+    axes[0, 0].set_ylabel("reward (batch mean)")
+    axes[1, 0].set_ylabel("log π*(θ_opt)(x)")
+    axes[0, 0].legend(fontsize=7)
+    return [figure_dir.save_figure(fig, "reward_loglik_runs.png")]
