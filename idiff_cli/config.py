@@ -21,6 +21,7 @@ import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
+from idiff_cli import registry
 from idiff_cli.errors import UserError
 
 
@@ -103,8 +104,6 @@ class Option:
         if isinstance(self.choices, tuple) and self.choices and v not in self.choices:
             raise UserError(f"unknown {self.flag} '{v}'; valid choices: {', '.join(self.choices)}")
         if isinstance(self.choices, str):
-            from idiff_cli import registry
-
             registry.get(self.choices, v)
 
 

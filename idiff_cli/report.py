@@ -14,6 +14,7 @@ from typing import Any
 
 from idiff_cli import config as cfglib
 from idiff_cli.errors import UserError
+from idiff_cli.runs import console
 
 # run kind (config.json's `command`) -> "module:function" drawing its figures
 FIGURES = {
@@ -50,8 +51,6 @@ def run_kind(run_dir: pathlib.Path) -> str:
 
 
 def main(cfg: Any, out: pathlib.Path | None) -> list[pathlib.Path]:
-    from idiff_cli.runs import console
-
     runs = [pathlib.Path(r) for r in cfg.runs]
     kinds = {run_kind(r) for r in runs}
     if len(kinds) > 1:
