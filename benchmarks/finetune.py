@@ -1,4 +1,4 @@
-"""Cost per outer step of the finetuning methods at MNIST size (issue 6, item 9), all measured in one run.
+"""Cost per outer step of the finetuning methods at MNIST size, all measured in one run.
 
 For `implicit` (Algorithm 2) with the full adjoint (queue of M) and with the pipelined adjoint (M = T),
 `nested` and `truncated-1` on the same pretrained U-Net, reward and settings, prints per outer step: sequential batched network calls (the critical path on parallel
@@ -28,11 +28,12 @@ use_host_cores()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from idiff_cli.diffusion.pretrained import load_pretrained  # noqa: E402
+from idiff_cli.diffusion.model import load  # noqa: E402
 from idiff_cli.implicit import finetune as F  # noqa: E402
+from idiff_cli.implicit.options import SCHEMA  # noqa: E402
 
 
-def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
+def measure(cfg, pre, steps: int) -> dict:
     bind, optimizer = F.build(cfg, pre)
     params0 = jax.device_put(pre.params, jax.devices()[0])
     _, method, _ = bind(params0)
@@ -41,13 +42,13 @@ def measure(cfg: F.FinetuneConfig, pre, steps: int) -> dict:
                             jnp.asarray(0, jnp.int32))
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
-    chunk = F.make_chunk(bind, optimizer, steps, (cfg.lam, cfg.beta))
+    chunk = F.make_chunk(bind, optimizer, (cfg.lam, cfg.beta))
     start = time.perf_counter()
-    state, (first, _, _), _ = chunk(state, params0)  # compile (and `steps` outer steps)
+    state, (first, _, _), _ = chunk(state, params0, steps)  # compile (and `steps` outer steps)
     jax.block_until_ready(first)
     first_s = time.perf_counter() - start
     start = time.perf_counter()
-    state, (reward, _, _), _ = chunk(state, params0)
+    state, (reward, _, _), _ = chunk(state, params0, steps)
     jax.block_until_ready(reward)
     seconds = (time.perf_counter() - start) / steps
     c = method.cost
@@ -72,9 +73,9 @@ def main() -> None:
                         "ratios are to it); pipelined runs at M = T")
     args = parser.parse_args()
     from_run = args.from_run or str(F.latest_pretrain_run())
-    pre = load_pretrained(from_run)
-    base = F.FinetuneConfig(from_run=from_run, reward="brightness", lam=args.lam, beta=args.beta, T=args.T, M=args.M,
-                            batch=args.batch, lr=1e-4, log_every=args.steps)
+    pre = load(from_run)
+    base = SCHEMA.resolve(dict(from_run=from_run, reward="brightness", lam=args.lam, beta=args.beta, T=args.T,
+                               M=args.M, batch=args.batch, lr=1e-4))
     variants = [(m, a, args.T if a == "pipelined" else args.M) for m, a in (v.split(":") for v in args.variants.split(","))]
     if ("nested", "full", args.M) not in variants:
         parser.error("--variants must include nested:full (the ratios are to it)")
