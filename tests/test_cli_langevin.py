@@ -1,14 +1,19 @@
 """`idiff langevin-reward` end to end through the real CLI on tiny configs."""
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from idiff_cli.cli import app
+from idiff_cli.langevin import figures
 
 TINY = ["--steps", "50", "--batch", "64", "--seeds", "2", "--log-every", "10"]
 ALL_METHODS = ["implicit", "langevin-theta0", "nested-T1", "nested-T3", "unrolled-T1", "unrolled-T3",
@@ -17,6 +22,11 @@ ALL_METHODS = ["implicit", "langevin-theta0", "nested-T1", "nested-T3", "unrolle
 
 def invoke(*args):
     return CliRunner().invoke(app, list(args))
+
+
+def rows(run_dir, drop=("wall_s",)):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +39,13 @@ def tiny_run(tmp_path_factory):
 
 def test_all_methods_write_every_output(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
-    assert config["steps"] == 50 and config["T"] == [1, 3] and config["preset"] == "reference"
-    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["method"] for r in rows}) == sorted(ALL_METHODS)
+    assert config["command"] == "langevin-reward" and config["T"] == [1, 3] and config["preset"] == "reference"
+    logged = rows(tiny_run)
+    assert sorted({r["method"] for r in logged}) == sorted(ALL_METHODS)
     for method in ALL_METHODS:
-        mine = [r for r in rows if r["method"] == method]
+        mine = [r for r in logged if r["method"] == method]
         assert [r["step"] for r in mine] == [0, 10, 20, 30, 40, 50]
-        assert all(r["grad_evals"] == r["step"] * r["T"] for r in mine)
-        for r in mine:
-            for metric in ("reward", "loglik"):
-                assert r[f"{metric}_min"] <= r[f"{metric}_mean"] <= r[f"{metric}_max"]
-                assert np.isfinite(r[f"{metric}_mean"])
+        assert all(np.isfinite(r["reward_mean"]) and np.isfinite(r["loglik_mean"]) for r in mine)
     arrays = np.load(tiny_run / "arrays.npz")
     assert arrays["theta_opt"].shape == (2, 6)
     assert arrays["implicit/theta"].shape == (6, 2, 6)
@@ -47,10 +53,10 @@ def test_all_methods_write_every_output(tiny_run):
     # θ_opt is implicit's final θ, and langevin-theta-opt keeps it fixed.
     np.testing.assert_array_equal(arrays["theta_opt"], arrays["implicit/theta"][-1])
     np.testing.assert_array_equal(arrays["langevin-theta-opt/theta"][-1], arrays["theta_opt"])
-    figures = sorted(p.name for p in (tiny_run / "figures").iterdir())
-    assert figures == ["fig10_dynamics.png", "fig10_sigma_theta.png", "fig4_samples_contours.png",
-                       "fig5_reward_loglik.png", "fig8_grad_evals.png"]
-    assert all((tiny_run / "figures" / f).stat().st_size > 5000 for f in figures)
+    assert not np.array_equal(arrays["theta_opt"], arrays["langevin-theta0/theta"][-1])
+    assert sorted(p.name for p in (tiny_run / "figures").iterdir()) == [
+        "fig10_dynamics.png", "fig10_sigma_theta.png", "fig4_samples_contours.png", "fig5_reward_loglik.png",
+        "fig8_grad_evals.png"]
 
 
 def test_nested_with_one_inner_step_equals_implicit(tiny_run):
@@ -61,15 +67,53 @@ def test_nested_with_one_inner_step_equals_implicit(tiny_run):
     assert not np.array_equal(arrays["nested-T3/theta"], arrays["implicit/theta"])
 
 
+def test_report_redraws_the_logged_series(tiny_run, tmp_path, monkeypatch):
+    """`idiff report RUN` plots metrics.jsonl's reward curves; two runs overlay one band per run."""
+    drawn = []
+    monkeypatch.setattr(figures.FigureDir, "save_figure", lambda self, fig, name: drawn.append((name, fig)) or name)
+    result = invoke("report", str(tiny_run), "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    fig5 = dict(drawn)["fig5_reward_loglik.png"]
+    logged = [r for r in rows(tiny_run) if r["method"] == "implicit"]
+    implicit = next(line for line in fig5.axes[0].get_lines() if line.get_label() == "implicit")
+    np.testing.assert_array_equal(implicit.get_xdata(), [r["step"] for r in logged])
+    np.testing.assert_allclose(implicit.get_ydata(), [r["reward_mean"] for r in logged])
+    drawn.clear()
+    copy = shutil.copytree(tiny_run, tmp_path / "copy")
+    result = invoke("report", str(tiny_run), str(copy), "--x", "grad_evals", "--out", str(tmp_path / "two"))
+    assert result.exit_code == 0, result.output
+    (name, fig), = drawn
+    nested = fig.axes[[a.get_title() for a in fig.axes].index("nested-T3")].get_lines()
+    assert len(nested) == 2
+    np.testing.assert_array_equal(nested[0].get_xdata(), [r["grad_evals"] for r in rows(tiny_run)
+                                                          if r["method"] == "nested-T3"])
+
+
 def test_one_baseline_runs_with_implicit_as_reference(tmp_path):
     result = invoke("langevin", *TINY, "--baseline", "nested", "--T", "2", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    methods = {json.loads(line)["method"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
-    assert methods == {"implicit", "nested-T2"}
+    assert {r["method"] for r in rows(tmp_path)} == {"implicit", "nested-T2"}
+
+
+def test_method_plugin_through_the_cli(tmp_path, monkeypatch):
+    """A method defined in a user module (builder(Components, T) -> Method) runs by `--method module:fn`."""
+    (tmp_path / "my_methods.py").write_text(
+        "from idiff_cli.langevin import methods as m\n\n"
+        "def half_step(c, T):\n"
+        "    sample = m.ula_sampler(m.potential_energy(c.potential), c.gamma / 2, 2 * T)\n"
+        "    return m.trained(f'half-step-T{T}', 2 * T, sample, c.gradient, c.optimizer(1.0))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    result = invoke("langevin", *TINY, "--method", "my_methods:half_step", "--T", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    mine = [r for r in rows(out) if r["method"] == "half-step-T2"]
+    assert [r["step"] for r in mine] == [0, 10, 20, 30, 40, 50] and mine[-1]["T"] == 4
+    arrays = np.load(out / "arrays.npz")
+    assert not np.array_equal(arrays["half-step-T2/theta"][-1], arrays["implicit/theta"][-1])
 
 
 def test_config_file_and_preset_and_flag_precedence(tmp_path):
-    (tmp_path / "c.toml").write_text('steps = 20\nbatch = 32\nseeds = 2\ngamma = 0.05\nbaseline = "implicit"\n')
+    (tmp_path / "c.toml").write_text('steps = 20\nbatch = 32\nseeds = 2\ngamma = 0.05\nmethod = "implicit"\n')
     out = tmp_path / "run"
     result = invoke("langevin", "--preset", "paper", "--config", str(tmp_path / "c.toml"), "--steps", "30",
                     "--out", str(out))
@@ -86,19 +130,20 @@ def test_reward_plugin(tmp_path, monkeypatch):
     result = invoke("langevin", *TINY, "--baseline", "implicit", "--reward", "my_rewards:right_half",
                     "--out", str(out))
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert 0.3 < rows[0]["reward_mean"] < 0.7  # fraction of N(0, I) draws with x0 > 0
+    assert 0.3 < rows(out)[0]["reward_mean"] < 0.7  # fraction of N(0, I) draws with x0 > 0
 
 
 @pytest.mark.parametrize("args, message", [
     (["--reward", "nope"], "unknown reward 'nope'; valid choices: corner, corner-paper"),
-    (["--baseline", "nope"], "unknown --baseline 'nope'; valid choices: all, guidance, implicit"),
-    (["--batch", "-5"], "--batch must be an integer >= 1, got -5"),
-    (["--T", "0"], "--T must be one or more integers >= 1, got (0,)"),
-    (["--gamma", "nan"], "--gamma must be a finite number > 0, got nan"),
-    (["--eta-schedule", "cosine"], "unknown --eta-schedule 'cosine'; valid choices: constant, inv-sqrt"),
-    (["--preset", "nope"], "unknown preset 'nope'; valid choices: reference, paper"),
+    (["--baseline", "nope"], "unknown --method 'nope'; valid choices: all, guidance, implicit"),
+    (["--batch", "-5"], "--batch must be > 0, got -5"),
+    (["--T", "0"], "--T must be > 0, got 0"),
+    (["--gamma", "nan"], "--gamma must be a finite number, got nan"),
+    (["--lr-schedule", "cosine"], "unknown --lr-schedule 'cosine'; valid choices: constant, inv-sqrt"),
+    (["--preset", "nope"], "unknown --preset 'nope'; valid choices: reference, paper"),
     (["--theta0", "1,2"], "--theta0 has 2 entries; potential 'hexagon' takes 6"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--ckpt-every", "15"], "--ckpt-every (15) must be a multiple of --log-every (10)"),
     (["--reward", "no_such_module:f"], "cannot import reward plug-in module 'no_such_module'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
@@ -106,55 +151,91 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()
 
 
-def test_console_script_exit_code_and_stderr(tmp_path):
-    """The installed entry point, in a fresh process: one line on stderr, exit code 2, no traceback."""
-    proc = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "langevin",
-                           "--steps", "-1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --steps must be an integer >= 1, got -1"
+def test_another_defining_option_into_the_same_run_directory_is_refused(tiny_run):
+    result = invoke("langevin", *TINY, "--T", "1,3", "--seed", "7", "--out", str(tiny_run))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "other defining options (--seed 0 -> 7)" in lines[0], result.output
 
 
+def sorted_rows(run_dir):
+    return sorted(rows(run_dir), key=lambda r: (r["method"], r["step"]))
+
+
+def assert_same_arrays(a, b):
+    a, b = np.load(a / "arrays.npz"), np.load(b / "arrays.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_resume_from_checkpoints_equals_one_run(tmp_path):
+    """A run whose last checkpoint of `implicit` and every checkpoint of `langevin-theta-opt` are
+    lost resumes implicit from step 40 and reruns theta-opt: rows and arrays equal the whole run's."""
+    args = [*TINY, "--baseline", "implicit,langevin-theta-opt", "--ckpt-every", "10"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert invoke("langevin", *args, "--out", str(whole)).exit_code == 0
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "implicit" / "50")
+    shutil.rmtree(cut / "checkpoints" / "langevin-theta-opt")
+    (cut / "arrays.npz").unlink()
+    result = invoke("langevin", *args, "--out", str(cut))
+    assert result.exit_code == 0, result.output
+    assert "resuming implicit from checkpoint step 40" in result.output
+    assert sorted_rows(cut) == sorted_rows(whole)
+    assert_same_arrays(whole, cut)
+
+
+def test_larger_steps_continue_the_run(tmp_path):
+    """`implicit` run to step 20, then --steps 50 into the same --out: the rows and arrays of one
+    50-step run; re-running the finished run adds nothing."""
+    args = [*TINY[2:], "--baseline", "implicit", "--ckpt-every", "10"]
+    whole, grown = tmp_path / "whole", tmp_path / "grown"
+    assert invoke("langevin", "--steps", "50", *args, "--out", str(whole)).exit_code == 0
+    assert invoke("langevin", "--steps", "20", *args, "--out", str(grown)).exit_code == 0
+    result = invoke("langevin", "--steps", "50", *args, "--out", str(grown))
+    assert result.exit_code == 0, result.output
+    assert "resuming implicit from checkpoint step 20" in result.output
+    assert rows(grown) == rows(whole)
+    assert_same_arrays(whole, grown)
+    assert invoke("langevin", "--steps", "50", *args, "--out", str(grown)).exit_code == 0
+    assert rows(grown) == rows(whole)
+    result = invoke("langevin", "--steps", "30", *args, "--out", str(grown))
+    assert result.exit_code == 2 and "--steps must be at least that" in result.output
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL after the first method is saved; re-running into the same --out skips it and the
-    final outputs equal those of an uninterrupted run (same device count, same keys)."""
-    import os
-    import signal
-    import time
-
-    args = [*TINY, "--baseline", "implicit,guidance,langevin-theta-opt"]
+    """SIGKILL once `implicit` has checkpointed; re-running into the same --out resumes from the
+    checkpoints, and the outputs equal those of an uninterrupted run (same device count, same keys)."""
+    args = [*TINY, "--baseline", "implicit,guidance,langevin-theta-opt", "--ckpt-every", "10"]
     whole = tmp_path / "whole"
     assert invoke("langevin", *args, "--out", str(whole)).exit_code == 0
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", "langevin", *args,
                              "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    def implicit_saved():  # its arrays, then all 6 of its metrics rows
-        metrics = cut / "metrics.jsonl"
-        return metrics.exists() and metrics.read_text().count('"implicit"') == 6
-
     deadline = time.time() + 120
-    while not implicit_saved() and proc.poll() is None and time.time() < deadline:
+    while not (cut / "checkpoints" / "guidance").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (cut / "methods" / "implicit.npz").exists() and not (cut / "arrays.npz").exists()
+    assert not (cut / "arrays.npz").exists()
 
     result = invoke("langevin", *args, "--out", str(cut))
     assert result.exit_code == 0, result.output
-    assert "resuming: implicit" in result.output
-    rows = lambda d: sorted(json.dumps(r, sort_keys=True) for r in  # noqa: E731
-                            map(json.loads, (d / "metrics.jsonl").read_text().splitlines()))
-    assert rows(cut) == rows(whole)
-    a, b = np.load(whole / "arrays.npz"), np.load(cut / "arrays.npz")
-    assert sorted(a.files) == sorted(b.files)
-    for key in a.files:
-        np.testing.assert_array_equal(a[key], b[key])
+    assert "resuming implicit from checkpoint step 50" in result.output
+    assert sorted_rows(cut) == sorted_rows(whole)
+    assert_same_arrays(whole, cut)
 
 
-def test_another_config_into_the_same_run_directory_is_refused(tiny_run):
-    result = invoke("langevin", *TINY, "--T", "1,3", "--seed", "7", "--out", str(tiny_run))
-    assert result.exit_code == 2
-    assert "holds a run with another config (differs in seed)" in result.output
+def test_console_script_exit_code_and_stderr(tmp_path):
+    """The installed entry point, in a fresh process: one line on stderr, exit code 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "langevin",
+                           "--steps", "-1", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --steps must be > 0, got -1"

@@ -45,6 +45,8 @@ def build_methods(cfg: Any, c: Components) -> list[Method]:
     """Every method of `--method` (per value of --T for nested, unrolled and short-run), implicit first."""
     methods = []
     for name in method_names(cfg.method):
+        if ":" not in name and name not in registry.names("method"):
+            raise UserError(f"unknown --method '{name}'; valid choices: all, {registry.choices_text('method')}")
         builder = registry.get("method", name)
         methods += [builder(c, T) for T in (cfg.T if name in PER_T else cfg.T[:1])]
     return methods
