@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from idiff_cli.cli import app
 from idiff_cli.data.embedded import mnist_digits
-from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
 
 
 def invoke(*args):
@@ -48,7 +47,9 @@ def test_given_images_against_the_embedded_digits_and_against_saved_stats(tmp_pa
     (["--samples", "{half}", "--ref-stats", "{wrong_dim}"], "holds 2048-d statistics, but the features are 128-d"),
     (["--samples", "{tmp}/absent.npz"], "--samples file"),
     (["--samples", "{half}", "--features", "nope"], "unknown features 'nope'; valid choices: inception, mnist-classifier"),
-    (["--n", "0", "--samples", "{half}"], "--n must be an integer >= 1, got 0"),
+    (["--n", "0", "--samples", "{half}"], "--n must be > 0, got 0"),
+    (["{tmp}", "--samples", "{half}"], "give RUN_DIR or --samples, not both"),
+    (["--dataset", "mnist", "--save-stats", "{tmp}/s.npz", "{tmp}"], "not of a run"),
     ([], "give RUN_DIR, --samples FILE.npz, or --dataset NAME --save-stats FILE.npz"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, half_digits, args, message):

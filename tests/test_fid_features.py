@@ -11,11 +11,10 @@ from idiff_cli.errors import UserError
 from idiff_cli.fid import evaluate, stats
 from idiff_cli.fid.features import embed_all, to_unit_range
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
-from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
-def mnist_features(classifier_cache):
+def mnist_features():
     return evaluate.get_features("mnist-classifier")
 
 

@@ -1,14 +1,14 @@
-"""`idiff evaluate-fid RUN_DIR` on a tiny pretrained run: sampling, fid.json, and resuming from the
-features kept on disk (an interrupted evaluation recomputes only the missing batches, with the same
-samples, so the value is the same)."""
+"""`idiff evaluate-fid RUN_DIR` on the session's tiny pretrained run: sampling, fid.json, and resuming
+from the features kept on disk (an interrupted evaluation recomputes only the missing batches, with the
+same samples, so the value is the same)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
 from idiff_cli.cli import app
 
 
@@ -16,22 +16,19 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "pretrain"
-    result = invoke("pretrain", "mnist", "--steps", "1", "--batch", "4", "--ch", "8", "--sample-steps", "2",
-                    "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1", "--grid-n", "4",
-                    "--fid-every", "1", "--fid-n", "6", "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def tiny_run(tiny_pretrain, tmp_path):
+    """A copy of the session's pretrain run (evaluate-fid writes fid.json and features into it)."""
+    return shutil.copytree(tiny_pretrain, tmp_path / "pretrain")
 
 
-def test_pretrain_logs_the_periodic_fid(tiny_run):
-    """`--fid-every 1 --fid-n 6`: the step-1 metrics row carries the FID of 6 EMA samples against the
-    embedded digits; after one step the samples are noise-like, far from digits (> 100; real-vs-real
-    FID is ~3, real-vs-noise ~770)."""
-    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 1 and rows[-1]["fid_n"] == 6 and rows[-1]["fid"] > 100, rows[-1]
+def test_pretrain_logs_the_periodic_fid(tiny_pretrain):
+    """`--fid-every 2 --fid-n 6`: only the step-2 metrics row carries the FID of 6 EMA samples against
+    the embedded digits; after two steps the samples are noise-like, far from digits (> 100;
+    real-vs-real FID is ~3, real-vs-noise ~770)."""
+    rows = [json.loads(line) for line in (tiny_pretrain / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "fid" in r] == [2]
+    assert rows[-1]["fid_n"] == 6 and rows[-1]["fid"] > 100, rows[-1]
 
 
 def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
@@ -39,9 +36,9 @@ def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     fid = json.loads((tiny_run / "fid.json").read_text())
-    assert fid["metric"] == "FID (MNIST classifier features)" and fid["n"] == 6 and fid["checkpoint"] == 1
+    assert fid["metric"] == "FID (MNIST classifier features)" and fid["n"] == 6 and fid["checkpoint"] == 2
     assert fid["sampler"] == "euler-maruyama" and fid["sample_steps"] == 2 and np.isfinite(fid["value"])
-    store = tiny_run / "fid" / "mnist-classifier-ckpt1-euler-maruyama-2steps-b4-seed0"
+    store = tiny_run / "fid" / "mnist-classifier-ckpt2-euler-maruyama-2steps-b4-seed0"
     assert sorted(p.name for p in store.iterdir()) == ["batch-00000.npy", "batch-00001.npy"]
     kept, lost = np.load(store / "batch-00000.npy"), np.load(store / "batch-00001.npy")
     (store / "batch-00001.npy").unlink()
@@ -58,8 +55,8 @@ def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     np.testing.assert_array_equal(np.load(store / "batch-00000.npy"), kept)
 
 
-def test_a_directory_without_a_pretrained_model_is_a_one_line_error(tmp_path):
+def test_a_directory_without_a_trained_model_is_a_one_line_error(tmp_path):
     result = invoke("evaluate-fid", tmp_path)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "holds no pretrained model" in lines[0], result.output
+    assert len(lines) == 1 and "holds no trained model" in lines[0], result.output

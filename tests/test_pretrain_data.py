@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from idiff_cli.data import datasets
 from idiff_cli.data.embedded import MNIST_SOURCE
-from idiff_cli.diffusion.pretrain import DataStream
+from idiff_cli.data.stream import DataStream
 from idiff_cli.errors import UserError
 
 
