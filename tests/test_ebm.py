@@ -11,7 +11,9 @@ from idiff_cli import registry
 from idiff_cli.ebm import metrics, toy_data
 from idiff_cli.langevin import quadrature
 from idiff_cli.langevin.estimators import reference_gradient, reward_gradient
-from idiff_cli.langevin.methods import LangevinState, Method, make_step
+from idiff_cli.langevin.methods import (REFERENCE_STREAM, Components, add, covariance, reference,
+                                        scaled)
+from idiff_cli.langevin.ula import ula_chain
 
 WELLS = registry.get("potential", "seven-wells")
 THETA_STAR = jnp.asarray(toy_data.THETA_TARGET)
@@ -114,13 +116,18 @@ def test_mlp_energy_starts_as_the_base_gaussian():
     assert abs(nll - closed) < 5e-3, (nll, closed)
 
 
-def _run_steps(method, theta, n_steps=5, kl_weight=0.0, reward=None):
-    optimizer = optax.sgd(0.1)
-    method = Method(method.name, method.inner_steps, method.update, restart=method.restart, kl_weight=kl_weight)
-    step = jax.jit(make_step(method, WELLS, reward, 0.2, optimizer, lambda k: TARGET.sample(k, 64)))
-    state = LangevinState(jax.random.normal(jax.random.key(6), (2, 64)), theta, optimizer.init(theta))
+def _components(reward=None, beta=0.0, reference_draw=lambda k: TARGET.sample(k, 64)):
+    """Γ_ref towards the target (reward None), or Γ_reward (+ β Γ_ref towards `reference_draw`)."""
+    penalty = scaled(beta, reference(WELLS, reference_draw)) if beta else None
+    gradient = reference(WELLS, reference_draw) if reward is None else add(covariance(WELLS, reward), penalty)
+    return Components(WELLS, reward, 0.2, 0.0, lambda scale: optax.sgd(0.1 * scale), gradient, penalty)
+
+
+def _run_steps(method, theta, n_steps=5, x0=None):
+    update = jax.jit(method.update)
+    state = method.init(jax.random.normal(jax.random.key(6), (2, 64)) if x0 is None else x0, theta)
     for k in range(n_steps):
-        state = step(state, jax.random.fold_in(jax.random.key(7), k))
+        state = update(state, jax.random.fold_in(jax.random.key(7), k))
     return state
 
 
@@ -128,45 +135,59 @@ def test_nested_with_one_inner_step_is_implicit_and_short_run_forgets_the_chains
     """Same keys: nested T = 1 with Γ_ref is Implicit Diffusion bit for bit; short-run chains
     restart from N(0, I), so their state after a step does not depend on the chains before it."""
     theta = jnp.array([-7.0] * 6 + [11.0])
-    implicit = registry.get("method", "implicit")(T=1, lam=0.0, gamma=0.2)
-    nested = registry.get("method", "nested")(T=1, lam=0.0, gamma=0.2)
-    a = _run_steps(Method("implicit", 1, "reference"), theta)
-    b = _run_steps(Method(nested.name, nested.inner_steps, "reference"), theta)
-    assert implicit.inner_steps == nested.inner_steps == 1
+    c = _components()
+    a = _run_steps(registry.get("method", "implicit")(c, 1), theta)
+    b = _run_steps(registry.get("method", "nested")(c, 1), theta)
     np.testing.assert_array_equal(a.theta, b.theta)
     np.testing.assert_array_equal(a.x, b.x)
+    assert not np.array_equal(a.theta, theta)
 
-    short = registry.get("method", "short-run")(T=3, lam=0.0, gamma=0.2)
-    assert short.restart and short.inner_steps == 3
-    optimizer = optax.sgd(0.1)
-    step = jax.jit(make_step(Method("s", 3, "reference", restart=True), WELLS, None, 0.2, optimizer,
-                             lambda k: TARGET.sample(k, 64)))
-    key = jax.random.key(8)
-    s1 = step(LangevinState(jnp.zeros((2, 64)), theta, optimizer.init(theta)), key)
-    s2 = step(LangevinState(jnp.full((2, 64), 5.0), theta, optimizer.init(theta)), key)
+    short = registry.get("method", "short-run")(c, 3)
+    s1 = _run_steps(short, theta, 1, jnp.zeros((2, 64)))
+    s2 = _run_steps(short, theta, 1, jnp.full((2, 64), 5.0))
     np.testing.assert_array_equal(s1.x, s2.x)
     np.testing.assert_array_equal(s1.theta, s2.theta)
+    nested = _run_steps(registry.get("method", "nested")(c, 3), theta, 1, jnp.full((2, 64), 5.0))
+    assert not np.array_equal(nested.x, s2.x)  # without the restart, the chains remember x0
 
 
 def test_kl_penalty_adds_beta_times_gamma_ref():
-    """The reward update with kl_weight β moves θ by −η(Γ_reward + β Γ_ref), Γ_ref from the same
+    """The reward update with a KL penalty β moves θ by −η(Γ_reward + β Γ_ref), Γ_ref from the same
     chains and the reference draws of key fold_in(key, REFERENCE_STREAM): checked to float rounding."""
-    from idiff_cli.langevin.methods import REFERENCE_STREAM
-    from idiff_cli.langevin.ula import ula_chain
-
     reward = registry.get("reward", "corner")
     theta = jnp.array([1.0, 0.0, 0.5, 0.0, 1.0, -0.5, 0.3])
     beta, key = 0.7, jax.random.key(9)
-    optimizer = optax.sgd(0.1)
     x0 = jax.random.normal(jax.random.key(6), (2, 64))
-    step = jax.jit(make_step(Method("i", 1, "covariance", kl_weight=beta), WELLS, reward, 0.2, optimizer,
-                             lambda k: TARGET.sample(k, 64)))
-    got = step(LangevinState(x0, theta, optimizer.init(theta)), key).theta
+    method = registry.get("method", "implicit")(_components(reward, beta), 1)
+    got = jax.jit(method.update)(method.init(x0, theta), key).theta
     x = ula_chain(lambda y: WELLS(y, theta), x0, key, 0.2, 1)
     x_ref = TARGET.sample(jax.random.fold_in(key, REFERENCE_STREAM), 64)
     grad = reward_gradient(WELLS, reward, x, theta) + beta * reference_gradient(WELLS, x, x_ref, theta)
     np.testing.assert_allclose(got, theta - 0.1 * grad, rtol=1e-6, atol=1e-6)
     assert float(jnp.abs(beta * reference_gradient(WELLS, x, x_ref, theta)).max()) > 1e-3  # the term matters
+
+
+def test_kl_penalty_pulls_theta_towards_theta0():
+    """Reward training of the hexagon mixture with p_ref = π*(θ0) (exact draws): on the same keys,
+    β = 1 ends closer to θ0 than β = 0 (the penalty's minimiser is θ0), by more than a third of the
+    unpenalised drift. A penalty that does nothing leaves the two runs equal and fails."""
+    hexagon, reward = registry.get("potential", "hexagon"), registry.get("reward", "corner")
+    theta0 = jnp.asarray([1.5, 0.0, 1.5, 0.0, 1.5, 0.0])
+
+    def final_theta(beta):
+        penalty = scaled(beta, reference(hexagon, lambda k: hexagon.sample(k, theta0, 256))) if beta else None
+        c = Components(hexagon, reward, 0.2, 0.0, lambda scale: optax.sgd(0.5 * scale),
+                       add(covariance(hexagon, reward), penalty), penalty)
+        method = registry.get("method", "implicit")(c, 1)
+        update = jax.jit(method.update)
+        state = method.init(hexagon.sample(jax.random.key(1), theta0, 256), theta0)
+        for k in range(300):
+            state = update(state, jax.random.fold_in(jax.random.key(2), k))
+        return state.theta
+
+    free, penalised = (float(jnp.linalg.norm(final_theta(beta) - theta0)) for beta in (0.0, 1.0))
+    assert free > 0.5, free  # the reward moves θ: the comparison has power
+    assert penalised < free * 2 / 3, (penalised, free)
 
 
 def test_toy_data_sets_have_their_stated_geometry():
