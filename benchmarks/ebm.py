@@ -14,6 +14,7 @@ Usage: python benchmarks/ebm.py [--seeds 2] [--steps 5000] [--thresholds 0.1,0.0
 from __future__ import annotations
 
 import argparse
+import pathlib
 import tempfile
 import time
 
@@ -23,7 +24,8 @@ use_host_cores()
 
 import numpy as np  # noqa: E402
 
-from idiff_cli.ebm.experiment import EBMConfig, run  # noqa: E402
+from idiff_cli.ebm.experiment import main as ebm_train  # noqa: E402
+from idiff_cli.ebm.options import SCHEMA  # noqa: E402
 from idiff_cli.runs import RunDir  # noqa: E402
 
 # (method, T, outer steps as a fraction of --steps): the T = 100 loops get half the outer steps.
@@ -34,11 +36,11 @@ METHODS = (("implicit", 1, 1.0), ("nested", 10, 1.0), ("nested", 100, 0.5), ("sh
 def curve(method: str, T: int, steps: int, seeds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(grad evals [L], outer steps [L], seed-mean exact KL [L], wall seconds) of one method."""
     log_every = max(1, steps // 200)
-    cfg = EBMConfig(method=method, T=(T,), steps=steps, seeds=seeds, samplers=False, log_every=log_every,
-                    checkpoint_every=log_every * (steps // log_every))
+    cfg = SCHEMA.resolve({"method": method, "T": (T,), "steps": steps, "seeds": seeds, "samplers": False,
+                          "log_every": log_every, "ckpt_every": 0})
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        run(cfg, RunDir(tmp))
+        ebm_train(cfg, pathlib.Path(tmp))
         seconds = time.perf_counter() - start
         rows = RunDir(tmp).read_metrics()
     return (np.array([r["grad_evals"] for r in rows]), np.array([r["step"] for r in rows]),

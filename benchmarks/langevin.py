@@ -25,32 +25,31 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from idiff_cli import registry  # noqa: E402
-from idiff_cli.langevin.experiment import LangevinConfig, simulate  # noqa: E402
-from idiff_cli.langevin.methods import LangevinState, make_optimizer, make_step  # noqa: E402
+from idiff_cli.langevin.experiment import components  # noqa: E402
+from idiff_cli.langevin.options import SCHEMA  # noqa: E402
+from idiff_cli.langevin.simulate import advance  # noqa: E402
 from idiff_cli.parallel import shard_leading  # noqa: E402
 
 
-def idiff_rate(cfg: LangevinConfig, devices: int) -> tuple[float, float]:
+def idiff_rate(cfg, devices: int) -> tuple[float, float]:
     """Steady-state particle-steps/s of `implicit`, seeds sharded over `devices` devices (compiled
-    once, then timed on a second run with the same step function)."""
+    once, then timed on a second run with the same update function)."""
     potential, reward = registry.get("potential", cfg.potential), registry.get("reward", cfg.reward)
-    method = registry.get("method", "implicit")(T=1, lam=0.0, gamma=cfg.gamma)
-    optimizer = make_optimizer(cfg.eta, cfg.eta_schedule)
-    step = make_step(method, potential, reward, cfg.gamma, optimizer)
+    method = registry.get("method", "implicit")(components(cfg, potential, reward), 1)
     mean_reward = lambda x: jnp.mean(reward(x))  # noqa: E731
     x0 = jax.random.normal(jax.random.key(0), (cfg.seeds, 2, cfg.batch))
     theta0 = jnp.tile(jnp.asarray(cfg.theta0), (cfg.seeds, 1))
-    state = jax.vmap(lambda x, th: LangevinState(x, th, optimizer.init(th)))(x0, theta0)
+    state = jax.vmap(method.init)(x0, theta0)
     keys = jax.random.split(jax.random.key(1), cfg.seeds)
     state, keys = shard_leading((state, keys), Mesh(np.array(jax.devices()[:devices]), ("seeds",)))
-    simulate(step, mean_reward, state, keys, cfg.steps, cfg.log_every)  # compile
+    advance(method.update, mean_reward, state, keys, 0, cfg.steps, cfg.log_every)  # compile
     start = time.perf_counter()
-    _, _, _, rewards = simulate(step, mean_reward, state, keys, cfg.steps, cfg.log_every)
+    _, _, _, _, rewards = advance(method.update, mean_reward, state, keys, 0, cfg.steps, cfg.log_every)
     seconds = time.perf_counter() - start
     return cfg.seeds * cfg.batch * cfg.steps / seconds, float(rewards[-10:].mean())
 
 
-def straightforward_rate(cfg: LangevinConfig, steps: int) -> float:
+def straightforward_rate(cfg, steps: int) -> float:
     """A lean per-step loop: per-point V, vmapped over a [B, 2] batch; one jitted update per step."""
     potential, reward = registry.get("potential", cfg.potential), registry.get("reward", cfg.reward)
     V = lambda x, th: potential(x, th)  # noqa: E731 - one point x of shape [2]
@@ -62,7 +61,7 @@ def straightforward_rate(cfg: LangevinConfig, steps: int) -> float:
         x = x - cfg.gamma * grad_x(x, theta) + jnp.sqrt(2 * cfg.gamma) * jax.random.normal(key, x.shape)
         r = jax.vmap(reward)(x)
         g = jnp.mean((r - r.mean())[:, None] * grad_theta(x, theta), axis=0)
-        return x, theta - cfg.eta * g
+        return x, theta - cfg.lr * g
 
     x = jax.random.normal(jax.random.key(0), (cfg.batch, 2))
     theta = jnp.asarray(cfg.theta0)
@@ -80,7 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--baseline-steps", type=int, default=300)
     args = parser.parse_args()
-    cfg = LangevinConfig(steps=args.steps, log_every=10)
+    cfg = SCHEMA.resolve({"steps": args.steps, "log_every": 10})
     n_dev = len(jax.devices())
     print(f"devices: {n_dev} x {jax.devices()[0].platform}; {cfg.seeds} seeds x {cfg.batch} particles x {cfg.steps} steps")
     sharded, reward = idiff_rate(cfg, n_dev)
