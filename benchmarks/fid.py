@@ -25,6 +25,7 @@ use_host_cores()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from idiff_cli.diffusion.model import load  # noqa: E402
 from idiff_cli.fid import evaluate, inception  # noqa: E402
 from idiff_cli.fid.features import Features, embed_all  # noqa: E402
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance  # noqa: E402
@@ -40,9 +41,7 @@ def images_per_second(features: Features, images: np.ndarray, batch: int, device
 
 def evaluation_seconds(run: pathlib.Path, features: Features, n: int, batch: int, sample_steps: int | None) -> float:
     """Seconds of sampling n images of `run` and computing their FID (a fresh feature store)."""
-    from idiff_cli.diffusion.pretrained import load_pretrained
-
-    pre = load_pretrained(run)
+    pre = load(run)
     ref = evaluate.Reference(np.zeros(features.dim), np.eye(features.dim), "timing only")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -26,8 +26,11 @@ use_host_cores()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from idiff_cli.data import datasets  # noqa: E402
+from idiff_cli.diffusion import model as M  # noqa: E402
 from idiff_cli.diffusion import pretrain as P  # noqa: E402
 from idiff_cli.diffusion.losses import score_function  # noqa: E402
+from idiff_cli.diffusion.options import PRETRAIN  # noqa: E402
 from idiff_cli.parallel import batch_mesh, global_batch, replicate, replicated  # noqa: E402
 
 # Peak dense TF32 tensor-core throughput (TFLOP/s; JAX runs float32 matmuls/convs as TF32 on these
@@ -39,12 +42,12 @@ def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, p
             precondition: bool = True) -> dict:
     channels = 1 if size == 28 else 3
     dataset = "mnist" if channels == 1 else "cifar10"
-    cfg = P.resolve_config(dataset, preset, None, {"batch": batch, "precondition": precondition})
-    arch = P.ARCHITECTURES[preset](size)
-    cfg = P.dataclasses.replace(cfg, image_size=size, **{k: arch[k] for k in P.ARCH_FIELDS})
+    cfg = PRETRAIN.resolve({"dataset": dataset, "preset": preset, "batch": batch, "precondition": precondition})
+    images = np.zeros((batch, size, size, channels), np.uint8)  # stands in for the data: only its shape counts
+    cfg = P.complete(cfg, datasets.from_arrays(dataset, "benchmark", images, np.zeros(batch, np.int32), 10))
     mesh = batch_mesh()
-    model, sde, opt = P.make_model(cfg, 0), P.make_sde(cfg), P.make_optimizer(cfg)
-    state = jax.jit(lambda: P.init_state(model, opt, (size, size, channels), 0), out_shardings=replicated(mesh))()
+    model, sde, opt = M.make_model(cfg, 0), M.make_sde(cfg), M.make_optimizer(cfg)
+    state = jax.jit(lambda: M.init_state(model, opt, (size, size, channels), 0), out_shardings=replicated(mesh))()
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     step_fn = P.make_step_fn(P.make_train_step(cfg, model, sde, opt), mesh)
     rng = np.random.default_rng(0)
@@ -59,8 +62,8 @@ def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, p
     jax.block_until_ready(m)
     train_s = (time.perf_counter() - start) / steps
 
-    score = score_function(P.model_apply(model), sde, cfg.precondition)
-    sampler = P.make_sampler(cfg, sde, sample_steps, "euler-maruyama")
+    score = score_function(M.model_apply(model), sde, cfg.precondition)
+    sampler = M.make_sampler(cfg, sde, sample_steps, "euler-maruyama")
     em_step = jax.jit(lambda p, y, k, key: sampler.step(lambda x, t: score(p, x, t), y, k, key))
     y = global_batch(np.zeros((batch, size, size, channels), np.float32), mesh)
     key = replicate(jax.random.key_data(jax.random.key(0)), mesh)

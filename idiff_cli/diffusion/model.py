@@ -96,12 +96,16 @@ def state_template(model: UNet, optimizer, image_shape, sharding=None) -> TrainS
     return jax.jit(lambda: restore_template(shapes), out_shardings=sharding)()
 
 
+def model_apply(model: UNet):
+    """apply(params, x, level, labels) of the U-Net in evaluation mode (no dropout)."""
+    return lambda params, x, level, labels=None: model.apply(params, x, level, labels)
+
+
 def make_sample_fn(cfg: Any, model: UNet, sde, sampler: Sampler, image_shape, n: int, mesh=None):
     """jit: (params, key data [2] uint32, labels [n]) -> images [n, H, W, C] in [-1, 1] (batch sharded
     over `mesh` when n divides evenly). The key travels as raw key data, so that every process can
     pass the same host value."""
-    score = score_function(lambda params, x, level, labels=None: model.apply(params, x, level, labels), sde,
-                           cfg.precondition)
+    score = score_function(model_apply(model), sde, cfg.precondition)
     conditional = model.num_classes > 0
 
     def sample(params, key_data, labels):
