@@ -25,6 +25,11 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def from_uint8(pixels):
+    """uint8 images (numpy or jax) -> float32 in [-1, 1]: x / 127.5 − 1, the inverse of `to_uint8` on its grid."""
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
 def grid(images, cols: int | None = None) -> np.ndarray:
     """uint8 [rows·(H+2)+2, cols·(W+2)+2, C]: `images` [n, H, W, C] row-major on white, 2-pixel gutters;
     `cols` defaults to ⌈√n⌉ (a square grid)."""

@@ -11,6 +11,7 @@ from idiff_cli.errors import UserError
 from idiff_cli.fid import evaluate, stats
 from idiff_cli.fid.features import embed_all, to_unit_range
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
+from idiff_cli.images import from_uint8
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_fid_of_samples_matches_the_definition(mnist_features):
     """The function for periodic FID: float samples in [-1, 1] are quantised exactly as uint8 images."""
     digits = mnist_digits()[0]
     ref = feature_statistics(embed_all(mnist_features, digits[:1000]))
-    as_float = digits[1000:1500].astype(np.float32) / 127.5 - 1.0
+    as_float = from_uint8(digits[1000:1500])
     value = evaluate.fid_of_samples(as_float, mnist_features, ref_stats=ref)
     direct = frechet_distance(*feature_statistics(embed_all(mnist_features, digits[1000:1500])), *ref)
     assert value == pytest.approx(direct, rel=1e-9)

@@ -50,7 +50,7 @@ from idiff_cli.diffusion.unet import PRESETS as ARCHITECTURES
 from idiff_cli.diffusion.unet import UNet
 from idiff_cli.errors import UserError
 from idiff_cli.fid.evaluate import PeriodicFID, get_features
-from idiff_cli.images import save_grid
+from idiff_cli.images import from_uint8, save_grid
 from idiff_cli.loop import Hook, Run, Unit
 from idiff_cli.parallel import (
     batch_mesh,
@@ -95,7 +95,7 @@ def make_train_step(cfg: Any, model: UNet, sde, optimizer):
     def step(state: TrainState, batch):
         images, labels = batch
         flip_key, loss_key = jax.random.split(jax.random.fold_in(state.key, state.step))
-        x = images.astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1], the inverse of images.to_uint8
+        x = from_uint8(images)
         if cfg.flip:
             flip = jax.random.bernoulli(flip_key, 0.5, (x.shape[0], 1, 1, 1))
             x = jnp.where(flip, x[:, :, ::-1], x)
