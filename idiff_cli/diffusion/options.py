@@ -111,7 +111,7 @@ PRETRAIN = cfglib.Schema(
         Option("fid_features", str, "mnist-classifier", "Feature extractor of the periodic FID: mnist-classifier "
                "(offline, 28×28) or inception (needs its weights, see `idiff evaluate-fid --help`).",
                defining=False, choices="features"),
-        cfglib.out_option("Run directory (default rule: runs/pretrain-<dataset>-<timestamp>)"),
+        Option("out", "path", None, "Run directory.", config=False, rule="runs/pretrain-<dataset>-<timestamp>"),
         cfglib.seed_option(),
         cfglib.CONFIG_OPTION,
     ),
