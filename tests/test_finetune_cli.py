@@ -54,6 +54,7 @@ def without_wall(rs):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_brightness_rises_for_positive_lambda_and_falls_for_negative(runs):
     """The fixed-key evaluation reward (4 images, the same noise keys at steps 0 and 20) moves in the
     direction of λ by more than 0.01 (mean pixel value on [0, 1]): Adam with lr 1e-2 on a 2-step
@@ -64,6 +65,7 @@ def test_brightness_rises_for_positive_lambda_and_falls_for_negative(runs):
         assert sign * (ev[20] - ev[0]) > 0.01, (name, ev)
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_outputs_and_metrics(runs):
     run = runs / "brighter"
     metrics = rows(run)
@@ -92,6 +94,7 @@ def test_filled_defaults_follow_the_dataset_and_preset(tmp_path):
     assert (fill("paper", "mnist", T=8).T, fill("cpu", "mnist").from_run) == (8, str(tmp_path))
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_evaluate_fid_and_sample_read_a_finetuned_run(runs, tmp_path):
     """A finetune run directory loads as its base model with the finetuned θ (finetuned.json, weights/):
     evaluate-fid records checkpoint 20, and its samples differ from the base model's with the same keys."""
@@ -110,6 +113,7 @@ def test_evaluate_fid_and_sample_read_a_finetuned_run(runs, tmp_path):
     assert np.abs(images[0] - images[1]).max() > 0
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_rerun_into_a_finished_run_adds_no_steps(runs, tiny_pretrain, tmp_path):
     run = tmp_path / "brighter"
     shutil.copytree(runs / "brighter", run)
@@ -126,6 +130,7 @@ def resumable_copy(runs, tmp_path):
     return run
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_resumed_from_the_middle_checkpoint_logs_the_uninterrupted_metrics(runs, tiny_pretrain, tmp_path):
     """Checkpoint 10 of the pipelined run (both queues, Adam state, θ) restored through an abstract
     template: steps 11-20 repeat the uninterrupted run's rows exactly (same program, same inputs), and
@@ -135,6 +140,7 @@ def test_resumed_from_the_middle_checkpoint_logs_the_uninterrupted_metrics(runs,
     assert without_wall(rows(run)) == without_wall(rows(runs / "darker"))
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_a_changed_run_time_option_resumes(runs, tiny_pretrain, tmp_path):
     """--log-every 5 (run-time) on the run stopped at step 10: it resumes; each outer step's reward and
     gradient norm are the uninterrupted run's, and the KL is now logged every 5 steps."""
@@ -148,6 +154,7 @@ def test_a_changed_run_time_option_resumes(runs, tiny_pretrain, tmp_path):
     assert json.loads((run / "config.json").read_text())["log_every"] == 5
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_a_changed_defining_option_is_refused_in_one_line(runs, tiny_pretrain, tmp_path):
     run = tmp_path / "brighter"
     shutil.copytree(runs / "brighter", run)
@@ -157,6 +164,7 @@ def test_a_changed_defining_option_is_refused_in_one_line(runs, tiny_pretrain, t
     assert rows(run) == rows(runs / "brighter")
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
     """`idiff report A B --x net_evals`: per run, the training reward line is (net_evals, reward_mean)
     of metrics.jsonl, the dots are the fixed-key evaluations, the KL line the rows logging kl."""
@@ -178,6 +186,7 @@ def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
             np.testing.assert_array_equal(drawn_line.get_ydata(), series(field)[1])
 
 
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_report_of_one_run_redraws_its_figures_and_refuses_an_x_it_does_not_log(runs, tmp_path):
     run = tmp_path / "brighter"
     shutil.copytree(runs / "brighter", run)

@@ -200,8 +200,9 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
         return state, rows
 
     def on_checkpoint(state: FinetuneState, step: int, final: bool) -> None:
-        weights.save(step, state.params)
-        weights.wait()
+        if step not in weights.all_steps():  # a finished run re-run: its θ is already stored
+            weights.save(step, state.params)
+            weights.wait()
         write_finetuned(run_dir, cfg.from_run, step, final)
 
     return loop.Unit(cfg.steps, init, advance, template=template, first_rows=first_rows, hooks=hooks,
