@@ -111,7 +111,7 @@ class Run:
             if restored is None:
                 state, step = unit.init(), 0
                 rows = self._keep_rows(unit, -1)
-                self._append(unit, unit.first_rows(state))
+                self._append(unit, [{**row, "wall_s": 0.0} for row in unit.first_rows(state)])
             else:
                 state, _ = ckpt.restore((unit.template or unit.init)())
                 step = restored

@@ -127,13 +127,17 @@ class RunDir:
 
     def save_figure(self, fig: Any, name: str) -> pathlib.Path:
         """Saves a matplotlib figure as figures/<name> (PNG) and closes it."""
-        import matplotlib.pyplot as plt
+        return save_figure(fig, self.path / "figures" / name)
 
-        target = self.path / "figures" / name
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        plt.close(fig)
-        return target
+
+def save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:
+    """Writes a matplotlib figure to `path` (PNG, atomically) and closes it."""
+    import matplotlib.pyplot as plt  # matplotlib loads only where figures are drawn
+
+    with atomic_path(pathlib.Path(path)) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return pathlib.Path(path)
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -169,23 +169,21 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
             np.save(tmp, to_uint8(images[:EVOLUTION_IMAGES]))
         return {"eval_reward": float(np.mean(np.asarray(problem.reward(jnp.asarray(images)))))}
 
-    hooks = [loop.Hook(cfg.sample_every, evaluate)]
-    fid_of = None
-    if cfg.fid_every:  # FID of fid_n samples of θ (the finetuning sampler, fixed keys)
+    def periodic_fid() -> Callable[[FinetuneState, int], dict]:
+        """FID of fid_n samples of θ (the finetuning sampler, fixed keys)."""
         periodic = PeriodicFID(cfg.fid_features, model.cfg.dataset, model.cfg.data_dir, model.cfg.image_size,
                                model.image_shape, run_dir.path / "fid")
         fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, 2))
+        return lambda state, step: {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
 
-        def fid_of(state: FinetuneState, step: int) -> dict:
-            return {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
-
-        hooks.append(loop.Hook(cfg.fid_every, fid_of, at_end=False))
+    fid_of = periodic_fid() if cfg.fid_every else None
+    hooks = [loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
 
     def net_evals(step: int) -> int:
         return (method.warmup.forward + step * (cost.forward + cost.backward)) * cfg.batch
 
     def first_rows(state: FinetuneState) -> loop.Rows:
-        row = {"step": 0, **evaluate(state, 0), "wall_s": 0.0, "net_evals": net_evals(0),
+        row = {"step": 0, **evaluate(state, 0), "net_evals": net_evals(0),
                "sequential_calls": method.warmup.sequential, **(fid_of(state, 0) if fid_of else {})}
         return [row]
 

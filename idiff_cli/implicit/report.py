@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.images import save_strip  # noqa: E402
-from idiff_cli.runs import atomic_path, read_metrics  # noqa: E402
+from idiff_cli.runs import read_metrics, save_figure  # noqa: E402
 
 X_AXES = {"step": "outer step", "net_evals": "network evaluations (images)", "wall_s": "wall time (s)",
           "sequential_calls": "sequential batched network calls"}
@@ -54,14 +54,6 @@ def evolution_strip(run_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path
     if not files:
         return None
     return save_strip([np.load(path)[:EVOLUTION_ROWS] for path in files], target)
-
-
-def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
-    """`fig` as a PNG at `path` (atomically); closes it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
 
 
 def finish_run(run_dir: pathlib.Path) -> list[pathlib.Path]:

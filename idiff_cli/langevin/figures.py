@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from idiff_cli import registry  # noqa: E402
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.langevin import quadrature  # noqa: E402
-from idiff_cli.runs import RunDir, atomic_path  # noqa: E402
+from idiff_cli.runs import RunDir, save_figure  # noqa: E402
 
 SNAPSHOT_TARGETS = (100, 1000, 2500)
 
@@ -158,11 +158,7 @@ class FigureDir:
         self.path = pathlib.Path(path)
 
     def save_figure(self, fig, name: str) -> pathlib.Path:
-        target = self.path / name
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        plt.close(fig)
-        return target
+        return save_figure(fig, self.path / name)
 
 
 def make_all(run_dir: RunDir, potential, theta0, out=None) -> list[pathlib.Path]:
