@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fid_helpers import classifier_cache  # noqa: F401 (autouse fixture)
 from idiff_cli.cli import app
 from idiff_cli.implicit import finetune, report
 from idiff_cli.implicit.options import SCHEMA

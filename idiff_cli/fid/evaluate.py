@@ -167,13 +167,13 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, checkpoint: int | None, n: int, batch: int,
+def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, step: int | None, n: int, batch: int,
                  sampler_name: str | None, sample_steps: int | None, seed: int, ref_stats=None,
                  dataset: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """Samples n images of the run's model (θ0 of a pretrain run, θ of a finetune run; or `checkpoint`),
+    """Samples n images of the run's model (θ0 of a pretrain run, θ of a finetune run; or checkpoint `step`),
     computes the FID and writes fid.json."""
     run = RunDir(run_dir)
-    pre = load(run.path, step=checkpoint)
+    pre = load(run.path, step=step)
     features.check_shape((1, *pre.image_shape))
     sampler = pre.sampler(sample_steps, sampler_name)
     sampler_name = sampler_name or pre.cfg.sampler
@@ -234,7 +234,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, Any] | None:
         result = evaluate_images(images, extractor, ref, out or default_run_dir("evaluate-fid"), str(cfg.samples),
                                  cfg.batch)
     else:
-        result = evaluate_run(cfg.run_dir, extractor, checkpoint=cfg.checkpoint, n=cfg.n, batch=cfg.batch,
+        result = evaluate_run(cfg.run_dir, extractor, step=cfg.step, n=cfg.n, batch=cfg.batch,
                               sampler_name=cfg.sampler, sample_steps=cfg.sample_steps, seed=cfg.seed,
                               ref_stats=cfg.ref_stats, dataset=cfg.dataset, data_dir=cfg.data_dir)
     console.print(summary(result), highlight=False)

@@ -13,7 +13,7 @@ SCHEMA = cfglib.Schema(
     (
         Option("run_dir", "path", None, "A pretrain or finetune run directory: its samples are evaluated and "
                "fid.json is written there.", argument=True),
-        Option("checkpoint", int, None, "Checkpoint step to sample from.", minimum=0,
+        Option("step", int, None, "Checkpoint step to sample from.", minimum=0,
                rule="θ0 of pretrained.json (finetune: the latest weights)"),
         Option("n", int, 50000, "Number of samples.", flags=("--n",), positive=True),
         Option("batch", int, 250, "Samples per batch (split over the devices); features are kept per batch.",
