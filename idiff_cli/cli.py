@@ -29,6 +29,7 @@ from idiff_cli.fid import options as fid_options  # noqa: E402
 from idiff_cli.implicit import options as finetune_options  # noqa: E402
 from idiff_cli.langevin import options as langevin_options  # noqa: E402
 from idiff_cli.report import SCHEMA as REPORT_SCHEMA  # noqa: E402
+from idiff_cli.signals import Interrupted  # noqa: E402
 
 app = typer.Typer(
     name="idiff",
@@ -52,7 +53,8 @@ COMMANDS = (
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turns UserError into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Turns UserError into one line on stderr and exit code 2; a run stopped by a signal into its
+    message and 128 + the signal's number; Ctrl-C elsewhere into exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -61,6 +63,9 @@ def user_errors(fn: Callable) -> Callable:
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(e.code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: files written so far are complete and kept", err=True)
             raise typer.Exit(130) from None

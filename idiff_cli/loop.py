@@ -13,22 +13,33 @@ everything around them:
 * chunks of steps between events (log, hooks, checkpoint, end), one host sync per chunk;
 * hooks every N steps (sample grids, FID), the non-finite guard, progress and the `wall_s` column;
 * checkpoints every `ckpt_every` steps and at the end, `on_checkpoint` for the files that point at
-  them (pretrained.json, finetuned.json).
+  them (pretrained.json, finetuned.json);
+* SIGTERM / SIGINT (signals.py): the run stops at the next step boundary — a unit whose `advance` is
+  a host loop of steps checks `signals.requested()` between steps and reports how far it got through
+  `step_of` — writes a checkpoint there and exits with 143 / 130 and the command that resumes;
+* one run per directory at a time (the run lock), `--out` checked before anything is created.
 
-Multi-process runs: every process takes part in checkpoints; only process 0 writes files and shows
-progress.
+Multi-process runs: every process takes part in checkpoints and in the decision to stop; only
+process 0 takes the lock, writes files and shows progress.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shlex
+import signal
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from idiff_cli import config as cfglib
+from idiff_cli import signals
 from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, console, progress_bar
@@ -56,7 +67,8 @@ class Unit:
     template:  () -> a restore template shaped and placed like the state (default: `init`; give a
                cheaper one when init does real work).
     first_rows: state -> the rows of step 0 (e.g. the initial reward); written on a fresh start.
-    chunk:     most steps per `advance` call (events shorten it).
+    chunk:     steps per `advance` call: it ends at the next multiple of `chunk` (or an earlier event).
+    step_of:   state -> its step, for an `advance` that may stop early on a signal (host loops).
     finite:    row fields that must be finite: the run stops with one line naming the step and the
                field, and keeps its last good checkpoint.
     """
@@ -74,6 +86,7 @@ class Unit:
     progress: Sequence[str] = ()  # row fields shown beside the progress bar
     on_checkpoint: Callable[[Any, int, bool], None] = lambda state, step, final: None
     rate: Callable[[float, int], str] = lambda seconds, n: f"{n / seconds:.2f} steps/s"
+    step_of: Callable[[Any], int] | None = None
 
 
 class Run:
@@ -83,15 +96,22 @@ class Run:
                  is_main: bool = True):
         self.schema, self.cfg, self.dir = schema, cfg, run_dir
         self.ckpt_every, self.keep, self.is_main = ckpt_every, keep, is_main
+        self._lock = run_dir.create().lock() if is_main else None
         self.resumed = claim(schema, cfg, run_dir, is_main)
-        self._progress = None
+        self._progress = self._signals = self._stop = None
 
     def __enter__(self) -> "Run":
+        self._signals = signals.graceful_stop()
+        self._stop = self._signals.__enter__()
         self._progress = (progress_bar("metric") if self.is_main else _Silent()).__enter__()
         return self
 
     def __exit__(self, *exc) -> bool:
-        return self._progress.__exit__(*exc)
+        self._progress.__exit__(*exc)
+        self._signals.__exit__(*exc)
+        if self._lock is not None:
+            self._lock.release()
+        return False
 
     def print(self, text: str) -> None:
         if self.is_main:
@@ -125,10 +145,12 @@ class Run:
                 t0 = time.perf_counter()
                 state, rows = unit.advance(state, step, n)
                 seconds = time.perf_counter() - t0
+                n = unit.step_of(state) - step if unit.step_of else n  # fewer when a signal cut the chunk
                 for row in rows:
                     row["wall_s"] = elapsed + seconds * (row["step"] - step) / n
                 elapsed += seconds
                 step += n
+                self._stop.armed = True  # a step is done: from now on a signal saves it
                 self._guard(unit, rows)
                 extra = {}
                 for hook in unit.hooks:
@@ -141,19 +163,37 @@ class Run:
                 self._append(unit, rows)
                 shown = " ".join(f"{k} {rows[-1][k]:.4g}" for k in unit.progress if rows and k in rows[-1])
                 self._progress.update(task, completed=step, rate=unit.rate(seconds, n), metric=shown or "-")
-                if step == unit.steps or (self.ckpt_every and step % self.ckpt_every == 0):
+                stopping = self._stopping()
+                if stopping or step == unit.steps or (self.ckpt_every and step % self.ckpt_every == 0):
                     ckpt.save(step, state)
                     ckpt.wait()
                     unit.on_checkpoint(state, step, step == unit.steps)
+                if stopping:
+                    raise self._stop.interrupted(self._resume_message(unit, step))
             if restored == unit.steps:  # a finished unit: the files that point at its checkpoint again
                 unit.on_checkpoint(state, step, True)
         return state
 
     def _next_event(self, unit: Unit, step: int) -> int:
-        """The step of the next log point, hook, checkpoint or the end, at most `unit.chunk` ahead."""
-        cadences = [c for c in (self.ckpt_every, *(h.every for h in unit.hooks)) if c]
-        nxt = min([unit.steps, step + unit.chunk] + [(step // c + 1) * c for c in cadences])
-        return max(nxt, step + 1)
+        """The next multiple of the chunk, a hook's or the checkpoint cadence, or the end."""
+        cadences = [c for c in (unit.chunk, self.ckpt_every, *(h.every for h in unit.hooks)) if c]
+        return min([unit.steps] + [(step // c + 1) * c for c in cadences])
+
+    def _stopping(self) -> bool:
+        """Whether a signal asked the run to stop, agreed by every process (they stop at one step)."""
+        if jax.process_count() == 1:
+            return self._stop.requested
+        flags = multihost_utils.process_allgather(np.asarray(self._stop.requested))
+        return bool(np.any(flags))
+
+    def _resume_message(self, unit: Unit, step: int) -> str:
+        name = signal.Signals(self._stop.signum or signal.SIGTERM).name
+        where = f" of {unit.name}" if unit.name else ""
+        text = f"stopped by {name} at step {step}{where}; checkpoint saved in {self.dir.path}"
+        if os.path.basename(sys.argv[0]) == "idiff":
+            args = sys.argv[1:] + ([] if "--out" in sys.argv else ["--out", str(self.dir.path)])
+            return f"{text}. Resume: idiff {shlex.join(args)}"
+        return f"{text}. Resume: re-run the same command with --out {self.dir.path}"
 
     def _keep_rows(self, unit: Unit, upto: int) -> Rows:
         """Drops this unit's rows after step `upto` (logged after its last checkpoint); returns its rows kept."""
@@ -184,7 +224,7 @@ class Run:
 
 
 def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True) -> bool:
-    """Writes `config.json` into `run_dir` (creating it); returns whether it already held this run.
+    """Writes `config.json` into `run_dir`; returns whether it already held this run.
 
     A directory holding a run whose defining options differ is refused with one line naming them;
     run-time options are taken from `cfg`."""
@@ -200,7 +240,6 @@ def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True
             raise UserError(f"'{run_dir.path}' holds a run with other defining options ({'; '.join(changed)}); "
                             "pick a new --out, or repeat them to resume")
     if is_main:
-        run_dir.create()
         run_dir.write_json("config.json", {"command": schema.command, **cfglib.to_dict(cfg)})
     return exists
 

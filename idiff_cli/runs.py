@@ -8,14 +8,16 @@
       checkpoints/     orbax checkpoints (long runs)
 
 Whole files are written to a temporary name and renamed (`os.replace` is atomic on POSIX), so an
-interrupted run never leaves a half-written file. `metrics.jsonl` grows by one `write` per line
-in append mode; a reader skips a torn last line.
+interrupted run never leaves a half-written file. `metrics.jsonl` grows by appends that are cut back
+when they fail; a reader skips a torn last line (a process killed mid-append).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import fcntl
 import io
 import json
 import os
@@ -35,6 +37,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from idiff_cli.errors import UserError
+
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough for the summary tables, no wrapping
     console.width = 120
@@ -50,15 +54,29 @@ def default_run_dir(command: str, root: str | os.PathLike = "runs") -> pathlib.P
 
 
 @contextlib.contextmanager
+def disk_errors(path: pathlib.Path) -> Iterator[None]:
+    """A full disk or quota while writing `path` -> one-line UserError (the files already there are
+    kept: every write is a new file renamed into place, or an append that is undone)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device writing '{path}'; the files written before are "
+                            "intact: free some space and re-run the same command to resume") from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=path.suffix)
     os.close(fd)
     try:
-        yield pathlib.Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
+        with disk_errors(path):
+            yield pathlib.Path(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -86,9 +104,27 @@ class RunDir:
         self.path = pathlib.Path(path)
 
     def create(self) -> "RunDir":
-        """Makes the directory (and its parents); nothing is created before a run is validated."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Makes the directory and its missing parents. A path that is a file, lies under a file or
+        cannot be made is a one-line UserError, and then nothing is created."""
+        path = self.path
+        if path.is_dir():
+            return self
+        if path.exists() or path.is_symlink():
+            raise UserError(f"--out '{path}' exists and is not a directory")
+        ancestor = path.absolute().parent
+        while not ancestor.exists() and not ancestor.is_symlink():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UserError(f"--out '{path}' lies under '{ancestor}', which is not a directory")
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out '{path}': {e.strerror}") from None
         return self
+
+    def lock(self) -> "RunLock":
+        """Takes the directory's run lock (see `RunLock`)."""
+        return RunLock(self.path / "run.lock")
 
     @property
     def metrics_path(self) -> pathlib.Path:
@@ -103,13 +139,23 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Appends rows to metrics.jsonl, one `write` call per line."""
+        """Appends rows to metrics.jsonl in one write; a failed append is cut back to the rows before
+        it, so a full disk never leaves a torn row between complete ones."""
+        data = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows).encode()
         self.create()
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-                f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_UMASK)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            with disk_errors(self.metrics_path):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+        finally:
+            os.close(fd)
 
     def reset_metrics(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
         """Replaces metrics.jsonl by `rows` (atomically)."""
@@ -128,6 +174,33 @@ class RunDir:
     def save_figure(self, fig: Any, name: str) -> pathlib.Path:
         """Saves a matplotlib figure as figures/<name> (PNG) and closes it."""
         return save_figure(fig, self.path / "figures" / name)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a run writes into it: an advisory `flock` on
+    `run.lock`, which holds the holder's pid. The kernel drops it when the process ends (killed ones
+    too), so a lock is never stale; a second run on the directory is refused naming the holder."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
+            self.release()
+            raise UserError(f"'{path.parent}' is in use by another run (pid {holder}); wait for it to end "
+                            "or pick a new --out") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()
 
 
 def save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:

@@ -1,7 +1,12 @@
 """The run loop on a toy unit (a noisy counter): resume repeats the uninterrupted run's rows, the
-resume rule (defining vs run-time options), hooks, the non-finite guard."""
+resume rule (defining vs run-time options), hooks, the non-finite guard, signals, the run lock."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +14,7 @@ import numpy as np
 import pytest
 
 from idiff_cli import config as cfglib
+from idiff_cli import signals
 from idiff_cli.errors import UserError
 from idiff_cli.loop import Hook, Run, Unit
 from idiff_cli.runs import RunDir
@@ -22,8 +28,10 @@ SCHEMA = cfglib.Schema("toy", "A toy command.", (
 ))
 
 
-def toy_unit(cfg, poison_at=None, hook_calls=None):
-    """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)); rows at multiples of log_every."""
+def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0):
+    """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)); rows at multiples of log_every. With `delay`,
+    each step sleeps that long and the chunk stops early on a signal (as the host loops of pretrain
+    and finetune do)."""
     key = jax.random.key(cfg.seed)
 
     @jax.jit
@@ -34,24 +42,48 @@ def toy_unit(cfg, poison_at=None, hook_calls=None):
         x, rows = state["x"], []
         for k in range(start, start + n):
             x = step(x, k)
+            time.sleep(delay)
             if (k + 1) % cfg.log_every == 0 or k + 1 == cfg.steps:
                 value = float(x) if k + 1 != poison_at else float("nan")
                 rows.append({"step": k + 1, "x": value})
-        return {"x": x}, rows
+            if signals.requested():
+                return {"x": x, "step": jnp.asarray(k + 1)}, rows
+        return {"x": x, "step": jnp.asarray(start + n)}, rows
 
     def hook(state, k):
         if hook_calls is not None:
             hook_calls.append(k)
         return {"x_squared": float(state["x"]) ** 2}
 
-    return Unit(cfg.steps, lambda: {"x": jnp.asarray(1.0)}, advance, chunk=cfg.log_every, finite=("x",),
-                hooks=(Hook(6, hook),), first_rows=lambda state: [{"step": 0, "x": float(state["x"])}])
+    def init():
+        time.sleep(10 * delay)  # stands for compiling
+        return {"x": jnp.asarray(1.0), "step": jnp.asarray(0)}
+
+    return Unit(cfg.steps, init, advance, chunk=cfg.log_every, finite=("x",), hooks=(Hook(6, hook),),
+                first_rows=lambda state: [{"step": 0, "x": float(state["x"])}],
+                step_of=lambda state: int(state["step"]))
 
 
-def run(out, poison_at=None, hook_calls=None, **values):
+def run(out, poison_at=None, hook_calls=None, delay=0.0, **values):
     cfg = SCHEMA.resolve(values)
     with Run(SCHEMA, cfg, RunDir(out), cfg.ckpt_every) as r:
-        return r.run(toy_unit(cfg, poison_at, hook_calls))
+        return r.run(toy_unit(cfg, poison_at, hook_calls, delay))
+
+
+def in_subprocess(out, **values):
+    """The toy run in a child process (its own signal handlers); stderr carries the loop's messages."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_loop\n"
+            "from idiff_cli.signals import Interrupted\n"
+            f"try: test_loop.run({str(out)!r}, **{values!r})\n"
+            "except Interrupted as e: print(e, file=sys.stderr); sys.exit(e.code)")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(out, n, proc, timeout=60):
+    deadline = time.time() + timeout
+    while len(RunDir(out).read_metrics()) < n:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
 
 
 def rows(out):
@@ -109,3 +141,70 @@ def test_nothing_is_created_before_the_claim(tmp_path):
         run(tmp_path / "never", lr=-1.0)
     assert not (tmp_path / "never").exists()
     assert np.isfinite(float(run(tmp_path / "ok", steps=2)["x"]))
+
+
+def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterrupted_rows(tmp_path):
+    out = tmp_path / "run"
+    proc = in_subprocess(out, steps=400, log_every=4, ckpt_every=100, delay=0.01)
+    wait_for_rows(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    stopped = int(err.split("at step ")[1].split(";")[0])
+    assert 6 < stopped < 400 and "Resume: re-run the same command with --out" in err, err
+    assert max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == stopped
+    run(out, steps=400, log_every=4, ckpt_every=100)
+    run(tmp_path / "whole", steps=400, log_every=4, ckpt_every=100)
+    assert rows(out) == rows(tmp_path / "whole")
+
+
+def test_a_second_signal_ends_the_run_at_once_and_a_signal_while_compiling_saves_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = in_subprocess(out, steps=100, log_every=4, ckpt_every=4, delay=0.2)
+    wait_for_rows(out, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # two signals before the handler runs would be delivered as one
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM  # ended by the signal itself, not by a checkpoint and exit
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 100
+    run(out, steps=100, log_every=4, ckpt_every=100)  # from the last good checkpoint
+    run(tmp_path / "whole", steps=100, log_every=4, ckpt_every=100)
+    assert rows(out) == rows(tmp_path / "whole")
+
+    fresh = tmp_path / "compiling"
+    proc = in_subprocess(fresh, steps=40, delay=1.0)  # init sleeps 10 s: the "compile"
+    deadline = time.time() + 30
+    while not (fresh / "config.json").exists():
+        assert time.time() < deadline
+        time.sleep(0.02)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM and time.time() - t0 < 5
+    assert not any((fresh / "checkpoints").glob("[0-9]*"))
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_with_the_holders_pid(tmp_path):
+    out = tmp_path / "run"
+    proc = in_subprocess(out, steps=400, delay=0.05)
+    wait_for_rows(out, 2, proc)
+    try:
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {proc.pid}\)"):
+            run(out, steps=400)
+    finally:
+        proc.kill()
+        proc.communicate()
+    run(out, steps=8)  # the killed holder left no stale lock
+
+
+@pytest.mark.parametrize("where, message", [("file", "exists and is not a directory"),
+                                            ("file/below", "which is not a directory"),
+                                            ("/proc/idiff-test/run", "cannot create --out")])
+def test_an_out_that_cannot_be_a_run_directory_is_one_line_and_creates_nothing(tmp_path, where, message):
+    (tmp_path / "file").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=message):
+        run(tmp_path / where if not where.startswith("/") else where)
+    assert sorted(tmp_path.rglob("*")) == before

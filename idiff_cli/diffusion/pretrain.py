@@ -48,6 +48,7 @@ from idiff_cli.diffusion.model import (
 from idiff_cli.diffusion.options import ARCH_FIELDS, CONDITIONAL_IN_PAPER, DEFAULTS, PRETRAIN
 from idiff_cli.diffusion.unet import PRESETS as ARCHITECTURES
 from idiff_cli.diffusion.unet import UNet
+from idiff_cli import signals
 from idiff_cli.errors import UserError
 from idiff_cli.fid.evaluate import PeriodicFID, get_features
 from idiff_cli.images import from_uint8, save_grid
@@ -160,17 +161,21 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     step_fn = make_step_fn(make_train_step(cfg, model, sde, optimizer), mesh)
 
     def advance(state: TrainState, step: int, n: int):
-        """n training steps from `step` (one host dispatch each, no waiting), one metrics row at step + n."""
+        """Up to n training steps from `step` (one host dispatch each, no waiting; fewer when a signal
+        asks the run to stop), one metrics row at the last step done (means over the steps done)."""
         t0 = time.perf_counter()
         images, labels = stream.read(step * cfg.batch, n)
         metrics = []
         for i in range(n):
             state, m = step_fn(state, global_batch((images[i], labels[i]), mesh))
             metrics.append(m)
-        values = np.array([[float(v) for v in m] for m in metrics])  # [n, 3]: loss, grad norm, lr
-        row = {"step": step + n, "loss": float(values[:, 0].mean()), "grad_norm": float(values[:, 1].mean()),
-               "lr": float(values[-1, 2]), "images_per_s": n * cfg.batch / (time.perf_counter() - t0),
-               "data_position": (step + n) * cfg.batch}
+            if signals.requested():
+                break
+        k = len(metrics)
+        values = np.array([[float(v) for v in m] for m in metrics])  # [k, 3]: loss, grad norm, lr
+        row = {"step": step + k, "loss": float(values[:, 0].mean()), "grad_norm": float(values[:, 1].mean()),
+               "lr": float(values[-1, 2]), "images_per_s": k * cfg.batch / (time.perf_counter() - t0),
+               "data_position": (step + k) * cfg.batch}
         return state, [row]
 
     grid = fixed_draw(cfg, model, sde, image_shape, ds.num_classes, cfg.grid_n, 2, mesh)
@@ -205,6 +210,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
         progress=("loss",),
         on_checkpoint=on_checkpoint,
         rate=lambda seconds, n: f"{n * cfg.batch / seconds:,.0f} img/s",
+        step_of=lambda state: int(state.step),
     )
     with run:
         state = run.run(unit)

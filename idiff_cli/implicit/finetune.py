@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idiff_cli import loop, registry
+from idiff_cli import loop, registry, signals
 from idiff_cli.checkpoint import Checkpointer, restore_template
 from idiff_cli.diffusion.model import Model, finetuned_weights, load, write_finetuned
 from idiff_cli.errors import UserError
@@ -112,10 +112,13 @@ def make_chunk(bind, optimizer, coef: tuple[float, float]):
     coef = jnp.asarray(coef, jnp.float32)
 
     def chunk(state, params0, n: int):
+        """Up to n outer steps: fewer when a signal asks the run to stop (metrics of the steps done)."""
         metrics = []
         for _ in range(n):
             state, m, states = outer_jit(state, params0, coef)
             metrics.append(m)
+            if signals.requested():
+                break
         # Girsanov KL(p ‖ π*(θ0)) on the last completed batch under the updated θ (logging only: its
         # 2T network calls are not counted in net_evals)
         return state, tuple(jnp.stack(v) for v in zip(*metrics)), kl_jit(state.params, params0, states)
@@ -193,7 +196,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
         rows = [{"step": step + i + 1, "reward_mean": float(mean[i]), "reward_std": float(std[i]),
                  "grad_norm": float(gnorm[i]), "net_evals": net_evals(step + i + 1),
                  "sequential_calls": method.warmup.sequential + (step + i + 1) * cost.sequential}
-                for i in range(n)]
+                for i in range(len(mean))]
         rows[-1]["kl"] = float(kl)
         return state, rows
 
@@ -206,7 +209,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
     return loop.Unit(cfg.steps, init, advance, template=template, first_rows=first_rows, hooks=hooks,
                      chunk=cfg.log_every, finite=("reward_mean", "grad_norm"),
                      nan_hint="lower --lr or |--lambda|", progress=("reward_mean", "kl"),
-                     on_checkpoint=on_checkpoint)
+                     on_checkpoint=on_checkpoint, step_of=lambda state: int(state.step))
 
 
 def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
