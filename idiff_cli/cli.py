@@ -22,6 +22,7 @@ import typer  # noqa: E402
 
 from idiff_cli import __version__  # noqa: E402
 from idiff_cli import config as cfglib  # noqa: E402
+from idiff_cli.diffusion import import_options  # noqa: E402
 from idiff_cli.diffusion import options as diffusion_options  # noqa: E402
 from idiff_cli.ebm import options as ebm_options  # noqa: E402
 from idiff_cli.errors import UserError  # noqa: E402
@@ -45,6 +46,7 @@ COMMANDS = (
     ("langevin-reward", langevin_options.SCHEMA, "idiff_cli.langevin.experiment:main", ("langevin",)),
     ("ebm-train", ebm_options.SCHEMA, "idiff_cli.ebm.experiment:main", ()),
     ("pretrain", diffusion_options.PRETRAIN, "idiff_cli.diffusion.pretrain:main", ()),
+    ("import", import_options.SCHEMA, "idiff_cli.diffusion.imports:main", ()),
     ("sample", diffusion_options.SAMPLE, "idiff_cli.diffusion.sample:main", ()),
     ("finetune", finetune_options.SCHEMA, "idiff_cli.implicit.finetune:main", ()),
     ("evaluate-fid", fid_options.SCHEMA, "idiff_cli.fid.evaluate:main", ()),

@@ -7,7 +7,9 @@
 A pretrain run directory holds `pretrained.json` (`write_pretrained`): the checkpoint that is θ0
 (the last one saved; `final` once the run has finished), the image shape, the number of classes and
 the data source; its checkpoints hold a `TrainState`, whose EMA weights are θ0 (`weights="params"`:
-the raw weights). A finetune run directory holds `finetuned.json` (`write_finetuned`): its base run
+the raw weights). An imported run directory (`idiff import`, imports.py) holds its network's variables as
+checkpoint 0 and loads as an `ImportedModel`: the discrete DDPM process and samplers of ddpm.py. A
+finetune run directory holds `finetuned.json` (`write_finetuned`): its base run
 (`from`) and the directory of its θ checkpoints (`weights/`, orbax, one per checkpoint step); it loads
 as the base model with the finetuned θ of its last (or the given) step.
 
@@ -28,6 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from idiff_cli import registry
 from idiff_cli.checkpoint import Checkpointer, restore_template
+from idiff_cli.diffusion.imports import param_shapes, run_source
+from idiff_cli.diffusion.ddpm import DISCRETE_STEPS
 from idiff_cli.diffusion.losses import score_function
 from idiff_cli.diffusion.options import PRETRAIN
 from idiff_cli.diffusion.samplers import Sampler
@@ -152,6 +156,37 @@ class Model:
         return make_sampler(self.cfg, self.sde, n_steps, name)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportedConfig:
+    """What the model layer's users read of an imported run's config: its `import` options, the image
+    size, and no preconditioning (the imported network predicts ε itself)."""
+
+    dataset: str
+    data_dir: str | None
+    sampler: str
+    sample_steps: int
+    image_size: int
+    source: str
+    precondition: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedModel(Model):
+    """A published model (`idiff import`): `sde` is its discrete DDPM process (ddpm.py)."""
+
+    def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
+        """`n_steps` respaced steps (default: the import's) of "ddpm" (ancestral; "euler-maruyama", the
+        reverse SDE's name, is the same step) or "ddim" ("probability-flow")."""
+        name = name or self.cfg.sampler
+        if name not in DISCRETE_STEPS:
+            raise UserError(f"an imported DDPM model samples with ddpm or ddim, not '{name}'")
+        n_steps = n_steps or self.cfg.sample_steps
+        if n_steps > self.sde.num_train_timesteps:
+            raise UserError(f"{n_steps} sampling steps exceed the model's {self.sde.num_train_timesteps} "
+                            "training timesteps")
+        return self.sde.sampler(n_steps, name)
+
+
 def write_pretrained(run_dir: RunDir, step: int, final: bool, image_shape, num_classes: int, dataset: str,
                      source: str) -> None:
     """pretrained.json: θ0 is the EMA weights of checkpoint `step` of checkpoints/ (read by `load`)."""
@@ -180,6 +215,8 @@ def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = N
             raise UserError(f"'{run_dir}' is a finetune run: it holds only its finetuned weights, so weights "
                             f"'{weights}' does not apply (leave the default)")
         return _load_finetuned(run_dir, step)
+    if (run_dir / PRETRAINED).exists() and RunDir(run_dir).read_json("config.json").get("command") == "import":
+        return _load_imported(run_dir, weights, step)
     if not (run_dir / PRETRAINED).exists():
         raise UserError(f"'{run_dir}' holds no trained model (no {PRETRAINED} or {FINETUNED}); run "
                         "`idiff pretrain` into it first")
@@ -198,6 +235,23 @@ def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = N
     params = state.ema if weights == "ema" else state.params
     return Model(model, params, make_sde(cfg), cfg, image_shape, model.num_classes, int(chosen),
                  bool(record["final"]) and step in (None, record["step"]), weights)
+
+
+def _load_imported(run_dir: pathlib.Path, weights: str, step: int | None) -> ImportedModel:
+    """The model of an `idiff import` run directory (its one checkpoint, step 0)."""
+    if weights != "ema":
+        raise UserError(f"'{run_dir}' is an imported model: it holds one set of weights, so weights '{weights}' "
+                        "does not apply (leave the default)")
+    if step not in (None, 0):
+        raise UserError(f"'{run_dir}' is an imported model: its only checkpoint is step 0")
+    run = RunDir(run_dir)
+    config = run.read_json("config.json")
+    model, sde, image_shape = run_source(run_dir)
+    with Checkpointer(run_dir / run.read_json(PRETRAINED)["checkpoints"], keep=1) as ckpt:
+        params, _ = ckpt.restore(restore_template(param_shapes(model, image_shape)), step=0)
+    cfg = ImportedConfig(config["dataset"], config["data_dir"], config["sampler"], config["sample_steps"],
+                         image_shape[0], config["dir"])
+    return ImportedModel(model, params, sde, cfg, image_shape, 0, 0, True, "imported")
 
 
 def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Model:

@@ -1,0 +1,198 @@
+"""The discrete DDPM noise process of a diffusers `DDPMScheduler` config, and its respaced samplers.
+
+Training steps n = 0 … N − 1 with betas β_n (`linear`: evenly spaced from beta_start to beta_end;
+`scaled_linear`: the squares of evenly spaced √β; `squaredcos_cap_v2`: β_n = min(1 − ᾱ(n+1)/ᾱ(n), 0.999)
+with ᾱ(s) = cos²((s/N + 0.008)/1.008 · π/2); or `trained_betas`), ᾱ_n = Π_{m≤n} (1 − β_m) and
+
+    x_n = √ᾱ_n x_0 + √(1 − ᾱ_n) ε                                        (Ho et al. 2020, eq. 4).
+
+A sampler with T steps visits the respaced timesteps τ_0 > … > τ_{T−1} of diffusers' `set_timesteps(T)`
+(`timestep_spacing` linspace / leading / trailing, `steps_offset`), then τ_T = −1 with ᾱ_{−1} = 1: the
+time grid [τ_0, …, τ_{T−1}, −1]. `DiscreteDDPM` is a `NoiseProcess` on this grid: its "time" is the
+training timestep (the network's input), α(t) = √ᾱ_t, σ(t) = √(1 − ᾱ_t), so a score
+s(x, t) = −ε_θ(x, t)/σ(t) and the steps of samplers.py work unchanged.
+
+Steps from t = τ_k to t' = τ_{k+1}, with a = ᾱ_t/ᾱ_t', b = 1 − a and x̂0 = (x − σ(t) ε)/α(t) clipped to
+±clip_sample_range when `clip_sample`:
+
+* `ddpm_step` (ancestral, Ho et al. eq. 7 on the respaced chain, as `DDPMScheduler.step`):
+  mean = √ᾱ_t' b/(1 − ᾱ_t) x̂0 + √a (1 − ᾱ_t')/(1 − ᾱ_t) x; variance `fixed_small` b (1 − ᾱ_t')/(1 − ᾱ_t)
+  (at least 1e-20) or `fixed_large` b; no noise on the last step (t = 0). Without clipping the mean is
+  (x + b s)/√a, so two parameters θ, θ0 give Gaussian transitions with the same variance v whose KL is
+  ‖Δmean‖²/2v = b² ‖sθ − sθ0‖²/(2 a v).
+* `ddim_step` (η = 0, Song et al. 2021, as `DDIMScheduler.step` with `set_alpha_to_one`):
+  x' = √ᾱ_t' x̂0 + √(1 − ᾱ_t') ε̂ (the network's ε̂, x̂0 clipped). Deterministic; it is registered as the sampler
+  "ddim" and applies to the continuous processes of sde.py too (no clipping there).
+
+The process is a frozen dataclass (hashable: a static jit argument); its tables are float32 numpy arrays
+computed from the config fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idiff_cli.diffusion.samplers import Sampler, Score
+from idiff_cli.diffusion.sde import NoiseProcess, _expand
+from idiff_cli.registry import register
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "linspace", "trailing")
+VARIANCES = ("fixed_small", "fixed_large")
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def make_betas(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float) -> np.ndarray:
+    """β_n [N] float32 of a named schedule (as diffusers computes them, in float32)."""
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float32)
+    if beta_schedule == "scaled_linear":
+        return (np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float32) ** 2).astype(np.float32)
+    if beta_schedule == "squaredcos_cap_v2":
+        def abar(s):
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], np.float32)
+    raise ValueError(f"unknown beta schedule {beta_schedule!r}; supported: {', '.join(BETA_SCHEDULES)}")
+
+
+def respaced_timesteps(num_train_timesteps: int, n_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """The T = n_steps decreasing training timesteps of diffusers' `set_timesteps` [T] int64."""
+    n = num_train_timesteps
+    if n_steps > n:
+        raise ValueError(f"{n_steps} sampling steps exceed the {n} training timesteps")
+    if spacing == "linspace":
+        return np.linspace(0, n - 1, n_steps).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(n_steps) * (n // n_steps)).round()[::-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(n, 0, -n / n_steps)).astype(np.int64) - 1
+    raise ValueError(f"unknown timestep spacing {spacing!r}; supported: {', '.join(SPACINGS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteDDPM(NoiseProcess):
+    """The noise process of a `DDPMScheduler` config (module docstring); times are training timesteps."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    trained_betas: tuple[float, ...] = ()
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    variance_type: str = "fixed_small"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    rho: float = 1.0
+
+    @property
+    def t_min(self) -> float:
+        return 0.0
+
+    @property
+    def t_max(self) -> float:
+        return float(self.num_train_timesteps - 1)
+
+    @functools.cached_property
+    def betas(self) -> np.ndarray:
+        if self.trained_betas:
+            return np.asarray(self.trained_betas, np.float32)
+        return make_betas(self.num_train_timesteps, self.beta_schedule, self.beta_start, self.beta_end)
+
+    @functools.cached_property
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_n [N] float32."""
+        return np.cumprod(1.0 - self.betas, dtype=np.float32)
+
+    def _abar(self, t) -> jax.Array:
+        """ᾱ_t at timesteps t (any shape; t = −1 gives 1)."""
+        table = jnp.asarray(np.concatenate([[1.0], self.alphas_cumprod]).astype(np.float32))
+        return table[jnp.round(jnp.asarray(t)).astype(jnp.int32) + 1]
+
+    def alpha(self, t):
+        return jnp.sqrt(self._abar(t))
+
+    def sigma(self, t):
+        return jnp.sqrt(1.0 - self._abar(t))
+
+    def beta(self, t):
+        """β_t = 1 − ᾱ_t/ᾱ_{t−1}, per training step: the rate of the VP SDE the chain discretises."""
+        return 1.0 - self._abar(t) / self._abar(jnp.asarray(t) - 1)
+
+    def time_grid(self, n_steps: int) -> jax.Array:
+        """[τ_0, …, τ_{T−1}, −1] for T = n_steps (module docstring)."""
+        steps = respaced_timesteps(self.num_train_timesteps, n_steps, self.timestep_spacing, self.steps_offset)
+        return jnp.asarray(np.append(steps, -1), jnp.float32)
+
+    def sample_time(self, key: jax.Array, n: int) -> jax.Array:
+        """Uniform training timesteps [n] (Ho et al. 2020, Algorithm 1)."""
+        return jax.random.randint(key, (n,), 0, self.num_train_timesteps).astype(jnp.float32)
+
+    def noise_level(self, t):
+        """The network's input is the timestep itself."""
+        return t
+
+    def sampler(self, n_steps: int, name: str) -> Sampler:
+        """`n_steps` respaced steps of "ddpm" (ancestral) or "ddim"; the last step lands on x_0."""
+        return Sampler(self, n_steps, DISCRETE_STEPS[name], denoise_final=False)
+
+
+def _clip(sde: Any, x0: jax.Array) -> jax.Array:
+    """x̂0 clipped to ±clip_sample_range when the (discrete) process's config says so."""
+    if getattr(sde, "clip_sample", False):
+        return jnp.clip(x0, -sde.clip_sample_range, sde.clip_sample_range)
+    return x0
+
+
+def _denoised(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t) -> jax.Array:
+    """x̂0 = (y − σ(t) ε)/α(t)."""
+    return (y - _expand(sde.sigma(t), y) * eps) / _expand(sde.alpha(t), y)
+
+
+def ddpm_mean_std(sde: DiscreteDDPM, eps: jax.Array, y: jax.Array, t, t_next) -> tuple[jax.Array, jax.Array]:
+    """The ancestral step's Gaussian transition from timestep t to t_next given ε̂ = eps: (mean [B, ...],
+    standard deviation [], 0 on the last step)."""
+    abar, abar_next = sde._abar(t), sde._abar(t_next)
+    a = abar / abar_next
+    b = 1.0 - a
+    x0 = _clip(sde, _denoised(sde, eps, y, t))
+    mean = jnp.sqrt(abar_next) * b / (1.0 - abar) * x0 + jnp.sqrt(a) * (1.0 - abar_next) / (1.0 - abar) * y
+    var = b if sde.variance_type == "fixed_large" else jnp.maximum(b * (1.0 - abar_next) / (1.0 - abar), 1e-20)
+    return mean, jnp.where(t > 0, jnp.sqrt(var), 0.0)
+
+
+def ddpm_step(sde: DiscreteDDPM, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
+    """One ancestral step y_t -> y_{t_next} (module docstring)."""
+    eps = -_expand(sde.sigma(t), y) * score(y, jnp.full(y.shape[:1], t))
+    mean, std = ddpm_mean_std(sde, eps, y, t, t_next)
+    return mean + std * jax.random.normal(key, y.shape, y.dtype)
+
+
+def ddim_from_eps(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t, t_next) -> jax.Array:
+    """The deterministic DDIM update given ε̂ = eps (module docstring)."""
+    x0 = _clip(sde, _denoised(sde, eps, y, t))
+    return _expand(sde.alpha(t_next), y) * x0 + _expand(sde.sigma(t_next), y) * eps
+
+
+def ddim_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
+    """One DDIM (η = 0) step y_t -> y_{t_next}; `key` is unused (deterministic)."""
+    del key
+    eps = -_expand(sde.sigma(t), y) * score(y, jnp.full(y.shape[:1], t))
+    return ddim_from_eps(sde, eps, y, t, t_next)
+
+
+# The discrete process's samplers by the names of the reverse SDE and the probability-flow ODE they
+# discretise (ancestral sampling and DDIM, Song et al. 2021, §4 and App. E), as the commands name them.
+DISCRETE_STEPS = {"ddpm": ddpm_step, "euler-maruyama": ddpm_step, "ddim": ddim_step, "probability-flow": ddim_step}
+
+register("sampler", "ddim", ddim_step)

@@ -1,0 +1,31 @@
+"""Options of `idiff import` (JAX-free: `--help` answers without starting JAX)."""
+
+from __future__ import annotations
+
+from idiff_cli import config as cfglib
+from idiff_cli.config import Option
+
+FORMATS = ("diffusers",)
+
+SCHEMA = cfglib.Schema(
+    "import",
+    "Import a published pretrained diffusion model as a run directory that `idiff sample`, `finetune` and "
+    "`evaluate-fid` use like a pretrain run. diffusers: a UNet2DModel directory (config.json, "
+    "diffusion_pytorch_model.safetensors, scheduler_config.json of a DDPMScheduler; or a pipeline directory "
+    "with unet/ and scheduler/), e.g. google/ddpm-cifar10-32. Writes config.json, pretrained.json, "
+    "checkpoints/ (the weights) and diffusers/ (the source's config files).",
+    (
+        Option("format", str, None, "Format of DIR.", argument=True, required=True, choices=FORMATS),
+        Option("dir", "path", None, "The model directory.", argument=True, required=True),
+        Option("dataset", str, "unknown", "The data the model was trained on (e.g. cifar10, lsun-bedroom): "
+               "finetune's M/T/batch defaults and the FID reference statistics follow it."),
+        Option("data_dir", "path", None, "tfds data directory of --dataset (for FID references).",
+               defining=False, rule="~/tensorflow_datasets or $TFDS_DATA_DIR"),
+        Option("sampler", str, "ddpm", "Default sampler of the run: ddpm (ancestral) or ddim (deterministic).",
+               choices=("ddpm", "ddim")),
+        Option("sample_steps", int, 100, "Default number of respaced sampling steps (of the model's training "
+               "timesteps).", positive=True),
+        cfglib.out_option("Run directory"),
+        cfglib.CONFIG_OPTION,
+    ),
+)
