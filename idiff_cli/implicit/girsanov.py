@@ -14,8 +14,9 @@ is the *exact* KL between the two discrete Euler–Maruyama chains (each step is
 variance g(t_k)² h_k), averaged over paths x_0..x_n of the θ-chain. Being an expectation over the
 noise of a smooth function of (θ, path), its gradient is the gradient of the same sum through the
 sampler: `kl_running_cost` is a running cost for the adjoints, and `kl_transition` the sampler step
-and that cost in one function that evaluates sθ(x_k, t_k) once, for the step and the increment (so
-an adjoint step is one forward and one backward pass of θ, and a forward pass of θ0).
+and that cost in one function that evaluates sθ(x_k, t_k) once, for the step and the increment. An
+adjoint step is then one vjp: a forward and a backward pass of θ's network, and a forward and a
+backward pass of θ0's (θ0's weights are held fixed, but the increment depends on x_k through sθ0).
 """
 
 from __future__ import annotations

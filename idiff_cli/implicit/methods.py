@@ -20,7 +20,7 @@ its own parts (the pipelined warm-up is a host loop of jitted backward waves).
   (AlignProp-like); the same gradient as `nested`, computed by autodiff instead of the adjoint scan.
 
 The i-th batch of paths any method samples is named by the slot key fold_in(key, i) (paths.py), so
-all methods see the same noise. `Cost` counts network evaluations per outer step, in batches of B images.
+all methods see the same noise. `Cost` counts network passes per outer step, in batches of B images.
 """
 
 from __future__ import annotations
@@ -63,11 +63,23 @@ class Estimate(NamedTuple):
 
 
 class Cost(NamedTuple):
-    """Network evaluations per outer step, in batches of B images: forward passes, backward passes,
-    and sequential batched calls (the critical path on parallel hardware; a vjp counts as one call)."""
+    """Network passes per outer step (or for the warm-up), in batches of B images; net_evals is
+    (forward + backward) × B. tests/test_implicit_cost.py counts the images every pass of the network
+    processes and checks these numbers against the count for every method and adjoint, with and
+    without the KL term.
 
-    forward: float
-    backward: float
+    forward: batches through a forward pass of θ's network (sampling steps; the forward half of each
+    vjp; the Tweedie denoiser, once inside the terminal cost's vjp and once for the completed batch's
+    images) and, with a KL term, of θ0's (the Girsanov increment compares sθ and sθ0 at x_k).
+    backward: batches through a backward pass, the pullback of a vjp: θ's network w.r.t. its weights
+    and input, and, with a KL term, θ0's w.r.t. its input alone (the increment ‖sθ(x_k) − sθ0(x_k)‖²
+    depends on x_k through both scores). An adjoint step is one vjp of the transition: a forward and a
+    backward pass of each network it evaluates.
+    sequential: batched network calls on the critical path (on parallel hardware every slot of a wave is
+    the same call; a vjp counts as one call)."""
+
+    forward: int
+    backward: int
     sequential: int
 
 
@@ -79,11 +91,18 @@ class Method(NamedTuple):
     warmup: Cost  # once, by init
 
 
-def _gradient_cost(n_adjoint: int, with_kl: bool) -> tuple[float, float]:
-    """(forward, backward) batches of an adjoint over n steps: one vjp of θ's score per step (1 + 1),
-    with a KL term also a forward pass of θ0's (the increment shares θ's evaluation with the step:
-    girsanov.kl_transition), and the terminal denoiser (1 + 1)."""
-    return n_adjoint * (1 + with_kl) + 1, n_adjoint + 1
+def _adjoint_passes(problem: Problem, n_steps: int) -> int:
+    """Forward passes of an adjoint over n steps, and as many backward passes: one vjp of the
+    transition per step (θ's network, and θ0's with a KL term: girsanov.kl_transition) and one of the
+    terminal cost (the denoiser)."""
+    return n_steps * (1 + problem.with_kl) + 1
+
+
+def _step_cost(problem: Problem, sampling: int, n_adjoint: int, sequential: int) -> Cost:
+    """An outer step that samples `sampling` forward passes, adjoints over n_adjoint steps and denoises
+    the completed batch for its reward images (one forward pass)."""
+    passes = _adjoint_passes(problem, n_adjoint)
+    return Cost(sampling + 1 + passes, passes, sequential)
 
 
 def _images(problem: Problem, params, states):
@@ -122,10 +141,10 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states))
 
-    fwd, bwd = _gradient_cost(T, problem.with_kl)
     warmup = L * M * (M - 1) // 2  # slot m pre-advanced m·L steps under θ0, one slot after the other
     name = "implicit" if kind == "full" else f"implicit-{kind}"
-    return Method(name, init, estimate, Cost(T + fwd, bwd, L + T), Cost(warmup, 0, warmup))
+    # critical path: the queue's L steps, the terminal vjp, the T adjoint vjps (the images beside them)
+    return Method(name, init, estimate, _step_cost(problem, T, T, L + 1 + T), Cost(warmup, 0, warmup))
 
 
 def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
@@ -150,12 +169,14 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, aq, root), Estimate(finished.g, done.states, _images(problem, params, done.states))
 
-    fwd, bwd = _gradient_cost(T, problem.with_kl)  # the same work as one full adjoint
-    per_wave = _gradient_cost(L * M, problem.with_kl)[0]
-    warmup_fwd = L * M * (M - 1) // 2 + (M + 1) * T + M * per_wave
-    warmup_seq = L * M * (M - 1) // 2 + T + M * L
-    return Method("implicit-pipelined", init, estimate, Cost(T + fwd, bwd, 2 * L),
-                  Cost(warmup_fwd, M * per_wave, warmup_seq))
+    # the same work as one full adjoint; critical path: the forward wave's L steps, then the backward
+    # wave's L vjps (the terminal vjp of the pending path and the images beside them)
+    cost = _step_cost(problem, T, T, 2 * L)
+    # warm-up: the forward queue, M + 1 paths of T steps (one vmapped rollout), M backward waves of
+    # M slots × L vjps and the pending path's terminal vjp each
+    queue, wave = L * M * (M - 1) // 2, _adjoint_passes(problem, L * M)
+    warmup = Cost(queue + (M + 1) * T + M * wave, M * wave, queue + T + M * L)
+    return Method("implicit-pipelined", init, estimate, cost, warmup)
 
 
 def _fresh_paths(problem: Problem, params, carry, T: int):
@@ -182,9 +203,8 @@ def nested(problem: Problem, T: int, K: Optional[int] = None, kind: str = "full"
         grad = path_gradient(params, states[T - K:], slot, T - K)
         return carry, Estimate(grad.params, states, _images(problem, params, states))
 
-    fwd, bwd = _gradient_cost(K, problem.with_kl)
     name = ("nested" if K == T else f"truncated-{K}") + ("" if kind == "full" else f"-{kind}")
-    return Method(name, _fresh_init, estimate, Cost(T + fwd, bwd, T + K), Cost(0, 0, 0))
+    return Method(name, _fresh_init, estimate, _step_cost(problem, T, K, T + 1 + K), Cost(0, 0, 0))
 
 
 def full_backprop(problem: Problem, T: int) -> Method:
@@ -198,10 +218,10 @@ def full_backprop(problem: Problem, T: int) -> Method:
                                                  problem.terminal, with_states=True)
         return (started + 1, root), Estimate(grad, states, _images(problem, params, states))
 
-    # grad of the unrolled scan: its forward (T transitions), then per step a recompute and a backward pass
-    fwd, bwd = _gradient_cost(T, problem.with_kl)
-    return Method("full-backprop", _fresh_init, estimate, Cost(T * (1 + problem.with_kl) + fwd, bwd, 2 * T),
-                  Cost(0, 0, 0))
+    # grad of the unrolled scan: its forward (T transitions), then the terminal vjp and per step a vjp
+    # of the rematerialised transition (its recompute is the vjp's forward half)
+    cost = _step_cost(problem, T * (1 + problem.with_kl), T, 2 * T + 1)
+    return Method("full-backprop", _fresh_init, estimate, cost, Cost(0, 0, 0))
 
 
 register("finetune-method", "implicit", implicit)
@@ -223,6 +243,9 @@ def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full")
         if name not in ("implicit", "nested"):
             raise UserError(f"--adjoint continuous integrates back over whole paths: it needs --method implicit or "
                             f"nested, got --method {name}")
+        if problem.with_kl:
+            raise UserError("--adjoint continuous differentiates the terminal cost alone (a path KL needs the "
+                            "sampler's noise): it needs --beta 0")
         return registry.get("finetune-method", name)(problem, T, M, kind=kind)
     match = re.fullmatch(r"truncated-(\d+)", name)
     if match:

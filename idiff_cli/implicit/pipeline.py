@@ -14,9 +14,10 @@ with its adjoint state (a = ∂J/∂x at its position, g = the ∂J/∂θ gather
   3. the oldest adjoint slot has reached x_0: its g is this step's Γ; the queue shifts.
 
 The two waves depend only on θ_k, so with M = T (L = 1) the critical path is 2 batched calls per
-outer step against 2T for `nested`. The price is staleness: Γ at step k comes from a path finished
-M + 1 steps earlier, whose vjps were taken under the θ of the steps since. With θ frozen the
-pipelined Γ equals the full adjoint of the same path exactly (tests/test_implicit_pipeline.py).
+outer step against 2T + 1 for `nested` (methods.Cost), for the same network passes. The price is
+staleness: Γ at step k comes from a path finished M + 1 steps earlier, whose vjps were taken under
+the θ of the steps since. With θ frozen the pipelined Γ equals the full adjoint of the same path
+exactly (tests/test_implicit_pipeline.py).
 
 Key indices: the M + 1 warm paths sampled under θ0 at start-up take slot keys 0..M (they fill the
 adjoint queue), the forward queue's slots start at M + 1, so the i-th Γ (i = 1, 2, ...) always comes
@@ -88,9 +89,9 @@ def adjoint_queue_init(step: Step, transition: Transition, params: Any, key: jax
     the wave in one program, M times the compilation."""
     keys = jax.vmap(lambda i: queue_lib.slot_key(key, i))(jnp.arange(M + 1))
     paths = jax.jit(jax.vmap(lambda k: rollout(step, params, init(k), k, T)))(keys)  # [M + 1, T + 1, B, ...]
-    _, adj0 = adjoint_start(terminal, params, paths[0, -1])
+    adj = jax.eval_shape(lambda x: adjoint_start(terminal, params, x)[1], paths[0, -1])  # shapes only: no pass
     aq = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
-                      jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj0), paths[0], keys[0])
+                      jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj), paths[0], keys[0])
     wave = jax.jit(lambda aq: backward_wave(transition, params, aq, terminal, M, T)[0])
     for i in range(1, M + 1):
         aq = wave(aq)._replace(pending_states=paths[i], pending_key=keys[i])
