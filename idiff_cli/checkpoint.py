@@ -1,25 +1,44 @@
-"""Checkpoints of long runs with orbax: save every N steps, keep the last k, restore the latest.
+"""Checkpoints of long runs with orbax: save every N steps, keep the last k, restore the latest intact one.
 
     ckpt = Checkpointer(run_dir.path / "checkpoints", keep=3)
     ckpt.save(step, state, meta={"data_position": 1234})   # state: any pytree of arrays (keys included)
+    ckpt.wait()                                             # on disk, with its manifest
     template = restore_template(jax.eval_shape(make_state))  # zeros shaped like the state, not computed
-    state, meta = ckpt.restore(template)                    # latest step; template gives structure/shardings
+    step, state, meta = ckpt.restore_latest(lambda: template)  # the newest intact step, or None
     ckpt.close()
 
-orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoints intact. Typed JAX PRNG keys are stored as their key data
-and re-wrapped on restore, so a state may carry `jax.random.key(...)` leaves.
+orbax writes each step into a temporary directory and renames it when complete. It keeps no
+checksums, so once a step is on disk a manifest (`idiff_manifest.json`: each file's size and SHA-256)
+is written into it last: a step without a manifest was cut short, a step whose files disagree with
+its manifest was damaged afterwards. Only steps with a manifest count (`all_steps`); `restore_latest`
+checks the newest against its manifest, moves a damaged one aside into `damaged/` with a warning and
+falls back to the previous one; with none intact it is a one-line UserError. Typed JAX PRNG keys are
+stored as their key data and re-wrapped on restore, so a state may carry `jax.random.key(...)` leaves.
+
+Test hook: with IDIFF_TEST_KILL_AT_CHECKPOINT=N in the environment, the process kills itself (SIGKILL)
+when step N is on disk but its manifest is not yet written: a run killed during a checkpoint write.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pathlib
-from typing import Any
+import shutil
+import signal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from idiff_cli.errors import UserError
+from idiff_cli.runs import atomic_write_bytes, console, disk_errors
+
+MANIFEST = "idiff_manifest.json"
+KILL_HOOK = "IDIFF_TEST_KILL_AT_CHECKPOINT"
 
 
 def _is_key(leaf: Any) -> bool:
@@ -60,40 +79,110 @@ def restore_template(abstract: Any) -> Any:
 
 
 class Checkpointer:
-    """Orbax CheckpointManager over `directory`: a pytree `state` plus a JSON `meta` per step."""
+    """Orbax CheckpointManager over `directory`: a pytree `state` plus a JSON `meta` per step, each
+    complete step with its manifest (see the module docstring)."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.keep = keep
+        self._pending: list[int] = []
+        self._manager = self._open()
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True)
+        return ocp.CheckpointManager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """The steps written completely (with a manifest), oldest first."""
+        return sorted(s for s in self._manager.all_steps() if (self._step_dir(s) / MANIFEST).exists())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> None:
         """Saves `state` (and `meta`) as step `step`; returns once the save is started (async)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_storable(state)),
                                   meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
-        self._manager.save(int(step), args=args, force=True)
+        with disk_errors(self._step_dir(step)):
+            self._manager.save(int(step), args=args, force=True)
+        self._pending.append(int(step))
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """The state and meta of `step` (default: the latest), shaped and placed like `template`."""
+        """The state and meta of `step` (default: the latest), shaped and placed like `template`; a
+        step that disagrees with its manifest is a UserError."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        problem = self.damage(step)
+        if problem:
+            raise UserError(f"checkpoint {self._step_dir(step)} is damaged ({problem})")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore())
         restored = self._manager.restore(int(step), args=args)
         return _from_storable(restored["state"], template), dict(restored["meta"])
 
+    def restore_latest(self, template: Callable[[], Any]) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest intact step, or None when no step was ever written;
+        `template()` (structure and placement of the state) is built only when there is a step.
+
+        Steps cut short (no manifest) or damaged are moved into `damaged/` with a warning, so that
+        the run continues from the intact one; when steps exist but none is intact: UserError."""
+        damaged, like = [], None
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            problem = self.damage(step)
+            if problem is None:
+                try:
+                    like = template() if like is None else like
+                    state, meta = self.restore(like, step)
+                except Exception as e:  # noqa: BLE001 - orbax's many ways of failing on bad bytes
+                    problem = f"orbax cannot read it: {type(e).__name__}: {str(e)[:200]}"
+                else:
+                    self._set_aside(damaged)
+                    return step, state, meta
+            console.print(f"warning: checkpoint {self._step_dir(step)} is not usable ({problem}); trying "
+                          "the one before", highlight=False)
+            damaged.append(step)
+        if damaged:
+            self._set_aside(damaged)
+            raise UserError(f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, damaged))} "
+                            f"moved to {self.directory / 'damaged'}); pick a new --out to start again")
+        return None
+
+    def damage(self, step: int) -> str | None:
+        """What is wrong with step `step` on disk (None: its files match its manifest)."""
+        root = self._step_dir(step)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+        except FileNotFoundError:
+            return "no manifest: the write was cut short"
+        except ValueError:
+            return "its manifest is garbled"
+        for name, (size, digest) in manifest["files"].items():
+            path = root / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, not {size}"
+            if _sha256(path) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
     def wait(self) -> None:
-        """Blocks until pending saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending saves are on disk, then writes their manifests (process 0)."""
+        with disk_errors(self.directory):
+            self._manager.wait_until_finished()
+            for step in self._pending:
+                if os.environ.get(KILL_HOOK) == str(step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                root = self._step_dir(step)
+                if jax.process_index() == 0 and root.is_dir():  # a step removed by keep= needs none
+                    files = {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
+                             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+                    atomic_write_bytes(root / MANIFEST, json.dumps({"step": step, "files": files}).encode())
+        self._pending = []
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -101,3 +190,27 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _step_dir(self, step: int) -> pathlib.Path:
+        return self.directory / str(int(step))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves steps into `damaged/` (kept for inspection) and reopens the manager without them."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / "damaged" / str(step)
+                shutil.rmtree(target, ignore_errors=True)
+                target.parent.mkdir(exist_ok=True)
+                os.replace(self._step_dir(step), target)
+        self._manager.close()
+        self._manager = self._open()
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

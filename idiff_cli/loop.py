@@ -124,17 +124,17 @@ class Run:
     def run(self, unit: Unit) -> Any:
         """Runs `unit` to `unit.steps` from its latest checkpoint (or from `init`); returns the final state."""
         with self.checkpoints(unit) as ckpt:
-            restored = ckpt.latest_step()
+            found = ckpt.restore_latest(unit.template or unit.init)
+            restored = found[0] if found else None
             if restored is not None and restored > unit.steps:
                 raise UserError(f"the run in '{self.dir.path}' is at step {restored}"
                                 f"{f' ({unit.name})' if unit.name else ''}; --steps must be at least that")
-            if restored is None:
+            if found is None:
                 state, step = unit.init(), 0
                 rows = self._keep_rows(unit, -1)
                 self._append(unit, [{**row, "wall_s": 0.0} for row in unit.first_rows(state)])
             else:
-                state, _ = ckpt.restore((unit.template or unit.init)())
-                step = restored
+                step, state, _ = found
                 rows = self._keep_rows(unit, restored)
                 self.print(f"resuming{f' {unit.name}' if unit.name else ''} from checkpoint step {restored}")
             elapsed = rows[-1].get("wall_s", 0.0) if rows else 0.0

@@ -59,8 +59,10 @@ def disk_errors(path: pathlib.Path) -> Iterator[None]:
     kept: every write is a new file renamed into place, or an append that is undone)."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError) else (
+            "No space left on device" in str(e))  # orbax/tensorstore report it as text in a ValueError
+        if full:
             raise UserError(f"no space left on the device writing '{path}'; the files written before are "
                             "intact: free some space and re-run the same command to resume") from None
         raise

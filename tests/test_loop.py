@@ -28,7 +28,7 @@ SCHEMA = cfglib.Schema("toy", "A toy command.", (
 ))
 
 
-def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0):
+def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1):
     """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)); rows at multiples of log_every. With `delay`,
     each step sleeps that long and the chunk stops early on a signal (as the host loops of pretrain
     and finetune do)."""
@@ -47,8 +47,8 @@ def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0):
                 value = float(x) if k + 1 != poison_at else float("nan")
                 rows.append({"step": k + 1, "x": value})
             if signals.requested():
-                return {"x": x, "step": jnp.asarray(k + 1)}, rows
-        return {"x": x, "step": jnp.asarray(start + n)}, rows
+                return {**state, "x": x, "step": jnp.asarray(k + 1)}, rows
+        return {**state, "x": x, "step": jnp.asarray(start + n)}, rows
 
     def hook(state, k):
         if hook_calls is not None:
@@ -57,26 +57,27 @@ def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0):
 
     def init():
         time.sleep(10 * delay)  # stands for compiling
-        return {"x": jnp.asarray(1.0), "step": jnp.asarray(0)}
+        return {"x": jnp.asarray(1.0), "step": jnp.asarray(0), "ballast": jax.random.normal(key, (size,))}
 
     return Unit(cfg.steps, init, advance, chunk=cfg.log_every, finite=("x",), hooks=(Hook(6, hook),),
                 first_rows=lambda state: [{"step": 0, "x": float(state["x"])}],
                 step_of=lambda state: int(state["step"]))
 
 
-def run(out, poison_at=None, hook_calls=None, delay=0.0, **values):
+def run(out, poison_at=None, hook_calls=None, delay=0.0, size=1, **values):
     cfg = SCHEMA.resolve(values)
     with Run(SCHEMA, cfg, RunDir(out), cfg.ckpt_every) as r:
-        return r.run(toy_unit(cfg, poison_at, hook_calls, delay))
+        return r.run(toy_unit(cfg, poison_at, hook_calls, delay, size))
 
 
-def in_subprocess(out, **values):
+def in_subprocess(out, env=None, **values):
     """The toy run in a child process (its own signal handlers); stderr carries the loop's messages."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_loop\n"
             "from idiff_cli.signals import Interrupted\n"
             f"try: test_loop.run({str(out)!r}, **{values!r})\n"
             "except Interrupted as e: print(e, file=sys.stderr); sys.exit(e.code)")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def wait_for_rows(out, n, proc, timeout=60):
@@ -208,3 +209,57 @@ def test_an_out_that_cannot_be_a_run_directory_is_one_line_and_creates_nothing(t
     with pytest.raises(UserError, match=message):
         run(tmp_path / where if not where.startswith("/") else where)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path):
+    """SIGKILL between orbax's commit of step 8 and its manifest (the checkpoint writer's test hook):
+    step 8 counts as cut short, the re-run warns, sets it aside and repeats steps 5-8 exactly."""
+    out = tmp_path / "run"
+    proc = in_subprocess(out, env={"IDIFF_TEST_KILL_AT_CHECKPOINT": "8"}, steps=40, log_every=4, ckpt_every=4)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "8").is_dir() and not (out / "checkpoints" / "8" / "idiff_manifest.json").exists()
+    run(out, steps=40, log_every=4, ckpt_every=4)
+    run(tmp_path / "whole", steps=40, log_every=4, ckpt_every=4)
+    assert rows(out) == rows(tmp_path / "whole")
+    assert (out / "checkpoints" / "damaged" / "8").is_dir()
+
+
+FULL_DISK = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import test_loop
+from idiff_cli.errors import UserError
+from idiff_cli.runs import RunDir
+from idiff_cli.checkpoint import Checkpointer
+out = {out!r}
+try:
+    test_loop.run(out, steps=400, log_every=4, ckpt_every=4, size=200000)
+    print(json.dumps({{"error": None}}))
+except UserError as e:
+    with Checkpointer(out + "/checkpoints") as ckpt:
+        steps = ckpt.all_steps()
+        intact = all(ckpt.damage(s) is None for s in steps)
+    rows = RunDir(out).read_metrics()
+    print(json.dumps({{"error": str(e), "steps": steps, "intact": intact, "rows": [r["step"] for r in rows]}}))
+"""
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint_and_metrics(tmp_path):
+    """A 2 MiB tmpfs in a private mount namespace fills while the run writes its checkpoints (800 kB
+    of random numbers each, two kept): one line names the disk, the checkpoints written before are intact, metrics stop at a
+    checkpoint's step or later with no torn row."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here (unshare -m: {probe.stderr.decode().strip()})")
+    script = FULL_DISK.format(tests=os.path.dirname(__file__), out=str(mount / "run"))
+    result = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=2m tmpfs "{mount}" && '
+                             f'exec "{sys.executable}" -c "$0"', script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["error"] and "no space left on the device" in report["error"], report
+    assert report["steps"] and report["intact"], report
+    assert report["rows"][-1] >= report["steps"][-1], report
+    assert report["rows"] == sorted(set(report["rows"]))
