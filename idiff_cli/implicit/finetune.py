@@ -183,7 +183,8 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
     hooks = [loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
 
     def net_evals(step: int) -> int:
-        return (method.warmup.forward + step * (cost.forward + cost.backward)) * cfg.batch
+        """Images through a forward or backward pass of θ's or θ0's network, warm-up included."""
+        return (method.warmup.forward + method.warmup.backward + step * (cost.forward + cost.backward)) * cfg.batch
 
     def first_rows(state: FinetuneState) -> loop.Rows:
         row = {"step": 0, **evaluate(state, 0), "net_evals": net_evals(0),
