@@ -1,0 +1,59 @@
+"""An imported diffusers model through the real CLI, as a pretrain run: import -> sample -> finetune ->
+evaluate-fid with Inception features (random weights standing in for the converted pytorch-fid file)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from typer.testing import CliRunner
+
+from idiff_cli.cli import app
+from idiff_cli.fid import convert, inception
+
+MODEL = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.slow
+def test_import_sample_finetune_evaluate_fid(tmp_path):
+    run = tmp_path / "imported"
+    invoke("import", "diffusers", MODEL, "--out", run, "--sample-steps", "8", "--dataset", "cifar10")
+    assert json.loads((run / "config.json").read_text())["command"] == "import"
+
+    invoke("sample", run, "--n", "4", "--out", tmp_path / "samples")
+    images = np.load(tmp_path / "samples" / "sample-step0-imported-ddpm8-seed0-n4.npz")["images"]
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+    invoke("sample", run, "--n", "4", "--sampler", "ddim", "--out", tmp_path / "ddim")
+    ddim = np.load(tmp_path / "ddim" / "sample-step0-imported-ddim8-seed0-n4.npz")["images"]
+    assert ddim.shape == images.shape and not np.array_equal(ddim, images)  # same x_T, no noise after it
+
+    finetuned = tmp_path / "finetuned"
+    invoke("finetune", "--from", run, "--steps", "3", "--T", "4", "--M", "2", "--batch", "2", "--log-every", "1",
+           "--sample-every", "3", "--ckpt-every", "3", "--grid-n", "2", "--lr", "1e-2", "--out", finetuned)
+    rows = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(np.isfinite(r["reward_mean"]) for r in rows[1:])
+    assert json.loads((finetuned / "finetuned.json").read_text())["from"] == str(run)
+
+    weights = tmp_path / "inception.npz"
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(inception.random_variables(0)).items()}
+    np.savez(weights, **flat, **{"meta/source_sha256": np.array(convert.PINNED_SHA256)})
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref.npz"
+    np.savez(tmp_path / "ref_images.npz", images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    invoke("evaluate-fid", "--samples", tmp_path / "ref_images.npz", "--features", "inception",
+           "--inception-weights", weights, "--save-stats", ref, "--batch", "8")
+    for target in (run, finetuned):
+        invoke("evaluate-fid", target, "--features", "inception", "--inception-weights", weights, "--ref-stats", ref,
+               "--n", "8", "--batch", "8", "--sample-steps", "4")
+        result = json.loads((target / "fid.json").read_text())
+        assert result["features"] == "inception" and result["n"] == 8 and result["sample_steps"] == 4
+        assert np.isfinite(result["value"]) and result["value"] > 0
+    assert json.loads((run / "fid.json").read_text())["weights"] == "imported"
+    assert json.loads((finetuned / "fid.json").read_text())["weights"] == "finetuned"
