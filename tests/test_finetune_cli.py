@@ -241,12 +241,13 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(runs, tiny_pretrain, tm
     run = tmp_path / "darker"
     args = ["finetune", "--from", str(tiny_pretrain), *TINY_FINETUNE, *DARKER, "--out", str(run)]
     command = [sys.executable, "-c", "import sys; from idiff_cli.cli import main; sys.argv[0] = 'idiff'; main()"]
-    proc = subprocess.Popen(command + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    proc = subprocess.Popen(command + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
     deadline = time.monotonic() + 600
     while not (run / "finetuned.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()  # killed mid-run, not finished
     assert (run / "checkpoints" / "10").is_dir()
     result = subprocess.run(command + args, capture_output=True, text=True, env=os.environ.copy())
     assert result.returncode == 0, result.stderr
