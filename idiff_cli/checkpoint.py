@@ -12,7 +12,8 @@ checksums, so once a step is on disk a manifest (`idiff_manifest.json`: each fil
 is written into it last: a step without a manifest was cut short, a step whose files disagree with
 its manifest was damaged afterwards. Only steps with a manifest count (`all_steps`); `restore_latest`
 checks the newest against its manifest, moves a damaged one aside into `damaged/` with a warning and
-falls back to the previous one; with none intact it is a one-line UserError. Typed JAX PRNG keys are
+falls back to the previous one (or to the start when no step was completed); when completed steps
+exist but none is intact, it is a one-line UserError. Typed JAX PRNG keys are
 stored as their key data and re-wrapped on restore, so a state may carry `jax.random.key(...)` leaves.
 
 Test hook: with IDIFF_TEST_KILL_AT_CHECKPOINT=N in the environment, the process kills itself (SIGKILL)
@@ -39,6 +40,7 @@ from idiff_cli.runs import atomic_write_bytes, console, disk_errors
 
 MANIFEST = "idiff_manifest.json"
 KILL_HOOK = "IDIFF_TEST_KILL_AT_CHECKPOINT"
+CUT_SHORT = "no manifest: the write was cut short"
 
 
 def _is_key(leaf: Any) -> bool:
@@ -122,12 +124,13 @@ class Checkpointer:
         return _from_storable(restored["state"], template), dict(restored["meta"])
 
     def restore_latest(self, template: Callable[[], Any]) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the newest intact step, or None when no step was ever written;
+        """(step, state, meta) of the newest intact step, or None when no step was completed;
         `template()` (structure and placement of the state) is built only when there is a step.
 
         Steps cut short (no manifest) or damaged are moved into `damaged/` with a warning, so that
-        the run continues from the intact one; when steps exist but none is intact: UserError."""
-        damaged, like = [], None
+        the run continues from the intact one; when completed steps exist but none is intact:
+        UserError."""
+        damaged, cut, like = [], [], None
         for step in sorted(self._manager.all_steps(), reverse=True):
             problem = self.damage(step)
             if problem is None:
@@ -137,13 +140,13 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001 - orbax's many ways of failing on bad bytes
                     problem = f"orbax cannot read it: {type(e).__name__}: {str(e)[:200]}"
                 else:
-                    self._set_aside(damaged)
+                    self._set_aside(damaged + cut)
                     return step, state, meta
             console.print(f"warning: checkpoint {self._step_dir(step)} is not usable ({problem}); trying "
                           "the one before", highlight=False)
-            damaged.append(step)
+            (cut if problem == CUT_SHORT else damaged).append(step)
+        self._set_aside(damaged + cut)
         if damaged:
-            self._set_aside(damaged)
             raise UserError(f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, damaged))} "
                             f"moved to {self.directory / 'damaged'}); pick a new --out to start again")
         return None
@@ -154,7 +157,7 @@ class Checkpointer:
         try:
             manifest = json.loads((root / MANIFEST).read_text())
         except FileNotFoundError:
-            return "no manifest: the write was cut short"
+            return CUT_SHORT
         except ValueError:
             return "its manifest is garbled"
         for name, (size, digest) in manifest["files"].items():

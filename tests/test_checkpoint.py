@@ -95,3 +95,12 @@ def test_an_empty_directory_restores_nothing_and_builds_no_template(tmp_path):
 
     with Checkpointer(tmp_path / "none") as ckpt:
         assert ckpt.restore_latest(template) is None
+
+
+def test_a_step_cut_short_with_nothing_before_it_restores_nothing(tmp_path):
+    directory, state = _saved(tmp_path, steps=(1,))
+    (directory / "1" / "idiff_manifest.json").unlink()
+    with Checkpointer(directory, keep=5) as ckpt:
+        assert ckpt.restore_latest(lambda: state) is None
+        assert ckpt.all_steps() == []
+    assert (directory / "damaged" / "1").is_dir()
