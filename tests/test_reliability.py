@@ -1,7 +1,8 @@
 """One kill-and-resume harness for every long command: a run SIGKILLed at a deterministic point (after
 N metrics rows; during a checkpoint write, between orbax's commit and the manifest), then the same
 command again into the same --out, logs exactly the rows of an uninterrupted run (wall-clock fields
-aside). The killed run is a real process; the reference and the resumed runs run in-process."""
+aside) and saves the same arrays. The killed run is a real process; the reference and the resumed
+runs run in-process (the same two host devices, the same keys: equal bit for bit)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import TINY_UNET
 from typer.testing import CliRunner
@@ -43,6 +45,15 @@ def rows(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in CLOCK_FIELDS} for line in lines]
 
 
+def arrays(run_dir):
+    """Every saved array of a run (arrays.npz, methods/*.npz), wall-clock seconds aside."""
+    out = {}
+    for path in sorted(run_dir.glob("*.npz")) + sorted(run_dir.glob("methods/*.npz")):
+        with np.load(path) as npz:
+            out.update({f"{path.relative_to(run_dir)}:{k}": npz[k] for k in npz.files if k != "seconds"})
+    return out
+
+
 def invoke(args):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -62,12 +73,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_rows(command, kill, pretraine
     if command not in _reference:
         whole = tmp_path_factory.mktemp("whole") / command
         invoke([*args, "--out", str(whole)])
-        _reference[command] = rows(whole)
+        _reference[command] = rows(whole), arrays(whole)
     cut = tmp_path_factory.mktemp("cut") / command
     variable, value = KILLS[kill]
     proc = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", *args, "--out", str(cut)],
                           env={**os.environ, variable: value(command)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert 0 < len(rows(cut)) < len(_reference[command])
+    reference_rows, reference_arrays = _reference[command]
+    assert 0 < len(rows(cut)) < len(reference_rows)
     invoke([*args, "--out", str(cut)])
-    assert rows(cut) == _reference[command]
+    assert rows(cut) == reference_rows
+    resumed = arrays(cut)
+    assert sorted(resumed) == sorted(reference_arrays)
+    for key, value in reference_arrays.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
