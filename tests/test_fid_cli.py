@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from idiff_cli.cli import app
@@ -45,7 +46,12 @@ def test_given_images_against_the_embedded_digits_and_against_saved_stats(tmp_pa
     (["--samples", "{half}", "--features", "inception"], "no Inception weights given"),
     (["--samples", "{half}", "--features", "inception", "--inception-weights", "{junk}"], "cannot read Inception weights"),
     (["--samples", "{half}", "--ref-stats", "{wrong_dim}"], "holds 2048-d statistics, but the features are 128-d"),
-    (["--samples", "{tmp}/absent.npz"], "--samples file"),
+    (["--samples", "{tmp}/absent.npz"], "--samples '"),
+    (["--samples", "{tmp}/junk.npz"], "cannot read --samples"),
+    (["--samples", "{tmp}/flat.npy"], "images must be [N, H, W, C] with C = 1 or 3, got shape (5, 784)"),
+    (["--samples", "{tmp}/bright.npy"], "float images must lie in [-1, 1], got values in [0, 255]"),
+    (["--samples", "{tmp}/ints.npy"], "images must be uint8 or float in [-1, 1], got int64"),
+    (["--samples", "{tmp}/empty"], "holds no .png files"),
     (["--samples", "{half}", "--features", "nope"], "unknown features 'nope'; valid choices: inception, mnist-classifier"),
     (["--n", "0", "--samples", "{half}"], "--n must be > 0, got 0"),
     (["{tmp}", "--samples", "{half}"], "give RUN_DIR or --samples, not both"),
@@ -55,6 +61,10 @@ def test_given_images_against_the_embedded_digits_and_against_saved_stats(tmp_pa
 def test_bad_input_is_one_line_and_exit_2(tmp_path, half_digits, args, message):
     (tmp_path / "junk.npz").write_bytes(b"not weights")
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.save(tmp_path / "flat.npy", np.zeros((5, 784), np.uint8))
+    np.save(tmp_path / "bright.npy", np.full((5, 28, 28, 1), 255.0, np.float32) * np.linspace(0, 1, 5)[:, None, None, None])
+    np.save(tmp_path / "ints.npy", np.zeros((5, 28, 28, 1), np.int64))
+    (tmp_path / "empty").mkdir()
     names = dict(half=half_digits, junk=tmp_path / "junk.npz", wrong_dim=tmp_path / "wrong.npz", tmp=tmp_path)
     result = invoke("evaluate-fid", *[a.format(**names) for a in args], "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output

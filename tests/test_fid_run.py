@@ -3,7 +3,12 @@ from the features kept on disk (an interrupted evaluation recomputes only the mi
 same samples, so the value is the same)."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -60,3 +65,25 @@ def test_a_directory_without_a_trained_model_is_a_one_line_error(tmp_path):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "holds no trained model" in lines[0], result.output
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_evaluation_after_a_batch_and_keeps_its_features(tiny_run):
+    """SIGTERM while sampling: exit 143 after the current batch, the finished batches' features kept;
+    the same command again computes only the rest."""
+    args = ["evaluate-fid", str(tiny_run), "--n", "40", "--batch", "4", "--sample-steps", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    store = tiny_run / "fid" / "mnist-classifier-ckpt2-euler-maruyama-2steps-b4-seed0"
+    deadline = time.time() + 300
+    while not (store / "batch-00000.npy").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    kept = sorted(p.name for p in store.glob("batch-*.npy"))
+    assert 1 <= len(kept) < 10 and f"the features of {len(kept)} batches are kept" in " ".join(err.split()), err
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert len(list(store.glob("batch-*.npy"))) == 10

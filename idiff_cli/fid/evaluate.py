@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image
 
 from idiff_cli import registry
 from idiff_cli.diffusion.model import load
@@ -29,6 +30,7 @@ from idiff_cli.fid.features import Features, embed_all
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
 from idiff_cli.parallel import seed_mesh, shard_leading, use_compilation_cache
 from idiff_cli.runs import RunDir, atomic_write_bytes, console, default_run_dir, progress_bar
+from idiff_cli.signals import graceful_stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,21 +105,55 @@ class PeriodicFID:
 
 
 def load_samples(path: str | pathlib.Path) -> np.ndarray:
-    """Images [N, H, W, C] from an .npz: the array `images` or `samples`, or its only array."""
+    """Images [N, H, W, C] from an .npz (the array `images` or `samples`, or its only array), an .npy,
+    or a directory of PNGs (sorted by name); uint8, or float in [-1, 1]. [N, H, W] is read as C = 1."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise UserError(f"--samples file '{path}' does not exist")
-    try:
-        with np.load(path) as data:
-            names = [k for k in ("images", "samples") if k in data.files]
-            if not names and len(data.files) != 1:
-                raise UserError(f"--samples file '{path}' holds several arrays ({', '.join(data.files)}); "
-                                "name the images 'images' or 'samples'")
-            return data[(names or data.files)[0]]
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot read --samples file '{path}': {type(e).__name__}: {e}") from None
+    if path.is_dir():
+        images = _read_pngs(path)
+    elif not path.is_file():
+        raise UserError(f"--samples '{path}' does not exist")
+    else:
+        try:
+            if path.suffix == ".npy":
+                images = np.load(path, allow_pickle=False)
+            else:
+                with np.load(path, allow_pickle=False) as data:
+                    names = [k for k in ("images", "samples") if k in data.files]
+                    if not names and len(data.files) != 1:
+                        raise UserError(f"--samples file '{path}' holds several arrays ({', '.join(data.files)}); "
+                                        "name the images 'images' or 'samples'")
+                    images = data[(names or data.files)[0]]
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read --samples '{path}' (.npz, .npy or a directory of PNGs): "
+                            f"{type(e).__name__}: {e}") from None
+    images = images[..., None] if images.ndim == 3 else images
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+        raise UserError(f"--samples '{path}': images must be [N, H, W, C] with C = 1 or 3, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise UserError(f"--samples '{path}': images must be uint8 or float in [-1, 1], got {images.dtype}")
+        low, high = float(np.min(images)), float(np.max(images))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
+            raise UserError(f"--samples '{path}': float images must lie in [-1, 1], got values in "
+                            f"[{low:.4g}, {high:.4g}]")
+    return images
+
+
+def _read_pngs(directory: pathlib.Path) -> np.ndarray:
+    files = sorted(directory.glob("*.png"))
+    if not files:
+        raise UserError(f"--samples directory '{directory}' holds no .png files")
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            pixels = np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB"))
+        if images and pixels.shape != images[0].shape:
+            raise UserError(f"--samples: '{file.name}' is {pixels.shape[1]}x{pixels.shape[0]}, the first PNG "
+                            f"'{files[0].name}' {images[0].shape[1]}x{images[0].shape[0]}: all must be one size")
+        images.append(pixels)
+    return np.stack(images)
 
 
 def _sample_batch_fn(pre, sampler, per_device: int):
@@ -148,16 +184,22 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
     done = [i for i in range(n_batches) if (store / f"batch-{i:05d}.npy").exists()]
     task = progress.add_task("fid samples", total=n, rate="") if progress else None
     start, fresh = time.monotonic(), 0
-    for i in range(n_batches):
-        path = store / f"batch-{i:05d}.npy"
-        if i not in done:
-            keys = shard_leading(jax.random.split(jax.random.fold_in(root, i), n_dev), mesh)
-            images = np.asarray(draw(params, keys)).reshape(batch, *pre.image_shape)
-            _save_npy(path, embed_all(features, images, batch))
-            fresh += batch
-        if progress:
-            rate = fresh / max(time.monotonic() - start, 1e-9)
-            progress.update(task, completed=min((i + 1) * batch, n), rate=f"{rate:.1f} img/s")
+    with graceful_stop() as stop:  # SIGTERM/SIGINT: stop after the current batch, its features kept
+        for i in range(n_batches):
+            path = store / f"batch-{i:05d}.npy"
+            if i not in done:
+                keys = shard_leading(jax.random.split(jax.random.fold_in(root, i), n_dev), mesh)
+                images = np.asarray(draw(params, keys)).reshape(batch, *pre.image_shape)
+                _save_npy(path, embed_all(features, images, batch))
+                fresh += batch
+                stop.armed = True
+            if progress:
+                rate = fresh / max(time.monotonic() - start, 1e-9)
+                progress.update(task, completed=min((i + 1) * batch, n), rate=f"{rate:.1f} img/s")
+            if stop.requested and i + 1 < n_batches:
+                kept = len(list(store.glob("batch-*.npy")))
+                raise stop.interrupted(f"stopped after batch {i + 1} of {n_batches}; the features of {kept} "
+                                       f"batches are kept in {store}: re-run the same command to continue")
     return np.concatenate([np.load(store / f"batch-{i:05d}.npy") for i in range(n_batches)])[:n]
 
 

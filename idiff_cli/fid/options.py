@@ -32,8 +32,9 @@ SCHEMA = cfglib.Schema(
         Option("data_dir", "path", None, "tfds data directory.", rule="the run's"),
         Option("save_stats", "path", None, "Write the statistics of --dataset (or of --samples) to this .npz "
                "and exit."),
-        Option("samples", "path", None, "Evaluate the images in this .npz ([N, H, W, C], uint8 or float in "
-               "[-1, 1]) instead of sampling."),
+        Option("samples", "path", None, "Evaluate these images instead of sampling: an .npz (its array "
+               "`images` or `samples`, or its only array), an .npy, or a directory of PNGs; [N, H, W, C], uint8 "
+               "or float in [-1, 1]."),
         cfglib.out_option("Output directory of fid.json with --samples"),
         cfglib.seed_option(),
         cfglib.CONFIG_OPTION,
