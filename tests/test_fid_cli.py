@@ -42,6 +42,23 @@ def test_given_images_against_the_embedded_digits_and_against_saved_stats(tmp_pa
     assert again["value"] == pytest.approx(fid["value"], rel=1e-9)
 
 
+def test_npy_and_a_directory_of_pngs_give_the_npz_s_fid(tmp_path, half_digits):
+    """The same 300 digits as .npz, .npy ([N, H, W] uint8: one channel) and as 300 PNG files: one FID."""
+    with np.load(half_digits) as data:
+        digits = data["images"][:300]
+    np.savez(tmp_path / "d.npz", images=digits)
+    np.save(tmp_path / "d.npy", digits[..., 0])
+    (tmp_path / "pngs").mkdir()
+    for i, image in enumerate(digits):
+        Image.fromarray(image[..., 0]).save(tmp_path / "pngs" / f"{i:04d}.png")
+    values = []
+    for source, out in ((tmp_path / "d.npz", "a"), (tmp_path / "d.npy", "b"), (tmp_path / "pngs", "c")):
+        result = invoke("evaluate-fid", "--samples", source, "--out", tmp_path / out)
+        assert result.exit_code == 0, result.output
+        values.append(json.loads((tmp_path / out / "fid.json").read_text())["value"])
+    assert values[1] == values[0] and values[2] == values[0], values
+
+
 @pytest.mark.parametrize("args, message", [
     (["--samples", "{half}", "--features", "inception"], "no Inception weights given"),
     (["--samples", "{half}", "--features", "inception", "--inception-weights", "{junk}"], "cannot read Inception weights"),
