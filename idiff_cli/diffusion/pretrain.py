@@ -205,7 +205,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
         advance=advance,
         hooks=hooks,
         chunk=cfg.log_every,
-        finite=("loss",),
+        finite=("loss", "grad_norm"),
         nan_hint="lower --lr or set --grad-clip",
         progress=("loss",),
         on_checkpoint=on_checkpoint,
