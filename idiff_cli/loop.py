@@ -45,8 +45,8 @@ from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, console, progress_bar
 
 Rows = list[dict[str, Any]]
-# Test hook: with IDIFF_TEST_KILL_AFTER_ROWS=N the process kills itself (SIGKILL) once it has written N
-# metrics rows in this run (a run killed at a deterministic point).
+# Test hook: with IDIFF_TEST_KILL_AFTER_ROWS=N (or N:TERM, N:INT) the process sends itself SIGKILL (or
+# SIGTERM, SIGINT) once it has written N metrics rows in this run: a deterministic kill point.
 KILL_HOOK = "IDIFF_TEST_KILL_AFTER_ROWS"
 
 
@@ -214,8 +214,9 @@ class Run:
         if self.is_main and rows:
             self.dir.append_metrics(rows)
             self._rows_written += len(rows)
-            if self._rows_written >= int(os.environ.get(KILL_HOOK, "0") or 0) > 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+            count, _, name = os.environ.get(KILL_HOOK, "").partition(":")
+            if count and self._rows_written >= int(count) > self._rows_written - len(rows):
+                os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
 
     def _guard(self, unit: Unit, rows: Rows) -> None:
         for row in rows:

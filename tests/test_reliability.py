@@ -1,5 +1,6 @@
 """One kill-and-resume harness for every long command: a run SIGKILLed at a deterministic point (after
-N metrics rows; during a checkpoint write, between orbax's commit and the manifest), then the same
+N metrics rows; during a checkpoint write, between orbax's commit and the manifest) or sent SIGTERM
+(it saves a checkpoint at its next step boundary and exits 143 with the resume command), then the same
 command again into the same --out, logs exactly the rows of an uninterrupted run (wall-clock fields
 aside) and saves the same arrays. The killed run is a real process; the reference and the resumed
 runs run in-process (the same two host devices, the same keys: equal bit for bit)."""
@@ -30,11 +31,13 @@ COMMANDS = {
                              "--log-every", "1", "--ckpt-every", "2", "--sample-every", "6", "--grid-n", "2",
                              "--lr", "0.01", "--no-clip"],
 }
-# (test hook, value): killed once 3 rows are written; killed while writing the checkpoint of step 4
-# (step 20 for the Langevin commands, whose checkpoints come every 20 steps)
-KILLS = {"rows": ("IDIFF_TEST_KILL_AFTER_ROWS", lambda command: "3"),
+# (test hook, value, exit status): SIGKILL once 3 rows are written; SIGKILL while writing the checkpoint
+# of step 4 (step 20 for the Langevin commands, whose checkpoints come every 20 steps); SIGTERM once 3
+# rows are written, which the run answers by saving a checkpoint at its next step boundary (exit 143)
+KILLS = {"rows": ("IDIFF_TEST_KILL_AFTER_ROWS", lambda command: "3", -signal.SIGKILL),
          "checkpoint": ("IDIFF_TEST_KILL_AT_CHECKPOINT",
-                        lambda command: "20" if command in ("langevin-reward", "ebm-train") else "4")}
+                        lambda command: "20" if command in ("langevin-reward", "ebm-train") else "4", -signal.SIGKILL),
+         "sigterm": ("IDIFF_TEST_KILL_AFTER_ROWS", lambda command: "3:TERM", 143)}
 CLOCK_FIELDS = ("wall_s", "images_per_s")
 
 _reference: dict = {}
@@ -75,10 +78,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_rows(command, kill, pretraine
         invoke([*args, "--out", str(whole)])
         _reference[command] = rows(whole), arrays(whole)
     cut = tmp_path_factory.mktemp("cut") / command
-    variable, value = KILLS[kill]
+    variable, value, status = KILLS[kill]
     proc = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", *args, "--out", str(cut)],
                           env={**os.environ, variable: value(command)}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.returncode == status, proc.stderr
+    if kill == "sigterm":
+        assert "stopped by SIGTERM at step" in proc.stderr and "checkpoint saved" in proc.stderr, proc.stderr
     reference_rows, reference_arrays = _reference[command]
     assert 0 < len(rows(cut)) < len(reference_rows)
     invoke([*args, "--out", str(cut)])
