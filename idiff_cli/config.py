@@ -16,6 +16,7 @@ fills it in one function and `config.json` holds the filled value.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import pathlib
@@ -117,6 +118,20 @@ def seed_option(default: int = 0) -> Option:
 
 
 CONFIG_OPTION = Option("config", "path", None, "JSON or TOML file of option values (flags win).", config=False)
+
+
+def tracking_options() -> tuple[Option, ...]:
+    """`--tensorboard` and `--wandb PROJECT`: live tracking of a long run (run-time options)."""
+    return (Option("tensorboard", bool, False, "Write TensorBoard event files (scalars of metrics.jsonl, sample "
+                   "grids, figures) into RUN/tb/.", defining=False),
+            Option("wandb", str, "", "Log to this Weights & Biases project (needs pip install -e '.[wandb]'; "
+                   "WANDB_MODE=offline works without a network).", defining=False))
+
+
+def check_tracking(cfg: Any) -> None:
+    """--wandb needs the optional wandb package: refused before anything is written."""
+    if getattr(cfg, "wandb", "") and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb needs the optional extra: pip install -e '.[wandb]'")
 
 
 def preset_option(presets: Mapping[str, str], default: str) -> Option:

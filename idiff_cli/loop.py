@@ -28,18 +28,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 import shlex
 import signal
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from idiff_cli import config as cfglib
-from idiff_cli import signals
+from idiff_cli import signals, tracking
 from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, console, progress_bar
@@ -50,10 +51,17 @@ Rows = list[dict[str, Any]]
 KILL_HOOK = "IDIFF_TEST_KILL_AFTER_ROWS"
 
 
+class Image(NamedTuple):
+    """A hook's image (a PNG it wrote): shown by the trackers, not written to metrics.jsonl."""
+
+    path: pathlib.Path
+
+
 @dataclasses.dataclass(frozen=True)
 class Hook:
     """`fn(state, step) -> dict | None` at every multiple of `every` (0: never) and, with `at_end`,
-    at the last step; a returned dict is merged into that step's metrics row."""
+    at the last step; a returned dict is merged into that step's metrics row (`Image` values go to
+    the trackers instead)."""
 
     every: int
     fn: Callable[[Any, int], Mapping[str, Any] | None]
@@ -102,7 +110,7 @@ class Run:
         self._lock = run_dir.create().lock() if is_main else None
         self.resumed = claim(schema, cfg, run_dir, is_main)
         self._progress = self._signals = self._stop = None
-        self._rows_written = 0
+        self._rows_written = self._last_step = 0
 
     def __enter__(self) -> "Run":
         self._signals = signals.graceful_stop()
@@ -128,55 +136,83 @@ class Run:
     def run(self, unit: Unit) -> Any:
         """Runs `unit` to `unit.steps` from its latest checkpoint (or from `init`); returns the final state."""
         with self.checkpoints(unit) as ckpt:
-            found = ckpt.restore_latest(unit.template or unit.init)
-            restored = found[0] if found else None
-            if restored is not None and restored > unit.steps:
-                raise UserError(f"the run in '{self.dir.path}' is at step {restored}"
-                                f"{f' ({unit.name})' if unit.name else ''}; --steps must be at least that")
-            if found is None:
-                state, step = unit.init(), 0
-                rows = self._keep_rows(unit, -1)
-                self._append(unit, [{**row, "wall_s": 0.0} for row in unit.first_rows(state)])
-            else:
-                step, state, _ = found
-                rows = self._keep_rows(unit, restored)
-                self.print(f"resuming{f' {unit.name}' if unit.name else ''} from checkpoint step {restored}")
-            elapsed = rows[-1].get("wall_s", 0.0) if rows else 0.0
-            task = self._progress.add_task(unit.name or self.schema.command, total=unit.steps, completed=step,
-                                           rate="", metric="-")
-            while step < unit.steps:
-                n = self._next_event(unit, step) - step
-                t0 = time.perf_counter()
-                state, rows = unit.advance(state, step, n)
-                seconds = time.perf_counter() - t0
-                n = unit.step_of(state) - step if unit.step_of else n  # fewer when a signal cut the chunk
-                for row in rows:
-                    row["wall_s"] = elapsed + seconds * (row["step"] - step) / n
-                elapsed += seconds
-                step += n
-                self._stop.armed = True  # a step is done: from now on a signal saves it
-                self._guard(unit, rows)
-                extra = {}
-                for hook in unit.hooks:
-                    if (hook.every and step % hook.every == 0) or (hook.at_end and step == unit.steps):
-                        extra.update(hook.fn(state, step) or {})
-                if extra:
-                    if not rows or rows[-1]["step"] != step:
-                        rows.append({"step": step, "wall_s": elapsed})
-                    rows[-1].update(extra)
-                self._append(unit, rows)
-                shown = " ".join(f"{k} {rows[-1][k]:.4g}" for k in unit.progress if rows and k in rows[-1])
-                self._progress.update(task, completed=step, rate=unit.rate(seconds, n), metric=shown or "-")
-                stopping = self._stopping()
-                if stopping or step == unit.steps or (self.ckpt_every and step % self.ckpt_every == 0):
-                    ckpt.save(step, state)
-                    ckpt.wait()
-                    unit.on_checkpoint(state, step, step == unit.steps)
-                if stopping:
-                    raise self._stop.interrupted(self._resume_message(unit, step))
+            state, step, restored, elapsed = self._start(unit, ckpt)
+            trackers = self._trackers(unit.name, restored)
+            try:
+                if restored is None:
+                    self._append(unit, [{**row, "wall_s": 0.0} for row in unit.first_rows(state)], trackers)
+                task = self._progress.add_task(unit.name or self.schema.command, total=unit.steps, completed=step,
+                                               rate="", metric="-")
+                while step < unit.steps:
+                    t0 = time.perf_counter()
+                    state, rows, n = self._advance(unit, state, step)
+                    seconds = time.perf_counter() - t0
+                    for row in rows:
+                        row["wall_s"] = elapsed + seconds * (row["step"] - step) / n
+                    elapsed += seconds
+                    step += n
+                    self._stop.armed = True  # a step is done: from now on a signal saves it
+                    self._guard(unit, rows)
+                    rows = self._run_hooks(unit, state, step, rows, elapsed, trackers)
+                    self._append(unit, rows, trackers)
+                    shown = " ".join(f"{k} {rows[-1][k]:.4g}" for k in unit.progress if rows and k in rows[-1])
+                    self._progress.update(task, completed=step, rate=unit.rate(seconds, n), metric=shown or "-")
+                    stopping = self._stopping()
+                    if stopping or step == unit.steps or (self.ckpt_every and step % self.ckpt_every == 0):
+                        ckpt.save(step, state)
+                        ckpt.wait()
+                        unit.on_checkpoint(state, step, step == unit.steps)
+                    if stopping:
+                        raise self._stop.interrupted(self._resume_message(unit, step))
+            finally:
+                trackers.close()
             if restored == unit.steps:  # a finished unit: the files that point at its checkpoint again
                 unit.on_checkpoint(state, step, True)
+        self._last_step = max(self._last_step, step)
         return state
+
+    def _start(self, unit: Unit, ckpt: Checkpointer) -> tuple[Any, int, int | None, float]:
+        """(state, step, restored step or None, wall seconds so far): from the latest intact checkpoint
+        (this unit's rows after it dropped), or from `init`."""
+        found = ckpt.restore_latest(unit.template or unit.init)
+        if found is None:
+            self._keep_rows(unit, -1)
+            return unit.init(), 0, None, 0.0
+        step, state, _ = found
+        if step > unit.steps:
+            raise UserError(f"the run in '{self.dir.path}' is at step {step}"
+                            f"{f' ({unit.name})' if unit.name else ''}; --steps must be at least that")
+        rows = self._keep_rows(unit, step)
+        self.print(f"resuming{f' {unit.name}' if unit.name else ''} from checkpoint step {step}")
+        return state, step, step, rows[-1].get("wall_s", 0.0) if rows else 0.0
+
+    def _advance(self, unit: Unit, state: Any, step: int) -> tuple[Any, Rows, int]:
+        """One chunk up to the next event: (state, rows, steps done — fewer when a signal cut it)."""
+        n = self._next_event(unit, step) - step
+        state, rows = unit.advance(state, step, n)
+        return state, rows, unit.step_of(state) - step if unit.step_of else n
+
+    def _run_hooks(self, unit: Unit, state: Any, step: int, rows: Rows, elapsed: float, trackers) -> Rows:
+        """The hooks due at `step`: their values join the row of `step`, their images go to the trackers."""
+        extra = {}
+        for hook in unit.hooks:
+            if (hook.every and step % hook.every == 0) or (hook.at_end and step == unit.steps):
+                extra.update(hook.fn(state, step) or {})
+        for tag, value in list(extra.items()):
+            if isinstance(value, Image):
+                trackers.image(tag, step, value.path)
+                del extra[tag]
+        if extra:
+            if not rows or rows[-1]["step"] != step:
+                rows.append({"step": step, "wall_s": elapsed})
+            rows[-1].update(extra)
+        return rows
+
+    def _trackers(self, unit: str | None, restored: int | None) -> tracking.Trackers:
+        tensorboard, wandb = getattr(self.cfg, "tensorboard", False), getattr(self.cfg, "wandb", "")
+        if not self.is_main or not (tensorboard or wandb):
+            return tracking.Trackers([])
+        return tracking.open_trackers(self.dir.path, unit, tensorboard, wandb, cfglib.to_dict(self.cfg), restored)
 
     def _next_event(self, unit: Unit, step: int) -> int:
         """The next multiple of the chunk, a hook's or the checkpoint cadence, or the end."""
@@ -208,7 +244,8 @@ class Run:
             self.dir.reset_metrics(kept)
         return [r for r in kept if mine(r)]
 
-    def _append(self, unit: Unit, rows: Rows) -> None:
+    def _append(self, unit: Unit, rows: Rows, trackers: tracking.Trackers) -> None:
+        trackers.rows(rows)
         if unit.name:
             rows = [{"method": unit.name, **r} for r in rows]
         if self.is_main and rows:
@@ -227,8 +264,14 @@ class Run:
                     raise UserError(f"{name} is {value} at step {row['step']}{where}; the last checkpoint is kept"
                                     + (f": {unit.nan_hint}" if unit.nan_hint else ""))
 
-    def done(self, outputs: str) -> None:
-        self.print(f"done: outputs in {self.dir.path}/ ({outputs})")
+    def done(self, outputs: str, headline: str = "") -> None:
+        """The closing line (`headline`, then where the outputs are); the run's figures (figures/*.png)
+        go to the trackers."""
+        trackers = self._trackers(None, self._last_step)
+        for path in sorted((self.dir.path / "figures").glob("*.png")):
+            trackers.image(f"figures/{path.stem}", self._last_step, path)
+        trackers.close()
+        self.print(f"done: {headline + '; ' if headline else ''}outputs in {self.dir.path}/ ({outputs})")
 
 
 def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True) -> bool:

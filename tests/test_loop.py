@@ -25,6 +25,7 @@ SCHEMA = cfglib.Schema("toy", "A toy command.", (
     cfglib.Option("log_every", int, 2, "Log every N steps.", minimum=1, defining=False),
     cfglib.Option("ckpt_every", int, 4, "Checkpoint every N steps.", minimum=1, defining=False),
     cfglib.seed_option(),
+    *cfglib.tracking_options(),
 ))
 
 

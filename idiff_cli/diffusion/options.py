@@ -113,10 +113,11 @@ PRETRAIN = cfglib.Schema(
                defining=False, choices="features"),
         Option("out", "path", None, "Run directory.", config=False, rule="runs/pretrain-<dataset>-<timestamp>"),
         cfglib.seed_option(),
+        *cfglib.tracking_options(),
         cfglib.CONFIG_OPTION,
     ),
     presets={"cpu": {}, "paper": {}},  # their values depend on the dataset family: DEFAULTS above
-    checks=(_cadences_after_log_every,),
+    checks=(cfglib.check_tracking, _cadences_after_log_every,),
 )
 
 

@@ -52,7 +52,7 @@ from idiff_cli import signals
 from idiff_cli.errors import UserError
 from idiff_cli.fid.evaluate import PeriodicFID, get_features
 from idiff_cli.images import from_uint8, save_grid
-from idiff_cli.loop import Hook, Run, Unit
+from idiff_cli.loop import Hook, Image, Run, Unit
 from idiff_cli.parallel import (
     batch_mesh,
     global_batch,
@@ -180,11 +180,13 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
 
     grid = fixed_draw(cfg, model, sde, image_shape, ds.num_classes, cfg.grid_n, 2, mesh)
 
-    def sample_grid(state: TrainState, step: int) -> None:
+    def sample_grid(state: TrainState, step: int) -> dict:
         images = grid(state.ema)
-        if is_main:
-            name = "figures/samples.png" if step == cfg.steps else f"samples/step_{step:07d}.png"
-            save_grid(images, run_dir.path / name)
+        path = run_dir.path / ("figures/samples.png" if step == cfg.steps else f"samples/step_{step:07d}.png")
+        if not is_main:
+            return {}
+        save_grid(images, path)
+        return {"samples": Image(path)}
 
     hooks = [Hook(cfg.sample_every, sample_grid)]
     if cfg.fid_every:  # FID of fid_n samples of the EMA weights from fixed keys
@@ -214,8 +216,8 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     )
     with run:
         state = run.run(unit)
-    last = run_dir.read_metrics()[-1:]
-    loss = f"final loss {last[0]['loss']:.4f}, " if last and "loss" in last[0] else ""
-    run.print(f"done: {loss}θ0 = EMA weights of checkpoint {cfg.steps}; outputs: {run_dir.path}/"
-              "{config.json, metrics.jsonl, checkpoints/, pretrained.json, samples/, figures/}")
+        last = run_dir.read_metrics()[-1:]
+        loss = f"final loss {last[0]['loss']:.4f}, " if last and "loss" in last[0] else ""
+        run.done("config.json, metrics.jsonl, checkpoints/, pretrained.json, samples/, figures/",
+                 f"{loss}θ0 = EMA weights of checkpoint {cfg.steps}")
     return state

@@ -69,8 +69,9 @@ SCHEMA = cfglib.Schema(
                               "Adam"}, "paper"),
         cfglib.seed_option(),
         cfglib.out_option(),
+        *cfglib.tracking_options(),
         cfglib.CONFIG_OPTION,
     ),
     presets=PRESETS,
-    checks=(_check_methods, cfglib.multiple_of(["ckpt_every"])),
+    checks=(cfglib.check_tracking, _check_methods, cfglib.multiple_of(["ckpt_every"])),
 )

@@ -71,8 +71,9 @@ SCHEMA = cfglib.Schema(
                               "paper": "the text of Appendix A.1"}, "reference"),
         cfglib.seed_option(),
         cfglib.out_option(),
+        *cfglib.tracking_options(),
         cfglib.CONFIG_OPTION,
     ),
     presets=PRESETS,
-    checks=(_check_methods, cfglib.multiple_of(["ckpt_every"])),
+    checks=(cfglib.check_tracking, _check_methods, cfglib.multiple_of(["ckpt_every"])),
 )
