@@ -34,21 +34,21 @@ from idiff_cli.implicit.options import SCHEMA  # noqa: E402
 
 
 def measure(cfg, pre, steps: int) -> dict:
-    bind, optimizer = F.build(cfg, pre)
+    bind, optimizer, _ = F.build(cfg, pre)
     params0 = jax.device_put(pre.params, jax.devices()[0])
-    _, method, _ = bind(params0)
+    _, method = bind(params0)
     start = time.perf_counter()
     state = F.FinetuneState(params0, optimizer.init(params0), method.init(params0, jax.random.key(cfg.seed)),
-                            jnp.asarray(0, jnp.int32))
+                            jnp.asarray(0, jnp.int32), jnp.asarray(0, jnp.int32))
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
     chunk = F.make_chunk(bind, optimizer, (cfg.lam, cfg.beta))
     start = time.perf_counter()
-    state, (first, _, _), _ = chunk(state, params0, steps)  # compile (and `steps` outer steps)
+    state, (first, _, _) = chunk(state, params0, steps)  # compile (and `steps` outer steps)
     jax.block_until_ready(first)
     first_s = time.perf_counter() - start
     start = time.perf_counter()
-    state, (reward, _, _), _ = chunk(state, params0, steps)
+    state, (reward, _, _) = chunk(state, params0, steps)
     jax.block_until_ready(reward)
     seconds = (time.perf_counter() - start) / steps
     c = method.cost
@@ -75,7 +75,7 @@ def main() -> None:
     from_run = args.from_run or str(F.latest_pretrain_run())
     pre = load(from_run)
     base = SCHEMA.resolve(dict(from_run=from_run, reward="brightness", lam=args.lam, beta=args.beta, T=args.T,
-                               M=args.M, batch=args.batch, lr=1e-4))
+                               M=args.M, batch=args.batch, lr=1e-4, kl_n=args.batch))  # no KL is logged here
     variants = [(m, a, args.T if a == "pipelined" else args.M) for m, a in (v.split(":") for v in args.variants.split(","))]
     if ("nested", "full", args.M) not in variants:
         parser.error("--variants must include nested:full (the ratios are to it)")

@@ -5,7 +5,10 @@ c = 1 it is the exact score of N(m e^{−t}, 1), the OU marginal started from N(
 N(m(1 − e^{−2T}), 1) (paper §4). With c ≠ 1 the drift difference to θ0 depends on x, which makes the
 Girsanov and adjoint oracles non-trivial. Every Euler–Maruyama step is affine in x:
 x' = a_k x + b_k + √(2 h_k) ξ, a_k = 1 + h_k (1 − 2c), b_k = 2 c m h_k e^{−t_k}, so the chain's law is
-an explicit Gaussian (`chain_moments`, `chain_joint`).
+an explicit Gaussian (`chain_moments`, `chain_joint`). The Tweedie step at t_min is affine too:
+D(x) = (x + σ² s(x, t_min))/α = ((1 − σ² c) x + σ² c m e^{−t_min})/α (`tweedie_mean`).
+Every function takes the OU process `sde` (default t_min = 1e-3; a larger t_min makes the Tweedie
+step a map far from the identity).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step, probability_flow_step
 from idiff_cli.diffusion.sde import OrnsteinUhlenbeck
+from idiff_cli.implicit.adjoint import rollout
 from idiff_cli.implicit.paths import sampler_paths
 
 
@@ -27,9 +31,9 @@ def score(params, x, t, labels=None):
 SDE = OrnsteinUhlenbeck()
 
 
-def paths(n_steps: int, batch: int, deterministic: bool = False):
+def paths(n_steps: int, batch: int, deterministic: bool = False, sde=SDE, denoise_final: bool = False):
     step_fn = probability_flow_step if deterministic else euler_maruyama_step
-    sampler = Sampler(SDE, n_steps, step_fn, denoise_final=False)
+    sampler = Sampler(sde, n_steps, step_fn, denoise_final=denoise_final)
     return sampler, sampler_paths(sampler, score, (batch, 1))
 
 
@@ -37,16 +41,16 @@ def theta(m: float, c: float = 1.0, dtype=jnp.float64):
     return {"m": jnp.asarray(m, dtype), "c": jnp.asarray(c, dtype)}
 
 
-def coefficients(n_steps: int, m: float, c: float):
+def coefficients(n_steps: int, m: float, c: float, sde=SDE):
     """(a_k, b_k, s_k) of the affine EM steps, numpy float64 [n]."""
-    grid = np.asarray(SDE.time_grid(n_steps), np.float64)
+    grid = np.asarray(sde.time_grid(n_steps), np.float64)
     h = grid[:-1] - grid[1:]
     return 1 + h * (1 - 2 * c), 2 * c * m * h * np.exp(-grid[:-1]), np.sqrt(2 * h)
 
 
-def chain_moments(n_steps: int, m: float, c: float = 1.0):
+def chain_moments(n_steps: int, m: float, c: float = 1.0, sde=SDE):
     """Mean and variance of x_k, k = 0..n, from x_0 ~ N(0, 1)."""
-    a, b, s = coefficients(n_steps, m, c)
+    a, b, s = coefficients(n_steps, m, c, sde)
     mean, var = [0.0], [1.0]
     for k in range(n_steps):
         mean.append(a[k] * mean[-1] + b[k])
@@ -54,9 +58,9 @@ def chain_moments(n_steps: int, m: float, c: float = 1.0):
     return np.array(mean), np.array(var)
 
 
-def chain_joint(n_steps: int, m: float, c: float = 1.0):
+def chain_joint(n_steps: int, m: float, c: float = 1.0, sde=SDE):
     """Mean [n+1] and covariance [n+1, n+1] of the whole path (x_0, ..., x_n): x = μ + L ζ, ζ ~ N(0, I)."""
-    a, b, s = coefficients(n_steps, m, c)
+    a, b, s = coefficients(n_steps, m, c, sde)
     L = np.zeros((n_steps + 1, n_steps + 1))
     mu = np.zeros(n_steps + 1)
     L[0, 0] = 1.0
@@ -65,6 +69,19 @@ def chain_joint(n_steps: int, m: float, c: float = 1.0):
         L[k + 1, k + 1] = s[k]
         mu[k + 1] = a[k] * mu[k] + b[k]
     return mu, L @ L.T
+
+
+def path_kl(n_steps: int, theta_: tuple[float, float], theta0: tuple[float, float], sde=SDE) -> float:
+    """KL between the laws of the whole discrete paths (x_0..x_n) of the θ and θ0 chains, (m, c) each:
+    two (n+1)-dimensional Gaussians (the chains are affine in x)."""
+    return gaussian_kl(*chain_joint(n_steps, *theta_, sde), *chain_joint(n_steps, *theta0, sde))
+
+
+def tweedie_mean(x_mean: float, m: float, c: float, sde=SDE) -> float:
+    """E[D(x_n)] of the Tweedie step D(x) = (x + σ² s(x, t_min))/α, affine in x, for E[x_n] = x_mean."""
+    t = sde.t_min
+    var, alpha = -np.expm1(-2 * t), np.exp(-t)
+    return ((1 - var * c) * x_mean + var * c * m * np.exp(-t)) / alpha
 
 
 def gaussian_kl(mu_p, cov_p, mu_q, cov_q) -> float:
@@ -79,8 +96,6 @@ def gaussian_kl(mu_p, cov_p, mu_q, cov_q) -> float:
 
 def draw(p, params, key, n_steps):
     """The stored states [n+1, B, 1] of one batch of paths named by `key`."""
-    from idiff_cli.implicit.adjoint import rollout
-
     return rollout(p.step, params, p.init(key), key, n_steps)
 
 

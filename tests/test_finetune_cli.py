@@ -1,6 +1,7 @@
 """`idiff finetune` and its `idiff report` end to end through the CLI, on the session's tiny pretrained
 model: 20 finetuning steps with the brightness reward for λ > 0 (full adjoint, periodic FID) and
-λ < 0 (pipelined adjoint); the finetuned run read by `sample` and `evaluate-fid`; the resume rule
+λ < 0 (pipelined adjoint, the reward on x_{t_min}: --final-step none); the logged KL of the current
+θ with its standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule
 (defining options must match, run-time ones may change); bad input -> one line, exit 2."""
 
 import json
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from idiff_cli.cli import app
-from idiff_cli.implicit import finetune, report
+from idiff_cli.implicit import finetune, girsanov, report
 from idiff_cli.implicit.options import SCHEMA
 
 TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log-every", "10",
@@ -24,7 +25,7 @@ TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log
                  "--no-clip"]  # the 2-step model's samples lie mostly beyond [-1, 1]: clipped, they give no gradient
 
 BRIGHTER = ["--lambda", "10", "--fid-every", "20", "--fid-n", "4"]  # the λ > 0 run also logs the periodic FID
-DARKER = ["--lambda", "-10", "--adjoint", "pipelined"]
+DARKER = ["--lambda", "-10", "--adjoint", "pipelined", "--final-step", "none"]
 
 
 def invoke(*args):
@@ -71,16 +72,33 @@ def test_outputs_and_metrics(runs):
     train = [r for r in metrics if "reward_mean" in r]
     assert [r["step"] for r in train] == list(range(1, 21))
     assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train)
-    assert [r["step"] for r in train if "kl" in r] == [10, 20]
-    assert all(r["kl"] > 0 for r in train if "kl" in r)  # θ moved away from θ0
     config = json.loads((run / "config.json").read_text())
     assert (config["command"], config["M"], config["T"], config["batch"], config["lam"]) == ("finetune", 2, 2, 4, 10.0)
+    assert (config["final_step"], config["kl_n"]) == ("tweedie", 64)
     assert config["from_run"]
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000000.png", "step_000020.png"]
     assert {p.name for p in (run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
     assert (run / "checkpoints" / "20").is_dir() and (run / "weights" / "20").is_dir()
     assert json.loads((run / "finetuned.json").read_text())["step"] == 20
     assert [(r["step"], r["fid_n"]) for r in metrics if "fid" in r] == [(0, 4), (20, 4)]
+
+
+@pytest.mark.slow  # shares the module's two 20-step finetuning runs
+@pytest.mark.parametrize("name", ["brighter", "darker"])
+def test_the_kl_of_the_current_model_is_logged_at_step_0_and_on_every_log_row(runs, name):
+    """kl, kl_se and the cumulative kl_net_evals on the rows of steps 0, 10, 20 and no others. At step 0
+    θ = θ0, so every Girsanov increment is 0 up to the float32 rounding of two evaluations of the same
+    network in different programs (measured 5e-11); then θ has moved: kl > 1e-3 with a positive SE.
+    Each evaluation is 64 fresh paths through T = 2 steps (the passes counted in test_implicit_cost);
+    the training's net_evals leave them out (test_a_changed_run_time_option_resumes)."""
+    metrics = rows(runs / name)
+    logged = [r for r in metrics if "kl" in r]
+    assert [r["step"] for r in logged] == [0, 10, 20]
+    assert [r["step"] for r in metrics if "kl_se" in r or "kl_net_evals" in r] == [0, 10, 20]
+    assert logged[0]["kl"] < 1e-6 and logged[0]["kl_se"] < 1e-6, logged[0]
+    assert all(r["kl"] > 1e-3 and r["kl_se"] > 0 for r in logged[1:]), logged
+    per_evaluation = girsanov.fresh_path_kl_passes(2, 64)
+    assert [r["kl_net_evals"] for r in logged] == [per_evaluation * i for i in (1, 2, 3)]
 
 
 def test_filled_defaults_follow_the_dataset_and_preset(tmp_path):
@@ -141,16 +159,22 @@ def test_resumed_from_the_middle_checkpoint_logs_the_uninterrupted_metrics(runs,
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_a_changed_run_time_option_resumes(runs, tiny_pretrain, tmp_path):
-    """--log-every 5 (run-time) on the run stopped at step 10: it resumes; each outer step's reward and
-    gradient norm are the uninterrupted run's, and the KL is now logged every 5 steps."""
+    """--log-every 5 and --kl-n 8 (run-time) on the run stopped at step 10: it resumes; each outer step's
+    reward, gradient norm and net_evals are the uninterrupted run's, the KL is now logged every 5 steps
+    on 8 paths, and kl_net_evals goes on from step 10's count by an eighth of an evaluation of 64 paths."""
     run = resumable_copy(runs, tmp_path)
-    finetune_into(tiny_pretrain, run, *DARKER, "--log-every", "5")
+    finetune_into(tiny_pretrain, run, *DARKER, "--log-every", "5", "--kl-n", "8")
     resumed = {r["step"]: r for r in rows(run)}
     for r in rows(runs / "darker"):
-        assert (resumed[r["step"]].get("reward_mean"), resumed[r["step"]].get("grad_norm")) == \
-            (r.get("reward_mean"), r.get("grad_norm"))
-    assert [s for s, r in resumed.items() if "kl" in r] == [10, 15, 20]
-    assert json.loads((run / "config.json").read_text())["log_every"] == 5
+        assert [resumed[r["step"]].get(k) for k in ("reward_mean", "grad_norm", "net_evals")] == \
+            [r.get(k) for k in ("reward_mean", "grad_norm", "net_evals")]
+    assert [s for s, r in resumed.items() if "kl" in r] == [0, 10, 15, 20]
+    counts = [resumed[s]["kl_net_evals"] for s in (10, 15, 20)]
+    original = {r["step"]: r.get("kl_net_evals") for r in rows(runs / "darker")}
+    per_evaluation = (original[10] - original[0]) // 8  # 8 paths against 64
+    assert counts == [original[10], original[10] + per_evaluation, original[10] + 2 * per_evaluation]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["log_every"], config["kl_n"]) == (5, 8)
 
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
@@ -166,7 +190,8 @@ def test_a_changed_defining_option_is_refused_in_one_line(runs, tiny_pretrain, t
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
     """`idiff report A B --x net_evals`: per run, the training reward line is (net_evals, reward_mean)
-    of metrics.jsonl, the dots are the fixed-key evaluations, the KL line the rows logging kl."""
+    of metrics.jsonl, the dots are the fixed-key evaluations, the KL line the rows logging kl with
+    error bars from kl − 2 kl_se to kl + 2 kl_se."""
     drawn = []
     save = report.save_figure
     monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append(fig) or save(fig, path))
@@ -180,9 +205,12 @@ def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
         line, dots = ax_reward.lines[2 * i: 2 * i + 2]
         series = lambda field: ([r["net_evals"] for r in metrics if field in r],  # noqa: E731
                                 [r[field] for r in metrics if field in r])
-        for drawn_line, field in ((line, "reward_mean"), (dots, "eval_reward"), (ax_kl.lines[i], "kl")):
+        kl_line, _, (bars,) = ax_kl.containers[i]
+        for drawn_line, field in ((line, "reward_mean"), (dots, "eval_reward"), (kl_line, "kl")):
             np.testing.assert_array_equal(drawn_line.get_xdata(), series(field)[0])
             np.testing.assert_array_equal(drawn_line.get_ydata(), series(field)[1])
+        kl, se = np.array(series("kl")[1]), np.array(series("kl_se")[1])
+        np.testing.assert_allclose([seg[:, 1] for seg in bars.get_segments()], np.stack([kl - 2 * se, kl + 2 * se], 1))
 
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
@@ -223,6 +251,8 @@ def wrong_shape(x):
     (["--adjoint", "continuous"], "error: --adjoint continuous is the adjoint ODE of the probability flow"),
     (["--sample-every", "15"], "error: --sample-every (15) must be a multiple of --log-every (10)"),
     (["--from", "/nonexistent"], "error: '/nonexistent' holds no trained model"),
+    (["--kl-n", "12"], "error: --kl-n (12) must be a multiple of --batch (8)"),
+    (["--final-step", "last"], "error: unknown --final-step 'last'; valid choices: tweedie, none"),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tiny_pretrain, tmp_path, monkeypatch, args, message):
     (tmp_path / "ft_plugin.py").write_text(PLUGIN)

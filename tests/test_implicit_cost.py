@@ -102,10 +102,12 @@ def test_counter_counts_images_per_pass():
         assert net.count(jax.jit(fn))[0] == expected, name
 
 
-def counted_problem(net: CountedScore, T: int, beta: float, deterministic: bool = False) -> methods.Problem:
+def counted_problem(net: CountedScore, T: int, beta: float, deterministic: bool = False,
+                    tweedie: bool = True) -> methods.Problem:
     """The Gaussian problem on the counted score, with a Tweedie denoiser (a network pass, as the
-    U-Net's) in the terminal cost and the reward images, and the Girsanov KL when β > 0."""
-    sampler = Sampler(SDE, T, probability_flow_step if deterministic else euler_maruyama_step, denoise_final=True)
+    U-Net's) in the terminal cost and the reward images (or none: finetune --final-step none), and the
+    Girsanov KL when β > 0."""
+    sampler = Sampler(SDE, T, probability_flow_step if deterministic else euler_maruyama_step, denoise_final=tweedie)
     p = sampler_paths(sampler, net.apply, (B, *IMAGE))
     transition = (girsanov.kl_transition(p, net.apply, SDE, sampler.grid, THETA0, beta) if beta
                   else adjoint.transition(p.step))
@@ -113,19 +115,20 @@ def counted_problem(net: CountedScore, T: int, beta: float, deterministic: bool 
     return methods.Problem(p, terminal, transition, lambda x: x[:, 0], bool(beta))
 
 
-CASES = [(name, kind, 2, beta)
-         for name, kind in [("implicit", "full"), ("implicit", "pipelined"), ("nested", "full"),
-                            ("truncated-2", "full"), ("full-backprop", "full")]
-         for beta in (0.0, 0.3)] + [("implicit", "pipelined", 4, 0.3),  # M = T: L = 1
-                                    ("implicit", "continuous", 2, 0.0), ("nested", "continuous", 2, 0.0)]
+METHODS = [("implicit", "full"), ("implicit", "pipelined"), ("nested", "full"), ("truncated-2", "full"),
+           ("full-backprop", "full")]
+CASES = ([(name, kind, 2, beta, True) for name, kind in METHODS for beta in (0.0, 0.3)]
+         + [("implicit", "pipelined", 4, 0.3, True),  # M = T: L = 1
+            ("implicit", "continuous", 2, 0.0, True), ("nested", "continuous", 2, 0.0, True)]
+         + [(name, kind, 2, 0.3, False) for name, kind in METHODS])  # no Tweedie step
 
 
-@pytest.mark.parametrize("name, kind, M, beta", CASES)
-def test_counted_passes_equal_the_declared_cost(name, kind, M, beta):
+@pytest.mark.parametrize("name, kind, M, beta, tweedie", CASES)
+def test_counted_passes_equal_the_declared_cost(name, kind, M, beta, tweedie):
     """At T = 4: the images through forward and backward passes (of θ's and θ0's networks) in the
     warm-up and in one steady-state outer step (the second) are the method's `warmup` and `cost` × B."""
     T, net = 4, CountedScore()
-    method = methods.make_method(name, counted_problem(net, T, beta, kind == "continuous"), T, M, kind)
+    method = methods.make_method(name, counted_problem(net, T, beta, kind == "continuous", tweedie), T, M, kind)
     warmup, carry = net.count(method.init, THETA0, jax.random.key(3))
     estimate = jax.jit(lambda carry: method.estimate(THETA, carry, None)[0])
     step, _ = net.count(estimate, estimate(carry))
@@ -145,3 +148,17 @@ def test_backward_wave_vmapped_or_mapped_makes_the_same_passes(beta):
                                                                   batched)), aq)[0]
               for batched in (True, False)]
     assert counts[0] == counts[1] and totals(counts[0])[1] > 0, counts
+
+
+def test_counted_passes_of_the_logged_kl_equal_the_declared_cost():
+    """girsanov.fresh_path_kl on 3 batches of B paths over T = 4 steps (the KL finetune logs) makes
+    fresh_path_kl_passes(T, 3·B) images of forward passes, half of θ's network and half of θ0's, and
+    no backward pass."""
+    T, n_batches, net = 4, 3, CountedScore()
+    sampler = Sampler(SDE, T, euler_maruyama_step, denoise_final=True)
+    p = sampler_paths(sampler, net.apply, (B, *IMAGE))
+    transition = girsanov.kl_transition(p, net.apply, SDE, sampler.grid, THETA0, 1.0)
+    keys = jax.random.split(jax.random.key(4), n_batches)
+    images, _ = net.count(jax.jit(lambda params: girsanov.fresh_path_kl(transition, p.init, params, keys, T)), THETA)
+    half = girsanov.fresh_path_kl_passes(T, n_batches * B) // 2
+    assert images == {("forward", "θ"): half, ("forward", "θ0"): half}, images

@@ -1,13 +1,17 @@
 """`idiff finetune`: reward training of a pretrained diffusion model (paper §5.2, Appendix A.2).
 
-Minimises F(p) = −λ E_{x∼p}[R(x)] + β KL(p ‖ π*(θ0)) over the U-Net weights θ, starting from the
+Minimises F(θ) = −λ E[R(x)] + β KL(P_θ ‖ P_θ0) over the U-Net weights θ, starting from the
 pretrained θ0, with one of the methods of methods.py (default: Implicit Diffusion, Algorithm 2) and
-optax Adam. The run is one `loop.Unit`: the host dispatches one jitted outer step at a time (one
-program per outer step compiles faster on XLA:CPU than a scan of them) and reads the metrics once
-per chunk. Same-seed sample grids samples/step_XXXXXX.png use noise keys fixed for the whole run
-(Figs 7, 13, 14, 16). The θ of every checkpoint is also kept on its own in weights/ with
-finetuned.json, so `model.load` (hence `idiff sample`, `idiff evaluate-fid`) reads a finetuned run
-like a pretrained one.
+optax Adam. P_θ is the law of the sampler's path x_{t_max} .. x_{t_min} (its T Euler–Maruyama
+transitions; Girsanov KL, girsanov.py) and x is what the reward sees (--final-step): the Tweedie
+denoising D_θ(x_{t_min}), outside the penalty, or x_{t_min} itself, whose path law the penalty is.
+The run is one `loop.Unit`: the host dispatches one jitted outer step at a time (one program per
+outer step compiles faster on XLA:CPU than a scan of them) and reads the metrics once per chunk. At
+step 0 and on the last row of each chunk it logs the KL of the current θ on --kl-n fresh paths from
+fixed keys, with its standard error. Same-seed sample grids samples/step_XXXXXX.png use noise keys
+fixed for the whole run (Figs 7, 13, 14, 16). The θ of every checkpoint is also kept on its own in
+weights/ with finetuned.json, so `model.load` (hence `idiff sample`, `idiff evaluate-fid`) reads a
+finetuned run like a pretrained one (and samples with the model's own sampler and final step).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from idiff_cli.fid.evaluate import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
 from idiff_cli.implicit import adjoint, girsanov, methods, report
 from idiff_cli.implicit.options import SCHEMA, dataset_defaults
-from idiff_cli.implicit.paths import sampler_paths
+from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
 from idiff_cli.implicit.rewards import check_reward
 from idiff_cli.parallel import use_compilation_cache
 from idiff_cli.runs import RunDir, atomic_path, default_run_dir
 
 EVOLUTION_IMAGES = 8  # fixed-key images per step kept in samples/step_XXXXXX.npy for the evolution strip
+# fold_in(root, i) of the run's seed: the method's slot keys, the grid's, the periodic FID's, the KL's paths
+METHOD_KEY, GRID_KEY, FID_KEY, KL_KEY = 0, 1, 2, 3
 
 
 def latest_pretrain_run(root: pathlib.Path = pathlib.Path("runs")) -> pathlib.Path:
@@ -60,11 +66,43 @@ class FinetuneState(NamedTuple):
     opt_state: Any
     carry: Any  # the method's carry (the queue for `implicit`)
     step: jax.Array
+    kl_net_evals: jax.Array  # images through the network in the logged KL evaluations so far (int32)
+
+
+def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: jax.Array | None, final_step: str,
+              clip: bool) -> SamplerPaths:
+    """The sampler's paths with the run's final step: `tweedie`, the sampler's own (the Tweedie denoiser
+    for a continuous-time model); `none`, the identity, so the reward sees x_{t_min}. With `clip`, the
+    result is clipped to [-1, 1], as the images are shown (no gradient for pushing a pixel beyond white
+    or black, so brightness cannot be gained by unbounded pixel values)."""
+    if final_step == "none":
+        sampler = dataclasses.replace(sampler, denoise_final=False)
+    paths = sampler_paths(sampler, score, shape, labels)
+    if clip:
+        denoise = paths.denoise
+        paths = paths._replace(denoise=lambda params, x: jnp.clip(denoise(params, x), -1.0, 1.0))
+    return paths
+
+
+def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array, reward: Callable, with_kl: bool,
+                 labels: jax.Array | None = None) -> Callable[[Any, Any, Any], methods.Problem]:
+    """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
+    −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
+    none. λ and β may be traced; `with_kl` is static (it changes the program and its cost)."""
+
+    def bind(params0, lam, beta):
+        terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
+        transition = (girsanov.kl_transition(paths, score, sde, grid, params0, beta, labels) if with_kl
+                      else adjoint.transition(paths.step))
+        return methods.Problem(paths, terminal, transition, reward, with_kl)
+
+    return bind
 
 
 def build(cfg: Any, model: Model):
-    """`bind(params0, lam, beta) -> (problem, method, kl)` for a run on the pretrained `model`, and
-    the optimiser. Raises UserError when the reward does not fit the model's images.
+    """`bind(params0, lam, beta) -> (problem, method)` for a run on the pretrained `model`, the
+    optimiser, and `kl_estimator(keys)`: make_kl_estimator on the run's paths. Raises UserError when
+    the reward does not fit the model's images.
 
     θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
     so neither the weights nor λ and β are baked into the compiled program as constants."""
@@ -72,58 +110,61 @@ def build(cfg: Any, model: Model):
     check_reward(reward, cfg.reward, model.image_shape)
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
     sampler = model.sampler(cfg.T, cfg.sampler)
-    paths = sampler_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels)
-    if cfg.clip:  # the reward sees the images as they are shown: clipped to [-1, 1] (no gradient for
-        # pushing a pixel beyond white or black, so brightness cannot be gained by unbounded pixel values)
-        denoise = paths.denoise
-        paths = paths._replace(denoise=lambda params, x: jnp.clip(denoise(params, x), -1.0, 1.0))
+    paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
+    objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels)
 
     def bind(params0, lam=cfg.lam, beta=cfg.beta):
-        terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
-        kl = girsanov.kl_running_cost(model.score, model.sde, sampler.grid, params0, labels)
-        transition = (girsanov.kl_transition(paths, model.score, model.sde, sampler.grid, params0, beta, labels)
-                      if cfg.beta else adjoint.transition(paths.step))
-        problem = methods.Problem(paths, terminal, transition, reward, bool(cfg.beta))
-        return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint), kl
+        problem = objective(params0, lam, beta)
+        return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint)
+
+    def kl_estimator(keys):
+        return make_kl_estimator(sampler, paths, model.score, labels, keys)
 
     # the method's own checks (adjoint/method pairs, a plug-in builder) before any directory is claimed
     bind(model.params)
-    return bind, optax.adam(cfg.lr)
+    return bind, optax.adam(cfg.lr), kl_estimator
 
 
 def make_chunk(bind, optimizer, coef: tuple[float, float]):
     """(state, θ0, n) -> n outer steps with (λ, β) = `coef` -> (state, per-step metrics (reward mean,
-    reward std, gradient norm) [n] each, KL of the last completed batch). One jitted outer step per
-    dispatch (asynchronous: the host reads the metrics once per chunk)."""
+    reward std, gradient norm) [n] each). One jitted outer step per dispatch (asynchronous: the host
+    reads the metrics once per chunk)."""
 
     def outer(state: FinetuneState, params0, coef):
-        problem, method, _ = bind(params0, *coef)
+        problem, method = bind(params0, *coef)
         carry, est = method.estimate(state.params, state.carry, None)
         updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         r = problem.reward(est.images)
         metrics = (jnp.mean(r), jnp.std(r), optax.tree.norm(est.grad))
-        return FinetuneState(params, opt_state, carry, state.step + 1), metrics, est.states
+        return state._replace(params=params, opt_state=opt_state, carry=carry, step=state.step + 1), metrics
 
-    def kl_of(params, params0, states):
-        return jnp.mean(girsanov.path_kl(bind(params0)[2], params, states))
-
-    outer_jit, kl_jit = jax.jit(outer), jax.jit(kl_of)
+    outer_jit = jax.jit(outer)
     coef = jnp.asarray(coef, jnp.float32)
 
     def chunk(state, params0, n: int):
         """Up to n outer steps: fewer when a signal asks the run to stop (metrics of the steps done)."""
         metrics = []
         for _ in range(n):
-            state, m, states = outer_jit(state, params0, coef)
+            state, m = outer_jit(state, params0, coef)
             metrics.append(m)
             if signals.requested():
                 break
-        # Girsanov KL(p ‖ π*(θ0)) on the last completed batch under the updated θ (logging only: its
-        # 2T network calls are not counted in net_evals)
-        return state, tuple(jnp.stack(v) for v in zip(*metrics)), kl_jit(state.params, params0, states)
+        return state, tuple(jnp.stack(v) for v in zip(*metrics))
 
     return chunk
+
+
+def make_kl_estimator(sampler: Any, paths: SamplerPaths, score: Callable, labels: jax.Array | None, keys: jax.Array):
+    """jit: (θ, θ0) -> (mean, standard error) of the Girsanov KL(P_θ ‖ P_θ0) over len(keys) · B fresh
+    paths sampled under θ, batch i from slot key keys[i] (the same keys for every θ); one compiled
+    program. Cost: girsanov.fresh_path_kl_passes(T, len(keys) · B) images, forward passes only."""
+
+    def estimate(params, params0):
+        transition = girsanov.kl_transition(paths, score, sampler.sde, sampler.grid, params0, 1.0, labels)
+        return girsanov.mean_and_se(girsanov.fresh_path_kl(transition, paths.init, params, keys, paths.n_steps))
+
+    return jax.jit(estimate)
 
 
 def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
@@ -141,19 +182,27 @@ def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
     return jax.jit(sample)
 
 
-def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weights: Checkpointer) -> loop.Unit:
-    """The run as one loop unit: state FinetuneState, one row per outer step, the fixed-key grid and
-    its reward every --sample-every steps, the periodic FID, θ into weights/ at every checkpoint."""
+def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir: RunDir,
+                  weights: Checkpointer) -> loop.Unit:
+    """The run as one loop unit: state FinetuneState, one row per outer step, the KL of the current θ
+    on the last row of each chunk and at step 0, the fixed-key grid and its reward every
+    --sample-every steps, the periodic FID, θ into weights/ at every checkpoint."""
     root = jax.random.key(cfg.seed)
     device = jax.devices()[0]  # one device: the U-Net's batch is small, and a fixed placement keeps
     # the outer step compiled once (every leaf committed: an uncommitted leaf would recompile it)
     params0 = jax.device_put(model.params, device)
-    problem, method, _ = bind(params0)
+    problem, method = bind(params0)
     cost = method.cost
+    # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
+    kl_of = (kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
+             if cfg.sampler != "probability-flow" else None)
+    kl_images = girsanov.fresh_path_kl_passes(cfg.T, cfg.kl_n) if kl_of else 0
 
     def fresh() -> FinetuneState:
-        carry = method.init(params0, jax.random.fold_in(root, 0))  # the warm queue(s): real work
-        return FinetuneState(params0, optimizer.init(params0), carry, jnp.asarray(0, jnp.int32))
+        carry = method.init(params0, jax.random.fold_in(root, METHOD_KEY))  # the warm queue(s): real work
+        # kl_net_evals counts the KL evaluation that first_rows makes at step 0, right after init
+        return FinetuneState(params0, optimizer.init(params0), carry, jnp.asarray(0, jnp.int32),
+                             jnp.asarray(kl_images, jnp.int32))
 
     def init() -> FinetuneState:
         return jax.device_put(fresh(), device)
@@ -162,7 +211,14 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
         return jax.device_put(restore_template(jax.eval_shape(fresh)), device)
 
     chunk = make_chunk(bind, optimizer, (cfg.lam, cfg.beta))
-    grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, 1))
+    grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY))
+
+    def kl_row(state: FinetuneState) -> dict:
+        """kl, kl_se of the current θ and the cumulative kl_net_evals (state's count, this evaluation in)."""
+        if kl_of is None:
+            return {}
+        kl, se = jax.device_get(kl_of(state.params, params0))
+        return {"kl": float(kl), "kl_se": float(se), "kl_net_evals": int(state.kl_net_evals)}
 
     def evaluate(state: FinetuneState, step: int) -> dict:
         """The fixed-key grid of θ (PNG, and the first images as uint8 for the evolution strip) and its reward."""
@@ -173,32 +229,34 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, run_dir: RunDir, weig
         return {"eval_reward": float(np.mean(np.asarray(problem.reward(jnp.asarray(images)))))}
 
     def periodic_fid() -> Callable[[FinetuneState, int], dict]:
-        """FID of fid_n samples of θ (the finetuning sampler, fixed keys)."""
+        """FID of fid_n samples of θ (the finetuning sampler and final step, fixed keys)."""
         periodic = PeriodicFID(cfg.fid_features, model.cfg.dataset, model.cfg.data_dir, model.cfg.image_size,
                                model.image_shape, run_dir.path / "fid")
-        fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, 2))
+        fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, FID_KEY))
         return lambda state, step: {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
 
     fid_of = periodic_fid() if cfg.fid_every else None
     hooks = [loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
 
     def net_evals(step: int) -> int:
-        """Images through a forward or backward pass of θ's or θ0's network, warm-up included."""
+        """Images through a forward or backward pass of θ's or θ0's network, warm-up included (the
+        logged KL's passes are counted apart, in kl_net_evals)."""
         return (method.warmup.forward + method.warmup.backward + step * (cost.forward + cost.backward)) * cfg.batch
 
     def first_rows(state: FinetuneState) -> loop.Rows:
         row = {"step": 0, **evaluate(state, 0), "net_evals": net_evals(0),
-               "sequential_calls": method.warmup.sequential, **(fid_of(state, 0) if fid_of else {})}
+               "sequential_calls": method.warmup.sequential, **kl_row(state), **(fid_of(state, 0) if fid_of else {})}
         return [row]
 
     def advance(state: FinetuneState, step: int, n: int):
-        state, metrics, kl = chunk(state, params0, n)
-        (mean, std, gnorm), kl = jax.device_get((metrics, kl))
+        state, metrics = chunk(state, params0, n)
+        mean, std, gnorm = jax.device_get(metrics)
         rows = [{"step": step + i + 1, "reward_mean": float(mean[i]), "reward_std": float(std[i]),
                  "grad_norm": float(gnorm[i]), "net_evals": net_evals(step + i + 1),
                  "sequential_calls": method.warmup.sequential + (step + i + 1) * cost.sequential}
                 for i in range(len(mean))]
-        rows[-1]["kl"] = float(kl)
+        state = state._replace(kl_net_evals=state.kl_net_evals + kl_images)
+        rows[-1].update(kl_row(state))
         return state, rows
 
     def on_checkpoint(state: FinetuneState, step: int, final: bool) -> None:
@@ -220,13 +278,14 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
     cfg = complete(cfg, from_run, model.cfg.dataset)
-    bind, optimizer = build(cfg, model)
+    bind, optimizer, kl_estimator = build(cfg, model)
     run_dir = RunDir(out or default_run_dir("finetune"))
     with loop.Run(SCHEMA, cfg, run_dir, cfg.ckpt_every, keep=2) as run:
         run.print(f"[bold]finetune[/] {model.cfg.dataset} from {from_run} ({cfg.method}, reward {cfg.reward}, "
-                  f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch}, lr {cfg.lr}) -> {run_dir.path}")
+                  f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch}, lr {cfg.lr}, final step "
+                  f"{cfg.final_step}) -> {run_dir.path}")
         with finetuned_weights(run_dir, keep=cfg.steps // cfg.ckpt_every + 1) as weights:
-            state = run.run(finetune_unit(cfg, model, bind, optimizer, run_dir, weights))
+            state = run.run(finetune_unit(cfg, model, bind, optimizer, kl_estimator, run_dir, weights))
         report.finish_run(run_dir.path)
         run.done("config.json, metrics.jsonl, samples/, figures/, checkpoints/, weights/, finetuned.json")
     return state

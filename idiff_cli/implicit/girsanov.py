@@ -17,6 +17,16 @@ sampler: `kl_running_cost` is a running cost for the adjoints, and `kl_transitio
 and that cost in one function that evaluates sθ(x_k, t_k) once, for the step and the increment. An
 adjoint step is then one vjp: a forward and a backward pass of θ's network, and a forward and a
 backward pass of θ0's (θ0's weights are held fixed, but the increment depends on x_k through sθ0).
+
+What it covers: the law of the path x_0 = x_{t_max}, ..., x_n = x_{t_min} made by the n Gaussian
+transitions, nothing after. The sampler's final denoising (Tweedie) step D_θ(x_n) = (x_n + σ² sθ(x_n))/α
+is deterministic and depends on θ: it is not a Gaussian transition and has no Girsanov term, so with it
+the KL of the rewarded images' law is neither this sum nor bounded by it. When the reward sees x_n
+itself (finetune --final-step none), the penalty is exactly the path KL of what is rewarded, and by
+data processing it bounds the KL of the rewarded marginal, KL(law of x_n under θ ‖ under θ0).
+
+The logged KL (`fresh_path_kl`) is the same sum along N fresh paths sampled under the current θ from
+fixed keys, with the standard error of its mean, std/√N (the sums of independent paths are i.i.d.).
 """
 
 from __future__ import annotations
@@ -69,3 +79,37 @@ def path_kl(running: Callable, params: Any, states: jax.Array, first: int = 0) -
     of one path (the last state carries no increment)."""
     ks = first + jnp.arange(states.shape[0] - 1)
     return jnp.sum(jax.lax.map(lambda xk: running(params, *xk), (states[:-1], ks)), axis=0)
+
+
+def fresh_path_kl(transition: Callable, init: Callable[[jax.Array], jax.Array], params: Any, keys: jax.Array,
+                  n_steps: int) -> jax.Array:
+    """Girsanov KL of fresh paths under θ, per path: [len(keys) · B].
+
+    Batch i starts at init(keys[i]) and takes the n_steps transitions (params, x_k, k, keys[i]) ->
+    (x_{k+1}, KL increment [B]) of `kl_transition` with β = 1, which sample x_{k+1} under θ and score
+    step k from the same evaluation of sθ(x_k, t_k); the batches run one after another (`lax.map`) and
+    keep no states. Cost: `fresh_path_kl_passes`."""
+
+    def one(key):
+        def body(carry, k):
+            x, total = carry
+            x_next, increment = transition(params, x, k, key)
+            return (x_next, total + increment), None
+
+        x0 = init(key)
+        (_, total), _ = jax.lax.scan(body, (x0, jnp.zeros(x0.shape[:1], x0.dtype)), jnp.arange(n_steps))
+        return total
+
+    return jax.lax.map(one, keys).reshape(-1)
+
+
+def fresh_path_kl_passes(n_steps: int, n_paths: int) -> int:
+    """Images through a forward pass in `fresh_path_kl`: per step of each path one of θ's network (the
+    step, whose score the increment reuses) and one of θ0's; no backward pass."""
+    return 2 * n_steps * n_paths
+
+
+def mean_and_se(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mean of i.i.d. values [N] and its standard error std/√N (std with N − 1 degrees of freedom)."""
+    n = values.shape[0]
+    return jnp.mean(values), jnp.std(values, ddof=1) / jnp.sqrt(n)

@@ -42,7 +42,8 @@ from idiff_cli.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """The bound pieces of F(p) = −λ E R(x) + β KL(p ‖ π*(θ0)) for one run.
+    """The bound pieces of F(θ) = −λ E R(denoise_θ(x_n)) + β KL(P_θ ‖ P_θ0) for one run, the KL being
+    that of the sampler's paths x_0..x_n (girsanov.py; denoise_θ is outside it).
 
     terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
     increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]."""
@@ -69,8 +70,8 @@ class Cost(NamedTuple):
     without the KL term.
 
     forward: batches through a forward pass of θ's network (sampling steps; the forward half of each
-    vjp; the Tweedie denoiser, once inside the terminal cost's vjp and once for the completed batch's
-    images) and, with a KL term, of θ0's (the Girsanov increment compares sθ and sθ0 at x_k).
+    vjp; with paths.tweedie, the Tweedie denoiser, once inside the terminal cost's vjp and once for the
+    completed batch's images) and, with a KL term, of θ0's (the Girsanov increment compares sθ and sθ0 at x_k).
     backward: batches through a backward pass, the pullback of a vjp: θ's network w.r.t. its weights
     and input, and, with a KL term, θ0's w.r.t. its input alone (the increment ‖sθ(x_k) − sθ0(x_k)‖²
     depends on x_k through both scores). An adjoint step is one vjp of the transition: a forward and a
@@ -91,18 +92,23 @@ class Method(NamedTuple):
     warmup: Cost  # once, by init
 
 
+def _denoiser_passes(problem: Problem) -> int:
+    """Network passes of one denoise_θ: 1 for the Tweedie step, 0 when the reward sees x_n itself."""
+    return int(problem.paths.tweedie)
+
+
 def _adjoint_passes(problem: Problem, n_steps: int) -> int:
     """Forward passes of an adjoint over n steps, and as many backward passes: one vjp of the
     transition per step (θ's network, and θ0's with a KL term: girsanov.kl_transition) and one of the
-    terminal cost (the denoiser)."""
-    return n_steps * (1 + problem.with_kl) + 1
+    terminal cost (through the denoiser, when it is a network pass)."""
+    return n_steps * (1 + problem.with_kl) + _denoiser_passes(problem)
 
 
 def _step_cost(problem: Problem, sampling: int, n_adjoint: int, sequential: int) -> Cost:
     """An outer step that samples `sampling` forward passes, adjoints over n_adjoint steps and denoises
-    the completed batch for its reward images (one forward pass)."""
+    the completed batch for its reward images."""
     passes = _adjoint_passes(problem, n_adjoint)
-    return Cost(sampling + 1 + passes, passes, sequential)
+    return Cost(sampling + _denoiser_passes(problem) + passes, passes, sequential)
 
 
 def _images(problem: Problem, params, states):
@@ -143,8 +149,10 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
 
     warmup = L * M * (M - 1) // 2  # slot m pre-advanced m·L steps under θ0, one slot after the other
     name = "implicit" if kind == "full" else f"implicit-{kind}"
-    # critical path: the queue's L steps, the terminal vjp, the T adjoint vjps (the images beside them)
-    return Method(name, init, estimate, _step_cost(problem, T, T, L + 1 + T), Cost(warmup, 0, warmup))
+    # critical path: the queue's L steps, the terminal vjp (a call with the Tweedie step), the T adjoint
+    # vjps (the images beside them)
+    cost = _step_cost(problem, T, T, L + _denoiser_passes(problem) + T)
+    return Method(name, init, estimate, cost, Cost(warmup, 0, warmup))
 
 
 def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
@@ -204,7 +212,8 @@ def nested(problem: Problem, T: int, K: Optional[int] = None, kind: str = "full"
         return carry, Estimate(grad.params, states, _images(problem, params, states))
 
     name = ("nested" if K == T else f"truncated-{K}") + ("" if kind == "full" else f"-{kind}")
-    return Method(name, _fresh_init, estimate, _step_cost(problem, T, K, T + 1 + K), Cost(0, 0, 0))
+    cost = _step_cost(problem, T, K, T + _denoiser_passes(problem) + K)
+    return Method(name, _fresh_init, estimate, cost, Cost(0, 0, 0))
 
 
 def full_backprop(problem: Problem, T: int) -> Method:
@@ -220,7 +229,7 @@ def full_backprop(problem: Problem, T: int) -> Method:
 
     # grad of the unrolled scan: its forward (T transitions), then the terminal vjp and per step a vjp
     # of the rematerialised transition (its recompute is the vjp's forward half)
-    cost = _step_cost(problem, T * (1 + problem.with_kl), T, 2 * T + 1)
+    cost = _step_cost(problem, T * (1 + problem.with_kl), T, 2 * T + _denoiser_passes(problem))
     return Method("full-backprop", _fresh_init, estimate, cost, Cost(0, 0, 0))
 
 

@@ -13,6 +13,7 @@ from idiff_cli.errors import UserError
 
 SAMPLERS = ("euler-maruyama", "probability-flow")
 ADJOINTS = ("full", "pipelined", "continuous")
+FINAL_STEPS = ("tweedie", "none")
 
 # (M, T, batch) by dataset: the paper's (Tables 2 and 4) and the cpu preset's.
 DATASET_DEFAULTS = {
@@ -38,11 +39,18 @@ def _m_divides_t(cfg: Any) -> None:
         raise UserError(f"--M ({cfg.M}) must divide --T ({cfg.T})")
 
 
+def _kl_paths_in_batches(cfg: Any) -> None:
+    if cfg.batch is not None and cfg.kl_n % cfg.batch:
+        raise UserError(f"--kl-n ({cfg.kl_n}) must be a multiple of --batch ({cfg.batch}): the KL's fresh paths "
+                        f"are sampled in batches of the run's shape")
+
+
 O = cfglib.Option
 SCHEMA = cfglib.Schema(
     "finetune",
     "Reward training of a pretrained diffusion model with Implicit Diffusion (paper §5.2, Algorithm 2): "
-    "minimises −λ E R(x) + β KL(p ‖ π*(θ0)) over the U-Net weights. Writes config.json, metrics.jsonl, "
+    "minimises −λ E R(x) + β KL(P_θ ‖ P_θ0) over the U-Net weights, the KL being that of the sampler's "
+    "paths up to x_{t_min}. Writes config.json, metrics.jsonl, "
     "samples/ (same-seed grids), figures/ (reward_kl.png, evolution.png), checkpoints/ and weights/ with "
     "finetuned.json; re-running into the same --out resumes.",
     (
@@ -52,7 +60,15 @@ SCHEMA = cfglib.Schema(
           "package.module:function.", choices="image-reward"),
         O("lam", float, 10.0, "Reward weight λ in F = −λ E R + β KL; negative λ lowers the reward.",
           flags=("--lambda",)),
-        O("beta", float, 0.1, "KL weight β; the reward gained at the reward/KL balance grows as λ/β.", minimum=0),
+        O("beta", float, 0.1, "KL weight β. The penalty is the Girsanov KL between the sampler's path measures "
+          "under θ and θ0: its T Euler–Maruyama (Gaussian) transitions from x_{t_max} to x_{t_min}. The final "
+          "Tweedie step (--final-step tweedie) is deterministic, not a Gaussian transition: it has no Girsanov "
+          "term and is not penalised. The reward gained at the reward/KL balance grows as λ/β.", minimum=0),
+        O("final_step", str, "tweedie", "What the reward sees: tweedie = the denoised mean (x + σ² sθ(x))/α of "
+          "the last state x = x_{t_min} (a θ-dependent map outside the KL penalty); none = x_{t_min} itself, so "
+          "the penalty is exactly the path KL of what is rewarded. Clipped with --clip. Used by this run's "
+          "training, grids, eval_reward and periodic FID; `idiff sample` and `idiff evaluate-fid` of the run "
+          "denoise as the model's own sampler does.", choices=FINAL_STEPS),
         O("method", str, "implicit", "implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), "
           "full-backprop, or package.module:builder."),
         O("adjoint", str, "full", "Gradient through the sampler: full (exact discrete adjoint of the completed "
@@ -69,6 +85,10 @@ SCHEMA = cfglib.Schema(
           choices=SAMPLERS),
         O("log_every", int, 10, "Outer steps per log line (the KL is logged on it).", defining=False,
           positive=True),
+        O("kl_n", int, 64, "Fresh paths sampled under the current θ from fixed keys for the logged KL and its "
+          "standard error (kl, kl_se), at step 0 and on every log line; a multiple of --batch. Their network "
+          "evaluations are logged apart (kl_net_evals). Not with --sampler probability-flow: deterministic paths "
+          "have no Girsanov KL.", defining=False, minimum=2),
         O("sample_every", int, 50, "Re-sample the fixed-key grid every N steps.", defining=False, positive=True),
         O("ckpt_every", int, 50, "Checkpoint (and write weights/) every N steps.", defining=False, positive=True),
         O("grid_n", int, 16, "Images in the fixed-key grid.", defining=False, positive=True),
@@ -84,7 +104,7 @@ SCHEMA = cfglib.Schema(
         cfglib.CONFIG_OPTION,
     ),
     presets={"cpu": {}, "paper": {}},
-    checks=(_sampler_checks, _m_divides_t,
+    checks=(_sampler_checks, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every"))),
 )
 

@@ -17,13 +17,16 @@ import jax
 class SamplerPaths(NamedTuple):
     """init(slot_key) -> x_0 [B, ...]; step(params, x, k, slot_key) -> x_{k+1}; denoise(params, x_n) -> image
     (the sampler's last, Tweedie, step; identity when the sampler has none); step_and_score(params, x, k,
-    slot_key) -> (x_{k+1}, the score sθ(x_k, t_k) [B, ...] the step evaluated, for a running cost to share)."""
+    slot_key) -> (x_{k+1}, the score sθ(x_k, t_k) [B, ...] the step evaluated, for a running cost to share);
+    tweedie: whether denoise is the Tweedie step, a deterministic map that evaluates the score (one network
+    pass) and lies outside the Gaussian transitions the Girsanov KL covers."""
 
     init: Callable[[jax.Array], jax.Array]
     step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
     denoise: Callable[[Any, jax.Array], jax.Array]
     n_steps: int
     step_and_score: Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+    tweedie: bool
 
 
 def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
@@ -58,4 +61,4 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
     def denoise(params, x):
         return sampler.finalize(bound(params), x)
 
-    return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score)
+    return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score, sampler.denoise_final)

@@ -1,6 +1,10 @@
 """Figures of finetuning runs, drawn from their run directories alone (by `idiff finetune` at the end
 of a run and by `idiff report`): reward and KL against outer steps, network evaluations, sequential
 calls or wall time (paper Figs 6, 15, 17), and the same-seed sample-evolution strip (Figs 7, 13, 14, 16).
+
+The KL panel is the logged `kl` ± 2 `kl_se`: the Girsanov KL between the sampler's path measures under
+θ_k and θ0, up to x_{t_min} (the final Tweedie step has no Girsanov term), estimated on fresh paths of
+θ_k from fixed keys.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ EVOLUTION_ROWS = 8  # images per row of the evolution strip
 
 def plot_reward_kl(run_dirs: Sequence[pathlib.Path], labels: Sequence[str], x: str = "step"):
     """The figure: left, per run, the training-batch reward (line, ± std band) and the fixed-key
-    evaluation reward (dots); right, the Girsanov KL to θ0, each against `x`. Returns the figure."""
+    evaluation reward (dots); right, the Girsanov path KL of θ_k to θ0 with error bars of 2 standard
+    errors (one ErrorbarContainer per run), each against `x`. Returns the figure."""
     fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
         rows = read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
@@ -38,10 +43,13 @@ def plot_reward_kl(run_dirs: Sequence[pathlib.Path], labels: Sequence[str], x: s
         ax_r.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         ev = [r for r in rows if "eval_reward" in r]
         ax_r.plot([r[x] for r in ev], [r["eval_reward"] for r in ev], "o", color=line.get_color(), ms=4)
-        kl = [r for r in train if "kl" in r]
-        ax_kl.plot([r[x] for r in kl], [r["kl"] for r in kl], "-o", ms=3, color=line.get_color(), label=label)
+        kl = [r for r in rows if "kl" in r]
+        ax_kl.errorbar([r[x] for r in kl], [r["kl"] for r in kl], yerr=[2 * r["kl_se"] for r in kl], fmt="-o",
+                       ms=3, capsize=2, color=line.get_color(), label=label)
     ax_r.set(xlabel=X_AXES[x], ylabel="reward", title="reward (line: training batch ± std; dots: fixed keys)")
-    ax_kl.set(xlabel=X_AXES[x], ylabel="KL(p ‖ π*(θ0))", title="Girsanov KL to the pretrained model")
+    ax_kl.set(xlabel=X_AXES[x], ylabel=r"KL(P_θ ‖ P_θ0) of the paths up to $x_{t_{\min}}$",
+              title="Girsanov KL of the sampler's paths to θ0 (fresh paths of θ_k, ± 2 SE);\n"
+                    "the final Tweedie step has no Girsanov term and is not included")
     ax_r.legend(fontsize=8)
     fig.tight_layout()
     return fig
