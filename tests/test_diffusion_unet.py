@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idiff_cli.diffusion.unet import UNet, cpu_architecture, paper_architecture
+from idiff_cli.diffusion.unet import UNet, cpu_architecture, paper_architecture, upsample_nearest
 
 
 def n_params(model, size, channels):
@@ -41,3 +41,13 @@ def test_image_sizes_the_model_cannot_take():
     assert UNet.cannot_take(28, (1, 2, 2)) is None
     assert UNet.cannot_take(32, (1, 2, 2, 2)) is None
     assert "multiple of 4" in UNet.cannot_take(30, (1, 2, 2))
+
+
+def test_upsample_nearest_is_resize_nearest_and_so_is_its_gradient():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    g = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
+    resize = lambda y: jax.image.resize(y, (2, 6, 10, 4), "nearest")  # noqa: E731
+    ours, vjp = jax.vjp(upsample_nearest, x)
+    theirs, vjp_resize = jax.vjp(resize, x)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_allclose(vjp(g)[0], vjp_resize(g)[0], rtol=1e-6, atol=1e-6)

@@ -35,6 +35,14 @@ def timestep_embedding(level: jax.Array, dim: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
 
 
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2×2: `jax.image.resize(..., "nearest")` by a
+    broadcast and a reshape, whose gradient is a sum over the 2×2 blocks, where resize's gather has a
+    scatter-add (slow on XLA:CPU)."""
+    b, hgt, wid, c = x.shape
+    return jnp.broadcast_to(x[:, :, None, :, None, :], (b, hgt, 2, wid, 2, c)).reshape(b, 2 * hgt, 2 * wid, c)
+
+
 class ResBlock(nn.Module):
     out_ch: int
     groups: int
@@ -114,9 +122,7 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(self.groups)(h)
             if i > 0:
-                b, hgt, wid, c = h.shape
-                h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), "nearest")
-                h = Conv(c, (3, 3))(h)
+                h = Conv(h.shape[-1], (3, 3))(upsample_nearest(h))
 
         h = nn.silu(nn.GroupNorm(min(self.groups, h.shape[-1]))(h))
         return Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
