@@ -52,7 +52,8 @@ KILL_HOOK = "IDIFF_TEST_KILL_AFTER_ROWS"
 
 
 class Image(NamedTuple):
-    """A hook's image (a PNG it wrote): shown by the trackers, not written to metrics.jsonl."""
+    """An image in a metrics row (a PNG a hook wrote): shown by the trackers, not written to
+    metrics.jsonl."""
 
     path: pathlib.Path
 
@@ -153,7 +154,7 @@ class Run:
                     step += n
                     self._stop.armed = True  # a step is done: from now on a signal saves it
                     self._guard(unit, rows)
-                    rows = self._run_hooks(unit, state, step, rows, elapsed, trackers)
+                    rows = self._run_hooks(unit, state, step, rows, elapsed)
                     self._append(unit, rows, trackers)
                     shown = " ".join(f"{k} {rows[-1][k]:.4g}" for k in unit.progress if rows and k in rows[-1])
                     self._progress.update(task, completed=step, rate=unit.rate(seconds, n), metric=shown or "-")
@@ -192,16 +193,12 @@ class Run:
         state, rows = unit.advance(state, step, n)
         return state, rows, unit.step_of(state) - step if unit.step_of else n
 
-    def _run_hooks(self, unit: Unit, state: Any, step: int, rows: Rows, elapsed: float, trackers) -> Rows:
-        """The hooks due at `step`: their values join the row of `step`, their images go to the trackers."""
+    def _run_hooks(self, unit: Unit, state: Any, step: int, rows: Rows, elapsed: float) -> Rows:
+        """The hooks due at `step`: their values join the row of `step`."""
         extra = {}
         for hook in unit.hooks:
             if (hook.every and step % hook.every == 0) or (hook.at_end and step == unit.steps):
                 extra.update(hook.fn(state, step) or {})
-        for tag, value in list(extra.items()):
-            if isinstance(value, Image):
-                trackers.image(tag, step, value.path)
-                del extra[tag]
         if extra:
             if not rows or rows[-1]["step"] != step:
                 rows.append({"step": step, "wall_s": elapsed})
@@ -245,6 +242,12 @@ class Run:
         return [r for r in kept if mine(r)]
 
     def _append(self, unit: Unit, rows: Rows, trackers: tracking.Trackers) -> None:
+        """Writes rows to metrics.jsonl and the trackers; `Image` values go to the trackers only."""
+        for row in rows:
+            for tag, value in list(row.items()):
+                if isinstance(value, Image):
+                    trackers.image(tag, row["step"], value.path)
+                    del row[tag]
         trackers.rows(rows)
         if unit.name:
             rows = [{"method": unit.name, **r} for r in rows]

@@ -153,7 +153,7 @@ def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterr
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     stopped = int(err.split("at step ")[1].split(";")[0])
-    assert 6 < stopped < 400 and "Resume: re-run the same command with --out" in err, err
+    assert 6 <= stopped < 400 and "Resume: re-run the same command with --out" in err, err
     assert max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == stopped
     run(out, steps=400, log_every=4, ckpt_every=100)
     run(tmp_path / "whole", steps=400, log_every=4, ckpt_every=100)

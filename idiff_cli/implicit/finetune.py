@@ -223,10 +223,12 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
     def evaluate(state: FinetuneState, step: int) -> dict:
         """The fixed-key grid of θ (PNG, and the first images as uint8 for the evolution strip) and its reward."""
         images = np.asarray(grid(state.params))
-        save_grid(images, run_dir.path / "samples" / f"step_{step:06d}.png")
-        with atomic_path(run_dir.path / "samples" / f"step_{step:06d}.npy") as tmp:
+        path = run_dir.path / "samples" / f"step_{step:06d}.png"
+        save_grid(images, path)
+        with atomic_path(path.with_suffix(".npy")) as tmp:
             np.save(tmp, to_uint8(images[:EVOLUTION_IMAGES]))
-        return {"eval_reward": float(np.mean(np.asarray(problem.reward(jnp.asarray(images)))))}
+        return {"eval_reward": float(np.mean(np.asarray(problem.reward(jnp.asarray(images))))),
+                "samples": loop.Image(path)}
 
     def periodic_fid() -> Callable[[FinetuneState, int], dict]:
         """FID of fid_n samples of θ (the finetuning sampler and final step, fixed keys)."""

@@ -101,10 +101,11 @@ SCHEMA = cfglib.Schema(
         cfglib.preset_option({"cpu": "T=16, M=4, batch 8", "paper": "Tables 2 and 4 by dataset"}, "cpu"),
         cfglib.out_option("Run directory"),
         cfglib.seed_option(),
+        *cfglib.tracking_options(),
         cfglib.CONFIG_OPTION,
     ),
     presets={"cpu": {}, "paper": {}},
-    checks=(_sampler_checks, _m_divides_t, _kl_paths_in_batches,
+    checks=(cfglib.check_tracking, _sampler_checks, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every"))),
 )
 
