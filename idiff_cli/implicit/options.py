@@ -89,6 +89,10 @@ SCHEMA = cfglib.Schema(
           "standard error (kl, kl_se), at step 0 and on every log line; a multiple of --batch. Their network "
           "evaluations are logged apart (kl_net_evals). Not with --sampler probability-flow: deterministic paths "
           "have no Girsanov KL.", defining=False, minimum=2),
+        O("devices", int, None, "Local devices (on the CPU: cores exposed as host devices) the batch is split over, "
+          "on every process; θ and the optimiser are replicated. It must divide --batch (times the process "
+          "count).", defining=False, positive=True,
+          rule="every local device, or the largest count that divides the batch (said in one line)"),
         O("sample_every", int, 50, "Re-sample the fixed-key grid every N steps.", defining=False, positive=True),
         O("ckpt_every", int, 50, "Checkpoint (and write weights/) every N steps.", defining=False, positive=True),
         O("grid_n", int, 16, "Images in the fixed-key grid.", defining=False, positive=True),
