@@ -12,6 +12,9 @@ fixed keys, with its standard error. Same-seed sample grids samples/step_XXXXXX.
 fixed for the whole run (Figs 7, 13, 14, 16). The θ of every checkpoint is also kept on its own in
 weights/ with finetuned.json, so `model.load` (hence `idiff sample`, `idiff evaluate-fid`) reads a
 finetuned run like a pretrained one (and samples with the model's own sampler and final step).
+The image batches are split over --devices local devices of every process (sharding.py): θ, θ0 and
+the optimiser state replicated, the queue's paths split along the batch; every process runs the
+same programs, takes part in the checkpoints, and process 0 alone writes the other files.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from idiff_cli.diffusion.model import Model, finetuned_weights, load, write_fine
 from idiff_cli.errors import UserError
 from idiff_cli.fid.evaluate import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
-from idiff_cli.implicit import adjoint, girsanov, methods, report
+from idiff_cli.implicit import adjoint, girsanov, methods, report, sharding
 from idiff_cli.implicit.options import SCHEMA, dataset_defaults
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
 from idiff_cli.implicit.rewards import check_reward
-from idiff_cli.parallel import use_compilation_cache
+from idiff_cli.parallel import initialize_distributed_from_env, use_compilation_cache
 from idiff_cli.runs import RunDir, atomic_path, default_run_dir
 
 EVOLUTION_IMAGES = 8  # fixed-key images per step kept in samples/step_XXXXXX.npy for the evolution strip
@@ -125,10 +128,11 @@ def build(cfg: Any, model: Model):
     return bind, optax.adam(cfg.lr), kl_estimator
 
 
-def make_chunk(bind, optimizer, coef: tuple[float, float]):
+def make_chunk(bind, optimizer, coef: tuple[float, float], mesh=None, state_sharding=None):
     """(state, θ0, n) -> n outer steps with (λ, β) = `coef` -> (state, per-step metrics (reward mean,
     reward std, gradient norm) [n] each). One jitted outer step per dispatch (asynchronous: the host
-    reads the metrics once per chunk)."""
+    reads the metrics once per chunk). With a `mesh`, the state keeps `state_sharding` and the
+    metrics are replicated (one compiled program whatever the step)."""
 
     def outer(state: FinetuneState, params0, coef):
         problem, method = bind(params0, *coef)
@@ -139,8 +143,12 @@ def make_chunk(bind, optimizer, coef: tuple[float, float]):
         metrics = (jnp.mean(r), jnp.std(r), optax.tree.norm(est.grad))
         return state._replace(params=params, opt_state=opt_state, carry=carry, step=state.step + 1), metrics
 
-    outer_jit = jax.jit(outer)
     coef = jnp.asarray(coef, jnp.float32)
+    if mesh is None:
+        outer_jit = jax.jit(outer)
+    else:
+        outer_jit = jax.jit(outer, out_shardings=(state_sharding, sharding.replicated(mesh)))
+        coef = sharding.put(coef, sharding.replicated(mesh))
 
     def chunk(state, params0, n: int):
         """Up to n outer steps: fewer when a signal asks the run to stop (metrics of the steps done)."""
@@ -148,7 +156,7 @@ def make_chunk(bind, optimizer, coef: tuple[float, float]):
         for _ in range(n):
             state, m = outer_jit(state, params0, coef)
             metrics.append(m)
-            if signals.requested():
+            if signals.requested() and jax.process_count() == 1:  # several: the loop stops them together
                 break
         return state, tuple(jnp.stack(v) for v in zip(*metrics))
 
@@ -167,8 +175,9 @@ def make_kl_estimator(sampler: Any, paths: SamplerPaths, score: Callable, labels
     return jax.jit(estimate)
 
 
-def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
-    """jit: params -> [grid_n, H, W, C] images from fixed noise keys (the same for every θ)."""
+def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array, mesh=None):
+    """jit: params -> [grid_n, H, W, C] images from fixed noise keys (the same for every θ; replicated
+    over `mesh`)."""
     p = problem.paths
     keys = jax.random.split(key, -(-grid_n // batch))
 
@@ -179,18 +188,25 @@ def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array):
         images = jax.lax.map(one, keys)
         return images.reshape(-1, *images.shape[2:])[:grid_n]
 
-    return jax.jit(sample)
+    return jax.jit(sample, out_shardings=None if mesh is None else sharding.replicated(mesh))
+
+
+def start_state(method: methods.Method, optimizer, params0, key: jax.Array, kl_net_evals: int) -> FinetuneState:
+    """The state at step 0: θ = θ0, the method's warm carry from `key` (real work)."""
+    return FinetuneState(params0, optimizer.init(params0), method.init(params0, key), jnp.asarray(0, jnp.int32),
+                         jnp.asarray(kl_net_evals, jnp.int32))
 
 
 def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir: RunDir,
-                  weights: Checkpointer) -> loop.Unit:
+                  weights: Checkpointer, mesh, is_main: bool = True) -> loop.Unit:
     """The run as one loop unit: state FinetuneState, one row per outer step, the KL of the current θ
     on the last row of each chunk and at step 0, the fixed-key grid and its reward every
-    --sample-every steps, the periodic FID, θ into weights/ at every checkpoint."""
+    --sample-every steps, the periodic FID, θ into weights/ at every checkpoint. The state lives on
+    `mesh` (sharding.state_shardings: the carried image batches split, the rest replicated), each
+    leaf committed to its sharding so that the outer step compiles once; only `is_main` writes files."""
     root = jax.random.key(cfg.seed)
-    device = jax.devices()[0]  # one device: the U-Net's batch is small, and a fixed placement keeps
-    # the outer step compiled once (every leaf committed: an uncommitted leaf would recompile it)
-    params0 = jax.device_put(model.params, device)
+    replicated = sharding.replicated(mesh)
+    params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
     problem, method = bind(params0)
     cost = method.cost
     # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
@@ -198,20 +214,22 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
              if cfg.sampler != "probability-flow" else None)
     kl_images = girsanov.fresh_path_kl_passes(cfg.T, cfg.kl_n) if kl_of else 0
 
+    method_key = sharding.put(jax.random.fold_in(root, METHOD_KEY), replicated)
+
     def fresh() -> FinetuneState:
-        carry = method.init(params0, jax.random.fold_in(root, METHOD_KEY))  # the warm queue(s): real work
-        # kl_net_evals counts the KL evaluation that first_rows makes at step 0, right after init
-        return FinetuneState(params0, optimizer.init(params0), carry, jnp.asarray(0, jnp.int32),
-                             jnp.asarray(kl_images, jnp.int32))
+        """The warm-up on the mesh; kl_net_evals counts the KL evaluation of step 0's row."""
+        return start_state(method, optimizer, params0, method_key, kl_images)
+
+    shardings = sharding.state_shardings(jax.eval_shape(fresh), mesh, (cfg.batch, *model.image_shape))
 
     def init() -> FinetuneState:
-        return jax.device_put(fresh(), device)
+        return sharding.put(fresh(), shardings)
 
     def template() -> FinetuneState:  # shapes only: restoring does no warm-up work
-        return jax.device_put(restore_template(jax.eval_shape(fresh)), device)
+        return sharding.put(restore_template(jax.eval_shape(fresh)), shardings)
 
-    chunk = make_chunk(bind, optimizer, (cfg.lam, cfg.beta))
-    grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY))
+    chunk = make_chunk(bind, optimizer, (cfg.lam, cfg.beta), mesh, shardings)
+    grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY), mesh)
 
     def kl_row(state: FinetuneState) -> dict:
         """kl, kl_se of the current θ and the cumulative kl_net_evals (state's count, this evaluation in)."""
@@ -224,6 +242,8 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         """The fixed-key grid of θ (PNG, and the first images as uint8 for the evolution strip) and its reward."""
         images = np.asarray(grid(state.params))
         path = run_dir.path / "samples" / f"step_{step:06d}.png"
+        if not is_main:
+            return {}
         save_grid(images, path)
         with atomic_path(path.with_suffix(".npy")) as tmp:
             np.save(tmp, to_uint8(images[:EVOLUTION_IMAGES]))
@@ -234,7 +254,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         """FID of fid_n samples of θ (the finetuning sampler and final step, fixed keys)."""
         periodic = PeriodicFID(cfg.fid_features, model.cfg.dataset, model.cfg.data_dir, model.cfg.image_size,
                                model.image_shape, run_dir.path / "fid")
-        fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, FID_KEY))
+        fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, FID_KEY), mesh)
         return lambda state, step: {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
 
     fid_of = periodic_fid() if cfg.fid_every else None
@@ -265,7 +285,8 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         if step not in weights.all_steps():  # a finished run re-run: its θ is already stored
             weights.save(step, state.params)
             weights.wait()
-        write_finetuned(run_dir, cfg.from_run, step, final)
+        if is_main:
+            write_finetuned(run_dir, cfg.from_run, step, final)
 
     return loop.Unit(cfg.steps, init, advance, template=template, first_rows=first_rows, hooks=hooks,
                      chunk=cfg.log_every, finite=("reward_mean", "grad_norm"),
@@ -276,18 +297,28 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
 def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     """`idiff finetune`: loads the pretrained model, fills M/T/batch and checks the reward and method on
     it before the run directory is claimed; runs (or resumes) the finetuning; draws its figures."""
+    initialize_distributed_from_env()
     use_compilation_cache()
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
     cfg = complete(cfg, from_run, model.cfg.dataset)
+    n, note = sharding.device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
+    mesh = sharding.mesh_of(n)
+    model = sharding.BatchSharded(model, mesh)
     bind, optimizer, kl_estimator = build(cfg, model)
+    is_main = jax.process_index() == 0
     run_dir = RunDir(out or default_run_dir("finetune"))
-    with loop.Run(SCHEMA, cfg, run_dir, cfg.ckpt_every, keep=2) as run:
+    run = loop.Run(SCHEMA, cfg, run_dir, cfg.ckpt_every, keep=2, is_main=is_main)
+    with run:
+        sharding.check_visible(run_dir.path)
+        if note:
+            run.print(note)
         run.print(f"[bold]finetune[/] {model.cfg.dataset} from {from_run} ({cfg.method}, reward {cfg.reward}, "
-                  f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch}, lr {cfg.lr}, final step "
-                  f"{cfg.final_step}) -> {run_dir.path}")
+                  f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch} on {n} device(s) / "
+                  f"{jax.process_count()} process(es), lr {cfg.lr}, final step {cfg.final_step}) -> {run_dir.path}")
         with finetuned_weights(run_dir, keep=cfg.steps // cfg.ckpt_every + 1) as weights:
-            state = run.run(finetune_unit(cfg, model, bind, optimizer, kl_estimator, run_dir, weights))
-        report.finish_run(run_dir.path)
+            state = run.run(finetune_unit(cfg, model, bind, optimizer, kl_estimator, run_dir, weights, mesh, is_main))
+        if is_main:
+            report.finish_run(run_dir.path)
         run.done("config.json, metrics.jsonl, samples/, figures/, checkpoints/, weights/, finetuned.json")
     return state
