@@ -1,19 +1,26 @@
-"""The MNIST classifier whose penultimate layer gives the offline "FID (MNIST classifier features)".
+"""The MNIST classifiers: one whose penultimate layer gives the offline "FID (MNIST classifier
+features)", and a second, independent one that labels samples for finetune's `label_kept`.
 
 The practice for MNIST generative models (e.g. the "MNIST FID" of score-based and flow papers): the
 Fréchet distance in the feature space of a small classifier trained on MNIST, since Inception
 features of 28×28 digits mean little. Not comparable with Inception FID, and reported under its own
 name. The network: conv 3×3 stride 2 (16) → ReLU → conv 3×3 stride 2 (32) → ReLU → dense 128 → ReLU
-(the 128-d features) → dense 10. Trained with Adam on the first 4,000 of the embedded digits
-(400 per class), evaluated on the other 1,000; deterministic for a given seed. Trained once and
-cached (orbax) under $IDIFF_CACHE_DIR (default ~/.cache/idiff)/mnist-classifier; training takes
-about 10 s on 2 idle CPU cores:
+(the 128-d features) → dense 10, trained with Adam; deterministic for a given seed and split.
 
-    python -m idiff_cli.fid.classifier        # (re)trains and caches it, prints the held-out accuracy
+* FID: seed 0, trained on the first 400 of each class's 500 embedded digits, evaluated on the other 100.
+* LABELS (implicit/labels.py): seed 1, trained on the last 250 of each class (positions 250..499),
+  evaluated on the first 250. Another initialisation and another half of the digits, so a sample's
+  label does not come from the network whose features the FID uses; no reward uses either network.
+
+Each is trained once and cached (orbax) under $IDIFF_CACHE_DIR (default ~/.cache/idiff)/<name>;
+training takes about 10 s on 2 idle CPU cores:
+
+    python -m idiff_cli.fid.classifier        # (re)trains and caches both, prints the held-out accuracies
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -27,7 +34,22 @@ from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.data.embedded import mnist_digits
 
 FEATURE_DIM = 128
-STEPS, BATCH, LEARNING_RATE, SEED = 600, 64, 2e-3, 0
+STEPS, BATCH, LEARNING_RATE = 600, 64, 2e-3
+PER_CLASS = 500  # the embedded digits come in blocks of 500 per class
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One classifier: its cache name, initialisation seed, and the positions [start, stop) within each
+    class's block of 500 embedded digits that it trains on (the rest are its held-out digits)."""
+
+    name: str
+    seed: int
+    train: tuple[int, int]
+
+
+FID = Spec("mnist-classifier", 0, (0, 400))
+LABELS = Spec("mnist-label-classifier", 1, (250, 500))
 
 
 class MnistClassifier(nn.Module):
@@ -41,24 +63,24 @@ class MnistClassifier(nn.Module):
         return features, nn.Dense(10)(features)
 
 
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("IDIFF_CACHE_DIR", "~/.cache/idiff")).expanduser() / "mnist-classifier"
+def cache_dir(spec: Spec = FID) -> pathlib.Path:
+    return pathlib.Path(os.environ.get("IDIFF_CACHE_DIR", "~/.cache/idiff")).expanduser() / spec.name
 
 
-def split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train, held-out) digits as float [0, 1] and labels: 400 + 100 of each class (the embedded
-    digits come in blocks of 500 per class)."""
+def split(spec: Spec = FID) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) digits of `spec` as float [0, 1] and labels."""
     images, labels = mnist_digits()
-    held_out = (np.arange(len(images)) % 500) >= 400
+    position = np.arange(len(images)) % PER_CLASS
+    trained = (position >= spec.train[0]) & (position < spec.train[1])
     x = images.astype(np.float32) / 255.0
-    return (x[~held_out], labels[~held_out]), (x[held_out], labels[held_out])
+    return (x[trained], labels[trained]), (x[~trained], labels[~trained])
 
 
-def train(steps: int = STEPS, seed: int = SEED) -> tuple[dict, float]:
-    """Trains the classifier on the 4,000 training digits; returns (params, held-out accuracy)."""
-    (x, y), (x_test, y_test) = split()
+def train(spec: Spec = FID, steps: int = STEPS) -> tuple[dict, float]:
+    """Trains the classifier `spec` on its training digits; returns (params, held-out accuracy)."""
+    (x, y), (x_test, y_test) = split(spec)
     model, optimizer = MnistClassifier(), optax.adam(LEARNING_RATE)
-    key = jax.random.key(seed)
+    key = jax.random.key(spec.seed)
     params = model.init(key, x[:1])["params"]
     x, y = jnp.asarray(x), jnp.asarray(y)
 
@@ -84,16 +106,20 @@ def train(steps: int = STEPS, seed: int = SEED) -> tuple[dict, float]:
     return params, float((np.asarray(logits).argmax(-1) == y_test).mean())
 
 
-def load_or_train(directory: pathlib.Path | None = None) -> tuple[dict, dict]:
-    """The cached (params, meta) from `directory` (default: cache_dir()), training and caching them first
-    if absent. meta: steps, seed, held-out accuracy."""
-    checkpointer = Checkpointer(directory or cache_dir(), keep=1)
+def load_or_train(directory: pathlib.Path | None = None, spec: Spec = FID) -> tuple[dict, dict]:
+    """The cached (params, meta) of classifier `spec` from `directory` (default: cache_dir(spec)),
+    training and caching them first when no intact copy is there (a copy without its manifest, e.g.
+    cut short, is set aside). meta: seed, train positions, held-out accuracy."""
+    checkpointer = Checkpointer(directory or cache_dir(spec), keep=1)
     try:
         template = MnistClassifier().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-        if checkpointer.latest_step() is None:
-            params, accuracy = train()
-            checkpointer.save(STEPS, params, meta={"seed": SEED, "held_out_accuracy": accuracy})
-            checkpointer.wait()
+        found = checkpointer.restore_latest(lambda: template)
+        if found is not None:
+            return found[1], found[2]
+        params, accuracy = train(spec)
+        checkpointer.save(STEPS, params, meta={"seed": spec.seed, "train_positions": list(spec.train),
+                                               "held_out_accuracy": accuracy})
+        checkpointer.wait()
         return checkpointer.restore(template)
     finally:
         checkpointer.close()
@@ -104,9 +130,15 @@ def features_fn(params: dict):
     return jax.jit(lambda images: MnistClassifier().apply({"params": params}, images)[0])
 
 
+def labels_fn(params: dict):
+    """images [B, 28, 28, 1] in [0, 1] -> predicted digits [B] (jitted)."""
+    return jax.jit(lambda images: jnp.argmax(MnistClassifier().apply({"params": params}, images)[1], axis=-1))
+
+
 if __name__ == "__main__":
     import shutil
 
-    shutil.rmtree(cache_dir(), ignore_errors=True)
-    _, meta = load_or_train()
-    print(f"cached the MNIST classifier in {cache_dir()}: held-out accuracy {meta['held_out_accuracy']:.4f}")
+    for spec in (FID, LABELS):
+        shutil.rmtree(cache_dir(spec), ignore_errors=True)
+        _, meta = load_or_train(spec=spec)
+        print(f"cached {spec.name} in {cache_dir(spec)}: held-out accuracy {meta['held_out_accuracy']:.4f}")

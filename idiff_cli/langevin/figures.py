@@ -1,4 +1,4 @@
-"""Figures of the Langevin reward experiment: paper Figs 4, 5, 8 and 10 (Appendix A.1).
+"""Figures of the Langevin reward experiment: paper Figs 4, 5, 8, 9 and 10 (Appendix A.1).
 
 Everything is drawn from the run directory alone: curves from metrics.jsonl (mean over seeds with
 a min/max band, as in the paper), samples and θ trajectories from arrays.npz. `report` redraws one
@@ -40,9 +40,13 @@ def by_method(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     return {m: {k: np.array([r[k] for r in rs]) for k in rs[0] if k != "method"} for m, rs in grouped.items()}
 
 
-def band(ax, x, curves, metric, label):
-    line, = ax.plot(x, curves[f"{metric}_mean"], label=label, lw=1.2)
-    ax.fill_between(x, curves[f"{metric}_min"], curves[f"{metric}_max"], color=line.get_color(), alpha=0.2, lw=0)
+def band(ax, x, curves, metric, label, mean=True, color=None):
+    """The min/max band of `metric` over seeds, with its mean as a line (`mean`) or alone (Fig. 9)."""
+    if mean:
+        line, = ax.plot(x, curves[f"{metric}_mean"], label=label, lw=1.2, color=color)
+        color = line.get_color()
+    ax.fill_between(x, curves[f"{metric}_min"], curves[f"{metric}_max"], color=color, alpha=0.2 if mean else 0.45,
+                    lw=0, label=None if mean else label)
 
 
 def density_contours(ax, potential, theta, extent=9.0, n=200, filled=False):
@@ -88,16 +92,23 @@ def fig4(run_dir, potential, arrays, names, theta0):
     return run_dir.save_figure(fig, "fig4_samples_contours.png")
 
 
-def fig5(run_dir, curves):
-    """Reward and log-likelihood under π*(θ_opt) against outer steps, mean and min/max over seeds."""
+def fig5(run_dir, curves, mean=True, name="fig5_reward_loglik.png"):
+    """Reward and log-likelihood under π*(θ_opt) against outer steps: the mean over seeds with the
+    min/max band (Fig. 5), or, without `mean`, the bands alone (Fig. 9)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in _main_methods(list(curves)):
-        band(a, curves[name]["step"], curves[name], "reward", name)
-        band(b, curves[name]["step"], curves[name], "loglik", name)
-    a.set(xlabel="outer steps", ylabel="reward (batch mean)", title="Reward")
-    b.set(xlabel="outer steps", ylabel="log π*(θ_opt)(x) (batch mean)", title="Log-likelihood (higher is better)")
+    for i, method in enumerate(_main_methods(list(curves))):
+        band(a, curves[method]["step"], curves[method], "reward", method, mean, f"C{i}")
+        band(b, curves[method]["step"], curves[method], "loglik", method, mean, f"C{i}")
+    what = "" if mean else ": min/max over seeds"
+    a.set(xlabel="outer steps", ylabel="reward (batch mean)", title="Reward" + what)
+    b.set(xlabel="outer steps", ylabel="log π*(θ_opt)(x) (batch mean)", title="Log-likelihood (higher is better)" + what)
     b.legend(fontsize=8)
-    return run_dir.save_figure(fig, "fig5_reward_loglik.png")
+    return run_dir.save_figure(fig, name)
+
+
+def fig9(run_dir, curves):
+    """Fig. 9: Fig. 5's confidence intervals alone (the min and max over seeds at each step, no mean)."""
+    return fig5(run_dir, curves, mean=False, name="fig9_bands.png")
 
 
 def fig8(run_dir, curves):
@@ -170,7 +181,7 @@ def make_all(run_dir: RunDir, potential, theta0, out=None) -> list[pathlib.Path]
     with np.load(run_dir.path / "arrays.npz") as npz:
         arrays = dict(npz)
     return [fig4(target, potential, arrays, names, theta0), fig5(target, curves), fig8(target, curves),
-            fig10(target, potential, arrays, names, theta0), fig10_sigma(target, arrays, names)]
+            fig9(target, curves), fig10(target, potential, arrays, names, theta0), fig10_sigma(target, arrays, names)]
 
 
 def report(run_dirs: list[pathlib.Path], out: pathlib.Path, x: str = "step") -> list[pathlib.Path]:
