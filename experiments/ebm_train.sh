@@ -6,7 +6,7 @@
 # Figures in $OUT/figures/: fig11_samples_contours.png (Fig 11), fig12_metrics.png (Fig 12, exact KLs and
 #   NLL), grad_evals.png, sigma_theta.png, density_steps.png, report.md.
 # Hardware: one host, one device (a CPU is enough).
-# Time: 7 min wall on 2 CPU cores; SMOKE=1 (200 steps, batch 100, 2 seeds) ~25 s; accelerator: not
+# Time: 7 min wall on 2 CPU cores; SMOKE=1 (200 steps, batch 100, 2 seeds) ~1 min with its report; accelerator: not
 #   measured here.
 # Outputs: $OUT (default runs/paper-ebm-train): config.json, metrics.jsonl, methods/, summary.json,
 #   checkpoints/, figures/. Re-running with the same OUT resumes.

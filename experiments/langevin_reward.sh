@@ -6,7 +6,7 @@
 #   fig8_grad_evals.png (Fig 8), fig9_bands.png (Fig 9), fig10_dynamics.png and fig10_sigma_theta.png
 #   (Fig 10), report.md (final reward and log-likelihood, mean and min..max over seeds).
 # Hardware: one host, one device (2-D particles; a CPU is enough).
-# Time: 5-10 min on 2 CPU cores; SMOKE=1 (T = 1, 10, 40 steps, batch 100, 2 seeds) ~25 s;
+# Time: 5-10 min on 2 CPU cores; SMOKE=1 (T = 1, 10, 40 steps, batch 100, 2 seeds) ~1 min with its report (2 min on a loaded machine);
 #   accelerator: not measured here.
 # Outputs: $OUT (default runs/paper-langevin-reward): config.json, metrics.jsonl, arrays.npz, methods/,
 #   checkpoints/, figures/. Re-running with the same OUT resumes (docs/langevin.md).
