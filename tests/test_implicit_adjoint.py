@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import enable_x64
 
+from idiff_cli.diffusion.samplers import euler_maruyama_step
 from idiff_cli.implicit import adjoint, girsanov
 from implicit_gaussian import SDE, chain_moments, draw, paths, score, theta
 
@@ -58,7 +59,8 @@ def objective_parts(batch=64, c0=1.0):
     (paths, terminal, running cost, the fused transition of the finetuning runs)."""
     _, p = paths(N_STEPS, batch)
     params0 = theta(0.0, c0)
-    running = lambda q, x, k: 0.3 * girsanov.kl_running_cost(score, SDE, SDE.time_grid(N_STEPS), params0)(q, x, k)
+    cost = girsanov.kl_running_cost(euler_maruyama_step, score, SDE, SDE.time_grid(N_STEPS), params0)
+    running = lambda q, x, k: 0.3 * cost(q, x, k)  # noqa: E731
     terminal = lambda q, x: -2.0 * jnp.sin(x[:, 0]) + 0.1 * x[:, 0] ** 2
     return p, terminal, running, girsanov.kl_transition(p, score, SDE, SDE.time_grid(N_STEPS), params0, 0.3)
 
@@ -155,7 +157,7 @@ def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
         key = jax.random.key(5)
         terminal = lambda q, x: -jnp.mean(p.denoise(q, x), axis=(1, 2, 3))
         params0, grid = jax.tree.map(lambda v: 0.8 * v, params), SDE.time_grid(3)
-        running = lambda q, x, k: 0.5 * girsanov.kl_running_cost(sc, SDE, grid, params0)(q, x, k)
+        running = lambda q, x, k: 0.5 * girsanov.kl_running_cost(euler_maruyama_step, sc, SDE, grid, params0)(q, x, k)
         states = draw(p, params, key, 3)
         fused = girsanov.kl_transition(p, sc, SDE, grid, params0, 0.5)
         adj = adjoint.discrete_adjoint(fused, params, states, key, terminal)

@@ -35,10 +35,21 @@ def test_import_sample_finetune_evaluate_fid(tmp_path):
     assert ddim.shape == images.shape and not np.array_equal(ddim, images)  # same x_T, no noise after it
 
     finetuned = tmp_path / "finetuned"
-    invoke("finetune", "--from", run, "--steps", "3", "--T", "4", "--M", "2", "--batch", "2", "--log-every", "1",
-           "--sample-every", "3", "--ckpt-every", "3", "--grid-n", "2", "--lr", "1e-2", "--out", finetuned)
+    common = ("--from", run, "--steps", "3", "--T", "4", "--M", "2", "--batch", "2", "--log-every", "1",
+              "--sample-every", "3", "--ckpt-every", "3", "--grid-n", "2", "--lr", "1e-2")
+    for flags, message in ((("--sampler", "euler-maruyama"), "samples with ddpm or ddim, not 'euler-maruyama'"),
+                           (("--sampler", "probability-flow", "--beta", "0", "--adjoint", "continuous"),
+                            "this model is a discrete DDPM chain"),
+                           (("--sampler", "ddim"), "--sampler ddim is deterministic")):
+        refused = CliRunner().invoke(app, ["finetune", *map(str, common), *flags, "--out", str(tmp_path / "no")])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+        assert not (tmp_path / "no").exists()
+    invoke("finetune", *common, "--sampler", "ddpm", "--beta", "0.5", "--kl-n", "8", "--out", finetuned)
     rows = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(np.isfinite(r["reward_mean"]) for r in rows[1:])
+    # θ = θ0 at step 0: the two networks' transitions coincide; after updates the Girsanov KL is positive
+    assert rows[0]["kl"] < 1e-9 and all(np.isfinite(r["kl"]) and r["kl"] > 1e-3 for r in rows[1:])
+    assert json.loads((finetuned / "config.json").read_text())["sampler"] == "ddpm"
     assert json.loads((finetuned / "finetuned.json").read_text())["from"] == str(run)
 
     weights = tmp_path / "inception.npz"

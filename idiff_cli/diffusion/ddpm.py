@@ -17,9 +17,10 @@ Steps from t = τ_k to t' = τ_{k+1}, with a = ᾱ_t/ᾱ_t', b = 1 − a and x̂
 
 * `ddpm_step` (ancestral, Ho et al. eq. 7 on the respaced chain, as `DDPMScheduler.step`):
   mean = √ᾱ_t' b/(1 − ᾱ_t) x̂0 + √a (1 − ᾱ_t')/(1 − ᾱ_t) x; variance `fixed_small` b (1 − ᾱ_t')/(1 − ᾱ_t)
-  (at least 1e-20) or `fixed_large` b; no noise on the last step (t = 0). Without clipping the mean is
-  (x + b s)/√a, so two parameters θ, θ0 give Gaussian transitions with the same variance v whose KL is
-  ‖Δmean‖²/2v = b² ‖sθ − sθ0‖²/(2 a v).
+  or `fixed_large` b; no noise from t = 0 nor, with `fixed_small`, into t' = −1 (variance 0). A
+  `GaussianStep`: two parameters θ, θ0 give Gaussian transitions with the same variance v, whose KL
+  is ‖Δmean‖²/2v (girsanov.py), Δmean taken between the two clipped x̂0. Without clipping the mean
+  is (x + b s)/√a and the KL b² ‖sθ − sθ0‖²/(2 a v).
 * `ddim_step` (η = 0, Song et al. 2021, as `DDIMScheduler.step` with `set_alpha_to_one`):
   x' = √ᾱ_t' x̂0 + √(1 − ᾱ_t') ε̂ (the network's ε̂, x̂0 clipped). Deterministic; it is registered as the sampler
   "ddim" and applies to the continuous processes of sde.py too (no clipping there).
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idiff_cli.diffusion.samplers import Sampler, Score
+from idiff_cli.diffusion.samplers import GaussianStep, Sampler, Score
 from idiff_cli.diffusion.sde import NoiseProcess, _expand
 from idiff_cli.registry import register
 
@@ -161,21 +162,25 @@ def _denoised(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t) -> jax.Array:
 
 def ddpm_mean_std(sde: DiscreteDDPM, eps: jax.Array, y: jax.Array, t, t_next) -> tuple[jax.Array, jax.Array]:
     """The ancestral step's Gaussian transition from timestep t to t_next given ε̂ = eps: (mean [B, ...],
-    standard deviation [], 0 on the last step)."""
+    standard deviation []). The std is 0 on a step without noise: from t = 0, and with `fixed_small` into
+    t_next = −1, whose posterior variance is 0 (diffusers floors it at 1e-20, a std of 1e-10 that float32
+    images do not resolve)."""
     abar, abar_next = sde._abar(t), sde._abar(t_next)
     a = abar / abar_next
     b = 1.0 - a
     x0 = _clip(sde, _denoised(sde, eps, y, t))
     mean = jnp.sqrt(abar_next) * b / (1.0 - abar) * x0 + jnp.sqrt(a) * (1.0 - abar_next) / (1.0 - abar) * y
-    var = b if sde.variance_type == "fixed_large" else jnp.maximum(b * (1.0 - abar_next) / (1.0 - abar), 1e-20)
-    return mean, jnp.where(t > 0, jnp.sqrt(var), 0.0)
+    var = b if sde.variance_type == "fixed_large" else b * (1.0 - abar_next) / (1.0 - abar)
+    return mean, jnp.where((t > 0) & (var > 0), jnp.sqrt(jnp.maximum(var, 1e-20)), 0.0)
 
 
-def ddpm_step(sde: DiscreteDDPM, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
-    """One ancestral step y_t -> y_{t_next} (module docstring)."""
-    eps = -_expand(sde.sigma(t), y) * score(y, jnp.full(y.shape[:1], t))
-    mean, std = ddpm_mean_std(sde, eps, y, t, t_next)
-    return mean + std * jax.random.normal(key, y.shape, y.dtype)
+def ancestral_moments(sde: DiscreteDDPM, s: jax.Array, y: jax.Array, t, t_next) -> tuple[jax.Array, jax.Array]:
+    """`ddpm_mean_std` given the score's value s = −ε̂/σ(t) (the samplers.GaussianStep interface)."""
+    return ddpm_mean_std(sde, -_expand(sde.sigma(t), y) * s, y, t, t_next)
+
+
+# One ancestral step y_t -> y_{t_next} (module docstring).
+ddpm_step = GaussianStep(ancestral_moments, "ddpm_step")
 
 
 def ddim_from_eps(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t, t_next) -> jax.Array:
@@ -191,8 +196,9 @@ def ddim_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax
     return ddim_from_eps(sde, eps, y, t, t_next)
 
 
-# The discrete process's samplers by the names of the reverse SDE and the probability-flow ODE they
-# discretise (ancestral sampling and DDIM, Song et al. 2021, §4 and App. E), as the commands name them.
-DISCRETE_STEPS = {"ddpm": ddpm_step, "euler-maruyama": ddpm_step, "ddim": ddim_step, "probability-flow": ddim_step}
+# The discrete process's samplers: the continuous-time steps of samplers.py (Euler–Maruyama and Euler
+# on the probability flow) take differences of times and rates of a continuous process, which the
+# chain of training timesteps does not have.
+DISCRETE_STEPS = {"ddpm": ddpm_step, "ddim": ddim_step}
 
 register("sampler", "ddim", ddim_step)

@@ -142,6 +142,12 @@ class Model:
     final: bool
     weights: str
 
+    @property
+    def continuous_time(self) -> bool:
+        """Whether the noise process is a continuous-time SDE (sde.py), which the continuous-time samplers
+        (euler-maruyama, probability-flow) and the continuous adjoint discretise."""
+        return True
+
     def apply(self, params, x, level, labels=None):
         """ε_θ(x, level, labels): the network's noise prediction (evaluation mode)."""
         return self.model.apply(params, x, level, labels if self.num_classes else None)
@@ -152,7 +158,7 @@ class Model:
 
     def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
         """The run's sampler (Tables 1/3: Euler–Maruyama 256 steps for MNIST, DDPM 1024 for CIFAR/LSUN),
-        or `name` ("euler-maruyama", "probability-flow", "ddpm") with `n_steps` steps."""
+        or `name` ("euler-maruyama", "probability-flow", "ddpm", "ddim") with `n_steps` steps."""
         return make_sampler(self.cfg, self.sde, n_steps, name)
 
 
@@ -174,12 +180,18 @@ class ImportedConfig:
 class ImportedModel(Model):
     """A published model (`idiff import`): `sde` is its discrete DDPM process (ddpm.py)."""
 
+    @property
+    def continuous_time(self) -> bool:
+        """False: the process is the discrete chain of the model's training timesteps."""
+        return False
+
     def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
-        """`n_steps` respaced steps (default: the import's) of "ddpm" (ancestral; "euler-maruyama", the
-        reverse SDE's name, is the same step) or "ddim" ("probability-flow")."""
+        """`n_steps` respaced steps (default: the import's) of "ddpm" (ancestral) or "ddim"; UserError for
+        the continuous-time samplers, which need a continuous-time process."""
         name = name or self.cfg.sampler
         if name not in DISCRETE_STEPS:
-            raise UserError(f"an imported DDPM model samples with ddpm or ddim, not '{name}'")
+            raise UserError(f"an imported DDPM model is a discrete chain of training timesteps: it samples with "
+                            f"{' or '.join(DISCRETE_STEPS)}, not '{name}' (pass --sampler ddpm)")
         n_steps = n_steps or self.cfg.sample_steps
         if n_steps > self.sde.num_train_timesteps:
             raise UserError(f"{n_steps} sampling steps exceed the model's {self.sde.num_train_timesteps} "

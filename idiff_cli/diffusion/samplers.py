@@ -9,6 +9,10 @@ from t = grid[k] to t' = grid[k + 1] (h = t − t' > 0):
 * `ddpm`: ancestral sampling (Ho et al. 2020) with the step's own coefficients
   a² = ᾱ(t)/ᾱ(t'), b = 1 − a²: y' = (y + b s)/a + √(b (1 − ᾱ(t'))/(1 − ᾱ(t))) ξ.
 
+The stochastic steps are `GaussianStep`s: their `moments` give the mean and standard deviation of the
+Gaussian transition y -> y' from the score's value at y, which is what the Girsanov KL between two
+scores' chains needs (implicit/girsanov.py).
+
 A `Sampler` bundles a step with its process and grid: `init(key, shape)` draws y_{t_max}, `step(score, y, k, key)`
 advances by step k, `finalize(score, y)` returns the Tweedie denoised mean (y + σ² s)/α at t_min, and
 `sample(...)` scans all steps. Step k uses the key `fold_in(key, k)`, so the same key under different
@@ -26,18 +30,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from idiff_cli.diffusion.sde import NoiseProcess
+from idiff_cli.diffusion.sde import NoiseProcess, _expand
 from idiff_cli.registry import register
 
 Score = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def euler_maruyama_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
+def euler_maruyama_moments(sde: NoiseProcess, s: jax.Array, y: jax.Array, t, t_next):
+    """y' ~ N(y + (½β y + β s) h, β h) given s = s(y, t)."""
     h = t - t_next
-    tb = jnp.full(y.shape[:1], t)
     beta = sde.beta(t)
-    mean = y + (0.5 * beta * y + beta * score(y, tb)) * h
-    return mean + jnp.sqrt(beta * h) * jax.random.normal(key, y.shape, y.dtype)
+    return y + (0.5 * beta * y + beta * s) * h, jnp.sqrt(beta * h)
 
 
 def probability_flow_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
@@ -47,13 +50,31 @@ def probability_flow_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_ne
     return y + 0.5 * beta * (y + score(y, jnp.full(y.shape[:1], t))) * h
 
 
-def ddpm_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
+def ddpm_moments(sde: NoiseProcess, s: jax.Array, y: jax.Array, t, t_next):
+    """y' ~ N((y + b s)/√(1 − b), b σ(t')²/σ(t)²) given s = s(y, t), with 1 − b = α(t)²/α(t')²."""
     a = sde.alpha(t) / sde.alpha(t_next)
     b = jnp.minimum(1.0 - a**2, 0.999)  # Nichol & Dhariwal's clip of β_t
-    mean = (y + b * score(y, jnp.full(y.shape[:1], t))) / jnp.sqrt(1.0 - b)
     var = b * sde.sigma(t_next) ** 2 / sde.sigma(t) ** 2  # posterior variance β̃
-    return mean + jnp.sqrt(var) * jax.random.normal(key, y.shape, y.dtype)
+    return (y + b * s) / jnp.sqrt(1.0 - b), jnp.sqrt(var)
 
+
+@dataclasses.dataclass(frozen=True)
+class GaussianStep:
+    """A stochastic step whose transition is Gaussian given the score's value s = s(y, t) at the current
+    state: y' ~ N(mean, std² I) with (mean [B, ...], std [] or [B]) = `moments(sde, s, y, t, t_next)`, a
+    std of 0 marking a deterministic step. Called as a step function, it evaluates the score once and
+    draws y' = mean + std ξ; the Girsanov KL reads the transition's mean and std from `moments`."""
+
+    moments: Callable
+    __name__: str
+
+    def __call__(self, sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
+        mean, std = self.moments(sde, score(y, jnp.full(y.shape[:1], t)), y, t, t_next)
+        return mean + _expand(std, y) * jax.random.normal(key, y.shape, y.dtype)
+
+
+euler_maruyama_step = GaussianStep(euler_maruyama_moments, "euler_maruyama_step")
+ddpm_step = GaussianStep(ddpm_moments, "ddpm_step")
 
 StepFn = Callable[[NoiseProcess, Score, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 

@@ -104,11 +104,18 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
 
 def build(cfg: Any, model: Model):
     """`bind(params0, lam, beta) -> (problem, method)` for a run on the pretrained `model`, the
-    optimiser, and `kl_estimator(keys)`: make_kl_estimator on the run's paths. Raises UserError when
-    the reward does not fit the model's images.
+    optimiser, and `kl_estimator(keys)`: make_kl_estimator on the run's paths, or None when the sampler
+    is deterministic (no Girsanov KL). Raises UserError when the reward does not fit the model's images,
+    the sampler or adjoint does not apply to the model, or a periodic FID is asked of non-square images.
 
     θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
     so neither the weights nor λ and β are baked into the compiled program as constants."""
+    if cfg.adjoint == "continuous" and not model.continuous_time:
+        raise UserError("--adjoint continuous is the probability-flow ODE adjoint of a continuous-time process; "
+                        "this model is a discrete DDPM chain: use --adjoint full or pipelined")
+    if cfg.fid_every and model.image_shape[0] != model.image_shape[1]:
+        raise UserError(f"--fid-every: the periodic FID compares with square dataset images; this model samples "
+                        f"{model.image_shape[0]}×{model.image_shape[1]} images (use --fid-every 0)")
     reward = registry.get("image-reward", cfg.reward)
     check_reward(reward, cfg.reward, model.image_shape)
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
@@ -121,6 +128,8 @@ def build(cfg: Any, model: Model):
         return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint)
 
     def kl_estimator(keys):
+        if not girsanov.has_transition(sampler.step_fn):
+            return None
         return make_kl_estimator(sampler, paths, model.score, labels, keys)
 
     # the method's own checks (adjoint/method pairs, a plug-in builder) before any directory is claimed

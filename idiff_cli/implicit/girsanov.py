@@ -6,21 +6,28 @@ diffusion g(t). Two such processes from the same start differ only in the score,
 
     KL(P_θ ‖ P_θ0) = ½ ∫ E_{x∼p_t} ‖μθ − μθ0‖² / g² dt = ½ ∫ g(t)² E ‖sθ(x, t) − sθ0(x, t)‖² dt
 
-(for the paper's OU process, g² = 2: ¼ ∫ E‖μθ − μθ0‖² dt). On the sampler's grid the Riemann sum
+(for the paper's OU process, g² = 2: ¼ ∫ E‖μθ − μθ0‖² dt). On the sampler's grid the chain's law is
+exact, not a discretisation of this integral: every stochastic step (a `samplers.GaussianStep`) is a
+Gaussian transition x_k -> x_{k+1} ~ N(m_θ(x_k), v_k I) whose variance does not depend on θ, so by the
+chain rule of KL
 
-    KL_n = Σ_k ½ (t_k − t_{k+1}) g(t_k)² ‖sθ(x_k, t_k) − sθ0(x_k, t_k)‖²
+    KL_n = Σ_k E ‖m_θ(x_k) − m_θ0(x_k)‖² / (2 v_k)
 
-is the *exact* KL between the two discrete Euler–Maruyama chains (each step is Gaussian with the same
-variance g(t_k)² h_k), averaged over paths x_0..x_n of the θ-chain. Being an expectation over the
-noise of a smooth function of (θ, path), its gradient is the gradient of the same sum through the
-sampler: `kl_running_cost` is a running cost for the adjoints, and `kl_transition` the sampler step
-and that cost in one function that evaluates sθ(x_k, t_k) once, for the step and the increment. An
-adjoint step is then one vjp: a forward and a backward pass of θ's network, and a forward and a
-backward pass of θ0's (θ0's weights are held fixed, but the increment depends on x_k through sθ0).
+is the *exact* KL between the two discrete chains, averaged over paths x_0..x_n of the θ-chain. For
+Euler–Maruyama (m = x + (½β x + β s) h, v = β h) the increment is ½ h g(t_k)² ‖sθ − sθ0‖², the Riemann
+sum of the integral; for DDPM ancestral sampling (ddpm.py, samplers.py) it is b²‖sθ − sθ0‖²/(2 a v_k)
+without clipping, and with clipped x̂0 the difference of the two clipped means. A step without noise
+(v_k = 0: DDPM's last step from t = 0, or into x_0 with `fixed_small`) is a deterministic θ-dependent
+map with no Girsanov term, like the Tweedie step below; it adds 0. Being an expectation over the noise
+of a smooth function of (θ, path), the gradient of KL_n is the gradient of the same sum through the
+sampler: `kl_running_cost` is a running cost for the adjoints, and `kl_transition` the sampler step and
+that cost in one function that evaluates sθ(x_k, t_k) once, for the step and the increment. An adjoint
+step is then one vjp: a forward and a backward pass of θ's network, and a forward and a backward pass of
+θ0's (θ0's weights are held fixed, but the increment depends on x_k through sθ0).
 
-What it covers: the law of the path x_0 = x_{t_max}, ..., x_n = x_{t_min} made by the n Gaussian
-transitions, nothing after. The sampler's final denoising (Tweedie) step D_θ(x_n) = (x_n + σ² sθ(x_n))/α
-is deterministic and depends on θ: it is not a Gaussian transition and has no Girsanov term, so with it
+What it covers: the law of the path x_0 = x_{t_max}, ..., x_n = x_{t_min} made by the n transitions,
+nothing after. The sampler's final denoising (Tweedie) step D_θ(x_n) = (x_n + σ² sθ(x_n))/α is
+deterministic and depends on θ: it is not a Gaussian transition and has no Girsanov term, so with it
 the KL of the rewarded images' law is neither this sum nor bounded by it. When the reward sees x_n
 itself (finetune --final-step none), the penalty is exactly the path KL of what is rewarded, and by
 data processing it bounds the KL of the rewarded marginal, KL(law of x_n under θ ‖ under θ0).
@@ -36,28 +43,53 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-
-def kl_increment(score: Callable, sde: Any, params: Any, params0: Any, x: jax.Array, t: jax.Array,
-                 t_next: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-    """½ (t − t_next) g(t)² ‖sθ(x, t) − sθ0(x, t)‖² per sample: [B] for x of shape [B, ...]."""
-    return _increment(score(params, x, jnp.full((x.shape[0],), t, x.dtype), labels), score, sde, params0, x, t,
-                      t_next, labels)
+from idiff_cli.diffusion.samplers import GaussianStep
 
 
-def _increment(s: jax.Array, score: Callable, sde: Any, params0: Any, x: jax.Array, t: jax.Array,
-               t_next: jax.Array, labels: jax.Array | None) -> jax.Array:
+def has_transition(step_fn: Callable) -> bool:
+    """Whether a sampler step declares its Gaussian transition (a samplers.GaussianStep), which the
+    Girsanov KL needs; deterministic steps (probability-flow, ddim) do not."""
+    return isinstance(step_fn, GaussianStep)
+
+
+def transition_kl(step_fn: Callable, sde: Any, s: jax.Array, s0: jax.Array, x: jax.Array, t: jax.Array,
+                  t_next: jax.Array) -> jax.Array:
+    """KL(N(m, v) ‖ N(m0, v)) = ‖m − m0‖²/(2v) per sample [B] between the Gaussian transitions of the step
+    from x at t to t_next given the score values s = sθ(x, t) and s0 = sθ0(x, t), read from the step's
+    `moments`; 0 where the step has no noise (v = 0). ValueError for a step that declares no Gaussian
+    transition (a deterministic sampler, or a user's step that is not a samplers.GaussianStep)."""
+    if not has_transition(step_fn):
+        raise ValueError(f"the Girsanov KL needs the sampler step's Gaussian transition; "
+                         f"{getattr(step_fn, '__name__', step_fn)} is deterministic or declares none "
+                         "(a samplers.GaussianStep declares its mean and variance)")
+    mean, std = step_fn.moments(sde, s, x, t, t_next)
+    mean0, _ = step_fn.moments(sde, s0, x, t, t_next)
+    var = jnp.broadcast_to(jnp.asarray(std, x.dtype) ** 2, x.shape[:1])
+    noisy = var > 0
+    squared = jnp.sum(((mean - mean0) ** 2).reshape(x.shape[0], -1), axis=1)
+    return jnp.where(noisy, squared / (2 * jnp.where(noisy, var, 1.0)), 0.0)
+
+
+def kl_increment(step_fn: Callable, score: Callable, sde: Any, params: Any, params0: Any, x: jax.Array,
+                 t: jax.Array, t_next: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """`transition_kl` of the step from x at t under θ = params and θ0 = params0: [B] for x of shape [B, ...]."""
+    return _increment(score(params, x, jnp.full((x.shape[0],), t, x.dtype), labels), step_fn, score, sde, params0,
+                      x, t, t_next, labels)
+
+
+def _increment(s: jax.Array, step_fn: Callable, score: Callable, sde: Any, params0: Any, x: jax.Array,
+               t: jax.Array, t_next: jax.Array, labels: jax.Array | None) -> jax.Array:
     """kl_increment given s = sθ(x, t)."""
-    diff = s - score(jax.lax.stop_gradient(params0), x, jnp.full((x.shape[0],), t, x.dtype), labels)
-    g = jnp.asarray(sde.diffusion(t), x.dtype)
-    return 0.5 * (t - t_next) * g**2 * jnp.sum(diff.reshape(x.shape[0], -1) ** 2, axis=1)
+    s0 = score(jax.lax.stop_gradient(params0), x, jnp.full((x.shape[0],), t, x.dtype), labels)
+    return transition_kl(step_fn, sde, s, s0, x, t, t_next)
 
 
-def kl_running_cost(score: Callable, sde: Any, grid: jax.Array, params0: Any,
+def kl_running_cost(step_fn: Callable, score: Callable, sde: Any, grid: jax.Array, params0: Any,
                     labels: jax.Array | None = None) -> Callable:
-    """(params, x_k, k) -> [B] KL increment of step k, the running cost of the adjoint."""
+    """(params, x_k, k) -> [B] KL increment of step k of `step_fn` on `grid`, the running cost of the adjoint."""
 
     def running(params, x, k):
-        return kl_increment(score, sde, params, params0, x, grid[k], grid[k + 1], labels)
+        return kl_increment(step_fn, score, sde, params, params0, x, grid[k], grid[k + 1], labels)
 
     return running
 
@@ -65,11 +97,12 @@ def kl_running_cost(score: Callable, sde: Any, grid: jax.Array, params0: Any,
 def kl_transition(paths: Any, score: Callable, sde: Any, grid: jax.Array, params0: Any, beta: float | jax.Array,
                   labels: jax.Array | None = None) -> Callable:
     """(params, x_k, k, slot_key) -> (x_{k+1}, β × KL increment of step k [B]): an adjoint.Transition
-    whose step and increment share the step's score evaluation (paths.step_and_score)."""
+    whose step and increment share the step's score evaluation (paths.step_and_score); `sde` and `grid`
+    are those of the sampler behind `paths`, whose step (paths.step_fn) gives the transitions."""
 
     def transition(params, x, k, slot_key):
         x_next, s = paths.step_and_score(params, x, k, slot_key)
-        return x_next, beta * _increment(s, score, sde, params0, x, grid[k], grid[k + 1], labels)
+        return x_next, beta * _increment(s, paths.step_fn, score, sde, params0, x, grid[k], grid[k + 1], labels)
 
     return transition
 

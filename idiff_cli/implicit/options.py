@@ -11,7 +11,12 @@ from typing import Any
 from idiff_cli import config as cfglib
 from idiff_cli.errors import UserError
 
-SAMPLERS = ("euler-maruyama", "probability-flow")
+# Stochastic samplers (Gaussian transitions: the Girsanov KL applies) and deterministic ones (β = 0 only).
+# euler-maruyama and probability-flow discretise a continuous-time process; ddpm (ancestral) and ddim
+# also step an imported discrete DDPM model.
+STOCHASTIC_SAMPLERS = ("euler-maruyama", "ddpm")
+DETERMINISTIC_SAMPLERS = ("probability-flow", "ddim")
+SAMPLERS = STOCHASTIC_SAMPLERS + DETERMINISTIC_SAMPLERS
 ADJOINTS = ("full", "pipelined", "continuous")
 FINAL_STEPS = ("tweedie", "none")
 
@@ -29,9 +34,9 @@ def _sampler_checks(cfg: Any) -> None:
     if cfg.adjoint == "continuous" and cfg.sampler != "probability-flow":
         raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
                         "--sampler probability-flow (and --beta 0)")
-    if cfg.sampler == "probability-flow" and cfg.beta:
-        raise UserError("--sampler probability-flow is deterministic: the Girsanov KL needs noise; "
-                        "use --beta 0 or --sampler euler-maruyama")
+    if cfg.sampler in DETERMINISTIC_SAMPLERS and cfg.beta:
+        raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
+                        "use --beta 0 or a stochastic sampler (euler-maruyama, ddpm)")
 
 
 def _m_divides_t(cfg: Any) -> None:

@@ -19,7 +19,8 @@ class SamplerPaths(NamedTuple):
     (the sampler's last, Tweedie, step; identity when the sampler has none); step_and_score(params, x, k,
     slot_key) -> (x_{k+1}, the score sθ(x_k, t_k) [B, ...] the step evaluated, for a running cost to share);
     tweedie: whether denoise is the Tweedie step, a deterministic map that evaluates the score (one network
-    pass) and lies outside the Gaussian transitions the Girsanov KL covers."""
+    pass) and lies outside the Gaussian transitions the Girsanov KL covers; step_fn: the sampler's step
+    function, whose Gaussian transition (samplers.GaussianStep) the Girsanov KL reads."""
 
     init: Callable[[jax.Array], jax.Array]
     step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -27,6 +28,7 @@ class SamplerPaths(NamedTuple):
     n_steps: int
     step_and_score: Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
     tweedie: bool
+    step_fn: Callable
 
 
 def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
@@ -61,4 +63,5 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
     def denoise(params, x):
         return sampler.finalize(bound(params), x)
 
-    return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score, sampler.denoise_final)
+    return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score, sampler.denoise_final,
+                        sampler.step_fn)
