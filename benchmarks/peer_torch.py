@@ -338,6 +338,7 @@ def main() -> None:
                 (f"idiff {args.threads} devices", sys.executable, f"jax:{{unit}}:{args.threads}")]
     for unit in args.units.split(","):
         seconds: dict[str, list[float]] = {name: [] for name, *_ in variants}
+        loads = [os.getloadavg()[0]]
         for _ in range(args.rounds):
             for name, python, worker in variants:
                 result = call(python, "--worker", worker.format(unit=unit), "--steps", str(args.steps),
@@ -345,9 +346,14 @@ def main() -> None:
                 if result["params"] != CPU_PRESET_PARAMS:
                     raise SystemExit(f"error: {name} has {result['params']:,} parameters, not {CPU_PRESET_PARAMS:,}")
                 seconds[name].append(result["seconds"])
+                loads.append(os.getloadavg()[0])
         medians = {name: statistics.median(v) for name, v in seconds.items()}
         torch_s = medians["PyTorch"]
-        print(f"\n{unit} (batch {BATCH[unit]}), median s/step over {args.rounds} processes × {args.steps} calls:")
+        print(f"\n{unit} (batch {BATCH[unit]}), median s/step over {args.rounds} processes × {args.steps} calls "
+              f"(1-min load average {min(loads):.1f}-{max(loads):.1f}):")
+        if max(loads) > 1.5 * args.threads:
+            print(f"  the machine was busy (load above {args.threads} cores): PyTorch's OpenMP threads spin-wait and "
+                  "suffer more than XLA's from shared cores, so these ratios overstate idiff; rerun it quiet")
         for name, s in medians.items():
             runs = " ".join(f"{v:.4f}" for v in seconds[name])
             ratio = "" if name == "PyTorch" else f"   speed vs PyTorch {torch_s / s:.2f}×"

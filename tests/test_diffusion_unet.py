@@ -51,3 +51,24 @@ def test_upsample_nearest_is_resize_nearest_and_so_is_its_gradient():
     theirs, vjp_resize = jax.vjp(resize, x)
     np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_allclose(vjp(g)[0], vjp_resize(g)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_group_norm_matches_flax_values_and_gradients():
+    import flax.linen as nn
+
+    from idiff_cli.diffusion.unet import GroupNorm
+
+    x = 2.0 * jax.random.normal(jax.random.key(0), (3, 6, 5, 16)) + 1.0
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    theirs = nn.GroupNorm(4)
+    variables = theirs.init(jax.random.key(2), x)
+    variables = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape), variables)
+
+    def loss(module):
+        return lambda v, y: jnp.sum(nn.silu(module.apply(v, y)) * g)
+
+    ours_value, ours_grads = jax.value_and_grad(loss(GroupNorm(4)), argnums=(0, 1))(variables, x)
+    value, grads = jax.value_and_grad(loss(theirs), argnums=(0, 1))(variables, x)
+    np.testing.assert_allclose(ours_value, value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
