@@ -1,0 +1,164 @@
+"""`idiff finetune` with its image batches split over devices and processes (implicit/sharding.py).
+
+Splitting the batch changes only the order in which XLA sums the batch's contributions (the reward
+and KL means, the weight gradients): the random draws are the partitionable threefry's, element by
+element. So 2 host devices must give the trajectory of 1 device to rounding: 1e-10 relative in
+float64 (observed ≈ 6e-16). In float32 the logged metrics agree to 1e-5 (observed 2.3e-7), θ to 1e-3
+of its scale (observed 3.2e-4): Adam divides each gradient coordinate by its own RMS, so a rounding
+difference in a coordinate whose gradient is itself at rounding size moves θ by up to lr per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from idiff_cli.errors import UserError
+from idiff_cli.implicit import sharding
+
+TINY = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "5", "--log-every", "1", "--sample-every", "5",
+        "--ckpt-every", "5", "--grid-n", "4", "--kl-n", "4", "--lr", "0.01"]
+METHODS = {"implicit": ["--method", "implicit"], "pipelined": ["--method", "implicit", "--adjoint", "pipelined"],
+           "nested": ["--method", "nested"]}
+# Runs `idiff finetune` for --devices 1 and 2 in one process (θ0 cast to `dtype`), prints the largest
+# relative differences of the logged metrics and of the final θ between the two
+SCRIPT = """
+import dataclasses, json, pathlib, sys
+import jax, numpy as np
+dtype, pre, out, *args = sys.argv[1:]
+jax.config.update("jax_enable_x64", dtype == "float64")
+from idiff_cli.implicit import finetune as F
+from idiff_cli.cli import app
+load = F.load
+def cast(path):
+    m = load(path)
+    return dataclasses.replace(m, params=jax.tree.map(lambda x: np.asarray(x, dtype), m.params))
+F.load = cast
+states, main = [], F.main
+F.main = lambda cfg, out: states.append(main(cfg, out))
+for n in (1, 2):
+    app(["finetune", "--from", pre, *args, "--devices", str(n), "--out", f"{out}/d{n}"], standalone_mode=False)
+rows = [[json.loads(l) for l in open(f"{out}/d{n}/metrics.jsonl")] for n in (1, 2)]
+keys = ("reward_mean", "grad_norm", "kl")
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-300))
+metrics = max(rel([r.get(k, 0.0) for r in rows[0]], [r.get(k, 0.0) for r in rows[1]]) for k in keys)
+flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(s.params)]) for s in states]
+theta = rel(*flat)  # on θ's scale: some leaves (zero-gradient biases) stay at rounding-noise size
+print(json.dumps({"metrics": metrics, "theta": theta, "dtype": str(jax.tree.leaves(states[1].params)[0].dtype),
+                  "steps": len(rows[0]) - 1}))
+"""
+
+
+def cli(*args, env=None):
+    return subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *map(str, args)],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster(args, out, **env):
+    """Two processes of one device each, joined by jax.distributed on 127.0.0.1 (gloo)."""
+    port = free_port()
+    return [cli(*args, "--out", out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                                          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                          "JAX_PROCESS_ID": str(i), **env}) for i in range(2)]
+
+
+def test_device_count_divides_the_batch_or_says_why():
+    assert sharding.device_count(8, None, 2) == (2, "")
+    n, note = sharding.device_count(6, None, 4)
+    assert n == 3 and "split over 3 of the 4 local devices" in note
+    assert sharding.device_count(8, 1, 2) == (1, "")
+    with pytest.raises(UserError, match="--devices 3 on 1 process"):
+        sharding.device_count(8, 3, 4)
+    with pytest.raises(UserError, match="has 2 local device"):
+        sharding.device_count(8, 4, 2)
+    assert sharding.device_count(8, None, 4, processes=2) == (4, "")
+    with pytest.raises(UserError, match="not divisible by the 2 processes"):
+        sharding.device_count(3, None, 2, processes=2)
+
+
+def test_an_explicit_device_count_that_cannot_divide_the_batch_is_one_line(tiny_pretrain, tmp_path):
+    from typer.testing import CliRunner
+
+    from idiff_cli.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", "--from", str(tiny_pretrain), *TINY, "--batch", "3",
+                                      "--kl-n", "3", "--devices", "2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: --devices 2 on 1 process(es) does not divide")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, dtype, bounds", [("implicit", "float64", (1e-10, 1e-10)),
+                                                   ("pipelined", "float64", (1e-10, 1e-10)),
+                                                   ("nested", "float64", (1e-10, 1e-10)),
+                                                   ("implicit", "float32", (1e-5, 1e-3))])
+def test_two_devices_give_the_trajectory_of_one(method, dtype, bounds, tiny_pretrain, tmp_path):
+    """5 outer steps with the KL term (β = 0.1): the logged reward, gradient norm and KL of every step
+    and the final θ, 2 host devices against 1."""
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, dtype, str(tiny_pretrain), str(tmp_path),
+                           *TINY, *METHODS[method]], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (found["dtype"], found["steps"]) == (dtype, 5)
+    assert found["metrics"] < bounds[0] and found["theta"] < bounds[1], found
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_run_and_only_process_0_writes(tiny_pretrain, tmp_path):
+    args = ["finetune", "--from", tiny_pretrain, *TINY]
+    single = cli(*args, "--devices", 1, "--out", tmp_path / "one",
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    procs = cluster(args, tmp_path / "procs")
+    outputs = [p.communicate(timeout=900)[0] for p in (single, *procs)]
+    assert [p.returncode for p in (single, *procs)] == [0, 0, 0], outputs
+    assert "on 2 device(s) / 2 process(es)" in outputs[1]
+    assert "finetune" not in outputs[2] and "done:" not in outputs[2]  # process 1 prints nothing of the run
+    base, joined = rows(tmp_path / "one"), rows(tmp_path / "procs")
+    assert [r["step"] for r in joined] == list(range(6))  # one writer: no row twice
+    for key in ("reward_mean", "grad_norm", "kl"):
+        np.testing.assert_allclose([r.get(key, 0.0) for r in joined], [r.get(key, 0.0) for r in base], rtol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "procs" / "samples").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "samples").iterdir())
+
+
+@pytest.mark.slow
+def test_a_killed_process_makes_the_other_exit_with_an_error_in_bounded_time(tiny_pretrain, tmp_path):
+    """Process 1 is SIGKILLed once rows are logged; process 0 fails in its next collective and the
+    coordination service's heartbeat (100 s, jax.distributed's default) ends it: within 200 s."""
+    out = tmp_path / "procs"
+    procs = cluster(["finetune", "--from", tiny_pretrain, *TINY, "--steps", "400", "--sample-every", "400",
+                     "--ckpt-every", "400"], out)
+    deadline = time.monotonic() + 600
+    while not ((out / "metrics.jsonl").exists() and len(rows(out)) >= 3):
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()[0]
+        time.sleep(1)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    output = procs[0].communicate(timeout=200)[0]
+    procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert time.monotonic() - killed < 200
+    assert any(m in output for m in ("Gloo", "heartbeat", "another task died")), output[-3000:]
