@@ -60,6 +60,27 @@ def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     np.testing.assert_array_equal(np.load(store / "batch-00000.npy"), kept)
 
 
+def test_features_and_fid_do_not_depend_on_the_device_count(tiny_pretrain, tmp_path):
+    """Batch 0 evaluated on 1 device (a fresh process), then the evaluation resumed to 2 batches on 2
+    devices (this process), gives the features and FID of an evaluation done on 2 devices throughout:
+    each batch's images come from its one key, whatever the split (rtol 1e-5: the two programs may
+    round the network's sums differently)."""
+    whole, resumed = (shutil.copytree(tiny_pretrain, tmp_path / name) for name in ("whole", "resumed"))
+    args = ["--n", "8", "--batch", "4", "--sample-steps", "2"]
+    assert invoke("evaluate-fid", whole, *args).exit_code == 0
+    one = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "evaluate-fid",
+                          str(resumed), "--n", "4", *args[2:]], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert one.returncode == 0, one.stderr
+    assert invoke("evaluate-fid", resumed, *args).exit_code == 0
+    tag = "fid/mnist-classifier-ckpt2-euler-maruyama-2steps-b4-seed0"
+    for batch in ("batch-00000.npy", "batch-00001.npy"):
+        np.testing.assert_allclose(np.load(resumed / tag / batch), np.load(whole / tag / batch), rtol=1e-5,
+                                   atol=1e-6, err_msg=batch)
+    fids = [json.loads((run / "fid.json").read_text())["value"] for run in (resumed, whole)]
+    np.testing.assert_allclose(fids[0], fids[1], rtol=1e-4)
+
+
 def test_a_directory_without_a_trained_model_is_a_one_line_error(tmp_path):
     result = invoke("evaluate-fid", tmp_path)
     assert result.exit_code == 2

@@ -29,7 +29,7 @@ COMMANDS = {
                              "--ckpt-every", "2", "--sample-every", "6", "--sample-steps", "2", "--grid-n", "4"],
     "finetune": lambda pre: ["finetune", "--from", str(pre), "--T", "2", "--M", "2", "--batch", "2", "--steps", "6",
                              "--log-every", "1", "--ckpt-every", "2", "--sample-every", "6", "--grid-n", "2",
-                             "--lr", "0.01", "--no-clip"],
+                             "--lr", "0.01", "--no-clip", "--devices", "2"],  # the batch split over 2 devices
 }
 # (test hook, value, exit status): SIGKILL once 3 rows are written; SIGKILL while writing the checkpoint
 # of step 4 (step 20 for the Langevin commands, whose checkpoints come every 20 steps); SIGTERM once 3

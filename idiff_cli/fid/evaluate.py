@@ -3,8 +3,10 @@
     fid_of_samples(images, features="mnist-classifier")     # vs the embedded MNIST digits -> float
     evaluate_run(run_dir, features, reference, n=50000, batch=250, ...)   # samples, FID, fid.json
 
-Sampling: batch i uses the key fold_in(PRNGKey(seed), i), split over the local devices (one sub-batch
-per device, `vmap`ped and sharded), so the samples do not depend on how often a run was interrupted.
+Sampling: batch i draws its `batch` images from the one key fold_in(PRNGKey(seed), i), the images split
+over the largest count of local devices that divides the batch; the draws are JAX's partitionable
+threefry (each element from its index), so the samples and the kept features depend neither on how
+often a run was interrupted nor on the device count it ran on.
 The features of every finished batch are kept in `<run>/fid/<tag>/batch-NNNNN.npy` (tag: features,
 checkpoint, sampler, steps, batch, seed); a re-run with the same settings computes only what is
 missing, and a larger `--n` adds batches.
@@ -28,7 +30,7 @@ from idiff_cli.errors import UserError
 from idiff_cli.fid import stats as statslib
 from idiff_cli.fid.features import Features, embed_all
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
-from idiff_cli.parallel import seed_mesh, shard_leading, use_compilation_cache
+from idiff_cli.parallel import replicated, seed_mesh, use_compilation_cache
 from idiff_cli.runs import RunDir, atomic_write_bytes, console, default_run_dir, progress_bar
 from idiff_cli.signals import graceful_stop
 
@@ -156,30 +158,28 @@ def _read_pngs(directory: pathlib.Path) -> np.ndarray:
     return np.stack(images)
 
 
-def _sample_batch_fn(pre, sampler, per_device: int):
-    """keys [n_dev] -> images [n_dev, per_device, H, W, C]: one sub-batch per device (vmapped, the
-    key axis sharded). Class-conditional models get labels uniform over their classes."""
+def _sample_batch_fn(pre, sampler, batch: int, mesh):
+    """(params, key) -> images [batch, H, W, C] from the batch's one key, the network's input split
+    along the batch over `mesh`. Class-conditional models get labels uniform over their classes."""
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
 
     def one(params, key):
         sample_key, label_key = jax.random.split(key)
-        labels = (jax.random.randint(label_key, (per_device,), 0, pre.num_classes) if pre.num_classes else None)
-        score = lambda x, t: pre.score(params, x, t, labels)  # noqa: E731
-        return sampler.sample(score, sample_key, (per_device, *pre.image_shape))
+        labels = (jax.random.randint(label_key, (batch,), 0, pre.num_classes) if pre.num_classes else None)
+        score = lambda x, t: pre.score(params, jax.lax.with_sharding_constraint(x, split), t, labels)  # noqa: E731
+        return sampler.sample(score, sample_key, (batch, *pre.image_shape))
 
-    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+    return jax.jit(one, out_shardings=split)
 
 
 def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: int, store: pathlib.Path,
                     progress=None) -> np.ndarray:
     """Features [n, dim] of n samples of `pre` with `sampler`, reusing the batches already in `store`."""
-    n_dev = len(jax.local_devices())
-    per_device = -(-batch // n_dev)
-    batch = per_device * n_dev
     n_batches = -(-n // batch)
     store.mkdir(parents=True, exist_ok=True)
-    mesh = seed_mesh(n_dev)
-    draw = _sample_batch_fn(pre, sampler, per_device)
-    params = jax.device_put(pre.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    mesh = seed_mesh(batch)
+    draw = _sample_batch_fn(pre, sampler, batch, mesh)
+    params = jax.device_put(pre.params, replicated(mesh))
     root = jax.random.key(seed)
     done = [i for i in range(n_batches) if (store / f"batch-{i:05d}.npy").exists()]
     task = progress.add_task("fid samples", total=n, rate="") if progress else None
@@ -188,8 +188,8 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
         for i in range(n_batches):
             path = store / f"batch-{i:05d}.npy"
             if i not in done:
-                keys = shard_leading(jax.random.split(jax.random.fold_in(root, i), n_dev), mesh)
-                images = np.asarray(draw(params, keys)).reshape(batch, *pre.image_shape)
+                key = jax.device_put(jax.random.fold_in(root, i), replicated(mesh))
+                images = np.asarray(draw(params, key))
                 _save_npy(path, embed_all(features, images, batch))
                 fresh += batch
                 stop.armed = True
