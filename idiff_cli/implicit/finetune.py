@@ -323,7 +323,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
         if note:
             run.print(note)
         run.print(f"[bold]finetune[/] {model.cfg.dataset} from {from_run} ({cfg.method}, reward {cfg.reward}, "
-                  f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch} on {n} device(s) / "
+                  f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch} on {mesh.size} device(s) / "
                   f"{jax.process_count()} process(es), lr {cfg.lr}, final step {cfg.final_step}) -> {run_dir.path}")
         with finetuned_weights(run_dir, keep=cfg.steps // cfg.ckpt_every + 1) as weights:
             state = run.run(finetune_unit(cfg, model, bind, optimizer, kl_estimator, run_dir, weights, mesh, is_main))

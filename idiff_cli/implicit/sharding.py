@@ -96,18 +96,22 @@ def _is_key(x: Any) -> bool:
 
 
 def put(tree: Any, shardings: Any) -> Any:
-    """Values the same on every process (host values, or arrays on the mesh) as global arrays with
-    `shardings`; typed PRNG keys travel as their key data."""
+    """Values the same on every process (host values, or arrays already on the mesh) as global arrays
+    with `shardings`; typed PRNG keys travel as their key data. Arrays spanning several processes are
+    resharded by one jitted identity (device_put takes only addressable targets there)."""
 
-    def one(x, sharding):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard
-            return jax.device_put(x, sharding)
+    def place(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
         if _is_key(x):
-            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree.map(one, tree, shardings)
+    placed = jax.tree.map(place, tree, shardings)
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(placed)):
+        return placed
+    return jax.jit(lambda t: t, out_shardings=shardings)(placed)
 
 
 def check_visible(run_dir: pathlib.Path) -> None:
