@@ -73,20 +73,19 @@ def main() -> None:
     print(f"sampling step, batch {args.batch}: {seconds:.3f} s (first call with compilation {first:.1f} s)")
 
     cfg = F.complete(SCHEMA.resolve(dict(reward="red", lam=1000.0, beta=args.beta, T=args.T, M=args.M,
-                                         batch=args.batch)), pathlib.Path("random"), "cifar10")
-    bind, optimizer = F.build(cfg, model)
+                                         batch=args.batch)), pathlib.Path("random"), model)
+    bind, optimizer, _ = F.build(cfg, model)
     params0 = jax.device_put(model.params, jax.devices()[0])
-    _, method, _ = bind(params0)
+    _, method = bind(params0)
     start = time.perf_counter()
-    state = F.FinetuneState(params0, optimizer.init(params0), method.init(params0, jax.random.key(3)),
-                            jnp.asarray(0, jnp.int32))
+    state = F.start_state(method, optimizer, params0, jax.random.key(3), 0)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
     chunk = F.make_chunk(bind, optimizer, (cfg.lam, cfg.beta))
     holder = [state]
 
     def outer():
-        holder[0], metrics, _ = chunk(holder[0], params0, 1)
+        holder[0], metrics = chunk(holder[0], params0, 1)
         return metrics
 
     first, seconds = timed(outer, args.repeats)

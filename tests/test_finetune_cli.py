@@ -6,6 +6,7 @@ model: 20 finetuning steps with the brightness reward for λ > 0 (full adjoint, 
 
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log
                  "--sample-every", "20", "--ckpt-every", "10", "--grid-n", "4", "--lr", "0.01", "--beta", "0.1",
                  "--no-clip"]  # the 2-step model's samples lie mostly beyond [-1, 1]: clipped, they give no gradient
 
-BRIGHTER = ["--lambda", "10", "--fid-every", "20", "--fid-n", "4"]  # the λ > 0 run also logs the periodic FID
+# the λ > 0 run also logs the periodic FID and label_kept
+BRIGHTER = ["--lambda", "10", "--fid-every", "20", "--fid-n", "4", "--label-every", "10", "--label-n", "256"]
 DARKER = ["--lambda", "-10", "--adjoint", "pipelined", "--final-step", "none"]
 
 
@@ -76,6 +78,9 @@ def test_outputs_and_metrics(runs):
     assert (run / "checkpoints" / "20").is_dir() and (run / "weights" / "20").is_dir()
     assert json.loads((run / "finetuned.json").read_text())["step"] == 20
     assert [(r["step"], r["fid_n"]) for r in metrics if "fid" in r] == [(0, 4), (20, 4)]
+    kept = {r["step"]: r["label_kept"] for r in metrics if "label_kept" in r}
+    assert sorted(kept) == [0, 10, 20] and kept[0] == 1.0 and all(0 <= v <= 1 for v in kept.values()), kept
+    assert (run / "labels" / "step_000000.npy").is_file()
 
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
@@ -98,12 +103,15 @@ def test_the_kl_of_the_current_model_is_logged_at_step_0_and_on_every_log_row(ru
 
 def test_filled_defaults_follow_the_dataset_and_preset(tmp_path):
     """M, T, batch left to their rule: cpu 4/16/8; paper Tables 2 and 4 (MNIST 4/64/32, LSUN 2/64/16);
-    a value given on the command line wins."""
-    fill = lambda preset, dataset, **given: finetune.complete(  # noqa: E731
-        SCHEMA.resolve({"preset": preset, **given}), tmp_path, dataset)
+    a value given on the command line wins. The sampler of an idiff-pretrained model: euler-maruyama."""
+    def fill(preset, dataset, **given):
+        model = types.SimpleNamespace(cfg=types.SimpleNamespace(dataset=dataset), image_shape=(28, 28, 1))
+        return finetune.complete(SCHEMA.resolve({"preset": preset, **given}), tmp_path, model)
+
     assert [(c.M, c.T, c.batch) for c in (fill("cpu", "mnist"), fill("paper", "mnist"), fill("paper", "lsun-bedroom"))] \
         == [(4, 16, 8), (4, 64, 32), (2, 64, 16)]
     assert (fill("paper", "mnist", T=8).T, fill("cpu", "mnist").from_run) == (8, str(tmp_path))
+    assert (fill("cpu", "mnist").sampler, fill("cpu", "mnist", sampler="ddpm").sampler) == ("euler-maruyama", "ddpm")
 
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs

@@ -30,12 +30,12 @@ import optax
 
 from idiff_cli import loop, registry, signals
 from idiff_cli.checkpoint import Checkpointer, restore_template
-from idiff_cli.diffusion.model import Model, finetuned_weights, load, write_finetuned
+from idiff_cli.diffusion.model import ImportedModel, Model, finetuned_weights, load, write_finetuned
 from idiff_cli.errors import UserError
 from idiff_cli.fid.evaluate import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
-from idiff_cli.implicit import adjoint, girsanov, methods, report, sharding
-from idiff_cli.implicit.options import SCHEMA, dataset_defaults
+from idiff_cli.implicit import adjoint, girsanov, labels, methods, report, sharding
+from idiff_cli.implicit.options import DETERMINISTIC_SAMPLERS, SCHEMA, dataset_defaults
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
 from idiff_cli.implicit.rewards import check_reward
 from idiff_cli.parallel import initialize_distributed_from_env, use_compilation_cache
@@ -43,7 +43,7 @@ from idiff_cli.runs import RunDir, atomic_path, default_run_dir
 
 EVOLUTION_IMAGES = 8  # fixed-key images per step kept in samples/step_XXXXXX.npy for the evolution strip
 # fold_in(root, i) of the run's seed: the method's slot keys, the grid's, the periodic FID's, the KL's paths
-METHOD_KEY, GRID_KEY, FID_KEY, KL_KEY = 0, 1, 2, 3
+METHOD_KEY, GRID_KEY, FID_KEY, KL_KEY, LABEL_KEY = 0, 1, 2, 3, 4
 
 
 def latest_pretrain_run(root: pathlib.Path = pathlib.Path("runs")) -> pathlib.Path:
@@ -55,13 +55,19 @@ def latest_pretrain_run(root: pathlib.Path = pathlib.Path("runs")) -> pathlib.Pa
     return found[-1].parent
 
 
-def complete(cfg: Any, from_run: pathlib.Path, dataset: str) -> Any:
-    """The config with --from and the M, T, batch left to their rule filled in: the preset's values
-    for `dataset` (paper Tables 2 and 4), checked again with the filled values."""
-    M, T, batch = dataset_defaults(cfg.preset, dataset)
+def complete(cfg: Any, from_run: pathlib.Path, model: Model) -> Any:
+    """The config with --from and the options left to their rule filled in: M, T, batch from the
+    preset's values for the model's dataset (paper Tables 2 and 4); the sampler: ddpm for an imported
+    DDPM model (a discrete chain), euler-maruyama otherwise. Checked again with the filled values."""
+    M, T, batch = dataset_defaults(cfg.preset, model.cfg.dataset)
+    sampler = "ddpm" if isinstance(model, ImportedModel) else "euler-maruyama"
     filled = dict(from_run=str(from_run), M=M if cfg.M is None else cfg.M, T=T if cfg.T is None else cfg.T,
-                  batch=batch if cfg.batch is None else cfg.batch)
-    return SCHEMA.validated(dataclasses.replace(cfg, **filled))
+                  batch=batch if cfg.batch is None else cfg.batch, sampler=cfg.sampler or sampler)
+    cfg = SCHEMA.validated(dataclasses.replace(cfg, **filled))
+    if cfg.label_every and model.image_shape[:2] != (28, 28):
+        raise UserError(f"--label-every: label_kept reads 28×28 digits, this model makes "
+                        f"{model.image_shape[0]}×{model.image_shape[1]} images")
+    return cfg
 
 
 class FinetuneState(NamedTuple):
@@ -220,7 +226,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
     cost = method.cost
     # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
     kl_of = (kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
-             if cfg.sampler != "probability-flow" else None)
+             if cfg.sampler not in DETERMINISTIC_SAMPLERS else None)
     kl_images = girsanov.fresh_path_kl_passes(cfg.T, cfg.kl_n) if kl_of else 0
 
     method_key = sharding.put(jax.random.fold_in(root, METHOD_KEY), replicated)
@@ -267,7 +273,11 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         return lambda state, step: {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
 
     fid_of = periodic_fid() if cfg.fid_every else None
-    hooks = [loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
+    label_hook = (labels.label_kept_hook(make_grid_sampler(problem, cfg.label_n, cfg.batch,
+                                                           jax.random.fold_in(root, LABEL_KEY), mesh),
+                                         params0, cfg.label_every, run_dir.path) if cfg.label_every else None)
+    hooks = ([loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
+             + ([label_hook] if label_hook else []))
 
     def net_evals(step: int) -> int:
         """Images through a forward or backward pass of θ's or θ0's network, warm-up included (the
@@ -276,7 +286,8 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
 
     def first_rows(state: FinetuneState) -> loop.Rows:
         row = {"step": 0, **evaluate(state, 0), "net_evals": net_evals(0),
-               "sequential_calls": method.warmup.sequential, **kl_row(state), **(fid_of(state, 0) if fid_of else {})}
+               "sequential_calls": method.warmup.sequential, **kl_row(state), **(fid_of(state, 0) if fid_of else {}),
+               **(label_hook.fn(state, 0) if label_hook else {})}
         return [row]
 
     def advance(state: FinetuneState, step: int, n: int):
@@ -310,7 +321,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     use_compilation_cache()
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
-    cfg = complete(cfg, from_run, model.cfg.dataset)
+    cfg = complete(cfg, from_run, model)
     n, note = sharding.device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
     mesh = sharding.mesh_of(n)
     model = sharding.BatchSharded(model, mesh)

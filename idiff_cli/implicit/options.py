@@ -31,6 +31,9 @@ BY_DATASET = "by the pretrained model's dataset and the preset (cpu: 16/4/8; pap
 
 
 def _sampler_checks(cfg: Any) -> None:
+    """The sampler and the adjoint and KL that apply to it (once the sampler is known)."""
+    if cfg.sampler is None:
+        return
     if cfg.adjoint == "continuous" and cfg.sampler != "probability-flow":
         raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
                         "--sampler probability-flow (and --beta 0)")
@@ -66,8 +69,8 @@ SCHEMA = cfglib.Schema(
         O("lam", float, 10.0, "Reward weight λ in F = −λ E R + β KL; negative λ lowers the reward.",
           flags=("--lambda",)),
         O("beta", float, 0.1, "KL weight β. The penalty is the Girsanov KL between the sampler's path measures "
-          "under θ and θ0: its T Euler–Maruyama (Gaussian) transitions from x_{t_max} to x_{t_min}. The final "
-          "Tweedie step (--final-step tweedie) is deterministic, not a Gaussian transition: it has no Girsanov "
+          "under θ and θ0: its T Gaussian transitions (Euler–Maruyama or DDPM ancestral) from x_{t_max} to "
+          "x_{t_min}, each ‖Δmean‖²/2·variance. The final Tweedie step (--final-step tweedie) is deterministic, not a Gaussian transition: it has no Girsanov "
           "term and is not penalised. The reward gained at the reward/KL balance grows as λ/β.", minimum=0),
         O("final_step", str, "tweedie", "What the reward sees: tweedie = the denoised mean (x + σ² sθ(x))/α of "
           "the last state x = x_{t_min} (a θ-dependent map outside the KL penalty); none = x_{t_min} itself, so "
@@ -86,14 +89,20 @@ SCHEMA = cfglib.Schema(
         O("batch", int, None, "Images per batch.", rule=BY_DATASET, positive=True),
         O("lr", float, 1e-4, "Adam learning rate.", positive=True),
         O("steps", int, 200, "Outer steps (θ updates).", defining=False, positive=True),
-        O("sampler", str, "euler-maruyama", "euler-maruyama or probability-flow (deterministic: needs --beta 0).",
-          choices=SAMPLERS),
+        O("sampler", str, None, "euler-maruyama or ddpm (stochastic), probability-flow or ddim (deterministic: "
+          "--beta 0 only). Imported DDPM models step with ddpm or ddim.", choices=SAMPLERS,
+          rule="euler-maruyama for idiff-pretrained models, ddpm for imported DDPM models"),
         O("log_every", int, 10, "Outer steps per log line (the KL is logged on it).", defining=False,
           positive=True),
         O("kl_n", int, 64, "Fresh paths sampled under the current θ from fixed keys for the logged KL and its "
           "standard error (kl, kl_se), at step 0 and on every log line; a multiple of --batch. Their network "
-          "evaluations are logged apart (kl_net_evals). Not with --sampler probability-flow: deterministic paths "
-          "have no Girsanov KL.", defining=False, minimum=2),
+          "evaluations are logged apart (kl_net_evals). Not with a deterministic sampler (probability-flow, "
+          "ddim): its paths have no Girsanov KL.", defining=False, minimum=2),
+        O("label_every", int, 0, "Log label_kept every N steps: the fraction of --label-n fixed-key samples whose "
+          "digit (by a second MNIST classifier, not any reward's: implicit/labels.py) is the one they had under "
+          "θ0; 0: off. 28×28 models only.", defining=False, minimum=0),
+        O("label_n", int, 256, "Fixed-key samples per label_kept.", defining=False,
+          minimum=256),
         O("devices", int, None, "Local devices (on the CPU: cores exposed as host devices) the batch is split over, "
           "on every process; θ and the optimiser are replicated. It must divide --batch (times the process "
           "count).", defining=False, positive=True,
@@ -115,7 +124,7 @@ SCHEMA = cfglib.Schema(
     ),
     presets={"cpu": {}, "paper": {}},
     checks=(cfglib.check_tracking, _sampler_checks, _m_divides_t, _kl_paths_in_batches,
-            cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every"))),
+            cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )
 
 
