@@ -17,5 +17,5 @@ PRE=${PRE:-runs/pretrain-colored-mnist-cpu$(pick "" -smoke)}
 OUT=${OUT:-runs/paper-finetune-colored-mnist$(pick "" -smoke)}
 have_pretrained "$PRE" || idiff pretrain colored-mnist --preset cpu ${SMOKE_PRETRAIN[@]+"${SMOKE_PRETRAIN[@]}"} --out "$PRE"
 idiff finetune --from "$PRE" --preset "$PRESET" --reward red --lambda 10 --beta 0.1 --lr 1e-4 --steps "$(pick 100 2)" \
-  --fid-every "$(pick 50 2)" ${SMOKE_FINETUNE[@]+"${SMOKE_FINETUNE[@]}"} --out "$OUT/redder" "$@"
+  --fid-every "$(pick 50 2)" --label-every "$(pick 50 2)" ${SMOKE_FINETUNE[@]+"${SMOKE_FINETUNE[@]}"} --out "$OUT/redder" "$@"
 idiff report "$OUT/redder" --out "$OUT/report"

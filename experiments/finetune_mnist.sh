@@ -27,6 +27,7 @@ STEPS=${STEPS:-$(pick 100 2)}
 BETA=0.1
 have_pretrained "$PRE" || idiff pretrain mnist --preset cpu ${SMOKE_PRETRAIN[@]+"${SMOKE_PRETRAIN[@]}"} --out "$PRE"
 COMMON=(--from "$PRE" --preset "$PRESET" --reward brightness --beta "$BETA" --fid-every "$(pick 50 2)"
+        --label-every "$(pick 50 2)"
         ${SMOKE_FINETUNE[@]+"${SMOKE_FINETUNE[@]}"})
 
 runs=()
