@@ -28,7 +28,6 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "dataset": ("idiff_cli.data.datasets",),
     "sde": ("idiff_cli.diffusion.sde",),
     "sampler": ("idiff_cli.diffusion.samplers", "idiff_cli.diffusion.ddpm"),
-    "model": ("idiff_cli.diffusion.unet", "idiff_cli.diffusion.ddpm_unet"),
     "image-reward": ("idiff_cli.implicit.rewards",),
     "finetune-method": ("idiff_cli.implicit.methods",),
     "features": ("idiff_cli.fid.features",),

@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.diffusion.conv import conv
-from idiff_cli.registry import register
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -174,6 +173,3 @@ class DDPMUNet(nn.Module):
             abar = jnp.asarray(self.v_prediction_alphas_cumprod, jnp.float32)[t.astype(jnp.int32)][:, None, None, None]
             out = jnp.sqrt(abar) * out + jnp.sqrt(1.0 - abar) * x
         return out
-
-
-register("model", "diffusers-unet2d", DDPMUNet)

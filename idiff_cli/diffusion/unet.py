@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.diffusion.conv import conv
-from idiff_cli.registry import register
 
 # every convolution's gradients are canonical convolutions, fast on XLA:CPU inside loops too (conv.py)
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv)
@@ -175,5 +174,3 @@ def cpu_architecture(image_size: int) -> dict[str, Any]:
 
 
 PRESETS = {"paper": paper_architecture, "cpu": cpu_architecture}
-
-register("model", "unet", UNet)
