@@ -53,7 +53,7 @@ def test_all_methods_write_every_output(tiny_run):
     assert not np.array_equal(arrays["theta_opt"], arrays["langevin-theta0/theta"][-1])
     assert sorted(p.name for p in (tiny_run / "figures").iterdir()) == [
         "fig10_dynamics.png", "fig10_sigma_theta.png", "fig4_samples_contours.png", "fig5_reward_loglik.png",
-        "fig8_grad_evals.png"]
+        "fig8_grad_evals.png", "fig9_bands.png"]
 
 
 def test_nested_with_one_inner_step_equals_implicit(tiny_run):
@@ -67,7 +67,7 @@ def test_nested_with_one_inner_step_equals_implicit(tiny_run):
 def test_report_redraws_the_logged_series(tiny_run, tmp_path, monkeypatch):
     """`idiff report RUN` plots metrics.jsonl's reward curves; two runs overlay one band per run."""
     drawn = []
-    monkeypatch.setattr(figures.FigureDir, "save_figure", lambda self, fig, name: drawn.append((name, fig)) or name)
+    monkeypatch.setattr(figures.FigureDir, "save_figure", lambda self, fig, name: drawn.append((name, fig)) or self.path / name)
     result = invoke("report", str(tiny_run), "--out", str(tmp_path / "one"))
     assert result.exit_code == 0, result.output
     fig5 = dict(drawn)["fig5_reward_loglik.png"]
