@@ -197,11 +197,11 @@ def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
     error bars from kl − 2 kl_se to kl + 2 kl_se."""
     drawn = []
     save = report.save_figure
-    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append(fig) or save(fig, path))
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append((path.name, fig)) or save(fig, path))
     result = invoke("report", runs / "brighter", runs / "darker", "--x", "net_evals", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "reward_kl_net_evals.png").is_file()
-    (fig,) = drawn
+    fig = dict(drawn)["reward_kl_net_evals.png"]
     ax_reward, ax_kl = fig.axes
     for i, name in enumerate(("brighter", "darker")):
         metrics = rows(runs / name)
@@ -223,7 +223,7 @@ def test_report_of_one_run_redraws_its_figures_and_refuses_an_x_it_does_not_log(
     shutil.rmtree(run / "figures")
     result = invoke("report", run)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (run / "figures").iterdir()) == ["evolution.png", "reward_kl.png"]
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["evolution.png", "report.md", "reward_kl.png"]
     result = invoke("report", run, "--x", "grad_evals")
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "grad_evals" in lines[0], result.output
