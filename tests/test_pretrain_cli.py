@@ -220,7 +220,8 @@ def test_report_plots_the_logged_series(tiny_pretrain, tmp_path):
     copy = shutil.copytree(tiny_pretrain, tmp_path / "run")
     result = invoke("report", copy, "--out", tmp_path / "figs")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["fid.png", "loss.png"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["fid.png", "loss.png", "report.md"]
     result = invoke("report", copy, tiny_pretrain, "--x", "wall_s", "--out", tmp_path / "overlay")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "overlay").iterdir()) == ["fid_wall_s.png", "loss_wall_s.png"]
+    assert sorted(p.name for p in (tmp_path / "overlay").iterdir()) == ["fid_wall_s.png", "loss_wall_s.png",
+                                                                         "report.md"]
