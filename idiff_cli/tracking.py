@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import numbers
 import secrets
+import time
 import pathlib
 from typing import Any, Mapping
 
@@ -36,7 +37,10 @@ class TensorBoard:
     """Scalars and images of one unit into `directory` (event files)."""
 
     def __init__(self, directory: pathlib.Path, purge_step: int | None):
-        self._writer = SummaryWriter(logdir=str(directory), purge_step=purge_step, flush_secs=30)
+        # event files are named by the second they start in; the nanosecond suffix keeps a session that
+        # starts in the same second as the one before it from overwriting its file (and orders them)
+        self._writer = SummaryWriter(logdir=str(directory), purge_step=purge_step, flush_secs=30,
+                                     filename_suffix=f".{time.time_ns()}")
 
     def scalars(self, step: int, values: Mapping[str, float], prefix: str) -> None:
         for name, value in values.items():  # the unit is the event directory: no prefix
