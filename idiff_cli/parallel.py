@@ -46,6 +46,9 @@ def shard_leading(tree, mesh):
 # ---- data parallelism over every device of every process (pretraining) ----
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+# Seconds without a heartbeat after which the cluster declares a process dead and the others end
+# (jax.distributed's default: 100).
+HEARTBEAT_ENV = "IDIFF_HEARTBEAT_TIMEOUT_S"
 
 
 def initialize_distributed_from_env() -> bool:
@@ -65,7 +68,8 @@ def initialize_distributed_from_env() -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=os.environ[COORDINATOR_ENV],
                                    num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-                                   process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+                                   process_id=int(os.environ.get("JAX_PROCESS_ID", "0")),
+                                   heartbeat_timeout_seconds=int(os.environ.get(HEARTBEAT_ENV, "100")))
         return True
     if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         jax.distributed.initialize()
