@@ -109,7 +109,7 @@ class Run:
         self.schema, self.cfg, self.dir = schema, cfg, run_dir
         self.ckpt_every, self.keep, self.is_main = ckpt_every, keep, is_main
         self._lock = run_dir.create().lock() if is_main else None
-        self.resumed = claim(schema, cfg, run_dir, is_main)
+        claim(schema, cfg, run_dir, is_main)
         self._progress = self._signals = self._stop = None
         self._rows_written = self._last_step = 0
 
@@ -277,14 +277,12 @@ class Run:
         self.print(f"done: {headline + '; ' if headline else ''}outputs in {self.dir.path}/ ({outputs})")
 
 
-def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True) -> bool:
-    """Writes `config.json` into `run_dir`; returns whether it already held this run.
+def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True) -> None:
+    """Writes `config.json` into `run_dir` (a resumed run: with its run-time options updated).
 
     A directory holding a run whose defining options differ is refused with one line naming them;
     run-time options are taken from `cfg`."""
-    path = run_dir.path / "config.json"
-    exists = path.exists()
-    if exists:
+    if (run_dir.path / "config.json").exists():
         stored = run_dir.read_json("config.json")
         if stored.get("command", schema.command) != schema.command:
             raise UserError(f"'{run_dir.path}' holds an `idiff {stored['command']}` run, not {schema.command}; "
@@ -295,7 +293,6 @@ def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True
                             "pick a new --out, or repeat them to resume")
     if is_main:
         run_dir.write_json("config.json", {"command": schema.command, **cfglib.to_dict(cfg)})
-    return exists
 
 
 def read_config(schema: cfglib.Schema, run_dir) -> Any:
