@@ -10,7 +10,9 @@ name. The network: conv 3×3 stride 2 (16) → ReLU → conv 3×3 stride 2 (32) 
 * FID: seed 0, trained on the first 400 of each class's 500 embedded digits, evaluated on the other 100.
 * LABELS (implicit/labels.py): seed 1, trained on the last 250 of each class (positions 250..499),
   evaluated on the first 250. Another initialisation and another half of the digits, so a sample's
-  label does not come from the network whose features the FID uses; no reward uses either network.
+  label does not come from the network whose features the FID uses. The reward digit:N reads the FID's
+  network (implicit/rewards.py); no reward reads LABELS, so label_kept is judged by a network that no
+  finetuning optimises against.
 
 Each is trained once and cached (orbax) under $IDIFF_CACHE_DIR (default ~/.cache/idiff)/<name>;
 training takes about 10 s on 2 idle CPU cores:

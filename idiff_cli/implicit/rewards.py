@@ -1,18 +1,32 @@
 """Image rewards R(x): a batch of images [B, H, W, C] in [−1, 1] -> [B] (paper §5.2, Appendix A.2).
 
-Pixel values are read on the [0, 1] scale, (x + 1)/2. The adjoint differentiates R, so a reward must
-be a differentiable JAX function; a plug-in `package.module:function` is checked on a batch of the
-run's shape before training (`check_reward`).
+Pixel values are read on the [0, 1] scale, (x + 1)/2. The adjoint differentiates R, so a reward for
+the gradient methods must be a differentiable JAX function; a reward declaring `differentiable = False`
+(the JPEG sizes, a host computation) serves only the score-function method, --method ddpo. A reward
+may declare the images it takes (`min_channels`, `channels`, `image_shape`); a plug-in
+`package.module:function` is checked on a batch of the run's shape before training (`check_reward`).
+
+    brightness, red                      the paper's rewards
+    digit:N                              log p(N | x) under the MNIST classifier of the FID (N = 0..9)
+    compressibility, incompressibility   ∓ the JPEG size in kB at quality 95 (DDPO, Black et al. 2023)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+import io
+import pathlib
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
 from idiff_cli.errors import UserError
+from idiff_cli.fid import classifier
+from idiff_cli.images import to_uint8
 from idiff_cli.registry import register
 
 
@@ -32,22 +46,110 @@ def red(x: jax.Array) -> jax.Array:
 red.min_channels = 3  # type: ignore[attr-defined]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DigitLogProb:
+    """digit:N — log p(N | x) = log_softmax(logits(x))_N, the log-probability of class N under the MNIST
+    classifier of the FID (classifier.FID) on images [B, 28, 28, 1] in [−1, 1], read on its [0, 1]
+    scale as (x + 1)/2 without quantisation (so ∇R exists); returns [B], each ≤ 0. "Generate more sevens"
+    is digit:7 with λ > 0.
+
+    Not classifier.LABELS: that independent network labels samples for `label_kept`, and no reward reads
+    it, so that a finetuned model cannot game the evaluation by fooling its judge (adversarial pixels that
+    raise digit:N under one network need not move the other's label). The FID's network is
+    the one the reward pushes on, so a digit:N run's "FID (MNIST classifier features)" is measured in
+    the feature space the reward shapes; compare it across such runs with that in mind."""
+
+    digit: int
+    params: Any  # the classifier's weights, loaded once when the reward is built
+    image_shape = (28, 28, 1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, logits = classifier.MnistClassifier().apply({"params": self.params}, (x + 1) / 2)
+        return jax.nn.log_softmax(logits, axis=-1)[:, self.digit]
+
+
+@functools.lru_cache(maxsize=None)
+def _fid_classifier(directory: pathlib.Path) -> Any:
+    return classifier.load_or_train(directory, classifier.FID)[0]
+
+
+def digit(n: int) -> DigitLogProb:
+    """The reward digit:n, with the FID classifier's weights from its cache (trained there on first use)."""
+    return DigitLogProb(n, _fid_classifier(classifier.cache_dir(classifier.FID)))
+
+
+register("image-reward", "digit:N", digit, values=range(10))
+
+
+def jpeg_kb(pixels: np.ndarray, quality: int = 95) -> np.ndarray:
+    """uint8 images [..., H, W, C] (C = 1: PIL mode "L"; C = 3: "RGB") -> their JPEG sizes [...] in kB
+    (bytes / 1000), each encoded by PIL at `quality` with its other settings at their defaults (4:2:0
+    chroma subsampling for RGB), as ddpo-pytorch's `jpeg_incompressibility` does for RGB images
+    (ddpo_pytorch/rewards.py). Sizes are those of the libjpeg that PIL bundles."""
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    sizes = np.empty(len(flat))
+    for i, image in enumerate(flat):
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG",
+                                                                               quality=quality)
+        sizes[i] = buffer.tell() / 1000
+    return sizes.reshape(pixels.shape[:-3])
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegSize:
+    """sign · (JPEG size in kB at `quality`) of images [B, H, W, C] in [−1, 1], C ∈ {1, 3} -> [B]:
+    compressibility (sign −1) and incompressibility (sign +1) of DDPO (Black et al. 2023, App. D; ddpo-pytorch
+    `jpeg_compressibility` / `jpeg_incompressibility`: PIL, quality 95, size = bytes / 1000). Images are
+    quantised to uint8 as the project shows them (images.to_uint8), then encoded on the host through
+    jax.pure_callback: one call per batch, under jit and vmap (extra vmapped axes lead the batch, and the
+    host function takes any leading axes), and under automatic sharding XLA gathers the batch to one
+    device for the call. No gradient (a JVP raises): only --method ddpo uses it."""
+
+    sign: float
+    quality: int = 95
+    differentiable = False
+    channels = (1, 3)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+        def host(images):
+            return (self.sign * jpeg_kb(to_uint8(images), self.quality)).astype(dtype)
+
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(x.shape[:-3], dtype), x, vmap_method="expand_dims")
+
+
+register("image-reward", "compressibility", JpegSize(-1.0))
+register("image-reward", "incompressibility", JpegSize(+1.0))
+
+
+def _image_mismatch(reward: Callable, image_shape: tuple[int, ...]) -> str:
+    """Why `reward` does not take images of `image_shape` (H, W, C), by its declarations, or ""."""
+    c, shown = image_shape[-1], "×".join(map(str, image_shape))
+    least, accepted, required = (getattr(reward, "min_channels", 1), getattr(reward, "channels", None),
+                                 getattr(reward, "image_shape", None))
+    if c < least:
+        return f"needs images with >= {least} channels; this model makes {c}-channel images"
+    if accepted is not None and c not in accepted:
+        return f"takes images with {' or '.join(map(str, accepted))} channels; this model makes {c}-channel images"
+    if required is not None and image_shape != tuple(required):
+        return f"takes {'×'.join(map(str, required))} images; this model makes {shown} images"
+    return ""
+
+
 def check_reward(reward: Callable, name: str, image_shape: tuple[int, ...], batch: int = 2,
                  needs_gradient: bool = True, method: str | None = None) -> None:
     """One-line UserError unless `reward` maps [batch, *image_shape] to [batch] reals, and, when
     `needs_gradient` (a method that differentiates R, named `method`), unless it is differentiable.
 
-    A reward declares what it needs as attributes: `min_channels` (default 1), `image_shape` (the one
-    shape it takes, default any) and `differentiable` (default True; False for a host computation such
-    as the JPEG size, which only a score-function method such as --method ddpo can use)."""
-    channels = getattr(reward, "min_channels", 1)
-    if image_shape[-1] < channels:
-        raise UserError(f"reward '{name}' needs images with >= {channels} channels; this model makes "
-                        f"{image_shape[-1]}-channel images (valid for it: brightness, or a plug-in)")
-    required = getattr(reward, "image_shape", None)
-    if required is not None and tuple(image_shape) != tuple(required):
-        raise UserError(f"reward '{name}' takes {'×'.join(map(str, required))} images; this model makes "
-                        f"{'×'.join(map(str, image_shape))} images")
+    A reward declares what it needs as attributes: `min_channels` (default 1), `channels` (the channel
+    counts it takes, default any), `image_shape` (the one shape it takes, default any) and
+    `differentiable` (default True; False for a host computation such as the JPEG size, which only a
+    score-function method such as --method ddpo can use)."""
+    mismatch = _image_mismatch(reward, tuple(image_shape))
+    if mismatch:
+        raise UserError(f"reward '{name}' {mismatch}")
     differentiable = getattr(reward, "differentiable", True)
     if needs_gradient and not differentiable:
         by = f"--method {method}" if method else "a method that differentiates the reward"
