@@ -1,41 +1,96 @@
-"""Cost per outer step of the finetuning methods at MNIST size, all measured in one run.
+"""The finetuning methods measured against each other at MNIST size: cost per outer step, or the whole
+comparison at one budget of image evaluations.
 
-For `implicit` (Algorithm 2) with the full adjoint (queue of M) and with the pipelined adjoint (M = T),
-`nested` and `truncated-1` on the same pretrained U-Net, reward and settings, prints per outer step: sequential batched network calls (the critical path on parallel
-hardware), network evaluations (images through a forward or a backward pass), steady-state wall time
-(each method's jitted chunk compiled once, then timed), the wall-time ratio to `nested`, the batch-mean
-reward gained over the 2·steps outer steps from θ0 (mean of the last third of them minus the first
-third) and network evaluations per unit of it; then the time of `method.init` (the warm queues) and of
-compiling the outer step (first chunk minus its steps at the steady-state rate).
-
+Cost per outer step (the default mode). For `implicit` (Algorithm 2) with the full adjoint (queue of
+M) and with the pipelined adjoint (M = T), `nested` and `truncated-1` on the same pretrained U-Net,
+reward and settings, prints per outer step: sequential batched network calls (the critical path on
+parallel hardware), network evaluations (images through a forward or a backward pass), steady-state
+wall time (each method's jitted chunk compiled once, then timed), the wall-time ratio to `nested`, the
+batch-mean reward gained over the 2·steps outer steps from θ0 (mean of the last third of them minus
+the first third) and network evaluations per unit of it; then the time of `method.init` (the warm
+queues) and of compiling the outer step (first chunk minus its steps at the steady-state rate).
 On a CPU a batched call costs as much as its images, so the queue cannot shorten wall time here: the
 expected result is implicit ≈ nested per outer step at equal work (the queue adds no overhead), while
 the critical path of implicit is L + T calls against 2T, and 2 with the pipelined adjoint at M = T.
-
 --devices 1,2 measures every variant with its image batches split over 1, then 2 local devices (as
 `idiff finetune --devices N` runs it; on the CPU each core is a host device) and prints the speed-up
 over the first count; on a GPU/TPU host the same line uses its accelerators.
 
+Comparison (`compare`). Every method of --methods finetunes the same pretrained model with the same
+reward, λ, β, lr, T, M and batch, for each seed of --seeds, through the real CLI (`idiff finetune` in
+a subprocess), one run directory each: OUT/<method>/seed<k>. Every method gets the same number of
+image evaluations (`net_evals`: images through a forward or backward pass of θ's or θ0's network,
+warm-up included; the logged KL's and label_kept's passes are apart): its --steps is the whole number
+nearest (budget − warm-up) / per-step evaluations, both from the method's `Cost` built in this process
+for the run's config (methods.make_method via finetune.build). Each run logs on its last row the KL of
+--kl-n fresh paths of θ to θ0 (± its standard error), and at step 0 and at its end label_kept (the
+fraction of --label-n fixed-key samples that keep their digit) and eval_reward (the mean reward of
+--grid-n fixed-key samples). Finished runs (finetuned.json final at the planned step) are skipped, an
+interrupted run resumes from its last checkpoint (here: its start, every run being one checkpointed
+chunk), so the same command continues a stopped comparison. Then per method, mean (min..max) over
+the seeds:
+
+  reward gain   eval_reward at the end minus at step 0: the same --grid-n noise keys under θ_final
+                and θ0, a paired difference, less noisy than the training batches' reward_mean
+                (8 images per step, from a moving θ)
+  KL            the Girsanov path KL of θ_final to θ0 on --kl-n fresh paths, ± the standard error of
+                the seed mean
+  label kept    label_kept at the end (1 at step 0 by definition)
+  wall s        the run's own clock (wall_s of its last row): compiling the outer step, the outer
+                steps and the last KL evaluation; not the warm-up, the grids or the labels
+  seq. calls    sequential batched network calls, cumulative, warm-up included
+  image evals   net_evals at the end
+printed as a markdown table and written to OUT/comparison.md, the per-run numbers to
+OUT/comparison.json, the figure OUT/comparison.png (left: the training batches' reward against image
+evaluations, seed mean of a trailing moving average over a tenth of each run's steps, band min..max
+over seeds, dots the fixed-key eval_reward; right: reward gain against the final KL, one point per
+run), and `idiff report` of all runs against net_evals into OUT/report/.
+
+--budget is in image evaluations (e.g. 20000) or in outer steps of `nested` at the run's size (e.g.
+30x: 30 × nested's per-step evaluations, 19,920 at the cpu preset). The default 30x gives, at the cpu
+preset with β > 0 (images per outer step: implicit and nested 664, truncated-1 184, truncated-4 280,
+full-backprop 792; implicit's warm-up 192): implicit 30, nested 30, truncated-1 108, truncated-4 71,
+full-backprop 25 outer steps. Expected time of the default comparison on the reference machine
+(2 CPU cores, the 6 methods × 2 seeds): see benchmarks/README.md.
+
 Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--beta 0.1] [--steps 6]
                                      [--variants ...] [--devices 1,2]
+       python benchmarks/finetune.py compare --from RUN_DIR --out DIR [--methods implicit,nested,...]
+                                     [--seeds 0,1] [--budget 30x] [--T 16] [--M 4] [--batch 8] [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
 import time
+from typing import NamedTuple
 
 from idiff_cli.parallel import use_host_cores
 
 use_host_cores()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from idiff_cli.diffusion.model import load  # noqa: E402
+from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.implicit import finetune as F  # noqa: E402
 from idiff_cli.implicit import sharding  # noqa: E402
 from idiff_cli.implicit.options import SCHEMA  # noqa: E402
+from idiff_cli.implicit.report import last  # noqa: E402
+from idiff_cli.runs import atomic_path, read_metrics, save_figure  # noqa: E402
+
+METHODS = "implicit,nested,truncated-1,truncated-4,full-backprop"
+DEFAULT_BUDGET = "30x"
 
 
 def measure(cfg, pre, steps: int, devices: int) -> dict:
@@ -67,7 +122,8 @@ def measure(cfg, pre, steps: int, devices: int) -> dict:
             "seconds": seconds, "gain": gain, "init_s": init_s, "compile_s": first_s - steps * seconds}
 
 
-def main() -> None:
+def per_step(argv: list[str]) -> None:
+    """The default mode: cost per outer step of --variants, each on --devices counts."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="from_run", default="", help="pretrain run (default: latest under runs/)")
     parser.add_argument("--T", type=int, default=16)
@@ -82,7 +138,7 @@ def main() -> None:
                         "ratios are to it); pipelined runs at M = T")
     parser.add_argument("--devices", default="1", help="comma-separated local device counts to split the batch over "
                         "(each must divide --batch); the speed-up is to the first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     counts = [int(d) for d in args.devices.split(",")]
     if any(args.batch % d or d > len(jax.local_devices()) for d in counts):
         parser.error(f"--devices {args.devices}: each count must divide --batch {args.batch} and be at most the "
@@ -113,6 +169,294 @@ def main() -> None:
                   f"{r['net_evals']:>11.0f}{r['seconds']:>9.3f}{r['seconds'] / n['seconds']:>10.2f}"
                   f"{first[(m, a)]['seconds'] / r['seconds']:>9.2f}{r['gain']:>13.4f}{per_gain:>12.0f}"
                   f"{r['init_s']:>8.0f}{r['compile_s']:>10.0f}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# compare: every method at one budget of image evaluations, through the CLI
+
+
+class Plan(NamedTuple):
+    """One method's share of the budget: image evaluations per outer step and of the warm-up, sequential
+    batched calls per outer step (methods.Cost × batch), and the outer steps chosen."""
+
+    method: str
+    per_step: int
+    warmup: int
+    sequential: int
+    steps: int
+
+    @property
+    def net_evals(self) -> int:
+        return self.warmup + self.steps * self.per_step
+
+
+def run_options(args: argparse.Namespace, method: str, seed: int, steps: int) -> dict:
+    """The `idiff finetune` option values (schema names) of one run: every cadence at `steps`, so the
+    KL, label_kept and the fixed-key grid are evaluated at step 0 and at the end only."""
+    return dict(from_run=args.from_run, reward=args.reward, lam=args.lam, beta=args.beta, lr=args.lr, T=args.T,
+                M=args.M, batch=args.batch, method=method, seed=seed, steps=steps, log_every=steps,
+                sample_every=steps, ckpt_every=steps, label_every=steps, label_n=args.label_n, kl_n=args.kl_n,
+                grid_n=args.grid_n)
+
+
+def command_line(idiff: str, options: dict, out: pathlib.Path) -> list[str]:
+    """`idiff finetune` with `options` as flags (their spellings from the schema) and --out."""
+    flags = [item for name, value in options.items() for item in (SCHEMA.option(name).flag, str(value))]
+    return [idiff, "finetune", *flags, "--out", str(out)]
+
+
+def method_cost(options: dict, pre) -> tuple[int, int, int]:
+    """(images per outer step, images of the warm-up, sequential calls per outer step) of the method of
+    `options`, from its Cost as `idiff finetune` builds it for this config (raises UserError as it would)."""
+    cfg = F.complete(SCHEMA.resolve(options), pathlib.Path(options["from_run"]), pre)
+    bind, _, _ = F.build(cfg, pre)
+    _, method = bind(pre.params)
+    c, w = method.cost, method.warmup
+    return (c.forward + c.backward) * cfg.batch, (w.forward + w.backward) * cfg.batch, c.sequential
+
+
+def parse_budget(text: str, nested_per_step: int) -> int:
+    """Image evaluations of `text`: an integer, or `Kx` = K outer steps of nested."""
+    try:
+        value = float(text[:-1]) * nested_per_step if text.endswith("x") else int(text)
+    except ValueError:
+        raise UserError(f"--budget takes image evaluations (e.g. 20000) or outer steps of nested (e.g. 30x), "
+                        f"got {text!r}") from None
+    if value <= 0:
+        raise UserError(f"--budget must be positive, got {text!r}")
+    return round(value)
+
+
+def plan(args: argparse.Namespace, pre, methods: list[str]) -> tuple[int, list[Plan]]:
+    """(budget in image evaluations, one Plan per method): the outer steps whose total evaluations are
+    nearest the budget (at least 1)."""
+    costs = {m: method_cost(run_options(args, m, 0, 1), pre) for m in dict.fromkeys(["nested", *methods])}
+    budget = parse_budget(args.budget, costs["nested"][0])
+    plans = []
+    for m in methods:
+        per_step, warmup, sequential = costs[m]
+        plans.append(Plan(m, per_step, warmup, sequential, max(1, round((budget - warmup) / per_step))))
+    return budget, plans
+
+
+def finished_step(run_dir: pathlib.Path) -> int | None:
+    """The step of a run that completed (finetuned.json with final: true), None otherwise."""
+    path = run_dir / "finetuned.json"
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    return int(state["step"]) if state.get("final") else None
+
+
+def summarise_run(run_dir: pathlib.Path) -> dict:
+    """The numbers of one finished run, from its metrics.jsonl (see the module docstring)."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
+    return {"steps": rows[-1]["step"], "net_evals_0": rows[0]["net_evals"], "net_evals": last(rows, "net_evals"),
+            "sequential_calls": last(rows, "sequential_calls"), "wall_s": last(rows, "wall_s"),
+            "eval_reward_0": evals[0], "eval_reward": evals[-1], "reward_gain": evals[-1] - evals[0],
+            "kl": last(rows, "kl"), "kl_se": last(rows, "kl_se"), "label_kept": last(rows, "label_kept"),
+            "kl_net_evals": last(rows, "kl_net_evals")}
+
+
+def seed_stats(runs: list[dict], key: str) -> dict | None:
+    """mean, min, max of `key` over the runs (None when a run lacks it); for kl also the standard error
+    of the seed mean, √(Σ kl_se²)/n."""
+    values = [r[key] for r in runs]
+    if any(v is None for v in values):
+        return None
+    stats = {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+    if key == "kl":
+        stats["se"] = float(math.sqrt(sum(r["kl_se"] ** 2 for r in runs)) / len(runs))
+    return stats
+
+
+SUMMARY = (("steps", "steps", "{:.0f}"), ("net_evals", "image evals", "{:.0f}"),
+           ("sequential_calls", "seq. calls", "{:.0f}"), ("reward_gain", "reward gain", "{:+.4f}"),
+           ("kl", "KL (± SE)", "{:.3g}"), ("label_kept", "label kept", "{:.3f}"), ("wall_s", "wall s", "{:.0f}"))
+
+
+def cell(stats: dict | None, form: str) -> str:
+    """`mean (min..max)`, one number when they agree; the KL with ± the SE of its seed mean."""
+    if stats is None:
+        return "–"
+    text = form.format(stats["mean"])
+    if "se" in stats:
+        text += " ± " + form.format(stats["se"])
+    if form.format(stats["min"]) != form.format(stats["max"]):
+        text += f" ({form.format(stats['min'])}..{form.format(stats['max'])})"
+    return text
+
+
+def markdown(aggregates: dict[str, dict], settings: str) -> str:
+    header = ["method", "seeds", *(title for _, title, _ in SUMMARY)]
+    lines = [settings, "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for method, agg in aggregates.items():
+        lines.append("| " + " | ".join([method, str(agg["seeds"]),
+                                        *(cell(agg[key], form) for key, _, form in SUMMARY)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of values[i − window + 1 .. i] for i ≥ window − 1."""
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def comparison_figure(runs: dict[str, list[pathlib.Path]], summaries: dict[str, list[dict]]):
+    """Left: training-batch reward against image evaluations per method (seed mean of a trailing moving
+    average over a tenth of the steps, band min..max over seeds; dots: fixed-key eval_reward at step 0
+    and at the end, seed mean). Right: reward gain against the final KL (± 2 SE), one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (method, dirs) in enumerate(runs.items()):
+        color = f"C{i}"
+        curves = []
+        for run_dir in dirs:
+            train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward_mean" in r]
+            window = max(1, len(train) // 10)
+            xs = np.array([r["net_evals"] for r in train])[window - 1:]
+            curves.append((xs, trailing_mean(np.array([r["reward_mean"] for r in train]), window)))
+        xs = curves[0][0]
+        ys = np.stack([c[1] for c in curves])
+        ax_r.plot(xs, ys.mean(0), color=color, lw=1.2, label=f"{method} ({len(dirs)} seeds)")
+        ax_r.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
+        s = summaries[method]
+        ax_r.plot([s[0]["net_evals_0"], s[0]["net_evals"]],
+                  [np.mean([r["eval_reward_0"] for r in s]), np.mean([r["eval_reward"] for r in s])], "o",
+                  color=color, ms=5)
+        kl = [(r["kl"], r["kl_se"], r["reward_gain"]) for r in s if r["kl"] is not None]
+        if kl:
+            k, se, gain = np.array(kl).T
+            ax_t.errorbar(k, gain, xerr=2 * se, fmt="o", color=color, capsize=2, label=method)
+    ax_r.set(xlabel="image evaluations (net_evals, warm-up included)", ylabel="reward",
+             title="training-batch reward (moving average, band: min..max over seeds);\n"
+                   "dots: fixed-key eval_reward at step 0 and at the end")
+    ax_t.set(xlabel=r"KL(P_θ ‖ P_θ0) of the paths at the end (fresh paths, ± 2 SE)",
+             ylabel="reward gain (fixed keys, end − step 0)", title="reward gained against the KL, one point per run")
+    ax_r.legend(fontsize=8)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compare(argv: list[str]) -> None:
+    """The `compare` mode (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="benchmarks/finetune.py compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="from_run", required=True, help="the pretrain run (θ0) of every run")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="directory of the runs and the summary")
+    parser.add_argument("--methods", default=METHODS, help="comma-separated `idiff finetune --method` values")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated --seed values, one run per method each")
+    parser.add_argument("--budget", default=DEFAULT_BUDGET,
+                        help="image evaluations per run (e.g. 20000) or outer steps of nested (e.g. 30x)")
+    parser.add_argument("--T", type=int, default=16)
+    parser.add_argument("--M", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--reward", default="brightness")
+    parser.add_argument("--lam", type=float, default=10.0)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kl-n", type=int, default=64, help="fresh paths of the final KL")
+    parser.add_argument("--label-n", type=int, default=256, help="fixed-key samples of label_kept")
+    parser.add_argument("--grid-n", type=int, default=64, help="fixed-key samples of eval_reward (the reward gain)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes integers separated by commas, got {args.seeds!r}")
+    idiff = shutil.which("idiff", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("idiff")
+    if not idiff:
+        parser.error("no `idiff` command beside this Python or on PATH: pip install -e . first")
+    try:
+        pre = load(args.from_run)
+        budget, plans = plan(args, pre, methods)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    print(f"compare from {args.from_run}: reward {args.reward}, λ={args.lam}, β={args.beta}, lr {args.lr}, "
+          f"T={args.T}, M={args.M}, batch {args.batch}, seeds {','.join(map(str, seeds))}; budget {budget} image "
+          f"evaluations ({args.budget}) -> {args.out}")
+    print(f"{'method':<16}{'evals/step':>11}{'warm-up':>9}{'steps':>7}{'image evals':>13}{'vs budget':>11}"
+          f"{'seq. calls/step':>17}")
+    for p in plans:
+        print(f"{p.method:<16}{p.per_step:>11}{p.warmup:>9}{p.steps:>7}{p.net_evals:>13}"
+              f"{p.net_evals / budget - 1:>+11.1%}{p.sequential:>17}", flush=True)
+
+    # one compilation cache for the comparison: the first seed of each method compiles its programs, the
+    # others read them, whatever was compiled on this machine before
+    env = {"IDIFF_JAX_CACHE": str((args.out / "jax-cache").resolve()), **os.environ}
+    failed = []
+    for seed in seeds:
+        for p in plans:
+            run_dir = args.out / p.method / f"seed{seed}"
+            argv_run = command_line(idiff, run_options(args, p.method, seed, p.steps), run_dir)
+            done = finished_step(run_dir)
+            if done == p.steps:
+                print(f"skip {run_dir}: finished ({p.steps} steps)", flush=True)
+                continue
+            if done is not None and done > p.steps:
+                failed.append(f"{run_dir} finished {done} steps, more than the {p.steps} of this budget: "
+                              "use another --out")
+                continue
+            print("$ " + shlex.join(argv_run), flush=True)
+            if args.dry_run:
+                continue
+            rc = subprocess.run(argv_run, env=env).returncode
+            if rc in (130, -2):  # Ctrl-C: the run saved its checkpoint; stop the comparison
+                raise SystemExit(130)
+            if rc:
+                failed.append(f"{run_dir}: idiff finetune exited with {rc}")
+    if args.dry_run:
+        return
+
+    runs = {p.method: [args.out / p.method / f"seed{s}" for s in seeds
+                       if finished_step(args.out / p.method / f"seed{s}") == p.steps] for p in plans}
+    runs = {m: dirs for m, dirs in runs.items() if dirs}
+    summaries = {m: [summarise_run(d) for d in dirs] for m, dirs in runs.items()}
+    keys = ("steps", "net_evals", "sequential_calls", "reward_gain", "kl", "label_kept", "wall_s")
+    aggregates = {m: {"seeds": len(s), **{k: seed_stats(s, k) for k in keys}} for m, s in summaries.items()}
+    settings = (f"`idiff finetune` from {args.from_run}, reward {args.reward}, λ={args.lam}, β={args.beta}, "
+                f"lr {args.lr}, T={args.T}, M={args.M}, batch {args.batch}; budget {budget} image evaluations "
+                f"({args.budget}); mean (min..max) over seeds {','.join(map(str, seeds))}. Reward gain: "
+                f"eval_reward of {args.grid_n} fixed-key samples, end − step 0; KL: {args.kl_n} fresh paths at "
+                f"the end, ± SE of the seed mean; label kept: {args.label_n} fixed-key samples; wall s: the "
+                f"run's clock (compile, outer steps, last KL).")
+    table = markdown(aggregates, settings)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "comparison.md") as tmp:
+        tmp.write_text("# Finetuning methods at equal image evaluations\n\n" + table)
+    record = {"settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+              "budget": budget, "plan": [{**p._asdict(), "net_evals": p.net_evals} for p in plans],
+              "runs": [{"method": m, "dir": str(d), **s} for m in runs for d, s in zip(runs[m], summaries[m])],
+              "methods": aggregates}
+    with atomic_path(args.out / "comparison.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    written = [args.out / "comparison.md", args.out / "comparison.json"]
+    if runs:
+        written.append(save_figure(comparison_figure(runs, summaries), args.out / "comparison.png"))
+        rc = subprocess.run([idiff, "report", *(str(d) for dirs in runs.values() for d in dirs), "--x", "net_evals",
+                             "--out", str(args.out / "report")]).returncode
+        failed += [f"idiff report exited with {rc}"] if rc else []
+    print("wrote " + ", ".join(map(str, written)))
+    if failed:
+        print("failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        compare(argv[1:])
+    else:
+        per_step(argv)
 
 
 if __name__ == "__main__":
