@@ -1,7 +1,8 @@
 """The network passes of the finetuning methods, counted: the score network is wrapped so that every
-forward and every backward pass reports the images it processed, and one steady-state outer step (and
-the warm-up) of every method and adjoint, with and without the KL term, must make exactly the passes
-its `Cost` declares (the numbers finetune logs as net_evals), on the paper's 1-D Gaussian (§4)."""
+forward and every backward pass reports the images it processed, and the warm-up and the outer steps of
+a whole cycle (one step; ddpo's E inner epochs) of every method and adjoint, with and without the KL
+term, must make exactly the passes its `Cost` declares (the numbers finetune logs as net_evals), on the
+paper's 1-D Gaussian (§4)."""
 
 import collections
 import math
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step, probability_flow_step
-from idiff_cli.implicit import adjoint, girsanov, methods, pipeline
+from idiff_cli.implicit import ddpo, finetune, girsanov, methods, pipeline
 from idiff_cli.implicit.paths import sampler_paths
 from implicit_gaussian import SDE, score, theta
 
@@ -104,36 +105,43 @@ def test_counter_counts_images_per_pass():
 
 def counted_problem(net: CountedScore, T: int, beta: float, deterministic: bool = False,
                     tweedie: bool = True) -> methods.Problem:
-    """The Gaussian problem on the counted score, with a Tweedie denoiser (a network pass, as the
-    U-Net's) in the terminal cost and the reward images (or none: finetune --final-step none), and the
-    Girsanov KL when β > 0."""
+    """The Gaussian problem on the counted score as finetune binds it (λ = 2, R = sin), with a Tweedie
+    denoiser (a network pass, as the U-Net's) in the terminal cost and the reward images (or none:
+    finetune --final-step none), and the Girsanov KL when β > 0."""
     sampler = Sampler(SDE, T, probability_flow_step if deterministic else euler_maruyama_step, denoise_final=tweedie)
     p = sampler_paths(sampler, net.apply, (B, *IMAGE))
-    transition = (girsanov.kl_transition(p, net.apply, SDE, sampler.grid, THETA0, beta) if beta
-                  else adjoint.transition(p.step))
-    terminal = lambda params, x: -2.0 * jnp.sin(p.denoise(params, x)[:, 0])  # noqa: E731
-    return methods.Problem(p, terminal, transition, lambda x: x[:, 0], bool(beta))
+    return finetune.bind_problem(p, net.apply, SDE, sampler.grid, lambda x: jnp.sin(x[:, 0]), bool(beta))(
+        THETA0, 2.0, beta)
 
 
 METHODS = [("implicit", "full"), ("implicit", "pipelined"), ("nested", "full"), ("truncated-2", "full"),
            ("full-backprop", "full")]
-CASES = ([(name, kind, 2, beta, True) for name, kind in METHODS for beta in (0.0, 0.3)]
-         + [("implicit", "pipelined", 4, 0.3, True),  # M = T: L = 1
-            ("implicit", "continuous", 2, 0.0, True), ("nested", "continuous", 2, 0.0, True)]
-         + [(name, kind, 2, 0.3, False) for name, kind in METHODS])  # no Tweedie step
+CASES = ([(name, kind, 2, beta, True, None) for name, kind in METHODS for beta in (0.0, 0.3)]
+         + [("implicit", "pipelined", 4, 0.3, True, None),  # M = T: L = 1
+            ("implicit", "continuous", 2, 0.0, True, None), ("nested", "continuous", 2, 0.0, True, None)]
+         + [(name, kind, 2, 0.3, False, None) for name, kind in METHODS]  # no Tweedie step
+         + [("ddpo", "full", 2, beta, tweedie, epochs) for beta in (0.0, 0.3) for tweedie in (True, False)
+            for epochs in (1, 2)])  # ddpo: a batch sampled every `epochs` outer steps
 
 
-@pytest.mark.parametrize("name, kind, M, beta, tweedie", CASES)
-def test_counted_passes_equal_the_declared_cost(name, kind, M, beta, tweedie):
+@pytest.mark.parametrize("name, kind, M, beta, tweedie, epochs", CASES)
+def test_counted_passes_equal_the_declared_cost(name, kind, M, beta, tweedie, epochs):
     """At T = 4: the images through forward and backward passes (of θ's and θ0's networks) in the
-    warm-up and in one steady-state outer step (the second) are the method's `warmup` and `cost` × B."""
+    warm-up and in each outer step i = 1 .. period (after the first: a whole cycle, one that samples
+    and, for ddpo with E = 2, one that does not) are the method's declared passes × B:
+    `methods.spent(method, i + 1) − spent(method, i)`, and `warmup` = spent(method, 0)."""
     T, net = 4, CountedScore()
-    method = methods.make_method(name, counted_problem(net, T, beta, kind == "continuous", tweedie), T, M, kind)
+    ppo = ddpo.PPO(inner_epochs=epochs) if epochs else None
+    method = methods.make_method(name, counted_problem(net, T, beta, kind == "continuous", tweedie), T, M, kind, ppo)
     warmup, carry = net.count(method.init, THETA0, jax.random.key(3))
-    estimate = jax.jit(lambda carry: method.estimate(THETA, carry, None)[0])
-    step, _ = net.count(estimate, estimate(carry))
-    assert totals(step) == (method.cost.forward * B, method.cost.backward * B), step
     assert totals(warmup) == (method.warmup.forward * B, method.warmup.backward * B), warmup
+    assert methods.spent(method, 0) == method.warmup
+    estimate = jax.jit(lambda carry: method.estimate(THETA, carry, None)[0])
+    carry = estimate(carry)
+    for i in range(1, method.period + 1):
+        step, carry = net.count(estimate, carry)
+        declared = [after - before for after, before in zip(methods.spent(method, i + 1), methods.spent(method, i))]
+        assert totals(step) == (declared[0] * B, declared[1] * B), (i, step)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3])

@@ -34,7 +34,7 @@ from idiff_cli.diffusion.model import ImportedModel, Model, finetuned_weights, l
 from idiff_cli.errors import UserError
 from idiff_cli.fid.evaluate import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
-from idiff_cli.implicit import adjoint, girsanov, labels, methods, report, sharding
+from idiff_cli.implicit import adjoint, ddpo, girsanov, labels, methods, report, sharding
 from idiff_cli.implicit.options import DETERMINISTIC_SAMPLERS, SCHEMA, dataset_defaults
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
 from idiff_cli.implicit.rewards import check_reward
@@ -97,13 +97,17 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
                  labels: jax.Array | None = None) -> Callable[[Any, Any, Any], methods.Problem]:
     """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
     −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
-    none. λ and β may be traced; `with_kl` is static (it changes the program and its cost)."""
+    none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo). λ and β may be
+    traced; `with_kl` is static (it changes the program and its cost)."""
+    stochastic = girsanov.has_transition(paths.step_fn)
 
     def bind(params0, lam, beta):
         terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
         transition = (girsanov.kl_transition(paths, score, sde, grid, params0, beta, labels) if with_kl
                       else adjoint.transition(paths.step))
-        return methods.Problem(paths, terminal, transition, reward, with_kl)
+        policy = (ddpo.gaussian_policy(paths.step_fn, score, sde, grid, params0, lam, beta, with_kl, labels)
+                  if stochastic else None)
+        return methods.Problem(paths, terminal, transition, reward, with_kl, policy)
 
     return bind
 
@@ -123,15 +127,17 @@ def build(cfg: Any, model: Model):
         raise UserError(f"--fid-every: the periodic FID compares with square dataset images; this model samples "
                         f"{model.image_shape[0]}×{model.image_shape[1]} images (use --fid-every 0)")
     reward = registry.get("image-reward", cfg.reward)
-    check_reward(reward, cfg.reward, model.image_shape)
+    check_reward(reward, cfg.reward, model.image_shape, needs_gradient=cfg.method != "ddpo", method=cfg.method)
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
     sampler = model.sampler(cfg.T, cfg.sampler)
     paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
     objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels)
 
+    ppo = ddpo.PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None
+
     def bind(params0, lam=cfg.lam, beta=cfg.beta):
         problem = objective(params0, lam, beta)
-        return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint)
+        return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint, ppo)
 
     def kl_estimator(keys):
         if not girsanov.has_transition(sampler.step_fn):
@@ -223,7 +229,6 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
     replicated = sharding.replicated(mesh)
     params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
     problem, method = bind(params0)
-    cost = method.cost
     # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
     kl_of = (kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
              if cfg.sampler not in DETERMINISTIC_SAMPLERS else None)
@@ -282,11 +287,13 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
     def net_evals(step: int) -> int:
         """Images through a forward or backward pass of θ's or θ0's network, warm-up included (the
         logged KL's passes are counted apart, in kl_net_evals)."""
-        return (method.warmup.forward + method.warmup.backward + step * (cost.forward + cost.backward)) * cfg.batch
+        cost = methods.spent(method, step)
+        return (cost.forward + cost.backward) * cfg.batch
 
     def first_rows(state: FinetuneState) -> loop.Rows:
         row = {"step": 0, **evaluate(state, 0), "net_evals": net_evals(0),
-               "sequential_calls": method.warmup.sequential, **kl_row(state), **(fid_of(state, 0) if fid_of else {}),
+               "sequential_calls": methods.spent(method, 0).sequential, **kl_row(state),
+               **(fid_of(state, 0) if fid_of else {}),
                **(label_hook.fn(state, 0) if label_hook else {})}
         return [row]
 
@@ -295,7 +302,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         mean, std, gnorm = jax.device_get(metrics)
         rows = [{"step": step + i + 1, "reward_mean": float(mean[i]), "reward_std": float(std[i]),
                  "grad_norm": float(gnorm[i]), "net_evals": net_evals(step + i + 1),
-                 "sequential_calls": method.warmup.sequential + (step + i + 1) * cost.sequential}
+                 "sequential_calls": methods.spent(method, step + i + 1).sequential}
                 for i in range(len(mean))]
         state = state._replace(kl_net_evals=state.kl_net_evals + kl_images)
         rows[-1].update(kl_row(state))

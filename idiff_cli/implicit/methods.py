@@ -18,9 +18,13 @@ its own parts (the pipelined warm-up is a host loop of jitted backward waves).
   K = 1 is last-step unrolling).
 * `full-backprop`: `jax.grad` through the unrolled sampler with each step `jax.checkpoint`ed
   (AlignProp-like); the same gradient as `nested`, computed by autodiff instead of the adjoint scan.
+* `ddpo`: policy gradient on the sampler's Gaussian transitions with PPO's clipped ratios and DPOK's
+  KL term (ddpo.py): no ∇R. A batch of T-step paths sampled every E = --inner-epochs outer steps,
+  each outer step one update on it.
 
 The i-th batch of paths any method samples is named by the slot key fold_in(key, i) (paths.py), so
-all methods see the same noise. `Cost` counts network passes per outer step, in batches of B images.
+all methods see the same noise. `Cost` counts network passes per outer step, in batches of B images;
+`spent` the passes of the first s outer steps.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 
 from idiff_cli import registry
 from idiff_cli.errors import UserError
-from idiff_cli.implicit import adjoint, pipeline
+from idiff_cli.implicit import adjoint, ddpo as ddpo_lib, pipeline
 from idiff_cli.implicit import queue as queue_lib
 from idiff_cli.implicit.paths import SamplerPaths
 from idiff_cli.registry import register
@@ -46,13 +50,16 @@ class Problem:
     that of the sampler's paths x_0..x_n (girsanov.py; denoise_θ is outside it).
 
     terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
-    increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]."""
+    increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]; policy: the
+    sampler's Gaussian transitions, λ and β × their KLs as `ddpo` reads them (None for a deterministic
+    sampler)."""
 
     paths: SamplerPaths
     terminal: Callable
     transition: Callable
     reward: Callable
     with_kl: bool
+    policy: Optional[ddpo_lib.Policy] = None
 
 
 class Estimate(NamedTuple):
@@ -85,11 +92,23 @@ class Cost(NamedTuple):
 
 
 class Method(NamedTuple):
+    """Outer step i (from 0) costs `cost`, and `per_cycle` more when i is a multiple of `period` (ddpo
+    samples a batch every E outer steps); `init` costs `warmup`, once."""
+
     name: str
     init: Callable[[Any, jax.Array], Any]
     estimate: Callable[[Any, Any, jax.Array], tuple[Any, Estimate]]
     cost: Cost  # per outer step
     warmup: Cost  # once, by init
+    per_cycle: Cost = Cost(0, 0, 0)
+    period: int = 1
+
+
+def spent(method: Method, steps: int) -> Cost:
+    """The passes of the warm-up and of the first `steps` outer steps, in batches of B (finetune logs
+    net_evals = (forward + backward) × B and sequential_calls)."""
+    cycles = -(-steps // method.period)
+    return Cost(*(w + steps * c + cycles * p for w, c, p in zip(method.warmup, method.cost, method.per_cycle)))
 
 
 def _denoiser_passes(problem: Problem) -> int:
@@ -233,16 +252,69 @@ def full_backprop(problem: Problem, T: int) -> Method:
     return Method("full-backprop", _fresh_init, estimate, cost, Cost(0, 0, 0))
 
 
+def ddpo(problem: Problem, T: int, ppo: ddpo_lib.PPO = ddpo_lib.PPO()) -> Method:
+    """DDPO with PPO clipping and DPOK's KL term (ddpo.py) on the sampler's T Gaussian transitions.
+
+    Carry (started, root, batch, age): every E = ppo.inner_epochs outer steps (age = E) a batch of T-step
+    paths is sampled under the current θ from slot key fold_in(root, started), its images denoised and
+    rewarded and its advantages formed; each outer step is one update on the stored batch, the first with
+    ratios 1 (θ = θ_old), the next E − 1 with ratios to the stored old means. The carry is part of the
+    checkpoint, so a run resumed mid-cycle updates on the same batch."""
+    if problem.policy is None:
+        raise UserError("--method ddpo needs a stochastic sampler (euler-maruyama, ddpm): its policy is the chain "
+                        "of Gaussian transitions")
+    if ppo.advantage not in ddpo_lib.ADVANTAGES or ppo.clip_range <= 0 or ppo.inner_epochs < 1:
+        raise UserError(f"--method ddpo needs --advantage in {', '.join(ddpo_lib.ADVANTAGES)}, --clip-range > 0 and "
+                        f"--inner-epochs >= 1; got {ppo.advantage}, {ppo.clip_range}, {ppo.inner_epochs}")
+    p, policy, epochs = problem.paths, problem.policy, ppo.inner_epochs
+
+    def sample(params, started, root, batch):
+        slot = queue_lib.slot_key(root, started)
+        states = adjoint.rollout(p.step, params, p.init(slot), slot, T)
+        images = _images(problem, params, states)
+        advantages = ddpo_lib.advantages(problem.reward(images), ppo.advantage, policy.lam)
+        return batch._replace(states=states, advantages=advantages.astype(batch.advantages.dtype), images=images)
+
+    def init(params0, key):
+        x0 = jax.eval_shape(p.init, key)
+        images = jax.eval_shape(lambda x: p.denoise(params0, x), x0)
+        zeros = lambda *shape: jnp.zeros(shape, x0.dtype)  # noqa: E731
+        batch = ddpo_lib.Batch(zeros(T + 1, *x0.shape), zeros(T, *x0.shape), zeros(x0.shape[0]), zeros(*images.shape))
+        return jnp.asarray(0, jnp.int32), key, batch, jnp.asarray(epochs, jnp.int32)
+
+    def estimate(params, carry, key):
+        started, root, batch, age = carry
+        fresh = age >= epochs
+        batch = jax.lax.cond(fresh, lambda b: sample(params, started, root, b), lambda b: b, batch)
+        grad, means = ddpo_lib.policy_gradient(policy, params, batch, fresh, ppo.clip_range)
+        carry = (started + fresh, root, batch._replace(means=means), jnp.where(fresh, 1, age + 1))
+        return carry, Estimate(grad, batch.states, batch.images)
+
+    d = _denoiser_passes(problem)
+    # an update: one vjp per step of θ's network (and a forward pass of θ0's with the KL), one step after
+    # another; a cycle's batch: T sampling steps and the denoiser for the reward images
+    update = Cost(T * (1 + problem.with_kl), T, T)
+    return Method("ddpo", init, estimate, update, Cost(0, 0, 0), Cost(T + d, 0, T + d), epochs)
+
+
 register("finetune-method", "implicit", implicit)
 register("finetune-method", "nested", lambda problem, T, M, kind="full": nested(problem, T, kind=kind))
 register("finetune-method", "truncated-K", lambda problem, T, M, K=1: nested(problem, T, K))
 register("finetune-method", "full-backprop", lambda problem, T, M: full_backprop(problem, T))
+register("finetune-method", "ddpo", lambda problem, T, M, ppo=ddpo_lib.PPO(): ddpo(problem, T, ppo))
 
 
-def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full") -> Method:
-    """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, or a
-    plug-in builder `package.module:function(problem, T, M) -> Method`; `kind` is the adjoint (ADJOINTS):
-    `pipelined` is Algorithm 2's only, `continuous` needs a deterministic sampler and whole paths."""
+def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full",
+                ppo: Optional[ddpo_lib.PPO] = None) -> Method:
+    """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, `ddpo`
+    (with the settings `ppo`, default PPO()), or a plug-in builder `package.module:function(problem, T, M)
+    -> Method`; `kind` is the adjoint (ADJOINTS): `pipelined` is Algorithm 2's only, `continuous` needs a
+    deterministic sampler and whole paths; ddpo differentiates no path (`full`, the default, only)."""
+    if name == "ddpo":
+        if kind != "full":
+            raise UserError(f"--method ddpo differentiates log-probabilities of the sampled transitions, no path: "
+                            f"--adjoint {kind} does not apply (leave --adjoint full)")
+        return registry.get("finetune-method", name)(problem, T, M, ppo=ppo or ddpo_lib.PPO())
     if kind == "pipelined":
         if name != "implicit":
             raise UserError(f"--adjoint pipelined is a queue of adjoint states beside Algorithm 2's queue: it needs "

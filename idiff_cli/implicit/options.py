@@ -19,6 +19,9 @@ DETERMINISTIC_SAMPLERS = ("probability-flow", "ddim")
 SAMPLERS = STOCHASTIC_SAMPLERS + DETERMINISTIC_SAMPLERS
 ADJOINTS = ("full", "pipelined", "continuous")
 FINAL_STEPS = ("tweedie", "none")
+ADVANTAGES = ("normalized", "raw")
+# --method ddpo's own options, with the defaults another method's config keeps (implicit/ddpo.py: PPO)
+DDPO_OPTIONS = {"advantage": "normalized", "clip_range": 0.2, "inner_epochs": 1}
 
 # (M, T, batch) by dataset: the paper's (Tables 2 and 4) and the cpu preset's.
 DATASET_DEFAULTS = {
@@ -40,6 +43,20 @@ def _sampler_checks(cfg: Any) -> None:
     if cfg.sampler in DETERMINISTIC_SAMPLERS and cfg.beta:
         raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
                         "use --beta 0 or a stochastic sampler (euler-maruyama, ddpm)")
+
+
+def _ddpo_checks(cfg: Any) -> None:
+    """--method ddpo's policy is the sampler's chain of Gaussian transitions; its options (at other values
+    than their defaults) belong to it alone."""
+    if cfg.method == "ddpo":
+        if cfg.sampler in DETERMINISTIC_SAMPLERS:
+            raise UserError(f"--method ddpo needs a stochastic sampler (euler-maruyama, ddpm): --sampler {cfg.sampler} "
+                            "is deterministic, its steps have no transition probabilities")
+        return
+    changed = [name for name, default in DDPO_OPTIONS.items() if getattr(cfg, name) != default]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise UserError(f"{flags}: --method ddpo's option(s); --method {cfg.method} does not use them")
 
 
 def _m_divides_t(cfg: Any) -> None:
@@ -78,7 +95,14 @@ SCHEMA = cfglib.Schema(
           "training, grids, eval_reward and periodic FID; `idiff sample` and `idiff evaluate-fid` of the run "
           "denoise as the model's own sampler does.", choices=FINAL_STEPS),
         O("method", str, "implicit", "implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), "
-          "full-backprop, or package.module:builder."),
+          "full-backprop, ddpo (policy gradient with PPO clipping and the KL of DPOK: needs no ∇R; a "
+          "stochastic sampler), or package.module:builder."),
+        O("advantage", str, DDPO_OPTIONS["advantage"], "ddpo: the advantage of a path, λ (R − mean R)/(std R + "
+          "1e-8) over the batch (normalized) or λ R (raw).", choices=ADVANTAGES),
+        O("clip_range", float, DDPO_OPTIONS["clip_range"], "ddpo: PPO clip range ε of the per-step ratios "
+          "π_θ/π_θold (binds from the second update on a batch: --inner-epochs > 1).", positive=True),
+        O("inner_epochs", int, DDPO_OPTIONS["inner_epochs"], "ddpo: outer steps (updates) per sampled batch; a "
+          "new batch under the current θ every E steps.", positive=True),
         O("adjoint", str, "full", "Gradient through the sampler: full (exact discrete adjoint of the completed "
           "batch), pipelined (implicit only: a queue of adjoint states, constant sequential calls with M = T), "
           "or continuous (probability-flow ODE adjoint).", choices=ADJOINTS),
@@ -123,7 +147,7 @@ SCHEMA = cfglib.Schema(
         cfglib.CONFIG_OPTION,
     ),
     presets={"cpu": {}, "paper": {}},
-    checks=(cfglib.check_tracking, _sampler_checks, _m_divides_t, _kl_paths_in_batches,
+    checks=(cfglib.check_tracking, _sampler_checks, _ddpo_checks, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )
 
