@@ -21,8 +21,8 @@ reward, λ, β, lr, T, M and batch, for each seed of --seeds, through the real C
 a subprocess), one run directory each: OUT/<method>/seed<k>. Every method gets the same number of
 image evaluations (`net_evals`: images through a forward or backward pass of θ's or θ0's network,
 warm-up included; the logged KL's and label_kept's passes are apart): its --steps is the whole number
-nearest (budget − warm-up) / per-step evaluations, both from the method's `Cost` built in this process
-for the run's config (methods.make_method via finetune.build). Each run logs on its last row the KL of
+whose evaluations are nearest the budget, from the method's `Cost` as methods.spent totals it (the
+method built in this process for the run's config by finetune.build). Each run logs on its last row the KL of
 --kl-n fresh paths of θ to θ0 (± its standard error), and at step 0 and at its end label_kept (the
 fraction of --label-n fixed-key samples that keep their digit) and eval_reward (the mean reward of
 --grid-n fixed-key samples). Finished runs (finetuned.json final at the planned step) are skipped, an
@@ -72,7 +72,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from idiff_cli.parallel import use_host_cores
 
@@ -84,12 +84,13 @@ import numpy as np  # noqa: E402
 from idiff_cli.diffusion.model import load  # noqa: E402
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.implicit import finetune as F  # noqa: E402
+from idiff_cli.implicit import methods  # noqa: E402
 from idiff_cli.implicit import sharding  # noqa: E402
 from idiff_cli.implicit.options import SCHEMA  # noqa: E402
 from idiff_cli.implicit.report import last  # noqa: E402
 from idiff_cli.runs import atomic_path, read_metrics, save_figure  # noqa: E402
 
-METHODS = "implicit,nested,truncated-1,truncated-4,full-backprop"
+METHODS = "implicit,nested,truncated-1,truncated-4,full-backprop,ddpo"
 DEFAULT_BUDGET = "30x"
 
 
@@ -176,18 +177,14 @@ def per_step(argv: list[str]) -> None:
 
 
 class Plan(NamedTuple):
-    """One method's share of the budget: image evaluations per outer step and of the warm-up, sequential
-    batched calls per outer step (methods.Cost × batch), and the outer steps chosen."""
+    """One method's share of the budget: the outer steps chosen, and the image evaluations (net_evals)
+    and sequential batched calls of the warm-up and of those steps together (methods.spent)."""
 
     method: str
-    per_step: int
-    warmup: int
-    sequential: int
     steps: int
-
-    @property
-    def net_evals(self) -> int:
-        return self.warmup + self.steps * self.per_step
+    warmup: int
+    net_evals: int
+    sequential: int
 
 
 def run_options(args: argparse.Namespace, method: str, seed: int, steps: int) -> dict:
@@ -195,8 +192,8 @@ def run_options(args: argparse.Namespace, method: str, seed: int, steps: int) ->
     KL, label_kept and the fixed-key grid are evaluated at step 0 and at the end only."""
     return dict(from_run=args.from_run, reward=args.reward, lam=args.lam, beta=args.beta, lr=args.lr, T=args.T,
                 M=args.M, batch=args.batch, method=method, seed=seed, steps=steps, log_every=steps,
-                sample_every=steps, ckpt_every=steps, label_every=steps, label_n=args.label_n, kl_n=args.kl_n,
-                grid_n=args.grid_n)
+                sample_every=steps, ckpt_every=steps, kl_n=args.kl_n, grid_n=args.grid_n,
+                **(dict(label_every=steps, label_n=args.label_n) if args.label_n else {}))
 
 
 def command_line(idiff: str, options: dict, out: pathlib.Path) -> list[str]:
@@ -205,14 +202,19 @@ def command_line(idiff: str, options: dict, out: pathlib.Path) -> list[str]:
     return [idiff, "finetune", *flags, "--out", str(out)]
 
 
-def method_cost(options: dict, pre) -> tuple[int, int, int]:
-    """(images per outer step, images of the warm-up, sequential calls per outer step) of the method of
-    `options`, from its Cost as `idiff finetune` builds it for this config (raises UserError as it would)."""
+def spending(options: dict, pre) -> Callable[[int], tuple[int, int]]:
+    """steps -> (net_evals, sequential calls) of the warm-up and `steps` outer steps of the method of
+    `options`, as `idiff finetune` builds it for this config and logs them (methods.spent × batch; raises
+    UserError as the command would)."""
     cfg = F.complete(SCHEMA.resolve(options), pathlib.Path(options["from_run"]), pre)
     bind, _, _ = F.build(cfg, pre)
     _, method = bind(pre.params)
-    c, w = method.cost, method.warmup
-    return (c.forward + c.backward) * cfg.batch, (w.forward + w.backward) * cfg.batch, c.sequential
+
+    def spent(steps: int) -> tuple[int, int]:
+        cost = methods.spent(method, steps)
+        return (cost.forward + cost.backward) * cfg.batch, cost.sequential
+
+    return spent
 
 
 def parse_budget(text: str, nested_per_step: int) -> int:
@@ -227,15 +229,22 @@ def parse_budget(text: str, nested_per_step: int) -> int:
     return round(value)
 
 
-def plan(args: argparse.Namespace, pre, methods: list[str]) -> tuple[int, list[Plan]]:
-    """(budget in image evaluations, one Plan per method): the outer steps whose total evaluations are
-    nearest the budget (at least 1)."""
-    costs = {m: method_cost(run_options(args, m, 0, 1), pre) for m in dict.fromkeys(["nested", *methods])}
-    budget = parse_budget(args.budget, costs["nested"][0])
+def nearest_steps(evals: Callable[[int], int], budget: int) -> int:
+    """The outer steps s ≥ 1 whose evals(s) (non-decreasing) is nearest `budget`."""
+    s = 1
+    while evals(s) < budget:
+        s += 1
+    return s - 1 if s > 1 and budget - evals(s - 1) < evals(s) - budget else s
+
+
+def plan(args: argparse.Namespace, pre, names: list[str]) -> tuple[int, list[Plan]]:
+    """(budget in image evaluations, one Plan per method of `names`)."""
+    spent = {m: spending(run_options(args, m, 0, 1), pre) for m in dict.fromkeys(["nested", *names])}
+    budget = parse_budget(args.budget, spent["nested"](1)[0] - spent["nested"](0)[0])
     plans = []
-    for m in methods:
-        per_step, warmup, sequential = costs[m]
-        plans.append(Plan(m, per_step, warmup, sequential, max(1, round((budget - warmup) / per_step))))
+    for m in names:
+        steps = nearest_steps(lambda s: spent[m](s)[0], budget)
+        plans.append(Plan(m, steps, spent[m](0)[0], *spent[m](steps)))
     return budget, plans
 
 
@@ -361,7 +370,8 @@ def compare(argv: list[str]) -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl-n", type=int, default=64, help="fresh paths of the final KL")
-    parser.add_argument("--label-n", type=int, default=256, help="fixed-key samples of label_kept")
+    parser.add_argument("--label-n", type=int, default=256,
+                        help="fixed-key samples of label_kept (at least 256; 0: not logged, e.g. for a non-MNIST model)")
     parser.add_argument("--grid-n", type=int, default=64, help="fixed-key samples of eval_reward (the reward gain)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     args = parser.parse_args(argv)
@@ -383,11 +393,11 @@ def compare(argv: list[str]) -> None:
     print(f"compare from {args.from_run}: reward {args.reward}, λ={args.lam}, β={args.beta}, lr {args.lr}, "
           f"T={args.T}, M={args.M}, batch {args.batch}, seeds {','.join(map(str, seeds))}; budget {budget} image "
           f"evaluations ({args.budget}) -> {args.out}")
-    print(f"{'method':<16}{'evals/step':>11}{'warm-up':>9}{'steps':>7}{'image evals':>13}{'vs budget':>11}"
-          f"{'seq. calls/step':>17}")
+    print(f"{'method':<16}{'steps':>7}{'warm-up':>9}{'evals/step':>11}{'image evals':>13}{'vs budget':>11}"
+          f"{'seq. calls':>12}")
     for p in plans:
-        print(f"{p.method:<16}{p.per_step:>11}{p.warmup:>9}{p.steps:>7}{p.net_evals:>13}"
-              f"{p.net_evals / budget - 1:>+11.1%}{p.sequential:>17}", flush=True)
+        print(f"{p.method:<16}{p.steps:>7}{p.warmup:>9}{(p.net_evals - p.warmup) / p.steps:>11.0f}{p.net_evals:>13}"
+              f"{p.net_evals / budget - 1:>+11.1%}{p.sequential:>12}", flush=True)
 
     # one compilation cache for the comparison: the first seed of each method compiles its programs, the
     # others read them, whatever was compiled on this machine before
