@@ -116,10 +116,11 @@ def measure(cfg, pre, steps: int, devices: int) -> dict:
     state, (reward, _, _) = chunk(state, params0, steps)
     jax.block_until_ready(reward)
     seconds = (time.perf_counter() - start) / steps
-    c = method.cost
+    # per outer step, averaged over a cycle (ddpo samples a batch every `period` steps)
+    c = [(a - b) / method.period for a, b in zip(methods.spent(method, method.period), methods.spent(method, 0))]
     third = max(1, steps // 3)  # batch-mean reward over the 2·steps outer steps from θ0: first third against last
     gain = float(reward[-third:].mean() - first[:third].mean())
-    return {"method": method.name, "M": cfg.M, "devices": devices, "sequential": c.sequential, "net_evals": (c.forward + c.backward) * cfg.batch,
+    return {"method": method.name, "M": cfg.M, "devices": devices, "sequential": c[2], "net_evals": (c[0] + c[1]) * cfg.batch,
             "seconds": seconds, "gain": gain, "init_s": init_s, "compile_s": first_s - steps * seconds}
 
 
@@ -166,7 +167,7 @@ def per_step(argv: list[str]) -> None:
             first.setdefault((m, a), r)
             n = nested[d]
             per_gain = r["net_evals"] * 2 * args.steps / r["gain"] if r["gain"] > 0 else float("inf")
-            print(f"{r['method']:<20}{r['M']:>4}{d:>4}{r['sequential']:>11}{r['sequential'] / n['sequential']:>10.2f}"
+            print(f"{r['method']:<20}{r['M']:>4}{d:>4}{r['sequential']:>11.0f}{r['sequential'] / n['sequential']:>10.2f}"
                   f"{r['net_evals']:>11.0f}{r['seconds']:>9.3f}{r['seconds'] / n['seconds']:>10.2f}"
                   f"{first[(m, a)]['seconds'] / r['seconds']:>9.2f}{r['gain']:>13.4f}{per_gain:>12.0f}"
                   f"{r['init_s']:>8.0f}{r['compile_s']:>10.0f}", flush=True)
