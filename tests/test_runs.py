@@ -2,6 +2,7 @@
 UserError, the previous files and metrics rows intact, no temporary file left."""
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -49,3 +50,21 @@ def test_other_os_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(runs.os, "replace", denied)
     with pytest.raises(OSError, match="Input/output error"):
         run_dir.write_json("config.json", {})
+
+
+def test_taking_turns_holds_the_lock_for_its_block_and_gives_it_back(tmp_path):
+    path = tmp_path / "cache" / "x.lock"
+
+    def try_lock():
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with runs.taking_turns(path):
+        assert not try_lock()  # another open file (as another process has) must wait
+    assert try_lock()

@@ -34,6 +34,7 @@ import optax
 
 from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.data.embedded import mnist_digits
+from idiff_cli.runs import taking_turns
 
 FEATURE_DIM = 128
 STEPS, BATCH, LEARNING_RATE = 600, 64, 2e-3
@@ -111,8 +112,14 @@ def train(spec: Spec = FID, steps: int = STEPS) -> tuple[dict, float]:
 def load_or_train(directory: pathlib.Path | None = None, spec: Spec = FID) -> tuple[dict, dict]:
     """The cached (params, meta) of classifier `spec` from `directory` (default: cache_dir(spec)),
     training and caching them first when no intact copy is there (a copy without its manifest, e.g.
-    cut short, is set aside). meta: seed, train positions, held-out accuracy."""
-    checkpointer = Checkpointer(directory or cache_dir(spec), keep=1)
+    cut short, is set aside). Processes that need it at once take turns: one trains, the others read
+    its copy. meta: seed, train positions, held-out accuracy."""
+    directory = directory or cache_dir(spec)
+    with taking_turns(directory.parent / f"{directory.name}.lock"):
+        return _load_or_train(Checkpointer(directory, keep=1), spec)
+
+
+def _load_or_train(checkpointer: Checkpointer, spec: Spec) -> tuple[dict, dict]:
     try:
         template = MnistClassifier().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
         found = checkpointer.restore_latest(lambda: template)
