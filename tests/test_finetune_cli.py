@@ -2,7 +2,9 @@
 model: 20 finetuning steps with the brightness reward for λ > 0 (full adjoint, periodic FID) and
 λ < 0 (pipelined adjoint, the reward on x_{t_min}: --final-step none); the logged KL of the current
 θ with its standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule
-(defining options must match, run-time ones may change); bad input -> one line, exit 2."""
+(defining options must match, run-time ones may change); --method ddpo with the non-differentiable
+compressibility reward (a batch per 3 outer steps, resumed mid-cycle) and with digit:7; bad input ->
+one line, exit 2."""
 
 import json
 import shutil
@@ -33,6 +35,13 @@ def finetune_into(pretrained, out, *args):
     result = invoke("finetune", "--from", pretrained, *TINY_FINETUNE, *args, "--out", out)
     assert result.exit_code == 0, result.output
     return out
+
+
+# ddpo, 4 outer steps on batches of 3 (steps 1-3 update on slot 0's batch, step 4 samples slot 1): the
+# checkpoint at step 2 lies inside a cycle
+DDPO = ["--method", "ddpo", "--reward", "compressibility", "--inner-epochs", "3", "--T", "2", "--M", "2", "--batch", "4",
+        "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "4", "--grid-n", "4", "--kl-n", "4",
+        "--lr", "0.01", "--beta", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +255,17 @@ def wrong_shape(x):
                                        "RuntimeError: broken reward"),
     (["--reward", "ft_plugin:wrong_shape"], "error: reward 'ft_plugin:wrong_shape' must map images [B, H, W, C] "
                                             "to [B] rewards; on a batch of shape (2, 28, 28, 1) it returned shape (2, 1)"),
-    (["--reward", "sparkle"], "error: unknown image-reward 'sparkle'; valid choices: brightness, red"),
+    (["--reward", "sparkle"], "error: unknown image-reward 'sparkle'; valid choices: brightness, compressibility, "
+                              "digit:N, incompressibility, red, or package.module:function"),
+    (["--reward", "compressibility"], "error: reward 'compressibility' is not differentiable: --method implicit "
+                                      "needs ∇R; use --method ddpo"),
+    (["--method", "ddpo", "--sampler", "probability-flow", "--beta", "0"],
+     "error: --method ddpo needs a stochastic sampler (euler-maruyama, ddpm): --sampler probability-flow"),
+    (["--method", "ddpo", "--adjoint", "pipelined"], "error: --method ddpo differentiates log-probabilities"),
+    (["--method", "ddpo", "--clip-range", "0"], "error: --clip-range must be > 0"),
+    (["--method", "ddpo", "--inner-epochs", "0"], "error: --inner-epochs must be > 0"),
+    (["--method", "nested", "--inner-epochs", "2", "--advantage", "raw"],
+     "error: --advantage, --inner-epochs: --method ddpo's option(s); --method nested does not use them"),
     (["--M", "3", "--T", "8"], "error: --M (3) must divide --T (8)"),
     (["--method", "sideways"], "error: unknown finetune-method 'sideways'; valid choices:"),
     (["--method", "nested", "--adjoint", "pipelined"], "error: --adjoint pipelined is a queue of adjoint states"),
@@ -267,3 +286,57 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tiny_pretrain, tmp_
     assert not (tmp_path / "run").exists()
 
 
+
+
+@pytest.fixture(scope="module")
+def ddpo_run(tiny_pretrain, tmp_path_factory):
+    return finetune_into(tiny_pretrain, tmp_path_factory.mktemp("ddpo") / "compressibility", *DDPO)
+
+
+@pytest.mark.slow  # a 4-step ddpo run, shared with the resume test
+def test_ddpo_with_the_jpeg_reward_writes_the_usual_outputs_and_counts_its_cycles(ddpo_run):
+    """--method ddpo --reward compressibility (a host callback with no gradient) through the CLI: the
+    rows, KL, grids, checkpoints and weights of every method. Steps 1-3 update on one batch (the same
+    rewarded images: the same reward_mean, a negative JPEG size in kB), step 4 on the next. Declared passes
+    at T = 2, batch 4, β > 0, Tweedie d = 1: an update is 2T forward (θ's and θ0's) and T backward = 6, a
+    batch T + d = 3 forward, so net_evals = 4 · (6 s + 3 ⌈s/3⌉) and sequential_calls = 2 s + 3 ⌈s/3⌉."""
+    metrics = rows(ddpo_run)
+    train = [r for r in metrics if "reward_mean" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    rewards = [r["reward_mean"] for r in train]
+    assert rewards[0] == rewards[1] == rewards[2] != rewards[3] and max(rewards) < 0, rewards
+    assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train)
+    assert [r["net_evals"] for r in metrics] == [0, 36, 60, 84, 120]
+    assert [r["sequential_calls"] for r in metrics] == [0, 5, 7, 9, 14]
+    assert [r["step"] for r in metrics if "kl" in r] == [0, 1, 2, 3, 4]
+    config = json.loads((ddpo_run / "config.json").read_text())
+    assert (config["method"], config["reward"], config["inner_epochs"], config["clip_range"], config["advantage"]) == \
+        ("ddpo", "compressibility", 3, 0.2, "normalized")
+    assert sorted(p.name for p in (ddpo_run / "samples").glob("*.png")) == ["step_000000.png", "step_000004.png"]
+    assert {p.name for p in (ddpo_run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
+    assert (ddpo_run / "checkpoints" / "4").is_dir() and (ddpo_run / "weights" / "4").is_dir()
+
+
+@pytest.mark.slow  # shares the 4-step ddpo run
+def test_ddpo_resumed_inside_a_cycle_logs_the_uninterrupted_rows(ddpo_run, tiny_pretrain, tmp_path):
+    """Checkpoint 2 holds the carry in the middle of a cycle (slot 0's batch, its old means, 2 of its 3
+    updates done): resumed there, step 3 updates on that batch and step 4 samples slot 1, exactly as
+    the uninterrupted run."""
+    run = tmp_path / "ddpo"
+    shutil.copytree(ddpo_run, run)
+    shutil.rmtree(run / "checkpoints" / "4")
+    shutil.rmtree(run / "weights" / "4")
+    finetune_into(tiny_pretrain, run, *DDPO)
+    assert without_wall(rows(run)) == without_wall(rows(ddpo_run))
+
+
+@pytest.mark.slow  # a 2-step ddpo run
+def test_ddpo_runs_the_classifier_reward_digit_7(tiny_pretrain, tmp_path):
+    """--method ddpo --reward digit:7 (the log-probability of class 7 under the MNIST classifier) runs
+    through the CLI: finite log-probabilities (< 0) and gradients on every row."""
+    run = finetune_into(tiny_pretrain, tmp_path / "digit", "--method", "ddpo", "--reward", "digit:7", "--T", "2",
+                        "--M", "2", "--batch", "4", "--steps", "2", "--log-every", "1", "--ckpt-every", "2",
+                        "--sample-every", "2", "--grid-n", "4", "--kl-n", "4")
+    train = [r for r in rows(run) if "reward_mean" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["reward_mean"] < 0 and np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train), train

@@ -81,8 +81,9 @@ SCHEMA = cfglib.Schema(
     (
         O("from_run", "path", None, "An `idiff pretrain` run directory.", flags=("--from",),
           rule="the most recent run under runs/ holding pretrained.json"),
-        O("reward", str, "brightness", "Reward R(x) on images [B,H,W,C] in [-1,1]: brightness, red, or "
-          "package.module:function.", choices="image-reward"),
+        O("reward", str, "brightness", "Reward R(x) on images [B,H,W,C] in [-1,1]: brightness, red, digit:N "
+          "(log p(N | x) under the MNIST classifier), compressibility / incompressibility (∓ JPEG kB at quality "
+          "95; not differentiable: --method ddpo only), or package.module:function.", choices="image-reward"),
         O("lam", float, 10.0, "Reward weight λ in F = −λ E R + β KL; negative λ lowers the reward.",
           flags=("--lambda",)),
         O("beta", float, 0.1, "KL weight β. The penalty is the Girsanov KL between the sampler's path measures "
@@ -100,9 +101,10 @@ SCHEMA = cfglib.Schema(
         O("advantage", str, DDPO_OPTIONS["advantage"], "ddpo: the advantage of a path, λ (R − mean R)/(std R + "
           "1e-8) over the batch (normalized) or λ R (raw).", choices=ADVANTAGES),
         O("clip_range", float, DDPO_OPTIONS["clip_range"], "ddpo: PPO clip range ε of the per-step ratios "
-          "π_θ/π_θold (binds from the second update on a batch: --inner-epochs > 1).", positive=True),
+          "π_θ/π_θold (Schulman et al.'s 0.2; it binds from the second update on a batch, --inner-epochs > 1: "
+          "the first has ratio 1).", positive=True),
         O("inner_epochs", int, DDPO_OPTIONS["inner_epochs"], "ddpo: outer steps (updates) per sampled batch; a "
-          "new batch under the current θ every E steps.", positive=True),
+          "new batch is sampled under the current θ every --inner-epochs outer steps.", positive=True),
         O("adjoint", str, "full", "Gradient through the sampler: full (exact discrete adjoint of the completed "
           "batch), pipelined (implicit only: a queue of adjoint states, constant sequential calls with M = T), "
           "or continuous (probability-flow ODE adjoint).", choices=ADJOINTS),
