@@ -71,10 +71,10 @@ class Estimate(NamedTuple):
 
 
 class Cost(NamedTuple):
-    """Network passes per outer step (or for the warm-up), in batches of B images; net_evals is
-    (forward + backward) × B. tests/test_implicit_cost.py counts the images every pass of the network
-    processes and checks these numbers against the count for every method and adjoint, with and
-    without the KL term.
+    """Network passes of an outer step (or of the warm-up, or of ddpo's batch per cycle: Method), in
+    batches of B images; net_evals is (forward + backward) × B. tests/test_implicit_cost.py counts the
+    images every pass of the network processes and checks these numbers against the count for every
+    method and adjoint, with and without the KL term.
 
     forward: batches through a forward pass of θ's network (sampling steps; the forward half of each
     vjp; with paths.tweedie, the Tweedie denoiser, once inside the terminal cost's vjp and once for the
