@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import pathlib
+import sys
 from typing import Annotated, Any, Callable, Optional
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.parallel import lost_peer, use_host_cores
 
 use_host_cores()  # before JAX starts: one XLA host device per CPU core
 
@@ -56,7 +58,8 @@ COMMANDS = (
 
 def user_errors(fn: Callable) -> Callable:
     """Turns UserError into one line on stderr and exit code 2; a run stopped by a signal into its
-    message and 128 + the signal's number; Ctrl-C elsewhere into exit code 130."""
+    message and 128 + the signal's number; Ctrl-C elsewhere into exit code 130; a collective of a
+    multi-process run that failed (another process ended) into one line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -71,6 +74,15 @@ def user_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted: files written so far are complete and kept", err=True)
             raise typer.Exit(130) from None
+        except Exception as e:
+            reason = lost_peer(e)
+            if reason is None:
+                raise
+            typer.echo(f"error: {reason}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # exit now: jax.distributed's shutdown barrier at exit would wait for the lost process and abort
+            os._exit(1)
 
     return wrapper
 

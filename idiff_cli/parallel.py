@@ -77,6 +77,18 @@ def initialize_distributed_from_env() -> bool:
     return False
 
 
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a JAX runtime error in a multi-process run, where it means a collective failed,
+    most often because another process of the cluster ended (gloo: "Connection reset by peer"); None
+    for any other error, or before JAX started."""
+    jax = sys.modules.get("jax")
+    if jax is None or type(error).__name__ != "JaxRuntimeError" or jax.process_count() == 1:
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"process {jax.process_index()} of {jax.process_count()} stopped: {first} -- if another process "
+            "of the run ended, re-run the same command on every process: it resumes from the last checkpoint")
+
+
 def batch_mesh(axis: str = "batch"):
     """A 1-D mesh over every device of every process (the global batch is split over it)."""
     import jax

@@ -146,9 +146,10 @@ def test_two_processes_give_the_single_process_run_and_only_process_0_writes(tin
 
 @pytest.mark.slow
 def test_a_killed_process_makes_the_other_exit_with_an_error_in_bounded_time(tiny_pretrain, tmp_path):
-    """Process 1 is SIGKILLed once rows are logged; process 0 fails in its next collective and the
-    coordination service's heartbeat (IDIFF_HEARTBEAT_TIMEOUT_S=10 here; 100 s by default) ends it:
-    within 60 s."""
+    """Process 1 is SIGKILLed once rows are logged; process 0 fails in its next collective (gloo: the
+    connection is reset) and ends with one line and exit code 1, or, blocked elsewhere, when the
+    coordination service misses process 1's heartbeat (IDIFF_HEARTBEAT_TIMEOUT_S=10 here; 100 s by
+    default): within 60 s either way."""
     out = tmp_path / "procs"
     procs = cluster(["finetune", "--from", tiny_pretrain, *TINY, "--steps", "400", "--sample-every", "400",
                      "--ckpt-every", "400"], out, IDIFF_HEARTBEAT_TIMEOUT_S="10")
@@ -162,4 +163,8 @@ def test_a_killed_process_makes_the_other_exit_with_an_error_in_bounded_time(tin
     procs[1].communicate()
     assert procs[0].returncode != 0
     assert time.monotonic() - killed < 60
-    assert any(m in output for m in ("Gloo", "heartbeat", "another task died")), output[-3000:]
+    if procs[0].returncode == 1:  # the collective failed: one line, no traceback
+        assert "Traceback" not in output, output[-3000:]
+        assert output.strip().splitlines()[-1].startswith("error: process 0 of 2 stopped: "), output[-3000:]
+    else:  # the coordination service ended it
+        assert any(m in output for m in ("heartbeat", "another task died")), output[-3000:]
