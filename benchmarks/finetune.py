@@ -20,43 +20,46 @@ Comparison (`compare`). Every method of --methods finetunes the same pretrained 
 reward, λ, β, lr, T, M and batch, for each seed of --seeds, through the real CLI (`idiff finetune` in
 a subprocess), one run directory each: OUT/<method>/seed<k>. Every method gets the same number of
 image evaluations (`net_evals`: images through a forward or backward pass of θ's or θ0's network,
-warm-up included; the logged KL's and label_kept's passes are apart): its --steps is the whole number
-whose evaluations are nearest the budget, from the method's `Cost` as methods.spent totals it (the
-method built in this process for the run's config by finetune.build). Each run logs on its last row the KL of
---kl-n fresh paths of θ to θ0 (± its standard error), and at step 0 and at its end label_kept (the
-fraction of --label-n fixed-key samples that keep their digit) and eval_reward (the mean reward of
---grid-n fixed-key samples). Finished runs (finetuned.json final at the planned step) are skipped, an
-interrupted run resumes from its last checkpoint (here: its start, every run being one checkpointed
-chunk), so the same command continues a stopped comparison. Then per method, mean (min..max) over
-the seeds:
+warm-up included; the passes of the logged KL, grids and labels are apart): its --steps is the whole
+number whose net_evals is nearest the budget, from the method's `Cost` totalled by methods.spent (the
+method built in this process for the run's config by finetune.build, as the run logs it). --budget is
+in image evaluations (e.g. 20000) or in outer steps of `nested` at the run's size (e.g. 120x). Every
+cadence of a run is its --steps: it is one chunk, with the KL of --kl-n fresh paths of θ to θ0
+(± its standard error), label_kept (--label-n fixed-key samples keeping their digit) and eval_reward
+(the mean reward of --grid-n fixed-key samples) at step 0 and at the end. A finished run
+(finetuned.json final at the planned step) is skipped; an interrupted one starts again (Ctrl-C stops
+the comparison with exit code 130), so the same command continues a stopped comparison. The runs
+share the compilation cache OUT/jax-cache. Then per method, mean (min..max) over the seeds:
 
   reward gain   eval_reward at the end minus at step 0: the same --grid-n noise keys under θ_final
                 and θ0, a paired difference, less noisy than the training batches' reward_mean
                 (8 images per step, from a moving θ)
   KL            the Girsanov path KL of θ_final to θ0 on --kl-n fresh paths, ± the standard error of
-                the seed mean
+                the seed mean (√(Σ kl_se²)/n)
   label kept    label_kept at the end (1 at step 0 by definition)
-  wall s        the run's own clock (wall_s of its last row): compiling the outer step, the outer
-                steps and the last KL evaluation; not the warm-up, the grids or the labels
+  wall s        the run's own clock (wall_s of its last row): compiling the outer step (the first seed
+                of a method; the others read the cache), the outer steps and the last KL evaluation;
+                not the warm-up, the grids or the labels
   seq. calls    sequential batched network calls, cumulative, warm-up included
   image evals   net_evals at the end
-printed as a markdown table and written to OUT/comparison.md, the per-run numbers to
+as a markdown table, printed and written to OUT/comparison.md, the plan and per-run numbers to
 OUT/comparison.json, the figure OUT/comparison.png (left: the training batches' reward against image
 evaluations, seed mean of a trailing moving average over a tenth of each run's steps, band min..max
 over seeds, dots the fixed-key eval_reward; right: reward gain against the final KL, one point per
 run), and `idiff report` of all runs against net_evals into OUT/report/.
 
---budget is in image evaluations (e.g. 20000) or in outer steps of `nested` at the run's size (e.g.
-30x: 30 × nested's per-step evaluations, 19,920 at the cpu preset). The default 30x gives, at the cpu
-preset with β > 0 (images per outer step: implicit and nested 664, truncated-1 184, truncated-4 280,
-full-backprop 792; implicit's warm-up 192): implicit 30, nested 30, truncated-1 108, truncated-4 71,
-full-backprop 25 outer steps. Expected time of the default comparison on the reference machine
-(2 CPU cores, the 6 methods × 2 seeds): see benchmarks/README.md.
+The default budget, 120x = 79,680 image evaluations at the cpu preset with β > 0, gives implicit 120
+outer steps (664 images each, 192 for the warm-up), nested 120 (664), truncated-1 433 (184),
+truncated-4 285 (280), full-backprop 101 (792), ddpo 153 (520, --inner-epochs 1). Expected time of
+the 6 methods × 2 seeds on the reference machine (2 CPU cores): ≈ 45 min when it is quiet, from
+2-step timings of each method (outer steps 31.5 min: 0.31–1.82 s per outer step, ≈ 950 s per seed)
+and ≈ 70 s per run for everything else (process start, warm-up, compiling, grids, KL, 3 × 256
+label samples; 13–15 min in all); ≈ 60 min at a load of 4 (benchmarks/README.md).
 
 Usage: python benchmarks/finetune.py [--from RUN_DIR] [--T 16] [--M 4] [--batch 8] [--beta 0.1] [--steps 6]
                                      [--variants ...] [--devices 1,2]
        python benchmarks/finetune.py compare --from RUN_DIR --out DIR [--methods implicit,nested,...]
-                                     [--seeds 0,1] [--budget 30x] [--T 16] [--M 4] [--batch 8] [--dry-run]
+                                     [--seeds 0,1] [--budget 120x] [--T 16] [--M 4] [--batch 8] [--dry-run]
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ from idiff_cli.implicit.report import last  # noqa: E402
 from idiff_cli.runs import atomic_path, read_metrics, save_figure  # noqa: E402
 
 METHODS = "implicit,nested,truncated-1,truncated-4,full-backprop,ddpo"
-DEFAULT_BUDGET = "30x"
+DEFAULT_BUDGET = "120x"
 
 
 def measure(cfg, pre, steps: int, devices: int) -> dict:
@@ -223,7 +226,7 @@ def parse_budget(text: str, nested_per_step: int) -> int:
     try:
         value = float(text[:-1]) * nested_per_step if text.endswith("x") else int(text)
     except ValueError:
-        raise UserError(f"--budget takes image evaluations (e.g. 20000) or outer steps of nested (e.g. 30x), "
+        raise UserError(f"--budget takes image evaluations (e.g. 20000) or outer steps of nested (e.g. 120x), "
                         f"got {text!r}") from None
     if value <= 0:
         raise UserError(f"--budget must be positive, got {text!r}")
@@ -353,6 +356,17 @@ def comparison_figure(runs: dict[str, list[pathlib.Path]], summaries: dict[str, 
     return fig
 
 
+def run_child(argv: list[str], env: dict) -> int:
+    """Runs `argv` to its end and returns its exit code. Ctrl-C reaches the child too (same process
+    group): the parent keeps waiting while the child saves its checkpoint and exits."""
+    with subprocess.Popen(argv, env=env) as child:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue
+
+
 def compare(argv: list[str]) -> None:
     """The `compare` mode (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="benchmarks/finetune.py compare", description=__doc__,
@@ -362,7 +376,7 @@ def compare(argv: list[str]) -> None:
     parser.add_argument("--methods", default=METHODS, help="comma-separated `idiff finetune --method` values")
     parser.add_argument("--seeds", default="0,1", help="comma-separated --seed values, one run per method each")
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
-                        help="image evaluations per run (e.g. 20000) or outer steps of nested (e.g. 30x)")
+                        help="image evaluations per run (e.g. 20000) or outer steps of nested (e.g. 120x)")
     parser.add_argument("--T", type=int, default=16)
     parser.add_argument("--M", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
@@ -419,7 +433,7 @@ def compare(argv: list[str]) -> None:
             print("$ " + shlex.join(argv_run), flush=True)
             if args.dry_run:
                 continue
-            rc = subprocess.run(argv_run, env=env).returncode
+            rc = run_child(argv_run, env)
             if rc in (130, -2):  # Ctrl-C: the run saved its checkpoint; stop the comparison
                 raise SystemExit(130)
             if rc:
