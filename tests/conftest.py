@@ -13,9 +13,11 @@ import pathlib
 import pytest
 
 from idiff_cli.runs import taking_turns
+from suite_env import xla_flags
 
-# Before JAX starts: expose two CPU devices, as the `idiff` CLI does on a 2-core machine.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Before JAX starts: expose two CPU devices, as the `idiff` CLI does on a 2-core machine (suite_env.py:
+# and compile at XLA's backend optimisation level 0).
+os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 
 # A U-Net small enough to compile in seconds: 8 channels, two resolutions, attention at 14×14.
 TINY_UNET = ["--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "14"]

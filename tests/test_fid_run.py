@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from idiff_cli.cli import app
+from suite_env import xla_flags
 
 
 def invoke(*args):
@@ -70,7 +71,7 @@ def test_features_and_fid_do_not_depend_on_the_device_count(tiny_pretrain, tmp_p
     assert invoke("evaluate-fid", whole, *args).exit_code == 0
     one = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "evaluate-fid",
                           str(resumed), "--n", "4", *args[2:]], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                         env={**os.environ, "XLA_FLAGS": xla_flags(1)})
     assert one.returncode == 0, one.stderr
     assert invoke("evaluate-fid", resumed, *args).exit_code == 0
     tag = "fid/mnist-classifier-ckpt2-euler-maruyama-2steps-b4-seed0"

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from suite_env import xla_flags
 
 from idiff_cli.errors import UserError
 from idiff_cli.implicit import sharding
@@ -28,12 +29,13 @@ TINY = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "5", "--log-every", "
         "--ckpt-every", "5", "--grid-n", "4", "--kl-n", "4", "--lr", "0.01"]
 METHODS = {"implicit": ["--method", "implicit"], "pipelined": ["--method", "implicit", "--adjoint", "pipelined"],
            "nested": ["--method", "nested"]}
-# Runs `idiff finetune` for --devices 1 and 2 in one process (θ0 cast to `dtype`), prints the largest
-# relative differences of the logged metrics and of the final θ between the two
+# Runs `idiff finetune` for --devices 1 and 2 in one process (θ0 cast to `dtype`) for each method given as
+# a JSON {name: flags}, prints per method the largest relative differences of the logged metrics and of
+# the final θ between the two
 SCRIPT = """
 import dataclasses, json, pathlib, sys
 import jax, numpy as np
-dtype, pre, out, *args = sys.argv[1:]
+dtype, pre, out, methods, *args = sys.argv[1:]
 jax.config.update("jax_enable_x64", dtype == "float64")
 from idiff_cli.implicit import finetune as F
 from idiff_cli.cli import app
@@ -42,22 +44,24 @@ def cast(path):
     m = load(path)
     return dataclasses.replace(m, params=jax.tree.map(lambda x: np.asarray(x, dtype), m.params))
 F.load = cast
-states, main = [], F.main
-F.main = lambda cfg, out: states.append(main(cfg, out))
-for n in (1, 2):
-    app(["finetune", "--from", pre, *args, "--devices", str(n), "--out", f"{out}/d{n}"], standalone_mode=False)
-rows = [[json.loads(l) for l in open(f"{out}/d{n}/metrics.jsonl")] for n in (1, 2)]
-keys = ("reward_mean", "grad_norm", "kl")
+main = F.main
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-300))
-metrics = max(rel([r.get(k, 0.0) for r in rows[0]], [r.get(k, 0.0) for r in rows[1]]) for k in keys)
-flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(s.params)]) for s in states]
-theta = rel(*flat)  # on θ's scale: some leaves (zero-gradient biases) stay at rounding-noise size
-print(json.dumps({"metrics": metrics, "theta": theta, "dtype": str(jax.tree.leaves(states[1].params)[0].dtype),
-                  "steps": len(rows[0]) - 1}))
+for name, flags in json.loads(methods).items():
+    states = []
+    F.main = lambda cfg, out: states.append(main(cfg, out))
+    for n in (1, 2):
+        app(["finetune", "--from", pre, *args, *flags, "--devices", str(n), "--out", f"{out}/{name}/d{n}"],
+            standalone_mode=False)
+    rows = [[json.loads(l) for l in open(f"{out}/{name}/d{n}/metrics.jsonl")] for n in (1, 2)]
+    metrics = max(rel([r.get(k, 0.0) for r in rows[0]], [r.get(k, 0.0) for r in rows[1]])
+                  for k in ("reward_mean", "grad_norm", "kl"))
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(s.params)]) for s in states]
+    theta = rel(*flat)  # on θ's scale: some leaves (zero-gradient biases) stay at rounding-noise size
+    print(json.dumps({"method": name, "metrics": metrics, "theta": theta, "steps": len(rows[0]) - 1,
+                      "dtype": str(jax.tree.leaves(states[1].params)[0].dtype)}))
 """
-
 
 def cli(*args, env=None):
     return subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *map(str, args)],
@@ -78,7 +82,7 @@ def free_port() -> int:
 def cluster(args, out, **env):
     """Two processes of one device each, joined by jax.distributed on 127.0.0.1 (gloo)."""
     port = free_port()
-    return [cli(*args, "--out", out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    return [cli(*args, "--out", out, env={"XLA_FLAGS": xla_flags(1),
                                           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                           "JAX_PROCESS_ID": str(i), **env}) for i in range(2)]
 
@@ -110,27 +114,26 @@ def test_an_explicit_device_count_that_cannot_divide_the_batch_is_one_line(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, dtype, bounds", [("implicit", "float64", (1e-10, 1e-10)),
-                                                   ("pipelined", "float64", (1e-10, 1e-10)),
-                                                   ("nested", "float64", (1e-10, 1e-10)),
-                                                   ("implicit", "float32", (1e-5, 1e-3))])
-def test_two_devices_give_the_trajectory_of_one(method, dtype, bounds, tiny_pretrain, tmp_path):
+@pytest.mark.parametrize("dtype, methods, bounds", [("float64", ("implicit", "pipelined", "nested"), (1e-10, 1e-10)),
+                                                    ("float32", ("implicit",), (1e-5, 1e-3))])
+def test_two_devices_give_the_trajectory_of_one(dtype, methods, bounds, tiny_pretrain, tmp_path):
     """5 outer steps with the KL term (β = 0.1): the logged reward, gradient norm and KL of every step
-    and the final θ, 2 host devices against 1."""
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, dtype, str(tiny_pretrain), str(tmp_path),
-                           *TINY, *METHODS[method]], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    and the final θ, 2 host devices against 1, for each method (one process per dtype)."""
+    chosen = json.dumps({name: METHODS[name] for name in methods})
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, dtype, str(tiny_pretrain), str(tmp_path), chosen, *TINY],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (found["dtype"], found["steps"]) == (dtype, 5)
-    assert found["metrics"] < bounds[0] and found["theta"] < bounds[1], found
+    found = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    assert [(f["method"], f["dtype"], f["steps"]) for f in found] == [(m, dtype, 5) for m in methods]
+    for f in found:
+        assert f["metrics"] < bounds[0] and f["theta"] < bounds[1], f
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_run_and_only_process_0_writes(tiny_pretrain, tmp_path):
     args = ["finetune", "--from", tiny_pretrain, *TINY]
     single = cli(*args, "--devices", 1, "--out", tmp_path / "one",
-                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                 env={"XLA_FLAGS": xla_flags(1)})
     procs = cluster(args, tmp_path / "procs")
     outputs = [p.communicate(timeout=900)[0] for p in (single, *procs)]
     assert [p.returncode for p in (single, *procs)] == [0, 0, 0], outputs

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import TINY_UNET
+from suite_env import xla_flags
 from typer.testing import CliRunner
 
 from idiff_cli.cli import app
@@ -149,7 +150,7 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     import socket
 
     args = ["pretrain", "mnist", *TINY, "--steps", 4, "--ckpt-every", 4, "--sample-every", 4]
-    single = cli(*args, "--out", tmp_path / "one", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    single = cli(*args, "--out", tmp_path / "one", env={"XLA_FLAGS": xla_flags(1)})
     output = single.communicate(timeout=900)[0]
     assert single.returncode == 0, output
     assert "on 1 device(s) / 1 process(es)" in output
@@ -162,7 +163,7 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [cli(*args, "--out", tmp_path / "procs",
-                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                 env={"XLA_FLAGS": xla_flags(1),
                       "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                       "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
