@@ -12,19 +12,15 @@ import os
 import sys
 
 _FLAG = "--xla_force_host_platform_device_count"
-# Host devices meet in each collective (the gradient all-reduce); XLA:CPU aborts the process when one
-# waits for the others longer than 40 s, which a loaded machine can cause by descheduling a device's
-# thread (seen here once, in a finetune run on 2 busy cores). Ten minutes still ends a real hang.
-COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 
 def use_host_cores(count: int | None = None) -> None:
-    """Exposes `count` (default: all) CPU cores as XLA host devices, with COLLECTIVE_TIMEOUT. Must run
-    before JAX starts; a no-op if JAX is already imported or the user set the device count."""
+    """Exposes `count` (default: all) CPU cores as XLA host devices. Must run before JAX starts;
+    a no-op if JAX is already imported or the user set the flag."""
     if "jax" in sys.modules or _FLAG in os.environ.get("XLA_FLAGS", ""):
         return
     count = count or min(os.cpu_count() or 1, 8)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}={count} {COLLECTIVE_TIMEOUT}").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}={count}").strip()
 
 
 def seed_mesh(n: int, axis: str = "seeds"):

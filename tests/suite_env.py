@@ -5,15 +5,12 @@ XLA's backend (LLVM) optimisation level is 0 in the suite: its programs are tiny
 costs more than running them, and level 0 compiles a tiny U-Net's finetuning step in about 30 % less
 time. Programs compiled at level 0 compute the same operations (the HLO passes, fusion and the
 convolution kernels are unchanged; the generated loops are less optimised), so the oracle tests hold
-as they would at XLA's default; the CLI and the benchmarks keep that default. The collective timeout
-is the CLI's (parallel.COLLECTIVE_TIMEOUT): two workers and their subprocesses share the two cores.
+as they would at XLA's default; the CLI and the benchmarks keep that default.
 """
-
-from idiff_cli.parallel import COLLECTIVE_TIMEOUT
 
 BACKEND_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a suite process with `devices` CPU host devices (and the CLI's collective timeout)."""
-    return f"--xla_force_host_platform_device_count={devices} {BACKEND_FLAGS} {COLLECTIVE_TIMEOUT}"
+    """XLA_FLAGS for a suite process with `devices` CPU host devices."""
+    return f"--xla_force_host_platform_device_count={devices} {BACKEND_FLAGS}"
