@@ -5,6 +5,7 @@ offline, where the optional extra is installed."""
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -69,7 +70,9 @@ def test_weights_and_biases_offline_resumes_the_same_wandb_run(tmp_path, monkeyp
     first = json.loads((out / "wandb.json").read_text())
     run(out, steps=12, wandb="idiff-test")
     assert json.loads((out / "wandb.json").read_text()) == first
-    runs = [p.name for p in (out / "wandb").iterdir() if p.name.startswith("offline-run-")]
-    assert runs and all(name.endswith(first["id"]) for name in runs), runs
+    # offline-run-<start time>-<run id>, with -1, -2… when two sessions start in the same second
+    runs = [re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+?)(-\d+)?", p.name)
+            for p in (out / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert len(runs) == 2 and all(m and m.group(1) == first["id"] for m in runs), runs
     history = [p for p in (out / "wandb").rglob("*.wandb")]
     assert history and all(os.path.getsize(p) > 0 for p in history)
