@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax import enable_x64
 
-from idiff_cli.implicit import ddpo, finetune, methods, options
+from idiff_cli.implicit import ddpo, finetune, methods
 from implicit_gaussian import SDE, chain_moments, draw, path_kl, paths, score, theta
 
 T, B, G = 4, 4000, 50
@@ -228,9 +228,3 @@ def test_normalized_advantages_have_mean_0_and_std_lambda(lam):
     np.testing.assert_allclose([a.mean(), a.std()], [0.0, abs(lam)], atol=1e-6)
     assert np.all(np.argsort(a) == np.argsort(lam * np.asarray(r)))
     np.testing.assert_allclose(ddpo.advantages(r, "raw", lam), lam * r)
-
-
-def test_ppo_defaults_are_the_options_defaults():
-    """options.py (JAX-free) keeps the defaults --method ddpo's options take; ddpo.PPO() is the same."""
-    assert ddpo.PPO()._asdict() == options.DDPO_OPTIONS
-    assert ddpo.ADVANTAGES == options.ADVANTAGES

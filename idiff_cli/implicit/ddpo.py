@@ -53,18 +53,18 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.implicit import girsanov
+from idiff_cli.implicit.options import DDPO_OPTIONS
 
-ADVANTAGES = ("normalized", "raw")
 NORMALIZE_EPS = 1e-8  # DDPO's (r − mean)/(std + 1e-8)
 
 
 class PPO(NamedTuple):
-    """The settings of `--method ddpo`: advantage ∈ ADVANTAGES, clip range ε > 0 of the ratios, inner
+    """The settings of `--method ddpo`: advantage ∈ options.ADVANTAGES, clip range ε > 0 of the ratios, inner
     epochs E ≥ 1 (updates per sampled batch)."""
 
-    advantage: str = "normalized"
-    clip_range: float = 0.2
-    inner_epochs: int = 1
+    advantage: str = DDPO_OPTIONS["advantage"]
+    clip_range: float = DDPO_OPTIONS["clip_range"]
+    inner_epochs: int = DDPO_OPTIONS["inner_epochs"]
 
 
 class Policy(NamedTuple):

@@ -40,6 +40,7 @@ from idiff_cli import registry
 from idiff_cli.errors import UserError
 from idiff_cli.implicit import adjoint, ddpo as ddpo_lib, pipeline
 from idiff_cli.implicit import queue as queue_lib
+from idiff_cli.implicit.options import ADVANTAGES
 from idiff_cli.implicit.paths import SamplerPaths
 from idiff_cli.registry import register
 
@@ -132,9 +133,6 @@ def _step_cost(problem: Problem, sampling: int, n_adjoint: int, sequential: int)
 
 def _images(problem: Problem, params, states):
     return problem.paths.denoise(params, states[-1])
-
-
-ADJOINTS = ("full", "pipelined", "continuous")
 
 
 def _path_gradient(problem: Problem, kind: str, n_steps: int) -> Callable:
@@ -263,8 +261,8 @@ def ddpo(problem: Problem, T: int, ppo: ddpo_lib.PPO = ddpo_lib.PPO()) -> Method
     if problem.policy is None:
         raise UserError("--method ddpo needs a stochastic sampler (euler-maruyama, ddpm): its policy is the chain "
                         "of Gaussian transitions")
-    if ppo.advantage not in ddpo_lib.ADVANTAGES or ppo.clip_range <= 0 or ppo.inner_epochs < 1:
-        raise UserError(f"--method ddpo needs --advantage in {', '.join(ddpo_lib.ADVANTAGES)}, --clip-range > 0 and "
+    if ppo.advantage not in ADVANTAGES or ppo.clip_range <= 0 or ppo.inner_epochs < 1:
+        raise UserError(f"--method ddpo needs --advantage in {', '.join(ADVANTAGES)}, --clip-range > 0 and "
                         f"--inner-epochs >= 1; got {ppo.advantage}, {ppo.clip_range}, {ppo.inner_epochs}")
     p, policy, epochs = problem.paths, problem.policy, ppo.inner_epochs
 
@@ -308,7 +306,7 @@ def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full",
                 ppo: Optional[ddpo_lib.PPO] = None) -> Method:
     """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, `ddpo`
     (with the settings `ppo`, default PPO()), or a plug-in builder `package.module:function(problem, T, M)
-    -> Method`; `kind` is the adjoint (ADJOINTS): `pipelined` is Algorithm 2's only, `continuous` needs a
+    -> Method`; `kind` is the adjoint (options.ADJOINTS): `pipelined` is Algorithm 2's only, `continuous` needs a
     deterministic sampler and whole paths; ddpo differentiates no path (`full`, the default, only)."""
     if name == "ddpo":
         if kind != "full":

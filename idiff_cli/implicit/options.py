@@ -20,7 +20,7 @@ SAMPLERS = STOCHASTIC_SAMPLERS + DETERMINISTIC_SAMPLERS
 ADJOINTS = ("full", "pipelined", "continuous")
 FINAL_STEPS = ("tweedie", "none")
 ADVANTAGES = ("normalized", "raw")
-# --method ddpo's own options, with the defaults another method's config keeps (implicit/ddpo.py: PPO)
+# --method ddpo's own options and their defaults (ddpo.PPO's), which another method's config keeps
 DDPO_OPTIONS = {"advantage": "normalized", "clip_range": 0.2, "inner_epochs": 1}
 
 # (M, T, batch) by dataset: the paper's (Tables 2 and 4) and the cpu preset's.
