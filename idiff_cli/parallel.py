@@ -23,6 +23,23 @@ def use_host_cores(count: int | None = None) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}={count}").strip()
 
 
+# Programs a host loop lets run ahead of the devices. XLA:CPU admits 32 programs in flight per
+# device; with that many multi-device programs queued, host devices sharing the CPU's thread pool can
+# stop for good inside a collective (jaxlib 0.10.2, 2 host devices on 2 cores: an all-reduce waits
+# for a device that never arrives, and XLA aborts the process after 40 s; tests/test_parallel.py
+# reproduces it). A few programs ahead keep the devices as busy as 32 do.
+AHEAD = 8
+
+
+def keep_ahead(dispatched: list, ahead: int = AHEAD) -> None:
+    """Waits for the result `ahead` dispatches back, `dispatched[-1 - ahead]`, when there is one: a
+    host loop that calls this after each dispatch has at most `ahead` + 1 programs queued."""
+    if len(dispatched) > ahead:
+        import jax
+
+        jax.block_until_ready(dispatched[-1 - ahead])
+
+
 def seed_mesh(n: int, axis: str = "seeds"):
     """A 1-D mesh over the largest number of local devices that divides `n`."""
     import jax

@@ -57,6 +57,7 @@ from idiff_cli.parallel import (
     batch_mesh,
     global_batch,
     initialize_distributed_from_env,
+    keep_ahead,
     replicate,
     replicated,
     to_host,
@@ -161,14 +162,16 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     step_fn = make_step_fn(make_train_step(cfg, model, sde, optimizer), mesh)
 
     def advance(state: TrainState, step: int, n: int):
-        """Up to n training steps from `step` (one host dispatch each, no waiting; fewer when a signal
-        asks the run to stop), one metrics row at the last step done (means over the steps done)."""
+        """Up to n training steps from `step` (one host dispatch each, at most `parallel.AHEAD` ahead
+        of the devices; fewer when a signal asks the run to stop), one metrics row at the last step
+        done (means over the steps done)."""
         t0 = time.perf_counter()
         images, labels = stream.read(step * cfg.batch, n)
         metrics = []
         for i in range(n):
             state, m = step_fn(state, global_batch((images[i], labels[i]), mesh))
             metrics.append(m)
+            keep_ahead(metrics)
             if signals.requested():
                 break
         k = len(metrics)

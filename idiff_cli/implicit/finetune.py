@@ -6,7 +6,8 @@ optax Adam. P_θ is the law of the sampler's path x_{t_max} .. x_{t_min} (its T 
 transitions; Girsanov KL, girsanov.py) and x is what the reward sees (--final-step): the Tweedie
 denoising D_θ(x_{t_min}), outside the penalty, or x_{t_min} itself, whose path law the penalty is.
 The run is one `loop.Unit`: the host dispatches one jitted outer step at a time (one program per
-outer step compiles faster on XLA:CPU than a scan of them) and reads the metrics once per chunk. At
+outer step compiles faster on XLA:CPU than a scan of them), at most `parallel.AHEAD` steps ahead of
+the devices, and reads the metrics once per chunk. At
 step 0 and on the last row of each chunk it logs the KL of the current θ on --kl-n fresh paths from
 fixed keys, with its standard error. Same-seed sample grids samples/step_XXXXXX.png use noise keys
 fixed for the whole run (Figs 7, 13, 14, 16). The θ of every checkpoint is also kept on its own in
@@ -38,7 +39,7 @@ from idiff_cli.implicit import adjoint, ddpo, girsanov, labels, methods, report,
 from idiff_cli.implicit.options import DETERMINISTIC_SAMPLERS, SCHEMA, dataset_defaults
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
 from idiff_cli.implicit.rewards import check_reward
-from idiff_cli.parallel import initialize_distributed_from_env, use_compilation_cache
+from idiff_cli.parallel import initialize_distributed_from_env, keep_ahead, use_compilation_cache
 from idiff_cli.runs import RunDir, atomic_path, default_run_dir
 
 EVOLUTION_IMAGES = 8  # fixed-key images per step kept in samples/step_XXXXXX.npy for the evolution strip
@@ -177,6 +178,7 @@ def make_chunk(bind, optimizer, coef: tuple[float, float], mesh=None, state_shar
         for _ in range(n):
             state, m = outer_jit(state, params0, coef)
             metrics.append(m)
+            keep_ahead(metrics)
             if signals.requested() and jax.process_count() == 1:  # several: the loop stops them together
                 break
         return state, tuple(jnp.stack(v) for v in zip(*metrics))
