@@ -13,8 +13,9 @@
 #   evolution.png: Figs 13, 14).
 # Hardware: PRESET=cpu (default: M = 4, T = 16, batch 8), one host; PRESET=paper (Table 2: M = 4, T = 64,
 #   batch 32) needs an accelerator.
-# Time: cpu preset ~9 min per run on 2 CPU cores (about a minute compiling, ~4.7 s per outer step, 100
-#   steps), 8 runs ~75 min (plus ~30 min pretraining when PRE is absent); SMOKE=1 (λ/β = ±30 and one lr,
+# Time: cpu preset 2.5–5 min per run on 2 CPU cores (compiling, 100 outer steps of ~1.3 s, FID and
+#   label_kept at 3 points), 8 runs 36 min measured while other jobs shared the cores (plus ~30 min
+#   pretraining when PRE is absent); SMOKE=1 (λ/β = ±30 and one lr,
 #   2 steps, a tiny model) a few minutes; accelerator: not measured here.
 # Outputs: $OUT (default runs/paper-finetune-mnist): lambda-over-beta/lb±V/, lr/lrV/, one finetune run
 #   directory each. Re-running skips the finished runs and resumes an interrupted one; STEPS=N (not
