@@ -27,7 +27,12 @@ but its own module names, so the weight-for-weight check is on the diffusers-arc
 torch and diffusers are not dependencies of idiff: install them in a throwaway environment and point
 `--torch-python` at it (the default is this interpreter). Without them the script says so and exits 0.
 
+`--profile DIR` (no torch needed) traces `--steps` calls of each idiff unit with `jax.profiler`, on one
+device and on `--threads` devices, into DIR/<unit>-<devices>/ (the trace and the compiled program's HLO)
+and prints the XLA:CPU thunk time per call by part of the U-Net (xla_profile.py).
+
     python benchmarks/peer_torch.py --torch-python /tmp/torchenv/bin/python [--rounds 3] [--steps 10]
+    python benchmarks/peer_torch.py --profile /tmp/profile [--units train] [--steps 5]
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import xla_profile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CPU_PRESET_PARAMS = 966_193
@@ -182,7 +189,9 @@ def cpu_config():
     return P.complete(cfg, datasets.from_arrays("mnist", "benchmark", images, np.zeros(1, np.int32), 10))
 
 
-def jax_worker(unit: str, steps: int, devices: int) -> dict:
+def jax_unit(unit: str, devices: int):
+    """(run, program, n_params): `run()` does one `unit` on `devices` host devices and waits for it;
+    `program()` is the unit's compiled XLA program (for its HLO)."""
     jax_setup(devices)
     import jax
     import jax.numpy as jnp
@@ -210,7 +219,7 @@ def jax_worker(unit: str, steps: int, devices: int) -> dict:
         def step():
             box[0], metrics = step_fn(box[0], data)
             jax.block_until_ready(metrics)
-        return {"seconds": timed(step, steps), "params": n_params}
+        return step, lambda: step_fn.lower(box[0], data).compile(), n_params
 
     score = score_function(M.model_apply(model), sde, cfg.precondition)
     sampler = M.make_sampler(cfg, sde, SAMPLE_STEPS, "euler-maruyama")
@@ -219,24 +228,45 @@ def jax_worker(unit: str, steps: int, devices: int) -> dict:
     k = SAMPLE_STEPS // 2
     if unit == "sample":
         fn = jax.jit(lambda p, y, key: sampler.step(lambda x, t: score(p, x, t), y, k, key))
-        return {"seconds": timed(lambda: fn(state.ema, y, key).block_until_ready(), steps), "params": n_params}
+        args = (state.ema, y, key)
+    else:
+        grid = sde.time_grid(SAMPLE_STEPS)
+        params0 = jax.tree.map(lambda p: p + 0.01, state.ema)
+        a = global_batch(rng.standard_normal((b, *shape), np.float32), mesh)
 
-    grid = sde.time_grid(SAMPLE_STEPS)
-    params0 = jax.tree.map(lambda p: p + 0.01, state.ema)
-    a = global_batch(rng.standard_normal((b, *shape), np.float32), mesh)
+        def transition(p, x):
+            t = jnp.full(x.shape[:1], grid[k])
+            s, s0 = score(p, x, t), score(params0, x, t)
+            x_next = sampler.step(lambda *_: s, x, k, key)
+            return x_next, BETA * (grid[k] - grid[k + 1]) * jnp.sum((s - s0) ** 2, axis=(1, 2, 3))
 
-    def transition(p, x):
-        t = jnp.full(x.shape[:1], grid[k])
-        s, s0 = score(p, x, t), score(params0, x, t)
-        x_next = sampler.step(lambda *_: s, x, k, key)
-        return x_next, BETA * (grid[k] - grid[k + 1]) * jnp.sum((s - s0) ** 2, axis=(1, 2, 3))
+        def adjoint_step(p, x, a):
+            (_, cost), vjp = jax.vjp(transition, p, x)
+            return vjp((a, jnp.full_like(cost, 1.0 / cost.shape[0])))
 
-    def adjoint_step(p, x, a):
-        (_, cost), vjp = jax.vjp(transition, p, x)
-        return vjp((a, jnp.full_like(cost, 1.0 / cost.shape[0])))
+        fn, args = jax.jit(adjoint_step), (state.params, y, a)
+    return lambda: jax.block_until_ready(fn(*args)), lambda: fn.lower(*args).compile(), n_params
 
-    fn = jax.jit(adjoint_step)
-    return {"seconds": timed(lambda: jax.block_until_ready(fn(state.params, y, a)), steps), "params": n_params}
+
+def jax_worker(unit: str, steps: int, devices: int) -> dict:
+    run, _, n_params = jax_unit(unit, devices)
+    return {"seconds": timed(run, steps), "params": n_params}
+
+
+def jax_profile(unit: str, steps: int, devices: int, out: str) -> dict:
+    """A `jax.profiler` trace of `steps` runs of the unit (after two) into `out`, beside its compiled
+    program (program.hlo.txt), and the time of its XLA:CPU thunks per run, grouped by xla_profile.part."""
+    run, program, n_params = jax_unit(unit, devices)  # first: it sets the device count before JAX starts
+    import jax
+
+    run(), run()
+    hlo = program().as_text()
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        for _ in range(steps):
+            run()
+    (pathlib.Path(out) / "program.hlo.txt").write_text(hlo)
+    (trace,) = pathlib.Path(out).glob("**/perfetto_trace.json.gz")
+    return {"parts": xla_profile.parts(trace, hlo, steps), "params": n_params}
 
 
 def jax_check(path: str, config: dict) -> dict:
@@ -292,6 +322,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed calls per process")
     ap.add_argument("--units", default="train,sample,adjoint")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores used by both sides")
+    ap.add_argument("--profile", metavar="DIR", help="instead of comparing: trace idiff's units (1 device and "
+                    "--threads devices) into DIR and print where their time goes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -301,6 +333,8 @@ def main() -> None:
             result = torch_worker(rest[0], args.steps, args.threads)
         elif kind == "jax":
             result = jax_worker(rest[0], args.steps, int(rest[1]))
+        elif kind == "jax-profile":
+            result = jax_profile(rest[0], args.steps, int(rest[1]), rest[2])
         elif kind == "torch-check":
             result = torch_check(rest[0])
         elif kind == "jax-check":
@@ -308,6 +342,18 @@ def main() -> None:
         else:
             result = {"params": cpu_preset_params()}
         print(json.dumps(result))
+        return
+
+    if args.profile:
+        for unit in args.units.split(","):
+            for devices in sorted({1, args.threads}):
+                out = pathlib.Path(args.profile) / f"{unit}-{devices}"
+                result = call(sys.executable, "--worker", f"jax-profile:{unit}:{devices}:{out}", "--steps", str(args.steps))
+                print(f"\n{unit} (batch {BATCH[unit]}), idiff on {devices} device(s): XLA:CPU thunk time per call, "
+                      f"summed over threads ({args.steps} traced calls; trace in {out}); load average "
+                      f"{os.getloadavg()[0]:.2f}")
+                for name, ms, share in result["parts"]:
+                    print(f"  {name:<24} {ms:8.1f} ms  {share:6.1%}")
         return
 
     probe = subprocess.run([args.torch_python, "-c", "import torch, diffusers; print(torch.__version__, "

@@ -115,9 +115,9 @@ def make_train_step(cfg: Any, model: UNet, sde, optimizer):
 def make_step_fn(step, mesh):
     """jit(step): batch sharded over `mesh`, state replicated, state buffers donated.
 
-    The host dispatches one call per step without waiting (dispatch is asynchronous; the metrics
-    are read once per `log_every` steps), which keeps logging, checkpoints and preemption between
-    steps at no cost."""
+    The host dispatches one call per step, up to `parallel.AHEAD` ahead of the devices (dispatch is
+    asynchronous; the metrics are read once per `log_every` steps), which keeps logging, checkpoints
+    and preemption between steps at no cost."""
     return jax.jit(step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
