@@ -19,6 +19,15 @@ from suite_env import xla_flags
 # and compile at XLA's backend optimisation level 0).
 os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 
+# The file with the suite's longest tests (float64 2-device trajectories, ~6 min in one worker) goes
+# first: --dist loadfile hands out files in collection order, so the other worker runs the rest meanwhile.
+FIRST = ("test_finetune_sharded.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+
+
 # A U-Net small enough to compile in seconds: 8 channels, two resolutions, attention at 14×14.
 TINY_UNET = ["--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "14"]
 
