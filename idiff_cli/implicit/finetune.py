@@ -7,9 +7,8 @@ transitions; Girsanov KL, girsanov.py) and x is what the reward sees (--final-st
 denoising D_θ(x_{t_min}), outside the penalty, or x_{t_min} itself, whose path law the penalty is.
 The run is one `loop.Unit`: the host dispatches one jitted outer step at a time (one program per
 outer step compiles faster on XLA:CPU than a scan of them), at most `parallel.AHEAD` steps ahead of
-the devices, and reads the metrics once per chunk. At
-step 0 and on the last row of each chunk it logs the KL of the current θ on --kl-n fresh paths from
-fixed keys, with its standard error. Same-seed sample grids samples/step_XXXXXX.png use noise keys
+the devices, and reads the metrics once per chunk. At step 0 and on the last row of each chunk it
+logs the KL of the current θ on --kl-n fresh paths from fixed keys, with its standard error. Same-seed sample grids samples/step_XXXXXX.png use noise keys
 fixed for the whole run (Figs 7, 13, 14, 16). The θ of every checkpoint is also kept on its own in
 weights/ with finetuned.json, so `model.load` (hence `idiff sample`, `idiff evaluate-fid`) reads a
 finetuned run like a pretrained one (and samples with the model's own sampler and final step).
