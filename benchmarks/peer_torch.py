@@ -350,7 +350,7 @@ def main() -> None:
                 out = pathlib.Path(args.profile) / f"{unit}-{devices}"
                 result = call(sys.executable, "--worker", f"jax-profile:{unit}:{devices}:{out}", "--steps", str(args.steps))
                 print(f"\n{unit} (batch {BATCH[unit]}), idiff on {devices} device(s): XLA:CPU thunk time per call, "
-                      f"summed over threads ({args.steps} traced calls; trace in {out}); load average "
+                      f"summed over devices ({args.steps} traced calls; trace in {out}); load average "
                       f"{os.getloadavg()[0]:.2f}")
                 for name, ms, share in result["parts"]:
                     print(f"  {name:<24} {ms:8.1f} ms  {share:6.1%}")

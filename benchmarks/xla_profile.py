@@ -1,7 +1,8 @@
 """Where an XLA:CPU program spends its time: the thunk events of a `jax.profiler` trace (perfetto JSON,
 `create_perfetto_trace=True`), each matched by name to its instruction in the compiled program's HLO
-text and grouped into parts of a U-Net step (`part`). Thunks of one run may overlap on the intra-op
-threads, so the figures are thread time per run, not wall time.
+text and grouped into parts of a U-Net step (`part`). A device runs its thunks mostly one after
+another, each on the intra-op threads, so on one device they add up to about the wall time; with
+several devices the figures are summed over the devices.
 
 Used by `peer_torch.py --profile DIR`.
 """
