@@ -87,25 +87,28 @@ def adjoint_start(terminal: Terminal, params: Any, x_final: jax.Array) -> tuple[
 
 
 def adjoint_walk(transition: Transition, params: Any, states: jax.Array, key: jax.Array, adj: AdjointState,
-                 first: jax.Array | int = 0) -> AdjointState:
+                 first: jax.Array | int = 0, batch: Optional[int] = None) -> AdjointState:
     """Walks the adjoint back through the steps first .. first + n − 1 that made states [n + 1, B, ...]:
     a ← (∂_x step_k)ᵀ a + ∂_x running_k, g ← g + (∂_θ step_k)ᵀ a + ∂_θ running_k, for k from the last
-    down to `first` (a reverse `lax.scan` of one `jax.vjp` of the transition; `first` may be traced)."""
+    down to `first` (a reverse `lax.scan` of one `jax.vjp` of the transition; `first` may be traced).
+    J holds the mean of the running cost over `batch` rows (default B; rows of a larger batch walked
+    apart pass its size)."""
     n = states.shape[0] - 1
+    weight = 1.0 / (batch or states.shape[1])
 
     def body(carry, inputs):
         a, g, total = carry
         x, k = inputs
         (_, cost), vjp = jax.vjp(lambda p, y: transition(p, y, k, key), params, x)
-        g_step, a_step = vjp((a, jnp.full_like(cost, 1.0 / cost.shape[0])))  # J holds the batch mean of the cost
-        return AdjointState(a_step, jax.tree.map(jnp.add, g, g_step), total + jnp.mean(cost)), None
+        g_step, a_step = vjp((a, jnp.full_like(cost, weight)))
+        return AdjointState(a_step, jax.tree.map(jnp.add, g, g_step), total + weight * jnp.sum(cost)), None
 
     adj, _ = jax.lax.scan(body, adj, (states[:-1], first + jnp.arange(n)), reverse=True)
     return adj
 
 
 def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
-                     first: int = 0) -> Gradient:
+                     first: int = 0, walk: Optional[Callable] = None) -> Gradient:
     """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
 
     Args:
@@ -114,10 +117,11 @@ def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key
       states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
       terminal: the cost of the final state states[-1].
       first: global index of states[0] on the time grid (truncated backprop starts the window late).
+      walk: `adjoint_walk` (default) or one with its signature (sharding.walk_per_device).
     Cost: n vjps of one transition; memory: the states and one step's activations.
     """
     value, adj = adjoint_start(terminal, params, states[-1])
-    adj = adjoint_walk(transition, params, states, key, adj, first)
+    adj = (walk or adjoint_walk)(transition, params, states, key, adj, first)
     return Gradient(adj.g, adj.a, value, adj.running)
 
 

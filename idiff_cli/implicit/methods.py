@@ -53,7 +53,7 @@ class Problem:
     terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
     increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]; policy: the
     sampler's Gaussian transitions, λ and β × their KLs as `ddpo` reads them (None for a deterministic
-    sampler)."""
+    sampler); walk: how the discrete adjoint walks back (adjoint.adjoint_walk's signature; None: it)."""
 
     paths: SamplerPaths
     terminal: Callable
@@ -61,6 +61,7 @@ class Problem:
     reward: Callable
     with_kl: bool
     policy: Optional[ddpo_lib.Policy] = None
+    walk: Optional[Callable] = None
 
 
 class Estimate(NamedTuple):
@@ -144,7 +145,7 @@ def _path_gradient(problem: Problem, kind: str, n_steps: int) -> Callable:
         return lambda params, states, key, first=0: adjoint.continuous_adjoint(
             p.step, params, states[-1], key, problem.terminal, n_steps)
     return lambda params, states, key, first=0: adjoint.discrete_adjoint(
-        problem.transition, params, states, key, problem.terminal, first=first)
+        problem.transition, params, states, key, problem.terminal, first=first, walk=problem.walk)
 
 
 def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
