@@ -4,11 +4,11 @@ The discrete adjoint's walk back through 16 steps of the cpu-preset U-Net (batch
 of the transition (θ, x_k) -> (x_{k+1}, KL increment), as in implicit/adjoint.py's `adjoint_walk`)
 on 1 device and on 2 host devices with the batch split two ways:
 
-* auto: the batch constrained to be split (`with_sharding_constraint`, as `idiff finetune` does) and
-  XLA's partitioner left to place the reduction: it sums the weight gradient over devices in the
-  loop body, so every step waits for the slower device;
+* auto: the batch constrained to be split (`with_sharding_constraint`) and XLA's partitioner left to
+  place the reduction: it sums the weight gradient over devices in the loop body, so every step waits
+  for the slower device;
 * local: the walk under `shard_map`, each device adding up its own half-batch gradient, one `psum` at
-  the end.
+  the end (as `idiff finetune` walks it: `sharding.walk_per_device`).
 
 Prints the largest difference of each weight gradient to the 1-device one and the seconds per walk
 (median of 5, the three variants in turn in one process) with the speed-ups over 1 device.

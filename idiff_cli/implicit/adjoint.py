@@ -108,7 +108,7 @@ def adjoint_walk(transition: Transition, params: Any, states: jax.Array, key: ja
 
 
 def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
-                     first: int = 0, walk: Optional[Callable] = None) -> Gradient:
+                     first: int = 0, walk: Callable = adjoint_walk) -> Gradient:
     """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
 
     Args:
@@ -117,11 +117,11 @@ def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key
       states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
       terminal: the cost of the final state states[-1].
       first: global index of states[0] on the time grid (truncated backprop starts the window late).
-      walk: `adjoint_walk` (default) or one with its signature (sharding.walk_per_device).
+      walk: `adjoint_walk`, or one with its signature (sharding.walk_per_device).
     Cost: n vjps of one transition; memory: the states and one step's activations.
     """
     value, adj = adjoint_start(terminal, params, states[-1])
-    adj = (walk or adjoint_walk)(transition, params, states, key, adj, first)
+    adj = walk(transition, params, states, key, adj, first)
     return Gradient(adj.g, adj.a, value, adj.running)
 
 

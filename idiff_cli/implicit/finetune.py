@@ -8,8 +8,9 @@ denoising D_θ(x_{t_min}), outside the penalty, or x_{t_min} itself, whose path 
 The run is one `loop.Unit`: the host dispatches one jitted outer step at a time (one program per
 outer step compiles faster on XLA:CPU than a scan of them), at most `parallel.AHEAD` steps ahead of
 the devices, and reads the metrics once per chunk. At step 0 and on the last row of each chunk it
-logs the KL of the current θ on --kl-n fresh paths from fixed keys, with its standard error. Same-seed sample grids samples/step_XXXXXX.png use noise keys
-fixed for the whole run (Figs 7, 13, 14, 16). The θ of every checkpoint is also kept on its own in
+logs the KL of the current θ on --kl-n fresh paths from fixed keys, with its standard error.
+Same-seed sample grids samples/step_XXXXXX.png use noise keys fixed for the whole run (Figs 7, 13,
+14, 16). The θ of every checkpoint is also kept on its own in
 weights/ with finetuned.json, so `model.load` (hence `idiff sample`, `idiff evaluate-fid`) reads a
 finetuned run like a pretrained one (and samples with the model's own sampler and final step).
 The image batches are split over --devices local devices of every process (sharding.py): θ, θ0 and
@@ -94,11 +95,12 @@ def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: jax
 
 
 def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array, reward: Callable, with_kl: bool,
-                 labels: jax.Array | None = None, walk: Callable | None = None) -> Callable[[Any, Any, Any], methods.Problem]:
+                 labels: jax.Array | None = None, walk: Callable = adjoint.adjoint_walk
+                 ) -> Callable[[Any, Any, Any], methods.Problem]:
     """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
     −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
     none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo); `walk`: how the
-    discrete adjoint walks back (None: adjoint.adjoint_walk; on a mesh sharding.walk_per_device). λ and
+    discrete adjoint walks back (adjoint.adjoint_walk; on a mesh, sharding.walk_per_device). λ and
     β may be traced; `with_kl` is static (it changes the program and its cost)."""
     stochastic = girsanov.has_transition(paths.step_fn)
 
@@ -132,7 +134,7 @@ def build(cfg: Any, model: Model):
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
     sampler = model.sampler(cfg.T, cfg.sampler)
     paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
-    walk = sharding.walk_per_device(model.mesh) if isinstance(model, sharding.BatchSharded) else None
+    walk = sharding.walk_per_device(model.mesh) if isinstance(model, sharding.BatchSharded) else adjoint.adjoint_walk
     objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels, walk)
 
     ppo = ddpo.PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None

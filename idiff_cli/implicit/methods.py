@@ -53,7 +53,7 @@ class Problem:
     terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
     increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]; policy: the
     sampler's Gaussian transitions, λ and β × their KLs as `ddpo` reads them (None for a deterministic
-    sampler); walk: how the discrete adjoint walks back (adjoint.adjoint_walk's signature; None: it)."""
+    sampler); walk: how the discrete adjoint walks back (adjoint.adjoint_walk, or one with its signature)."""
 
     paths: SamplerPaths
     terminal: Callable
@@ -61,7 +61,7 @@ class Problem:
     reward: Callable
     with_kl: bool
     policy: Optional[ddpo_lib.Policy] = None
-    walk: Optional[Callable] = None
+    walk: Callable = adjoint.adjoint_walk
 
 
 class Estimate(NamedTuple):

@@ -5,7 +5,9 @@ A 1-D mesh holds the first n local devices of each process. Every image batch th
 ([B, H, W, C], inside the queue's vmapped slots, the adjoint's vjps, the Girsanov KL's fresh paths
 and the grids) is constrained to be split along B over the mesh (`BatchSharded.score`); XLA
 partitions the rest of each program from there and reduces the weight gradients across devices
-(the batch mean of the reward and of the KL, summed over devices by its own collectives). θ, θ0 and
+(the batch mean of the reward and of the KL, summed over devices by its own collectives), except in
+the discrete adjoint's walk, which each device runs on its own rows under `shard_map`, summing the
+weight gradient once at the end (`walk_per_device`). θ, θ0 and
 the optimiser state are replicated; the carried paths (a carry leaf ending in [B, H, W, C]) stay
 split between outer steps. The random draws do not depend on the split: JAX's partitionable
 threefry (`jax_threefry_partitionable`, on by default) draws each element from its index alone.
