@@ -65,7 +65,8 @@ class BatchSharded:
     """`model` (a diffusion.model.Model) whose score splits its input batch x [B, ...] over `mesh`;
     every other attribute is the model's. The constraint sits where the work is, the network's
     input, so each method's program (queue waves, adjoints, fresh paths, grids) is partitioned
-    along the batch however it builds its batches."""
+    along the batch however it builds its batches. Inside `walk_per_device` (the batch axis manual)
+    x is one device's rows already: no constraint, and the whole batch's labels are cut to its rows."""
 
     def __init__(self, model: Any, mesh: Mesh):
         self._model = model
@@ -76,8 +77,8 @@ class BatchSharded:
         return getattr(self._model, name)
 
     def score(self, params, x, t, labels=None):
-        if AXIS in jax.sharding.get_abstract_mesh().manual_axes:  # in walk_per_device: x is this device's rows
-            if labels is not None and labels.shape[0] != x.shape[0]:  # the whole batch's labels: this device's
+        if AXIS in jax.sharding.get_abstract_mesh().manual_axes:
+            if labels is not None and labels.shape[0] != x.shape[0]:
                 labels = jax.lax.dynamic_slice_in_dim(labels, jax.lax.axis_index(AXIS) * x.shape[0], x.shape[0])
             return self._model.score(params, x, t, labels)
         return self._model.score(params, jax.lax.with_sharding_constraint(x, self._sharding), t, labels)
