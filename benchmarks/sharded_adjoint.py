@@ -1,7 +1,7 @@
 """Where the weight gradient of a sharded adjoint is summed over devices: every step, or once.
 
-The discrete adjoint's walk back through 16 steps of the cpu-preset U-Net (batch 8; each step one vjp
-of the transition (θ, x_k) -> (x_{k+1}, KL increment), as in implicit/adjoint.py's `adjoint_walk`)
+The discrete adjoint's walk back (implicit/adjoint.py's `adjoint_walk`) through 16 steps of the
+cpu-preset U-Net (batch 8; each step one vjp of the transition (θ, x_k) -> (x_{k+1}, KL increment))
 on 1 device and on 2 host devices with the batch split two ways:
 
 * auto: the batch constrained to be split (`with_sharding_constraint`) and XLA's partitioner left to
@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from idiff_cli.diffusion import model as M  # noqa: E402
 from idiff_cli.diffusion.losses import score_function  # noqa: E402
+from idiff_cli.implicit import adjoint, sharding  # noqa: E402
 from peer_torch import BETA, cpu_config  # noqa: E402
 
 STEPS, BATCH, SHAPE = 16, 8, (28, 28, 1)
@@ -51,37 +52,31 @@ def main() -> None:
     states = jnp.asarray(rng.standard_normal((STEPS + 1, BATCH, *SHAPE)), jnp.float32)
     a_final = jnp.asarray(rng.standard_normal((BATCH, *SHAPE)), jnp.float32)
 
-    def transition(p, x, k):
+    def transition(p, x, k, key):  # adjoint.Transition without noise: the walk reads only its cotangents
         t = jnp.full(x.shape[:1], grid[k])
         s, s0 = score(p, x, t), score(params0, x, t)
         h = grid[k] - grid[k + 1]
         return x + h * (x + 2 * s), BETA * h * jnp.sum((s - s0) ** 2, axis=(1, 2, 3))
 
-    def walk(p, states, a):
-        """dJ/dθ and dJ/dx_0 for J = Σ_b a_b·x_n^b + Σ_k Σ_b KL_k^b / BATCH (sums over this device's rows)."""
-        def body(carry, k):
-            a, g = carry
-            (_, cost), vjp = jax.vjp(lambda p, x: transition(p, x, k), p, states[k])
-            g_step, a_step = vjp((a, jnp.full_like(cost, 1.0 / BATCH)))
-            return (a_step, jax.tree.map(jnp.add, g, g_step)), None
+    key = jax.random.key(0)
+    mesh = Mesh(np.array(jax.devices()[:2]), (sharding.AXIS,))
+    rows, paths = PartitionSpec(sharding.AXIS), PartitionSpec(None, sharding.AXIS)
+    per_device = sharding.walk_per_device(mesh)
 
-        (a, g), _ = jax.lax.scan(body, (a, jax.tree.map(jnp.zeros_like, p)), jnp.arange(STEPS), reverse=True)
-        return g, a
+    def zero_adjoint(p, a):
+        return adjoint.AdjointState(a, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), a.dtype))
 
-    mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
-    rows, paths = PartitionSpec("batch"), PartitionSpec(None, "batch")
+    def walk(p, states, a):  # -> (dJ/dθ, dJ/dx_0)
+        out = adjoint.adjoint_walk(transition, p, states, key, zero_adjoint(p, a))
+        return out.g, out.a
 
     def auto(p, states, a):
         states = jax.lax.with_sharding_constraint(states, NamedSharding(mesh, paths))
         return walk(p, states, jax.lax.with_sharding_constraint(a, NamedSharding(mesh, rows)))
 
     def local(p, states, a):
-        def per_device(p, states, a):
-            g, a = walk(p, states, a)
-            return jax.lax.psum(g, "batch"), a
-
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), paths, rows),
-                             out_specs=(PartitionSpec(), rows), check_vma=False)(p, states, a)
+        out = per_device(transition, p, states, key, zero_adjoint(p, a))
+        return out.g, out.a
 
     split = (jax.device_put(params, NamedSharding(mesh, PartitionSpec())),
              jax.device_put(states, NamedSharding(mesh, paths)), jax.device_put(a_final, NamedSharding(mesh, rows)))

@@ -88,7 +88,7 @@ def walk_per_device(mesh: Mesh) -> Callable:
     """`adjoint.adjoint_walk` with each device walking its own rows of the batch and the weight gradient
     summed over the devices once, after the walk. Given only the split batch, XLA's partitioner sums it
     in every step, and every step waits for the slower device (benchmarks/sharded_adjoint.py: a 16-step
-    walk on 2 host devices 1.03× one device that way, 1.23× this way).
+    walk on 2 host devices 1.03× one device that way, 1.22× this way).
 
     The transition regenerates its step's noise for this device's rows from the step's key, so the
     rows' noise is not the whole batch's. The walk does not depend on it: the samplers' noise enters
