@@ -63,14 +63,29 @@ class GaussianStep:
     """A stochastic step whose transition is Gaussian given the score's value s = s(y, t) at the current
     state: y' ~ N(mean, std² I) with (mean [B, ...], std [] or [B]) = `moments(sde, s, y, t, t_next)`, a
     std of 0 marking a deterministic step. Called as a step function, it evaluates the score once and
-    draws y' = mean + std ξ; the Girsanov KL reads the transition's mean and std from `moments`."""
+    draws y' = mean + std ξ; the Girsanov KL reads the transition's mean and std from `moments`.
+
+    With `split_axis`, a step called inside `shard_map` with that mesh axis manual, on one device's
+    rows of a batch split evenly along it, draws those rows of the whole batch's ξ: a row's path does
+    not depend on how the batch is split (the device's rows are cut from the whole draw, which costs
+    one batch of normals per device and step)."""
 
     moments: Callable
     __name__: str
+    split_axis: str | None = None
 
     def __call__(self, sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
         mean, std = self.moments(sde, score(y, jnp.full(y.shape[:1], t)), y, t, t_next)
-        return mean + _expand(std, y) * jax.random.normal(key, y.shape, y.dtype)
+        return mean + _expand(std, y) * self.noise(key, y)
+
+    def noise(self, key: jax.Array, y: jax.Array) -> jax.Array:
+        """ξ ~ N(0, I) shaped like y [B, ...]: this device's rows of the whole batch's draw when y is a
+        part of a batch split along `split_axis`."""
+        if self.split_axis is None or self.split_axis not in jax.sharding.get_abstract_mesh().manual_axes:
+            return jax.random.normal(key, y.shape, y.dtype)
+        rows = y.shape[0]
+        whole = jax.random.normal(key, (rows * jax.lax.axis_size(self.split_axis), *y.shape[1:]), y.dtype)
+        return jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(self.split_axis) * rows, rows)
 
 
 euler_maruyama_step = GaussianStep(euler_maruyama_moments, "euler_maruyama_step")

@@ -107,8 +107,21 @@ def adjoint_walk(transition: Transition, params: Any, states: jax.Array, key: ja
     return adj
 
 
+def walk_paths(transition: Transition, params: Any, states: jax.Array, keys: jax.Array, adj: AdjointState,
+               first: jax.Array, batched: bool = False, batch: Optional[int] = None) -> AdjointState:
+    """`adjoint_walk` of S paths: states [S, n + 1, B, ...], keys [S], adj and first with a leading S
+    axis; the paths walked one after another (`lax.map`) or, `batched`, in one vmapped walk."""
+
+    def one(path):
+        states, key, adj, first = path
+        return adjoint_walk(transition, params, states, key, adj, first, batch)
+
+    paths = (states, keys, adj, first)
+    return jax.vmap(one)(paths) if batched else jax.lax.map(one, paths)
+
+
 def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key: jax.Array, terminal: Terminal,
-                     first: int = 0, walk: Callable = adjoint_walk) -> Gradient:
+                     first: int = 0, walk: Callable = walk_paths) -> Gradient:
     """Exact reverse-mode gradient of J through the steps first .. first + n − 1 that made `states`.
 
     Args:
@@ -117,11 +130,13 @@ def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key
       states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
       terminal: the cost of the final state states[-1].
       first: global index of states[0] on the time grid (truncated backprop starts the window late).
-      walk: `adjoint_walk`, or one with its signature (sharding.walk_per_device).
+      walk: `walk_paths`, or one with its signature (sharding.walk_per_device), given this one path.
     Cost: n vjps of one transition; memory: the states and one step's activations.
     """
     value, adj = adjoint_start(terminal, params, states[-1])
-    adj = walk(transition, params, states, key, adj, first)
+    one = lambda x: x[None]  # noqa: E731
+    adj = walk(transition, params, one(states), one(key), jax.tree.map(one, adj), one(jnp.asarray(first)))
+    adj = jax.tree.map(lambda x: x[0], adj)
     return Gradient(adj.g, adj.a, value, adj.running)
 
 

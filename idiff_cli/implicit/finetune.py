@@ -95,14 +95,14 @@ def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: jax
 
 
 def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array, reward: Callable, with_kl: bool,
-                 labels: jax.Array | None = None, walk: Callable = adjoint.adjoint_walk
-                 ) -> Callable[[Any, Any, Any], methods.Problem]:
+                 labels: jax.Array | None = None, mesh: Any = None) -> Callable[[Any, Any, Any], methods.Problem]:
     """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
     −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
-    none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo); `walk`: how the
-    discrete adjoint walks back (adjoint.adjoint_walk; on a mesh, sharding.walk_per_device). λ and
-    β may be traced; `with_kl` is static (it changes the program and its cost)."""
+    none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo); with the `mesh` of
+    a BatchSharded model, the queue advances and the adjoint walks back per device (sharding.py). λ
+    and β may be traced; `with_kl` is static (it changes the program and its cost)."""
     stochastic = girsanov.has_transition(paths.step_fn)
+    on_mesh = {} if mesh is None else dict(walk=sharding.walk_per_device(mesh), advance=sharding.advance_per_device(mesh))
 
     def bind(params0, lam, beta):
         terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
@@ -110,7 +110,7 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
                       else adjoint.transition(paths.step))
         policy = (ddpo.gaussian_policy(paths.step_fn, score, sde, grid, params0, lam, beta, with_kl, labels)
                   if stochastic else None)
-        return methods.Problem(paths, terminal, transition, reward, with_kl, policy, walk)
+        return methods.Problem(paths, terminal, transition, reward, with_kl, policy, **on_mesh)
 
     return bind
 
@@ -134,8 +134,8 @@ def build(cfg: Any, model: Model):
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
     sampler = model.sampler(cfg.T, cfg.sampler)
     paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
-    walk = sharding.walk_per_device(model.mesh) if isinstance(model, sharding.BatchSharded) else adjoint.adjoint_walk
-    objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels, walk)
+    mesh = model.mesh if isinstance(model, sharding.BatchSharded) else None
+    objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels, mesh)
 
     ppo = ddpo.PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None
 

@@ -53,7 +53,8 @@ class Problem:
     terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
     increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]; policy: the
     sampler's Gaussian transitions, λ and β × their KLs as `ddpo` reads them (None for a deterministic
-    sampler); walk: how the discrete adjoint walks back (adjoint.adjoint_walk, or one with its signature)."""
+    sampler); walk and advance: how the discrete adjoint walks back and the queue advances
+    (adjoint.walk_paths and queue.queue_advance, or ones with their signatures: per device on a mesh)."""
 
     paths: SamplerPaths
     terminal: Callable
@@ -61,7 +62,8 @@ class Problem:
     reward: Callable
     with_kl: bool
     policy: Optional[ddpo_lib.Policy] = None
-    walk: Callable = adjoint.adjoint_walk
+    walk: Callable = adjoint.walk_paths
+    advance: Callable = queue_lib.queue_advance
 
 
 class Estimate(NamedTuple):
@@ -160,7 +162,7 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
 
     def estimate(params, carry, key):
         queue, root = carry
-        queue, done = queue_lib.queue_advance(p.step, params, queue, M, T)
+        queue, done = problem.advance(p.step, params, queue, M, T)
         grad = path_gradient(params, done.states, done.key)
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states))
@@ -184,13 +186,14 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
         return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1)
 
     def init(params0, key):  # untraced: a host loop of jitted waves
-        aq = pipeline.adjoint_queue_init(p.step, problem.transition, params0, key, p.init, problem.terminal, M, T)
+        aq = pipeline.adjoint_queue_init(p.step, problem.transition, params0, key, p.init, problem.terminal, M, T,
+                                         walk=problem.walk)
         return forward_queue(params0, key), aq, key
 
     def estimate(params, carry, key):
         queue, aq, root = carry
-        queue, done = queue_lib.queue_advance(p.step, params, queue, M, T)
-        aq, finished = pipeline.backward_wave(problem.transition, params, aq, problem.terminal, M, T)
+        queue, done = problem.advance(p.step, params, queue, M, T)
+        aq, finished = pipeline.backward_wave(problem.transition, params, aq, problem.terminal, M, T, walk=problem.walk)
         aq = aq._replace(pending_states=done.states, pending_key=done.key)
         queue = queue_lib.queue_push(queue, root, p.init)
         return (queue, aq, root), Estimate(finished.g, done.states, _images(problem, params, done.states))

@@ -8,7 +8,7 @@ adjoint queue holds M completed paths, slot j (0 = newest) already walked back j
 with its adjoint state (a = ∂J/∂x at its position, g = the ∂J/∂θ gathered so far). One outer step
 
   1. forward wave: every forward slot advances L steps under θ_k (queue.queue_advance);
-  2. backward wave: every adjoint slot walks back L steps under θ_k (one vmapped `adjoint_walk`), and
+  2. backward wave: every adjoint slot walks back L steps under θ_k (adjoint.walk_paths), and
      the slot the forward queue completed in the previous outer step starts its adjoint (the terminal
      gradient of −λR(denoise_θ(x_T))) — independent of the walk, so it runs in the same wave;
   3. the oldest adjoint slot has reached x_0: its g is this step's Γ; the queue shifts.
@@ -26,13 +26,13 @@ from the path of slot key i − 1, as in the full-adjoint `implicit` method.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from idiff_cli.implicit import queue as queue_lib
-from idiff_cli.implicit.adjoint import AdjointState, Step, Terminal, Transition, adjoint_start, adjoint_walk, rollout
+from idiff_cli.implicit.adjoint import AdjointState, Step, Terminal, Transition, adjoint_start, rollout, walk_paths
 
 
 class AdjointQueue(NamedTuple):
@@ -48,8 +48,8 @@ class AdjointQueue(NamedTuple):
     pending_key: jax.Array
 
 
-def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, terminal: Terminal,
-                  M: int, T: int, batched: bool | None = None) -> tuple[AdjointQueue, AdjointState]:
+def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, terminal: Terminal, M: int, T: int,
+                  batched: bool | None = None, walk: Callable = walk_paths) -> tuple[AdjointQueue, AdjointState]:
     """Walks every slot back L steps and starts the pending path; returns the queue with the pending
     path as slot 0 (its `pending_*` left for the caller to replace) and the finished oldest slot's
     adjoint (its g is dJ/dθ of that path's batch).
@@ -57,17 +57,14 @@ def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, termina
     `batched` (default: not on CPU): the slots are walked in one vmapped call, the critical path of
     the design; otherwise one after another (`lax.map`), the same work. Vmapped, the per-slot weight
     gradients become grouped convolutions, which XLA:CPU runs ~3.5× slower than the same convolutions
-    one slot at a time (measured: 9.5 s against 2.7 s for 16 slots of 8 images, cpu-preset U-Net)."""
+    one slot at a time (measured: 9.5 s against 2.7 s for 16 slots of 8 images, cpu-preset U-Net).
+    `walk`: adjoint.walk_paths, or one with its signature (sharding.walk_per_device)."""
     L = T // M
     batched = jax.default_backend() != "cpu" if batched is None else batched
 
-    def walk(states, key, adj, j):
-        first = T - (j + 1) * L
-        window = jax.lax.dynamic_slice_in_dim(states, first, L + 1, axis=0)
-        return adjoint_walk(transition, params, window, key, adj, first)
-
-    slots = (aq.states, aq.keys, aq.adj, jnp.arange(M))
-    walked = jax.vmap(walk)(*slots) if batched else jax.lax.map(lambda s: walk(*s), slots)
+    first = T - (jnp.arange(M) + 1) * L  # slot j walks back steps first_j .. first_j + L − 1
+    windows = jax.vmap(lambda states, f: jax.lax.dynamic_slice_in_dim(states, f, L + 1, axis=0))(aq.states, first)
+    walked = walk(transition, params, windows, aq.keys, aq.adj, first, batched)
     _, start = adjoint_start(terminal, params, aq.pending_states[-1])
 
     def shift(new, old):
@@ -80,7 +77,7 @@ def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, termina
 
 
 def adjoint_queue_init(step: Step, transition: Transition, params: Any, key: jax.Array, init, terminal: Terminal,
-                       M: int, T: int) -> AdjointQueue:
+                       M: int, T: int, walk: Callable = walk_paths) -> AdjointQueue:
     """The warm adjoint queue: M + 1 paths of slot keys 0..M sampled under θ0 (one vmapped rollout),
     then M backward waves under θ0 fill it (slot j = key M − 1 − j walked back j·L steps, key M
     pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave.
@@ -92,7 +89,7 @@ def adjoint_queue_init(step: Step, transition: Transition, params: Any, key: jax
     adj = jax.eval_shape(lambda x: adjoint_start(terminal, params, x)[1], paths[0, -1])  # shapes only: no pass
     aq = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
                       jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj), paths[0], keys[0])
-    wave = jax.jit(lambda aq: backward_wave(transition, params, aq, terminal, M, T)[0])
+    wave = jax.jit(lambda aq: backward_wave(transition, params, aq, terminal, M, T, walk=walk)[0])
     for i in range(1, M + 1):
         aq = wave(aq)._replace(pending_states=paths[i], pending_key=keys[i])
     return aq

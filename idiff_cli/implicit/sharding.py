@@ -1,20 +1,24 @@
 """The finetune's batch split over the devices of every process (paper §3.3, Fig. 3: one step of the
 sampler is applied in parallel to all distributions of the queue).
 
-A 1-D mesh holds the first n local devices of each process. Every image batch the network sees
-([B, H, W, C], inside the queue's vmapped slots, the adjoint's vjps, the Girsanov KL's fresh paths
-and the grids) is constrained to be split along B over the mesh (`BatchSharded.score`); XLA
-partitions the rest of each program from there and reduces the weight gradients across devices
-(the batch mean of the reward and of the KL, summed over devices by its own collectives), except in
-the discrete adjoint's walk, which each device runs on its own rows under `shard_map`, summing the
-weight gradient once at the end (`walk_per_device`). θ, θ0 and
-the optimiser state are replicated; the carried paths (a carry leaf ending in [B, H, W, C]) stay
-split between outer steps. The random draws do not depend on the split: JAX's partitionable
-threefry (`jax_threefry_partitionable`, on by default) draws each element from its index alone.
+A 1-D mesh holds the first n local devices of each process. θ, θ0 and the optimiser state are
+replicated; the carried paths (a carry leaf ending in [B, H, W, C]) stay split along B between
+outer steps. The two loops of an outer step run on each device's own rows under `shard_map`: the
+queue's advance (`advance_per_device`) and the adjoint's walk back (`walk_per_device`, which sums
+the weight gradient over the devices once, at its end). Left to XLA's partitioner, both lose most of
+the split: the queue's vmapped slots merge into the network's batch with the split axis minor, so
+every convolution all-gathers its input, and the walk sums the weight gradient in every step, so
+every step waits for the slower device. Every other image batch the network sees (the terminal
+gradient, the Girsanov KL's fresh paths, the grids) is constrained to be split along B
+(`BatchSharded.score`) and partitioned by XLA. The random draws do not depend on the split: a
+Gaussian step draws a device's rows of the whole batch's noise (`samplers.GaussianStep.split_axis`),
+and under jit JAX's partitionable threefry (`jax_threefry_partitionable`, on by default) draws each
+element from its index alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Callable
@@ -24,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from idiff_cli.diffusion.samplers import GaussianStep, Sampler
 from idiff_cli.errors import UserError
 from idiff_cli.implicit import adjoint
+from idiff_cli.implicit import queue as queue_lib
 
 AXIS = "batch"
 
@@ -62,11 +68,12 @@ def mesh_of(n: int) -> Mesh:
 
 
 class BatchSharded:
-    """`model` (a diffusion.model.Model) whose score splits its input batch x [B, ...] over `mesh`;
-    every other attribute is the model's. The constraint sits where the work is, the network's
-    input, so each method's program (queue waves, adjoints, fresh paths, grids) is partitioned
-    along the batch however it builds its batches. Inside `walk_per_device` (the batch axis manual)
-    x is one device's rows already: no constraint, and the whole batch's labels are cut to its rows."""
+    """`model` (a diffusion.model.Model) whose score splits its input batch x [B, ...] over `mesh`
+    and whose sampler draws split-invariant noise; every other attribute is the model's. The
+    constraint sits where the work is, the network's input, so each program XLA partitions (the
+    terminal gradient, fresh paths, grids) is split along the batch however it builds its batches.
+    Under `shard_map` with the batch axis manual (`advance_per_device`, `walk_per_device`) x is one
+    device's rows already: no constraint, and the whole batch's labels are cut to its rows."""
 
     def __init__(self, model: Any, mesh: Mesh):
         self._model = model
@@ -83,33 +90,58 @@ class BatchSharded:
             return self._model.score(params, x, t, labels)
         return self._model.score(params, jax.lax.with_sharding_constraint(x, self._sharding), t, labels)
 
+    def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
+        """The model's sampler, a Gaussian step drawing each device's rows of the whole batch's noise
+        (the finetune's other samplers, probability-flow and ddim, draw none)."""
+        sampler = self._model.sampler(n_steps, name)
+        if isinstance(sampler.step_fn, GaussianStep):
+            return dataclasses.replace(sampler, step_fn=dataclasses.replace(sampler.step_fn, split_axis=AXIS))
+        return sampler
+
+
+_WHOLE = PartitionSpec()
+
 
 def walk_per_device(mesh: Mesh) -> Callable:
-    """`adjoint.adjoint_walk` with each device walking its own rows of the batch and the weight gradient
-    summed over the devices once, after the walk. Given only the split batch, XLA's partitioner sums it
-    in every step, and every step waits for the slower device (benchmarks/sharded_adjoint.py: a 16-step
-    walk on 2 host devices 1.03× one device that way, 1.22× this way).
+    """`adjoint.walk_paths` with each device walking its own rows of every path and the weight
+    gradients summed over the devices once, after the walks (benchmarks/sharded_parts.py: a 16-step
+    walk on 2 host devices 1.27× one device this way, 1.03× with XLA's sum in every step). The
+    transition regenerates its steps' noise for the device's rows (a BatchSharded model's sampler)."""
+    paths_spec, rows_spec = PartitionSpec(None, None, AXIS), PartitionSpec(None, AXIS)  # [S, n + 1, B, ...], [S, B, ...]
 
-    The transition regenerates its step's noise for this device's rows from the step's key, so the
-    rows' noise is not the whole batch's. The walk does not depend on it: the samplers' noise enters
-    x_{k+1} additively, and the walk uses only the cotangents of x_{k+1} and the running cost, which
-    reads the score at x_k (tests/test_finetune_sharded.py: 2 devices follow 1 device's trajectory)."""
-    batch_spec, paths_spec, whole = PartitionSpec(AXIS), PartitionSpec(None, AXIS), PartitionSpec()
+    def walk(transition, params, states, keys, adj, first, batched=False):
+        batch = states.shape[2]
 
-    def walk(transition, params, states, key, adj, first=0):
-        batch = states.shape[1]
-
-        def rows(params, states, key, a, first):
-            start = adjoint.AdjointState(a, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), a.dtype))
-            out = adjoint.adjoint_walk(transition, params, states, key, start, first, batch)
+        def rows(params, states, keys, a, first):
+            zeros = lambda x: jnp.zeros(a.shape[:1] + x.shape, x.dtype)  # noqa: E731
+            start = adjoint.AdjointState(a, jax.tree.map(zeros, params), jnp.zeros(a.shape[:1], a.dtype))
+            out = adjoint.walk_paths(transition, params, states, keys, start, first, batched, batch)
             return jax.lax.psum((out.g, out.running), AXIS), out.a
 
-        (g, running), a = jax.shard_map(rows, mesh=mesh, in_specs=(whole, paths_spec, whole, batch_spec, whole),
-                                        out_specs=((whole, whole), batch_spec), check_vma=False)(
-            params, states, key, adj.a, jnp.asarray(first))
+        (g, running), a = jax.shard_map(rows, mesh=mesh, in_specs=(_WHOLE, paths_spec, _WHOLE, rows_spec, _WHOLE),
+                                        out_specs=((_WHOLE, _WHOLE), rows_spec), check_vma=False)(
+            params, states, keys, adj.a, first)
         return adjoint.AdjointState(a, jax.tree.map(jnp.add, adj.g, g), adj.running + running)
 
     return walk
+
+
+def advance_per_device(mesh: Mesh) -> Callable:
+    """`queue.queue_advance` with each device advancing its own rows of every slot: no communication
+    (benchmarks/sharded_parts.py: 1.71× one device on 2 host devices; XLA's partitioner all-gathers
+    every convolution's input of the vmapped slots, 0.80×). The step draws its noise by rows (a BatchSharded model's
+    sampler), so the paths are those of one program on one device."""
+    slots_spec = PartitionSpec(None, None, AXIS)  # [M, T + 1, B, ...]
+
+    def advance(step, params, queue, M, T):
+        def rows(params, states, keys):
+            return queue_lib.queue_advance(step, params, queue._replace(states=states, keys=keys), M, T)[0].states
+
+        states = jax.shard_map(rows, mesh=mesh, in_specs=(_WHOLE, slots_spec, _WHOLE), out_specs=slots_spec,
+                               check_vma=False)(params, queue.states, queue.keys)
+        return queue._replace(states=states), queue_lib.Completed(states[-1], queue.keys[-1])
+
+    return advance
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
