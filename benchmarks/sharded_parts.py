@@ -1,19 +1,26 @@
-"""Where the weight gradient of a sharded adjoint is summed over devices: every step, or once.
+"""The two loops of a finetuning outer step on 2 host devices: left to XLA's partitioner, or per device.
 
-The discrete adjoint's walk back (implicit/adjoint.py's `adjoint_walk`) through 16 steps of the
-cpu-preset U-Net (batch 8; each step one vjp of the transition (θ, x_k) -> (x_{k+1}, KL increment))
-on 1 device and on 2 host devices with the batch split two ways:
+On the cpu-preset U-Net (batch 8), on 1 device and on 2 host devices with the batch split two ways:
 
-* auto: the batch constrained to be split (`with_sharding_constraint`) and XLA's partitioner left to
-  place the reduction: it sums the weight gradient over devices in the loop body, so every step waits
-  for the slower device;
-* local: the walk under `shard_map`, each device adding up its own half-batch gradient, one `psum` at
-  the end (as `idiff finetune` walks it: `sharding.walk_per_device`).
+* the queue's advance (implicit/queue.py's `queue_advance`): M = 4 slots, vmapped, each advanced
+  L = 4 steps, so the network sees 32 images per call;
+* the discrete adjoint's walk back (implicit/adjoint.py's `walk_paths`) through 16 steps, each one
+  vjp of the transition (θ, x_k) -> (x_{k+1}, KL increment).
 
-Prints the largest difference of each weight gradient to the 1-device one and the seconds per walk
-(median of 5, the three variants in turn in one process) with the speed-ups over 1 device.
+Each split two ways:
 
-    python benchmarks/sharded_adjoint.py
+* auto: the network's input constrained to be split along the batch (`with_sharding_constraint`, as
+  `sharding.BatchSharded.score` does) and XLA's partitioner left to place the rest. In the advance the
+  vmapped slots merge into the network's batch with the split axis minor, and the partitioner
+  all-gathers every convolution's input; in the walk it sums the weight gradient over the devices in
+  the loop body, so every step waits for the slower device;
+* local: under `shard_map`, each device on its own rows, the walk's weight gradient summed once at the
+  end (as `idiff finetune` runs them: `sharding.advance_per_device`, `sharding.walk_per_device`).
+
+Prints the largest difference of each result to the 1-device one and the seconds per call (median of
+5, the variants in turn in one process) with the speed-ups over 1 device.
+
+    python benchmarks/sharded_parts.py
 """
 
 from __future__ import annotations
@@ -36,58 +43,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from idiff_cli.diffusion import model as M  # noqa: E402
 from idiff_cli.diffusion.losses import score_function  # noqa: E402
 from idiff_cli.implicit import adjoint, sharding  # noqa: E402
+from idiff_cli.implicit import queue as queue_lib  # noqa: E402
 from peer_torch import BETA, cpu_config  # noqa: E402
 
-STEPS, BATCH, SHAPE = 16, 8, (28, 28, 1)
+STEPS, SLOTS, BATCH, SHAPE = 16, 4, 8, (28, 28, 1)
 
 
-def main() -> None:
-    cfg = cpu_config()
-    model, sde = M.make_model(cfg, 0), M.make_sde(cfg)
-    state = jax.jit(lambda: M.init_state(model, M.make_optimizer(cfg), SHAPE, 0))()
-    score = score_function(M.model_apply(model), sde, cfg.precondition)
-    grid = sde.time_grid(STEPS)
-    params, params0 = state.params, jax.tree.map(lambda p: p + 0.01, state.ema)
-    rng = np.random.default_rng(0)
-    states = jnp.asarray(rng.standard_normal((STEPS + 1, BATCH, *SHAPE)), jnp.float32)
-    a_final = jnp.asarray(rng.standard_normal((BATCH, *SHAPE)), jnp.float32)
-
-    def transition(p, x, k, key):  # adjoint.Transition without noise: the walk reads only its cotangents
-        t = jnp.full(x.shape[:1], grid[k])
-        s, s0 = score(p, x, t), score(params0, x, t)
-        h = grid[k] - grid[k + 1]
-        return x + h * (x + 2 * s), BETA * h * jnp.sum((s - s0) ** 2, axis=(1, 2, 3))
-
-    key = jax.random.key(0)
-    mesh = Mesh(np.array(jax.devices()[:2]), (sharding.AXIS,))
-    rows, paths = PartitionSpec(sharding.AXIS), PartitionSpec(None, sharding.AXIS)
-    per_device = sharding.walk_per_device(mesh)
-
-    def zero_adjoint(p, a):
-        return adjoint.AdjointState(a, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), a.dtype))
-
-    def walk(p, states, a):  # -> (dJ/dθ, dJ/dx_0)
-        out = adjoint.adjoint_walk(transition, p, states, key, zero_adjoint(p, a))
-        return out.g, out.a
-
-    def auto(p, states, a):
-        states = jax.lax.with_sharding_constraint(states, NamedSharding(mesh, paths))
-        return walk(p, states, jax.lax.with_sharding_constraint(a, NamedSharding(mesh, rows)))
-
-    def local(p, states, a):
-        out = per_device(transition, p, states, key, zero_adjoint(p, a))
-        return out.g, out.a
-
-    split = (jax.device_put(params, NamedSharding(mesh, PartitionSpec())),
-             jax.device_put(states, NamedSharding(mesh, paths)), jax.device_put(a_final, NamedSharding(mesh, rows)))
-    variants = {"1 device": (jax.jit(walk), (params, states, a_final)),
-                "2 devices, auto": (jax.jit(auto), split), "2 devices, local": (jax.jit(local), split)}
+def timed(variants: dict, what: str) -> None:
+    """Checks each variant's first output against the 1-device one, then times them in turn."""
     reference = variants["1 device"][0](*variants["1 device"][1])[0]
+    scale = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(reference))
     for name, (fn, args) in variants.items():
-        g = fn(*args)[0]
-        diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(reference)))
-        scale = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(reference))
-        print(f"{name:<17} max |g − g(1 device)| {diff:.1e} (largest |g| {scale:.1e})")
+        out = fn(*args)[0]
+        diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
+        print(f"{what:<8}{name:<17} max difference to 1 device {diff:.1e} (largest entry {scale:.1e})")
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(5):
         for name, (fn, args) in variants.items():
@@ -97,7 +66,74 @@ def main() -> None:
     one = statistics.median(seconds["1 device"])
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"{name:<17} {median:.3f} s per {STEPS}-step walk   {one / median:.2f}× one device")
+        print(f"{what:<8}{name:<17} {median:.3f} s   {one / median:.2f}× one device")
+
+
+def main() -> None:
+    cfg = cpu_config()
+    model, sde = M.make_model(cfg, 0), M.make_sde(cfg)
+    state = jax.jit(lambda: M.init_state(model, M.make_optimizer(cfg), SHAPE, 0))()
+    apply = score_function(M.model_apply(model), sde, cfg.precondition)
+    grid = sde.time_grid(STEPS)
+    params, params0 = state.params, jax.tree.map(lambda p: p + 0.01, state.ema)
+    mesh = Mesh(np.array(jax.devices()[:2]), (sharding.AXIS,))
+    split_rows = NamedSharding(mesh, PartitionSpec(sharding.AXIS))
+
+    def transition_with(constrain: bool):
+        """adjoint.Transition without noise (timing only); with `constrain`, the network's input split."""
+
+        def score(p, x, t):
+            return apply(p, jax.lax.with_sharding_constraint(x, split_rows) if constrain else x, t)
+
+        def transition(p, x, k, key):
+            t = jnp.full(x.shape[:1], grid[k])
+            s, s0 = score(p, x, t), score(params0, x, t)
+            h = grid[k] - grid[k + 1]
+            return x + h * (x + 2 * s), BETA * h * jnp.sum((s - s0) ** 2, axis=(1, 2, 3))
+
+        return transition
+
+    def step_with(constrain: bool):
+        transition = transition_with(constrain)
+        return lambda p, x, k, key: transition(p, x, k, key)[0]
+
+    def variants(part, per_device, args, specs):
+        """1 device; 2 devices with the network's input constrained; 2 devices per device. part(constrain)
+        and per_device are functions of `args`, placed on the mesh by `specs` for the 2-device ones."""
+        split = tuple(jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(args, specs))
+        return {"1 device": (jax.jit(part(False)), args), "2 devices, auto": (jax.jit(part(True)), split),
+                "2 devices, local": (jax.jit(per_device), split)}
+
+    rng = np.random.default_rng(0)
+    key = jax.random.key(0)
+
+    # the queue's advance: SLOTS slots of STEPS + 1 states, each advanced STEPS // SLOTS steps
+    slots = jnp.asarray(rng.standard_normal((SLOTS, STEPS + 1, BATCH, *SHAPE)), jnp.float32)
+    queue = queue_lib.Queue(slots, jax.random.split(key, SLOTS), jnp.asarray(SLOTS, jnp.int32))
+
+    def advance_with(advance, constrain=False):
+        return lambda p, states: (advance(step_with(constrain), p, queue._replace(states=states), SLOTS, STEPS)[0].states,)
+
+    timed(variants(lambda constrain: advance_with(queue_lib.queue_advance, constrain),
+                   advance_with(sharding.advance_per_device(mesh)), (params, slots),
+                   (PartitionSpec(), PartitionSpec(None, None, sharding.AXIS))), "advance")
+
+    # the adjoint's walk back through STEPS steps of one path (a leading axis of 1: walk_paths' form)
+    states = jnp.asarray(rng.standard_normal((STEPS + 1, BATCH, *SHAPE)), jnp.float32)
+    a_final = jnp.asarray(rng.standard_normal((BATCH, *SHAPE)), jnp.float32)
+    one = lambda x: x[None]  # noqa: E731
+
+    def walk_with(walk, constrain=False):
+        def run(p, states, a):  # -> (dJ/dθ, dJ/dx_0)
+            start = adjoint.AdjointState(one(a), jax.tree.map(lambda x: one(jnp.zeros_like(x)), p), jnp.zeros(1, a.dtype))
+            out = walk(transition_with(constrain), p, one(states), one(key), start, jnp.zeros(1, jnp.int32))
+            return jax.tree.map(lambda x: x[0], out.g), out.a[0]
+
+        return run
+
+    timed(variants(lambda constrain: walk_with(adjoint.walk_paths, constrain), walk_with(sharding.walk_per_device(mesh)),
+                   (params, states, a_final), (PartitionSpec(), PartitionSpec(None, sharding.AXIS),
+                                               PartitionSpec(sharding.AXIS))), "walk")
 
 
 if __name__ == "__main__":
