@@ -130,14 +130,23 @@ def test_two_devices_give_the_trajectory_of_one(dtype, methods, bounds, tiny_pre
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_run_and_only_process_0_writes(tiny_pretrain, tmp_path):
-    args = ["finetune", "--from", tiny_pretrain, *TINY]
+def test_two_processes_give_the_single_process_run_resume_after_a_kill_and_only_process_0_writes(tiny_pretrain,
+                                                                                                 tmp_path):
+    """The 2-process run is killed after 4 rows (process 0 SIGKILLs itself; process 1 then stops within
+    the heartbeat timeout) and run again: it resumes from the checkpoint of step 2 and logs the rows of
+    the single-process run (rtol 1e-4: float32 sums in another order)."""
+    args = ["finetune", "--from", tiny_pretrain, *TINY, "--ckpt-every", "2"]
     single = cli(*args, "--devices", 1, "--out", tmp_path / "one",
                  env={"XLA_FLAGS": xla_flags(1)})
+    killed = cluster(args, tmp_path / "procs", IDIFF_TEST_KILL_AFTER_ROWS="4", IDIFF_HEARTBEAT_TIMEOUT_S="10")
+    outputs = [p.communicate(timeout=900)[0] for p in killed]
+    assert killed[0].returncode == -signal.SIGKILL and killed[1].returncode != 0, outputs
+    assert [r["step"] for r in rows(tmp_path / "procs")] == [0, 1, 2, 3]
     procs = cluster(args, tmp_path / "procs")
     outputs = [p.communicate(timeout=900)[0] for p in (single, *procs)]
     assert [p.returncode for p in (single, *procs)] == [0, 0, 0], outputs
-    assert "on 2 device(s) / 2 process(es)" in " ".join(outputs[1].split())  # the console wraps lines
+    assert "resuming from checkpoint step 2" in outputs[1], outputs[1]
+    assert "on 2 device(s) / 2 process(es)" in " ".join(outputs[1].split())
     assert "finetune" not in outputs[2] and "done:" not in outputs[2]  # process 1 prints nothing of the run
     base, joined = rows(tmp_path / "one"), rows(tmp_path / "procs")
     assert [r["step"] for r in joined] == list(range(6))  # one writer: no row twice
