@@ -102,7 +102,8 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
     a BatchSharded model, the queue advances and the adjoint walks back per device (sharding.py). λ
     and β may be traced; `with_kl` is static (it changes the program and its cost)."""
     stochastic = girsanov.has_transition(paths.step_fn)
-    on_mesh = {} if mesh is None else dict(walk=sharding.walk_per_device(mesh), advance=sharding.advance_per_device(mesh))
+    on_mesh = ({} if mesh is None else
+               dict(walk=sharding.walk_per_device(mesh), advance=sharding.advance_per_device(mesh)))
 
     def bind(params0, lam, beta):
         terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731

@@ -107,7 +107,8 @@ def walk_per_device(mesh: Mesh) -> Callable:
     gradients summed over the devices once, after the walks (benchmarks/sharded_parts.py: a 16-step
     walk on 2 host devices 1.27× one device this way, 1.03× with XLA's sum in every step). The
     transition regenerates its steps' noise for the device's rows (a BatchSharded model's sampler)."""
-    paths_spec, rows_spec = PartitionSpec(None, None, AXIS), PartitionSpec(None, AXIS)  # [S, n + 1, B, ...], [S, B, ...]
+    paths_spec = PartitionSpec(None, None, AXIS)  # states [S, n + 1, B, ...]
+    rows_spec = PartitionSpec(None, AXIS)  # adjoints [S, B, ...]
 
     def walk(transition, params, states, keys, adj, first, batched=False):
         batch = states.shape[2]
@@ -129,8 +130,8 @@ def walk_per_device(mesh: Mesh) -> Callable:
 def advance_per_device(mesh: Mesh) -> Callable:
     """`queue.queue_advance` with each device advancing its own rows of every slot: no communication
     (benchmarks/sharded_parts.py: 1.71× one device on 2 host devices; XLA's partitioner all-gathers
-    every convolution's input of the vmapped slots, 0.80×). The step draws its noise by rows (a BatchSharded model's
-    sampler), so the paths are those of one program on one device."""
+    the input of every convolution of the vmapped slots, 0.80×). The step draws its noise by rows (a
+    BatchSharded model's sampler), so the paths are those of one program on one device."""
     slots_spec = PartitionSpec(None, None, AXIS)  # [M, T + 1, B, ...]
 
     def advance(step, params, queue, M, T):
