@@ -17,15 +17,18 @@ Each split two ways:
 * local: under `shard_map`, each device on its own rows, the walk's weight gradient summed once at the
   end (as `idiff finetune` runs them: `sharding.advance_per_device`, `sharding.walk_per_device`).
 
-Prints the largest difference of each result to the 1-device one and the seconds per call (median of
-5, the variants in turn in one process) with the speed-ups over 1 device.
+Prints the largest difference of each result to the 1-device one, the collectives in each variant's
+optimised HLO, and the seconds per call (median of 5, the variants in turn in one process) with the
+speed-ups over 1 device.
 
     python benchmarks/sharded_parts.py
 """
 
 from __future__ import annotations
 
+import collections
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -49,14 +52,27 @@ from peer_torch import BETA, cpu_config  # noqa: E402
 STEPS, SLOTS, BATCH, SHAPE = 16, 4, 8, (28, 28, 1)
 
 
+def collectives(fn, args) -> str:
+    """The collectives of fn's optimised HLO by kind, with how many sit in a loop body (run every
+    iteration: their op_name passes through a while body), e.g. "all-gather ×12 (12 in a loop)"."""
+    found: dict[str, list[bool]] = collections.defaultdict(list)
+    for line in fn.lower(*args).compile().as_text().splitlines():
+        match = re.search(r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", line)
+        if match:
+            found[match.group(1)].append("/while/body/" in line)
+    return ", ".join(f"{kind} ×{len(where)} ({sum(where)} in a loop)" for kind, where in sorted(found.items())) or "none"
+
+
 def timed(variants: dict, what: str) -> None:
-    """Checks each variant's first output against the 1-device one, then times them in turn."""
+    """Checks each variant's first output against the 1-device one and lists its collectives, then
+    times the variants in turn."""
     reference = variants["1 device"][0](*variants["1 device"][1])[0]
     scale = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(reference))
     for name, (fn, args) in variants.items():
         out = fn(*args)[0]
         diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
-        print(f"{what:<8}{name:<17} max difference to 1 device {diff:.1e} (largest entry {scale:.1e})")
+        print(f"{what:<8}{name:<17} max difference to 1 device {diff:.1e} (largest entry {scale:.1e}); "
+              f"collectives: {collectives(fn, args)}")
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(5):
         for name, (fn, args) in variants.items():

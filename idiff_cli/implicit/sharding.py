@@ -105,7 +105,7 @@ _WHOLE = PartitionSpec()
 def walk_per_device(mesh: Mesh) -> Callable:
     """`adjoint.walk_paths` with each device walking its own rows of every path and the weight
     gradients summed over the devices once, after the walks (benchmarks/sharded_parts.py: a 16-step
-    walk on 2 host devices 1.27× one device this way, 1.03× with XLA's sum in every step). The
+    walk on 2 host devices 1.30× one device this way, 1.05× with XLA's sum in every step). The
     transition regenerates its steps' noise for the device's rows (a BatchSharded model's sampler)."""
     paths_spec = PartitionSpec(None, None, AXIS)  # states [S, n + 1, B, ...]
     rows_spec = PartitionSpec(None, AXIS)  # adjoints [S, B, ...]
@@ -129,7 +129,7 @@ def walk_per_device(mesh: Mesh) -> Callable:
 
 def advance_per_device(mesh: Mesh) -> Callable:
     """`queue.queue_advance` with each device advancing its own rows of every slot: no communication
-    (benchmarks/sharded_parts.py: 1.71× one device on 2 host devices; XLA's partitioner all-gathers
+    (benchmarks/sharded_parts.py: 1.68× one device on 2 host devices; XLA's partitioner all-gathers
     the input of every convolution of the vmapped slots, 0.80×). The step draws its noise by rows (a
     BatchSharded model's sampler), so the paths are those of one program on one device."""
     slots_spec = PartitionSpec(None, None, AXIS)  # [M, T + 1, B, ...]
