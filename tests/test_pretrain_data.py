@@ -1,6 +1,8 @@
 """Pretraining data: the tfds path (tfds.data_source, here under tfds.testing.mock_data, no TensorFlow),
 the offline fallback, clear errors, and a data order that a checkpoint position resumes exactly."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -36,6 +38,17 @@ def test_missing_data_falls_back_for_mnist_only(tmp_path):
     with pytest.raises(UserError, match="unknown dataset 'no-such-data'"):
         datasets.load("no-such-data")
     assert datasets.load("colored-mnist").image_shape == (28, 28, 3)
+    assert mnist.source.endswith("tfds 'mnist' is not prepared")
+
+
+def test_without_tensorflow_datasets_mnist_falls_back_and_the_others_say_so_in_one_line(monkeypatch):
+    """An environment without the package: a sys.modules entry None makes its import raise ImportError
+    (and importlib.util.find_spec return None)."""
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    mnist = datasets.load("mnist")
+    assert mnist.source == f"{MNIST_SOURCE} — tensorflow-datasets is not installed" and mnist.num_examples == 5000
+    with pytest.raises(UserError, match="dataset 'cifar10' needs tensorflow-datasets, .*; pip install tensorflow-datasets"):
+        datasets.load("cifar10")
 
 
 def test_center_crop_resize():

