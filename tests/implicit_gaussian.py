@@ -13,12 +13,15 @@ step a map far from the identity).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step, probability_flow_step
 from idiff_cli.diffusion.sde import OrnsteinUhlenbeck
+from idiff_cli.implicit import adjoint, girsanov, methods
 from idiff_cli.implicit.adjoint import rollout
 from idiff_cli.implicit.paths import sampler_paths
 
@@ -31,10 +34,38 @@ def score(params, x, t, labels=None):
 SDE = OrnsteinUhlenbeck()
 
 
-def paths(n_steps: int, batch: int, deterministic: bool = False, sde=SDE, denoise_final: bool = False):
+def paths(n_steps: int, batch: int, deterministic: bool = False, sde=SDE, denoise_final: bool = False,
+          split_axis: str | None = None):
+    """(sampler, its SamplerPaths) of batches [batch, 1]; with `split_axis`, the Euler–Maruyama step draws
+    a device's rows of the whole batch's noise under shard_map (samplers.GaussianStep.split_axis)."""
     step_fn = probability_flow_step if deterministic else euler_maruyama_step
+    if split_axis is not None:
+        step_fn = dataclasses.replace(step_fn, split_axis=split_axis)
     sampler = Sampler(sde, n_steps, step_fn, denoise_final=denoise_final)
     return sampler, sampler_paths(sampler, score, (batch, 1))
+
+
+def finetune_problem(T: int, batch: int = 6, deterministic: bool = False, beta: float = 0.3, quadratic: float = 0.1,
+                     split_axis: str | None = None, **parts):
+    """(methods.Problem, θ0) of a finetuning on T-step paths: terminal cost −2 sin(x_T) + quadratic·x_T²,
+    reward x, with β > 0 the Girsanov KL to θ0 = (0.5, 1) as running cost; `parts`: the Problem's walk
+    and advance (per device on a mesh, with `split_axis` for the sampler's noise)."""
+    _, p = paths(T, batch, deterministic, split_axis=split_axis)
+    params0 = theta(0.5, 1.0)
+    transition = (girsanov.kl_transition(p, score, SDE, SDE.time_grid(T), params0, beta) if beta
+                  else adjoint.transition(p.step))
+    terminal = lambda params, x: -2.0 * jnp.sin(x[:, 0]) + quadratic * x[:, 0] ** 2  # noqa: E731
+    return methods.Problem(p, terminal, transition, lambda x: x[:, 0], bool(beta), **parts), params0
+
+
+def outer_steps(method, params, key, n_steps: int):
+    """(Γ, completed states) of outer steps 1..n_steps of `method` with θ frozen at `params`."""
+    estimate = jax.jit(lambda carry: method.estimate(params, carry, None))
+    carry, out = method.init(params, key), []
+    for _ in range(n_steps):
+        carry, est = estimate(carry)
+        out.append((est.grad, est.states))
+    return out
 
 
 def theta(m: float, c: float = 1.0, dtype=jnp.float64):

@@ -3,34 +3,20 @@ Gaussian diffusion (§4) with a KL running cost, in float64. The network passes 
 outer step are counted in test_implicit_cost.py (the pipelined adjoint makes those of the full one)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import enable_x64
 
 from idiff_cli.errors import UserError
-from idiff_cli.implicit import adjoint, girsanov, methods
+from idiff_cli.implicit import adjoint, methods
 from idiff_cli.implicit import queue as q
-from implicit_gaussian import SDE, paths, score, theta
-
-
-def problem(T: int, batch: int = 6, deterministic: bool = False, beta: float = 0.3, quadratic: float = 0.1):
-    _, p = paths(T, batch, deterministic)
-    params0 = theta(0.5, 1.0)
-    transition = (girsanov.kl_transition(p, score, SDE, SDE.time_grid(T), params0, beta) if beta
-                  else adjoint.transition(p.step))
-    terminal = lambda params, x: -2.0 * jnp.sin(x[:, 0]) + quadratic * x[:, 0] ** 2  # noqa: E731
-    return methods.Problem(p, terminal, transition, lambda x: x[:, 0], bool(beta)), params0
+from implicit_gaussian import finetune_problem as problem
+from implicit_gaussian import outer_steps, theta
 
 
 def gradients(method, params, key, n_steps):
     """The Γ of outer steps 1..n_steps with θ frozen at `params`."""
-    estimate = jax.jit(lambda carry: method.estimate(params, carry, None))
-    carry, out = jax.jit(method.init)(params, key), []
-    for _ in range(n_steps):
-        carry, est = estimate(carry)
-        out.append(est.grad)
-    return out
+    return [grad for grad, _ in outer_steps(method, params, key, n_steps)]
 
 
 @pytest.mark.parametrize("M, T", [(4, 4), (2, 4)])

@@ -14,34 +14,20 @@ import pytest
 from jax import enable_x64
 from jax.sharding import PartitionSpec
 
-from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step
-from idiff_cli.implicit import adjoint, girsanov, methods, pipeline, sharding
-from idiff_cli.implicit.paths import sampler_paths
-from implicit_gaussian import SDE, score, theta
+from idiff_cli.diffusion.samplers import Sampler
+from idiff_cli.implicit import adjoint, methods, pipeline, sharding
+from implicit_gaussian import SDE, finetune_problem, outer_steps, score, theta
 
 BATCH = 6
 
 
 def problem(T: int, mesh=None):
-    """The Problem of test_implicit_pipeline.py; with a `mesh`, its sampler splits its noise by rows and
+    """implicit_gaussian's finetuning problem; with a `mesh`, its sampler splits its noise by rows and
     the queue advances and the adjoint walks back per device."""
-    step = euler_maruyama_step if mesh is None else dataclasses.replace(euler_maruyama_step, split_axis=sharding.AXIS)
-    sampler = Sampler(SDE, T, step, denoise_final=False)
-    p = sampler_paths(sampler, score, (BATCH, 1))
-    transition = girsanov.kl_transition(p, score, SDE, SDE.time_grid(T), theta(0.5, 1.0), 0.3)
-    terminal = lambda params, x: -2.0 * jnp.sin(x[:, 0]) + 0.1 * x[:, 0] ** 2  # noqa: E731
-    parts = {} if mesh is None else dict(walk=sharding.walk_per_device(mesh), advance=sharding.advance_per_device(mesh))
-    return methods.Problem(p, terminal, transition, lambda x: x[:, 0], True, **parts)
-
-
-def outer_steps(method, params, key, n):
-    """(Γ, completed states) of outer steps 1..n with θ frozen at `params`."""
-    estimate = jax.jit(lambda carry: method.estimate(params, carry, None))
-    carry, out = method.init(params, key), []
-    for _ in range(n):
-        carry, est = estimate(carry)
-        out.append((est.grad, est.states))
-    return out
+    if mesh is None:
+        return finetune_problem(T, BATCH)[0]
+    return finetune_problem(T, BATCH, split_axis=sharding.AXIS, walk=sharding.walk_per_device(mesh),
+                            advance=sharding.advance_per_device(mesh))[0]
 
 
 def test_a_gaussian_step_draws_its_rows_of_the_whole_batch_noise():
