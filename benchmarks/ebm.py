@@ -18,7 +18,7 @@ import pathlib
 import tempfile
 import time
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.devices import use_host_cores
 
 use_host_cores()
 

@@ -18,7 +18,7 @@ import pathlib
 import tempfile
 import time
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.devices import use_host_cores
 
 use_host_cores()
 
@@ -27,8 +27,10 @@ import numpy as np  # noqa: E402
 
 from idiff_cli.diffusion.model import load  # noqa: E402
 from idiff_cli.fid import evaluate, inception  # noqa: E402
-from idiff_cli.fid.features import Features, embed_all  # noqa: E402
+from idiff_cli.fid.features import Features, embed_all, get_features  # noqa: E402
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance  # noqa: E402
+from idiff_cli.fid.metric import fid_of_features  # noqa: E402
+from idiff_cli.fid.stats import Reference  # noqa: E402
 
 
 def images_per_second(features: Features, images: np.ndarray, batch: int, devices: int) -> float:
@@ -42,11 +44,11 @@ def images_per_second(features: Features, images: np.ndarray, batch: int, device
 def evaluation_seconds(run: pathlib.Path, features: Features, n: int, batch: int, sample_steps: int | None) -> float:
     """Seconds of sampling n images of `run` and computing their FID (a fresh feature store)."""
     pre = load(run)
-    ref = evaluate.Reference(np.zeros(features.dim), np.eye(features.dim), "timing only")
+    ref = Reference(np.zeros(features.dim), np.eye(features.dim), "timing only")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         feats = evaluate.sample_features(pre, pre.sampler(sample_steps), features, n, batch, 0, pathlib.Path(tmp))
-        evaluate.fid_of_features(feats, ref)
+        fid_of_features(feats, ref)
         return time.perf_counter() - start
 
 
@@ -64,7 +66,7 @@ def main() -> None:
     from idiff_cli.data.embedded import mnist_digits
 
     digits = mnist_digits()[0]
-    mnist = evaluate.get_features("mnist-classifier")
+    mnist = get_features("mnist-classifier")
     rates = {}
     for devices in sorted({1, n_dev}):
         rates[("mnist-classifier", devices)] = images_per_second(mnist, digits, 250, devices)

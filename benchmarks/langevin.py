@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.devices import use_host_cores
 
 use_host_cores()
 
@@ -28,7 +28,7 @@ from idiff_cli import registry  # noqa: E402
 from idiff_cli.langevin.experiment import components  # noqa: E402
 from idiff_cli.langevin.options import SCHEMA  # noqa: E402
 from idiff_cli.langevin.simulate import advance  # noqa: E402
-from idiff_cli.parallel import shard_leading  # noqa: E402
+from idiff_cli.sharding import shard_leading  # noqa: E402
 
 
 def idiff_rate(cfg, devices: int) -> tuple[float, float]:

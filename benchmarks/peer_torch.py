@@ -169,10 +169,10 @@ def torch_check(path: str) -> dict:
 
 
 def jax_setup(devices: int):
-    from idiff_cli.parallel import use_host_cores
+    from idiff_cli.devices import use_host_cores
 
     use_host_cores(devices)
-    from idiff_cli.parallel import use_compilation_cache
+    from idiff_cli.sharding import use_compilation_cache
 
     use_compilation_cache()
 
@@ -200,7 +200,7 @@ def jax_unit(unit: str, devices: int):
     from idiff_cli.diffusion import model as M
     from idiff_cli.diffusion import pretrain as P
     from idiff_cli.diffusion.losses import score_function
-    from idiff_cli.parallel import batch_mesh, global_batch, replicate, replicated
+    from idiff_cli.sharding import batch_mesh, global_batch, replicate, replicated
 
     assert len(jax.devices()) == devices, jax.devices()
     cfg = cpu_config()
@@ -277,7 +277,7 @@ def jax_check(path: str, config: dict) -> dict:
     import numpy as np
     import optax
 
-    from idiff_cli.diffusion.imports import build, param_shapes, params_from_tensors
+    from idiff_cli.diffusion.diffusers_io import build, param_shapes, params_from_tensors
 
     data = np.load(path)
     model, _, shape = build(config, {})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.devices import use_host_cores
 
 use_host_cores()
 
@@ -31,7 +31,7 @@ from idiff_cli.diffusion import model as M  # noqa: E402
 from idiff_cli.diffusion import pretrain as P  # noqa: E402
 from idiff_cli.diffusion.losses import score_function  # noqa: E402
 from idiff_cli.diffusion.options import PRETRAIN  # noqa: E402
-from idiff_cli.parallel import batch_mesh, global_batch, replicate, replicated  # noqa: E402
+from idiff_cli.sharding import batch_mesh, global_batch, replicate, replicated  # noqa: E402
 
 # Peak dense TF32 tensor-core throughput (TFLOP/s; JAX runs float32 matmuls/convs as TF32 on these
 # GPUs by default), for MFU.

@@ -10,12 +10,12 @@ On the cpu-preset U-Net (batch 8), on 1 device and on 2 host devices with the ba
 Each split two ways:
 
 * auto: the network's input constrained to be split along the batch (`with_sharding_constraint`, as
-  `sharding.BatchSharded.score` does) and XLA's partitioner left to place the rest. In the advance the
+  `per_device.BatchSharded.score` does) and XLA's partitioner left to place the rest. In the advance the
   vmapped slots merge into the network's batch with the split axis minor, and the partitioner
   all-gathers every convolution's input; in the walk it sums the weight gradient over the devices in
   the loop body, so every step waits for the slower device;
 * local: under `shard_map`, each device on its own rows, the walk's weight gradient summed once at the
-  end (as `idiff finetune` runs them: `sharding.advance_per_device`, `sharding.walk_per_device`).
+  end (as `idiff finetune` runs them: `per_device.advance_per_device`, `per_device.walk_per_device`).
 
 Prints the largest difference of each result to the 1-device one, the collectives in each variant's
 optimised HLO, and the seconds per call (median of 5, the variants in turn in one process) with the
@@ -34,7 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from idiff_cli.parallel import use_host_cores  # noqa: E402
+from idiff_cli.devices import use_host_cores  # noqa: E402
 
 use_host_cores(2)
 
@@ -43,9 +43,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from idiff_cli import sharding  # noqa: E402
 from idiff_cli.diffusion import model as M  # noqa: E402
 from idiff_cli.diffusion.losses import score_function  # noqa: E402
-from idiff_cli.implicit import adjoint, sharding  # noqa: E402
+from idiff_cli.implicit import adjoint, per_device  # noqa: E402
 from idiff_cli.implicit import queue as queue_lib  # noqa: E402
 from peer_torch import BETA, cpu_config  # noqa: E402
 
@@ -131,7 +132,7 @@ def main() -> None:
         return lambda p, states: (advance(step_with(constrain), p, queue._replace(states=states), SLOTS, STEPS)[0].states,)
 
     timed(variants(lambda constrain: advance_with(queue_lib.queue_advance, constrain),
-                   advance_with(sharding.advance_per_device(mesh)), (params, slots),
+                   advance_with(per_device.advance_per_device(mesh)), (params, slots),
                    (PartitionSpec(), PartitionSpec(None, None, sharding.AXIS))), "advance")
 
     # the adjoint's walk back through STEPS steps of one path (a leading axis of 1: walk_paths' form)
@@ -147,7 +148,7 @@ def main() -> None:
 
         return run
 
-    timed(variants(lambda constrain: walk_with(adjoint.walk_paths, constrain), walk_with(sharding.walk_per_device(mesh)),
+    timed(variants(lambda constrain: walk_with(adjoint.walk_paths, constrain), walk_with(per_device.walk_per_device(mesh)),
                    (params, states, a_final), (PartitionSpec(), PartitionSpec(None, sharding.AXIS),
                                                PartitionSpec(sharding.AXIS))), "walk")
 

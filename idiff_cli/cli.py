@@ -16,7 +16,7 @@ import pathlib
 import sys
 from typing import Annotated, Any, Callable, Optional
 
-from idiff_cli.parallel import lost_peer, use_host_cores
+from idiff_cli.devices import lost_peer, use_host_cores
 
 use_host_cores()  # before JAX starts: one XLA host device per CPU core
 

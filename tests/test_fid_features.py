@@ -8,15 +8,16 @@ import pytest
 
 from idiff_cli.data.embedded import mnist_digits
 from idiff_cli.errors import UserError
-from idiff_cli.fid import evaluate, stats
-from idiff_cli.fid.features import embed_all, to_unit_range
+from idiff_cli.fid import stats
+from idiff_cli.fid.features import embed_all, get_features, to_unit_range
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
+from idiff_cli.fid.metric import fid_of_samples
 from idiff_cli.images import from_uint8
 
 
 @pytest.fixture(scope="module")
 def mnist_features():
-    return evaluate.get_features("mnist-classifier")
+    return get_features("mnist-classifier")
 
 
 def test_classifier_is_cached_and_accurate(mnist_features):
@@ -26,7 +27,7 @@ def test_classifier_is_cached_and_accurate(mnist_features):
     accuracy = float(mnist_features.source.split("accuracy ")[1].rstrip(")"))
     assert accuracy > 0.9
     digits = mnist_digits()[0][:64]
-    again = evaluate.get_features("mnist-classifier")
+    again = get_features("mnist-classifier")
     np.testing.assert_array_equal(embed_all(mnist_features, digits), embed_all(again, digits))
 
 
@@ -49,7 +50,7 @@ def test_fid_of_samples_matches_the_definition(mnist_features):
     digits = mnist_digits()[0]
     ref = feature_statistics(embed_all(mnist_features, digits[:1000]))
     as_float = from_uint8(digits[1000:1500])
-    value = evaluate.fid_of_samples(as_float, mnist_features, ref_stats=ref)
+    value = fid_of_samples(as_float, mnist_features, ref_stats=ref)
     direct = frechet_distance(*feature_statistics(embed_all(mnist_features, digits[1000:1500])), *ref)
     assert value == pytest.approx(direct, rel=1e-9)
 

@@ -1,4 +1,4 @@
-"""parallel.keep_ahead: a host loop of multi-device programs with collectives, dispatched without
+"""sharding.keep_ahead: a host loop of multi-device programs with collectives, dispatched without
 reading their results, runs to the end on 2 host devices sharing a 2-thread XLA pool.
 
 Unbounded, the same loop stops inside an all-reduce once ≥ 32 programs are queued (XLA:CPU's in-flight
@@ -18,7 +18,7 @@ from suite_env import xla_flags
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from idiff_cli.parallel import keep_ahead
+    from idiff_cli.sharding import keep_ahead
 
     mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
     split, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())

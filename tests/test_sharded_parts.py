@@ -1,4 +1,4 @@
-"""The parts of an outer step that run per device (implicit/sharding.py), on 2 host devices against one
+"""The parts of an outer step that run per device (implicit/per_device.py), on 2 host devices against one
 program, on the paper's 1-D Gaussian diffusion (§4) with a KL running cost, in float64.
 
 Each device advances and walks back its own rows; a Gaussian step draws its rows of the whole batch's
@@ -14,8 +14,9 @@ import pytest
 from jax import enable_x64
 from jax.sharding import PartitionSpec
 
+from idiff_cli import sharding
 from idiff_cli.diffusion.samplers import Sampler
-from idiff_cli.implicit import adjoint, methods, pipeline, sharding
+from idiff_cli.implicit import adjoint, methods, per_device, pipeline
 from implicit_gaussian import SDE, finetune_problem, outer_steps, score, theta
 
 BATCH = 6
@@ -26,8 +27,8 @@ def problem(T: int, mesh=None):
     the queue advances and the adjoint walks back per device."""
     if mesh is None:
         return finetune_problem(T, BATCH)[0]
-    return finetune_problem(T, BATCH, split_axis=sharding.AXIS, walk=sharding.walk_per_device(mesh),
-                            advance=sharding.advance_per_device(mesh))[0]
+    return finetune_problem(T, BATCH, split_axis=sharding.AXIS, walk=per_device.walk_per_device(mesh),
+                            advance=per_device.advance_per_device(mesh))[0]
 
 
 def test_a_gaussian_step_draws_its_rows_of_the_whole_batch_noise():

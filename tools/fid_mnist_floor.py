@@ -9,12 +9,11 @@ draws per n). A model's FID at n samples is to be read against this floor (small
 import numpy as np
 
 from idiff_cli.data.embedded import mnist_digits
-from idiff_cli.fid import evaluate
-from idiff_cli.fid.features import embed_all
+from idiff_cli.fid.features import embed_all, get_features
 from idiff_cli.fid.frechet import feature_statistics, frechet_distance
 
 if __name__ == "__main__":
-    features = evaluate.get_features("mnist-classifier")
+    features = get_features("mnist-classifier")
     all_features = embed_all(features, mnist_digits()[0])
     even = np.arange(len(all_features)) % 2 == 0
     ref, odd = feature_statistics(all_features[even]), all_features[~even]

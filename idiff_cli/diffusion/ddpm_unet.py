@@ -23,7 +23,7 @@ head of C channels when attention_head_dim is null), softmax(q kᵀ/√d_head) v
 input.
 
 Submodules carry diffusers' module paths with "." written "__" (`down_blocks__0__resnets__1/conv1/kernel`
-holds `down_blocks.0.resnets.1.conv1.weight`; no diffusers name contains "__"), so imports.py maps a
+holds `down_blocks.0.resnets.1.conv1.weight`; no diffusers name contains "__"), so diffusers_io.py maps a
 state dict onto the parameters name by name. Every convolution goes through the canonical-gradient conv (conv.py).
 """
 

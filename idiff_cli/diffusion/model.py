@@ -7,14 +7,15 @@
 A pretrain run directory holds `pretrained.json` (`write_pretrained`): the checkpoint that is θ0
 (the last one saved; `final` once the run has finished), the image shape, the number of classes and
 the data source; its checkpoints hold a `TrainState`, whose EMA weights are θ0 (`weights="params"`:
-the raw weights). An imported run directory (`idiff import`, imports.py) holds its network's variables as
-checkpoint 0 and loads as an `ImportedModel`: the discrete DDPM process and samplers of ddpm.py. A
-finetune run directory holds `finetuned.json` (`write_finetuned`): its base run
-(`from`) and the directory of its θ checkpoints (`weights/`, orbax, one per checkpoint step); it loads
-as the base model with the finetuned θ of its last (or the given) step.
+the raw weights). An imported run directory (`idiff import`) holds its network's variables as
+checkpoint 0 and the diffusers config files they come from (diffusers_io.py), and loads as an
+`ImportedModel`: the discrete DDPM process and samplers of ddpm.py. A finetune run directory holds
+`finetuned.json` (`write_finetuned`): its base run (`from`) and the directory of its θ checkpoints
+(`weights/`, orbax, one per checkpoint step); it loads as the base model with the finetuned θ of its
+last (or the given) step.
 
-Everything here builds on sde.py, unet.py, losses.py and samplers.py; nothing here knows about the
-commands that train or evaluate models.
+Everything here builds on sde.py, unet.py, ddpm.py, losses.py, samplers.py and diffusers_io.py;
+nothing here knows about the commands that train, import or evaluate models.
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from idiff_cli import registry
 from idiff_cli.checkpoint import Checkpointer, restore_template
-from idiff_cli.diffusion.imports import param_shapes, run_source
+from idiff_cli.diffusion import diffusers_io
 from idiff_cli.diffusion.ddpm import DISCRETE_STEPS
 from idiff_cli.diffusion.losses import score_function
 from idiff_cli.diffusion.options import PRETRAIN
 from idiff_cli.diffusion.samplers import Sampler
 from idiff_cli.diffusion.unet import UNet
 from idiff_cli.errors import UserError
-from idiff_cli.parallel import replicated
 from idiff_cli.runs import RunDir
+from idiff_cli.sharding import replicated
 
 PRETRAINED, FINETUNED = "pretrained.json", "finetuned.json"
 WEIGHTS_DIR = "weights"  # a finetune run's θ checkpoints
@@ -227,7 +228,7 @@ def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = N
             raise UserError(f"'{run_dir}' is a finetune run: it holds only its finetuned weights, so weights "
                             f"'{weights}' does not apply (leave the default)")
         return _load_finetuned(run_dir, step)
-    if (run_dir / PRETRAINED).exists() and RunDir(run_dir).read_json("config.json").get("command") == "import":
+    if (run_dir / PRETRAINED).exists() and diffusers_io.holds_source(run_dir):
         return _load_imported(run_dir, weights, step)
     if not (run_dir / PRETRAINED).exists():
         raise UserError(f"'{run_dir}' holds no trained model (no {PRETRAINED} or {FINETUNED}); run "
@@ -258,9 +259,9 @@ def _load_imported(run_dir: pathlib.Path, weights: str, step: int | None) -> Imp
         raise UserError(f"'{run_dir}' is an imported model: its only checkpoint is step 0")
     run = RunDir(run_dir)
     config = run.read_json("config.json")
-    model, sde, image_shape = run_source(run_dir)
+    model, sde, image_shape = diffusers_io.run_source(run_dir)
     with Checkpointer(run_dir / run.read_json(PRETRAINED)["checkpoints"], keep=1) as ckpt:
-        params, _ = ckpt.restore(restore_template(param_shapes(model, image_shape)), step=0)
+        params, _ = ckpt.restore(restore_template(diffusers_io.param_shapes(model, image_shape)), step=0)
     cfg = ImportedConfig(config["dataset"], config["data_dir"], config["sampler"], config["sample_steps"],
                          image_shape[0], config["dir"])
     return ImportedModel(model, params, sde, cfg, image_shape, 0, 0, True, "imported")

@@ -1,10 +1,11 @@
-"""Feature extractors of the FID, by name (registry kind "features"):
+"""Feature extractors of the FID, by name (registry kind "features", `get_features(name)`):
 
 * `inception`: the 2048-d pool features of pytorch-fid's Inception-v3 (inception.py), with the weights
   converted from the pinned 2015-12-05 file (`--inception-weights PATH` or $IDIFF_INCEPTION_WEIGHTS).
   Numbers are "FID" in the usual sense, comparable with published ones.
-* `mnist-classifier`: the 128-d penultimate features of the project's MNIST classifier (classifier.py),
-  offline; numbers are "FID (MNIST classifier features)", not comparable with Inception FID.
+* `mnist-classifier`: the 128-d penultimate features of the project's MNIST classifier
+  (idiff_cli/classifiers.py), offline; numbers are "FID (MNIST classifier features)", not comparable
+  with Inception FID.
 
 Images enter as the standard tools see them: samples in [-1, 1] are clipped and quantised to 8 bits
 (as saving a PNG does), then scaled to [0, 1]; uint8 images are taken as they are. Grey images are
@@ -24,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idiff_cli import classifiers, registry
 from idiff_cli.errors import UserError
-from idiff_cli.fid import classifier, convert, inception
+from idiff_cli.fid import convert, inception
 from idiff_cli.images import to_uint8
-from idiff_cli.parallel import seed_mesh, shard_leading
-from idiff_cli.registry import register
+from idiff_cli.sharding import seed_mesh, shard_leading
 
 WEIGHTS_ENV = "IDIFF_INCEPTION_WEIGHTS"
 
@@ -52,6 +53,12 @@ class Features:
         if self.image_size is not None and tuple(shape[1:3]) != self.image_size:
             raise UserError(f"{self.name} features take {self.image_size[0]}x{self.image_size[1]} images, "
                             f"got {shape[1]}x{shape[2]}; use --features inception for other image sizes")
+
+
+def get_features(features: str | Features, inception_weights: str | None = None) -> Features:
+    """The extractor named `features` (registry kind "features"; `inception_weights` for "inception"),
+    or `features` itself when it is one."""
+    return features if isinstance(features, Features) else registry.get("features", features)(inception_weights)
 
 
 def to_unit_range(images) -> np.ndarray:
@@ -85,7 +92,7 @@ def _embed_jit(features: Features) -> Callable:
     return _COMPILED[features.embed]
 
 
-@register("features", "inception")
+@registry.register("features", "inception")
 def inception_features(weights: str | None = None) -> Features:
     """pytorch-fid's Inception-v3 pool features; `weights`: the converted .npz (default: $IDIFF_INCEPTION_WEIGHTS)."""
     weights = weights or os.environ.get(WEIGHTS_ENV)
@@ -106,17 +113,17 @@ def inception_source_sha() -> str:
     return convert.PINNED_SHA256
 
 
-@register("features", "mnist-classifier")
+@registry.register("features", "mnist-classifier")
 def mnist_classifier_features(weights: str | None = None) -> Features:
     """The project's MNIST classifier's 128-d features; `weights`: its cache directory (default:
     $IDIFF_CACHE_DIR/mnist-classifier, trained there on first use)."""
-    directory = pathlib.Path(weights) if weights else classifier.cache_dir()
-    params, meta = classifier.load_or_train(directory)
-    model = classifier.MnistClassifier()
+    directory = pathlib.Path(weights) if weights else classifiers.cache_dir()
+    params, meta = classifiers.load_or_train(directory)
+    model = classifiers.MnistClassifier()
 
     def embed(images):
         grey = images.mean(axis=-1, keepdims=True)
         return model.apply({"params": params}, grey)[0]
 
-    return Features("mnist-classifier", "FID (MNIST classifier features)", classifier.FEATURE_DIM, embed,
+    return Features("mnist-classifier", "FID (MNIST classifier features)", classifiers.FEATURE_DIM, embed,
                     source=f"{directory} (held-out accuracy {meta['held_out_accuracy']:.4f})", image_size=(28, 28))

@@ -3,10 +3,12 @@ and the TTUR code write, so their published files load as they are), and statist
 
     save_stats(path, mu, sigma, features="inception", n=50000, dataset="cifar10")
     mu, sigma = load_stats(path, dim=2048)
+    ref = reference(features, dataset="mnist", cache=run / "fid")   # a Reference, from a file or a dataset
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pathlib
 
@@ -64,3 +66,33 @@ def dataset_images(name: str, data_dir: str | None = None, image_size: int = 0,
 def image_statistics(features: Features, images, batch: int = 250) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the features of images [N, H, W, C] (uint8, or float in [-1, 1])."""
     return feature_statistics(embed_all(features, images, batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Reference statistics, mu [D] and sigma [D, D], and where they come from (a file or a dataset)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    description: str
+
+
+def reference(features: Features, ref_stats: str | pathlib.Path | None = None, dataset: str | None = None,
+              data_dir: str | None = None, image_size: int = 0, cache: pathlib.Path | None = None,
+              batch: int = 250) -> Reference:
+    """Statistics from `ref_stats` (.npz with mu, sigma), else of all images of `dataset`
+    (kept as `cache`/ref-<dataset>-<features>.npz when `cache` is given)."""
+    if ref_stats is not None:
+        mu, sigma = load_stats(ref_stats, dim=features.dim)
+        return Reference(mu, sigma, f"file {ref_stats}")
+    if dataset is None:
+        raise UserError("give the reference: --ref-stats FILE.npz or --dataset NAME")
+    path = cache / f"ref-{dataset}{f'-{image_size}px' if image_size else ''}-{features.name}.npz" if cache else None
+    if path is not None and path.exists():
+        mu, sigma = load_stats(path, dim=features.dim, what="cached reference")
+    else:
+        images = dataset_images(dataset, data_dir, image_size)
+        mu, sigma = image_statistics(features, images, batch)
+        if path is not None:
+            save_stats(path, mu, sigma, features=features.name, dataset=dataset, n=len(images))
+    return Reference(mu, sigma, f"dataset {dataset}")

@@ -4,7 +4,7 @@ under the current θ equals their label under θ0.
 The paper's claim for Figs 13-14 is that reward training changes the digits' style (brighter,
 thicker) "while retaining overall semantic information". With the noise keys fixed, sample i under
 θ_k and sample i under θ0 start from the same x_{t_max} and see the same noise, so a finetuned model
-that keeps the semantics keeps most labels. The labels come from `classifier.LABELS` (seed 1, trained
+that keeps the semantics keeps most labels. The labels come from `classifiers.LABELS` (seed 1, trained
 on the last 250 embedded digits of each class), not from the network of the MNIST FID, and no reward
 reads either, so the number cannot be raised by the reward itself. θ0's labels are computed once and
 kept in the run directory (labels/step_000000.npy), so a resumed run compares with the same ones.
@@ -19,8 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from idiff_cli import loop
-from idiff_cli.fid import classifier
+from idiff_cli import classifiers, loop
 from idiff_cli.fid.features import to_unit_range
 from idiff_cli.runs import atomic_path
 
@@ -28,11 +27,11 @@ REFERENCE = pathlib.Path("labels") / "step_000000.npy"
 
 
 def make_labeller(directory: pathlib.Path | None = None) -> Callable[[Any], np.ndarray]:
-    """images [N, 28, 28, C] (float in [-1, 1] or uint8) -> digits [N] (int) from classifier.LABELS
+    """images [N, 28, 28, C] (float in [-1, 1] or uint8) -> digits [N] (int) from classifiers.LABELS
     (cached in `directory`, default its cache dir; trained there on first use). Images are quantised to
     8 bits as a saved PNG is, and averaged over colour channels."""
-    params, _ = classifier.load_or_train(directory, classifier.LABELS)
-    predict = classifier.labels_fn(params)
+    params, _ = classifiers.load_or_train(directory, classifiers.LABELS)
+    predict = classifiers.labels_fn(params)
 
     def labels(images) -> np.ndarray:
         x = to_unit_range(np.asarray(images))

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from idiff_cli import classifiers
 from idiff_cli.errors import UserError
-from idiff_cli.fid import classifier
 from idiff_cli.images import to_uint8
 from idiff_cli.registry import register
 
@@ -49,11 +49,11 @@ red.min_channels = 3  # type: ignore[attr-defined]
 @dataclasses.dataclass(frozen=True, eq=False)
 class DigitLogProb:
     """digit:N — log p(N | x) = log_softmax(logits(x))_N, the log-probability of class N under the MNIST
-    classifier of the FID (classifier.FID) on images [B, 28, 28, 1] in [−1, 1], read on its [0, 1]
+    classifier of the FID (classifiers.FID) on images [B, 28, 28, 1] in [−1, 1], read on its [0, 1]
     scale as (x + 1)/2 without quantisation (so ∇R exists); returns [B], each ≤ 0. "Generate more sevens"
     is digit:7 with λ > 0.
 
-    Not classifier.LABELS: that independent network labels samples for `label_kept`, and no reward reads
+    Not classifiers.LABELS: that independent network labels samples for `label_kept`, and no reward reads
     it, so that a finetuned model cannot game the evaluation by fooling its judge (adversarial pixels that
     raise digit:N under one network need not move the other's label). The FID's network is
     the one the reward pushes on, so a digit:N run's "FID (MNIST classifier features)" is measured in
@@ -64,18 +64,18 @@ class DigitLogProb:
     image_shape = (28, 28, 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        _, logits = classifier.MnistClassifier().apply({"params": self.params}, (x + 1) / 2)
+        _, logits = classifiers.MnistClassifier().apply({"params": self.params}, (x + 1) / 2)
         return jax.nn.log_softmax(logits, axis=-1)[:, self.digit]
 
 
 @functools.lru_cache(maxsize=None)
 def _fid_classifier(directory: pathlib.Path) -> Any:
-    return classifier.load_or_train(directory, classifier.FID)[0]
+    return classifiers.load_or_train(directory, classifiers.FID)[0]
 
 
 def digit(n: int) -> DigitLogProb:
     """The reward digit:n, with the FID classifier's weights from its cache (trained there on first use)."""
-    return DigitLogProb(n, _fid_classifier(classifier.cache_dir(classifier.FID)))
+    return DigitLogProb(n, _fid_classifier(classifiers.cache_dir(classifiers.FID)))
 
 
 register("image-reward", "digit:N", digit, values=range(10))

@@ -1,5 +1,6 @@
 """The MNIST classifiers: one whose penultimate layer gives the offline "FID (MNIST classifier
-features)", and a second, independent one that labels samples for finetune's `label_kept`.
+features)" (fid/features.py) and whose class probabilities are the reward digit:N, and a second,
+independent one that labels samples for finetune's `label_kept`.
 
 The practice for MNIST generative models (e.g. the "MNIST FID" of score-based and flow papers): the
 Fréchet distance in the feature space of a small classifier trained on MNIST, since Inception
@@ -14,10 +15,10 @@ name. The network: conv 3×3 stride 2 (16) → ReLU → conv 3×3 stride 2 (32) 
   network (implicit/rewards.py); no reward reads LABELS, so label_kept is judged by a network that no
   finetuning optimises against.
 
-Each is trained once and cached (orbax) under $IDIFF_CACHE_DIR (default ~/.cache/idiff)/<name>;
-training takes about 10 s on 2 idle CPU cores:
+Each is trained once, on first use, and cached (orbax) under $IDIFF_CACHE_DIR (default
+~/.cache/idiff)/<name>:
 
-    python -m idiff_cli.fid.classifier        # (re)trains and caches both, prints the held-out accuracies
+    python -m idiff_cli.classifiers        # (re)trains and caches both, prints the held-out accuracies
 """
 
 from __future__ import annotations
@@ -99,8 +100,7 @@ def train(spec: Spec = FID, steps: int = STEPS) -> tuple[dict, float]:
         return optax.apply_updates(params, updates), opt_state
 
     # A host loop over one jitted step, not a lax.scan: XLA:CPU runs the gradients of these nn.Conv
-    # ~14x slower inside a while loop (7 ms vs 95 ms per step measured here; the cause: diffusion/conv.py),
-    # and nothing is read back per step.
+    # far slower inside a while loop (the cause: diffusion/conv.py), and nothing is read back per step.
     state = (params, optimizer.init(params))
     for k in range(steps):
         state = step(state, k)

@@ -1,0 +1,225 @@
+"""Meshes and placement for every command that shards: independent seeds or a batch split over the
+devices, parameters replicated, one code path for one CPU, a GPU box and a multi-host TPU slice.
+
+    mesh = batch_mesh()                                   # every device of every process, axis "batch"
+    state = replicate(host_state, mesh)                   # the same values on every device
+    batch = global_batch(local_batch, mesh)               # each process's rows -> one global array
+    images = to_host(sharded_images)                      # numpy, the whole array, on every process
+
+Also here: the host loop's bound on programs in flight (`keep_ahead`), the `--devices` count that
+divides a batch (`device_count`), the shared-filesystem check of a multi-process run (`check_visible`),
+joining a cluster from the environment and the on-disk compilation cache. The set-up that must run
+before JAX starts is in devices.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from idiff_cli.devices import (
+    COMPILATION_CACHE_ENV,
+    COORDINATOR_ENV,
+    HEARTBEAT_ENV,
+    NUM_PROCESSES_ENV,
+    PROCESS_ID_ENV,
+    TPU_HOSTS_ENV,
+)
+from idiff_cli.errors import UserError
+
+AXIS = "batch"  # the mesh axis a batch is split along
+
+
+# ---- meshes ----
+
+
+def batch_mesh(axis: str = AXIS) -> Mesh:
+    """A 1-D mesh over every device of every process (the global batch is split over it)."""
+    return Mesh(np.array(jax.devices()), (axis,))
+
+
+def seed_mesh(n: int, axis: str = "seeds") -> Mesh:
+    """A 1-D mesh over the largest number of local devices that divides `n`."""
+    devices = jax.local_devices()
+    k = max(d for d in range(1, len(devices) + 1) if n % d == 0)
+    return Mesh(np.array(devices[:k]), (axis,))
+
+
+def mesh_of(n: int) -> Mesh:
+    """The first `n` local devices of every process, as one 1-D mesh (process by process)."""
+    devices = [d for p in range(jax.process_count()) for d in
+               [d for d in jax.devices() if d.process_index == p][:n]]
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of a value held whole by every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ---- placement ----
+
+
+def shard_leading(tree: Any, mesh: Mesh) -> Any:
+    """Places every array of `tree` with its leading axis split over `mesh`'s single axis."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
+
+
+def global_batch(local: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+    """Assembles each process's slice of a batch (numpy, split along `batch_axis`) into global
+    arrays sharded over `mesh` along that axis; single-process: a sharded `device_put`."""
+    sharding = NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), mesh.axis_names[0]))
+
+    def place(x):
+        shape = list(x.shape)
+        shape[batch_axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+    return jax.tree.map(place, local)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host values (the same on every process) as arrays replicated over `mesh`."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Values the same on every process (host values, or arrays already on the mesh) as global arrays
+    with `shardings`; typed PRNG keys travel as their key data. Arrays spanning several processes are
+    resharded by one jitted identity (device_put takes only addressable targets there)."""
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        if _is_key(x):
+            return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    placed = jax.tree.map(place, tree, shardings)
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(placed)):
+        return placed
+    return jax.jit(lambda t: t, out_shardings=shardings)(placed)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly sharded, possibly multi-process) array as one numpy array on every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+# ---- the host loop ----
+
+# Programs a host loop lets run ahead of the devices. XLA:CPU admits 32 programs in flight per
+# device; with that many multi-device programs queued, host devices sharing the CPU's thread pool can
+# stop for good inside a collective (jaxlib 0.10.2, 2 host devices on 2 cores: an all-reduce waits
+# for a device that never arrives, and XLA aborts the process after 40 s; tests/test_parallel.py
+# reproduces it). A few programs ahead keep the devices as busy as 32 do.
+AHEAD = 8
+
+
+def keep_ahead(dispatched: list, ahead: int = AHEAD) -> None:
+    """Waits for the result `ahead` dispatches back, `dispatched[-1 - ahead]`, when there is one: a
+    host loop that calls this after each dispatch has at most `ahead` + 1 programs queued."""
+    if len(dispatched) > ahead:
+        jax.block_until_ready(dispatched[-1 - ahead])
+
+
+# ---- how many devices a batch is split over (--devices) ----
+
+
+def device_count(batch: int, requested: int | None, local: int, processes: int = 1) -> tuple[int, str]:
+    """(n, note): the local devices per process the batch is split over, n · processes dividing
+    `batch`. `requested` (--devices) must divide it and exist (else a UserError); without it, every
+    local device when they divide the batch, else the largest count that does, with a one-line note."""
+    if requested is not None:
+        if requested > local:
+            raise UserError(f"--devices {requested}: this process has {local} local device(s)")
+        if batch % (requested * processes):
+            raise UserError(f"--devices {requested} on {processes} process(es) does not divide --batch {batch}; "
+                            f"pick --devices among {', '.join(map(str, divisors(batch, local, processes))) or 'none'}")
+        return requested, ""
+    fits = divisors(batch, local, processes)
+    if not fits:
+        raise UserError(f"--batch {batch} is not divisible by the {processes} processes; pick a multiple of {processes}")
+    n = fits[-1]
+    note = "" if n == local else (f"the batch of {batch} is split over {n} of the {local} local devices "
+                                  f"(the largest count that divides it; --devices to choose)")
+    return n, note
+
+
+def divisors(batch: int, local: int, processes: int) -> list[int]:
+    """The local device counts d (1..`local`) with d · `processes` dividing `batch`, ascending."""
+    return [d for d in range(1, local + 1) if batch % (d * processes) == 0]
+
+
+# ---- several processes ----
+
+
+def initialize_distributed_from_env() -> bool:
+    """Joins a multi-process JAX cluster when the environment says so, before any device is used:
+
+    * `JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`: explicit (any platform;
+      on CPU the collectives go through gloo);
+    * a multi-host TPU VM slice (`TPU_WORKER_HOSTNAMES` lists several hosts): `jax.distributed.initialize()`
+      finds everything itself.
+
+    Returns whether the process joined a cluster. Launch line on a TPU VM pod slice:
+    `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="idiff pretrain cifar10 --preset paper ..."`.
+    """
+    if os.environ.get(COORDINATOR_ENV):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=os.environ[COORDINATOR_ENV],
+                                   num_processes=int(os.environ.get(NUM_PROCESSES_ENV, "1")),
+                                   process_id=int(os.environ.get(PROCESS_ID_ENV, "0")),
+                                   heartbeat_timeout_seconds=int(os.environ.get(HEARTBEAT_ENV, "100")))
+        return True
+    if len([h for h in os.environ.get(TPU_HOSTS_ENV, "").split(",") if h]) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def check_visible(run_dir: pathlib.Path) -> None:
+    """With several processes: a UserError on every process unless process 0's run directory is
+    visible to all (a token file written by process 0, looked for by the others after a barrier).
+    Checkpoints are written by every process into one directory: it must be on a shared filesystem."""
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(int.from_bytes(os.urandom(3), "little"))))
+    path = run_dir / f".visible-{token}"
+    if jax.process_index() == 0:
+        path.write_text("written by process 0; every process must see it\n")
+    multihost_utils.sync_global_devices("idiff run directory written")
+    seen = multihost_utils.process_allgather(np.asarray(path.exists()))
+    multihost_utils.sync_global_devices("idiff run directory read")
+    if jax.process_index() == 0:
+        path.unlink()
+    missing = [i for i, ok in enumerate(np.ravel(seen)) if not ok]
+    if missing:
+        raise UserError(f"the run directory '{run_dir}' of process 0 is not visible to process(es) "
+                        f"{', '.join(map(str, missing))}: put --out on a filesystem every host shares")
+
+
+# ---- compiled programs on disk ----
+
+
+def use_compilation_cache() -> None:
+    """Keeps compiled programs on disk ($IDIFF_JAX_CACHE, default ~/.cache/idiff/jax): the U-Net's
+    training step is slow to compile on a CPU, and a resumed run, `idiff sample` and a re-run with the
+    same shapes read it back instead."""
+    path = os.environ.get(COMPILATION_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "idiff", "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
