@@ -8,10 +8,14 @@ Only the CLI layer resolves names; the numerical core receives the objects thems
     get("reward", "brightness")            # a registered component
     get("reward", "my_pkg.rewards:bluish")  # a user plug-in, imported on demand
 
-A family of components indexed by an integer registers under "prefix:N" with its valid values:
+A family of components indexed by an integer registers under its prefix, a ":" or "-", and one capital
+letter standing for the index, with the index's valid values or none (every integer n >= 0, which the
+member then checks):
 
     register("image-reward", "digit:N", digit_reward, values=range(10))
     get("image-reward", "digit:7")          # digit_reward(7)
+    register("finetune-method", "truncated-K", truncated)
+    get("finetune-method", "truncated-4")   # truncated(4)
 
 A registered family's prefix takes precedence over a plug-in module of the same name.
 """
@@ -19,13 +23,16 @@ A registered family's prefix takes precedence over a plug-in module of the same 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Callable
 
 from idiff_cli.errors import UserError
 
 _COMPONENTS: dict[str, dict[str, Any]] = {}
-# kind -> prefix -> (factory, valid values): the families "prefix:N" whose members are factory(N).
-_FAMILIES: dict[str, dict[str, tuple[Callable[[int], Any], range]]] = {}
+# kind -> prefix with its separator ("digit:", "truncated-") -> (family name, factory, valid values or None):
+# the families whose members are factory(n).
+_FAMILIES: dict[str, dict[str, tuple[str, Callable[[int], Any], range | None]]] = {}
+FAMILY_NAME = re.compile(r"(.+[:-])([A-Z])")  # "digit:N", "truncated-K": the prefix and the index's letter
 
 # The modules that register the built-in components of each kind, imported on first lookup.
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -50,25 +57,28 @@ def _load_builtins(kind: str) -> dict[str, Any]:
 
 
 def register(kind: str, name: str, obj: Any = None, values: range | None = None) -> Any:
-    """Registers `obj` as `kind`/`name`; without `obj`, returns a decorator that does. A name
-    "prefix:N" with `values` registers a family: "prefix:<n>" for n in `values` resolves to obj(n)."""
-    if name.endswith(":N") != (values is not None):
-        raise ValueError(f"{kind} '{name}': a family is named 'prefix:N' and given its values, and only a family")
+    """Registers `obj` as `kind`/`name`; without `obj`, returns a decorator that does. A family name
+    ("prefix:N", "prefix-K") registers a family: "prefix:<n>" for n in `values` (every n >= 0 without
+    `values`) resolves to obj(n)."""
+    family = FAMILY_NAME.fullmatch(name)
+    if values is not None and not family:
+        raise ValueError(f"{kind} '{name}': a family is named 'prefix:N' or 'prefix-N' (any capital letter), and "
+                         "only a family takes values")
 
     def add(component: Any) -> Any:
-        table = _COMPONENTS.setdefault(kind, {}) if values is None else _FAMILIES.setdefault(kind, {})
-        key = name if values is None else name.removesuffix(":N")
+        table = _FAMILIES.setdefault(kind, {}) if family else _COMPONENTS.setdefault(kind, {})
+        key = family.group(1) if family else name
         if key in table:
             raise ValueError(f"{kind} '{name}' is registered twice")
-        table[key] = component if values is None else (component, values)
+        table[key] = (name, component, values) if family else component
         return component
 
     return add if obj is None else add(obj)
 
 
 def names(kind: str) -> list[str]:
-    """The registered names of one kind, sorted; a family reads "prefix:N"."""
-    return sorted([*_load_builtins(kind), *(f"{prefix}:N" for prefix in _FAMILIES.get(kind, {}))])
+    """The registered names of one kind, sorted; a family reads as registered ("digit:N", "truncated-K")."""
+    return sorted([*_load_builtins(kind), *(family for family, _, _ in _FAMILIES.get(kind, {}).values())])
 
 
 def choices_text(kind: str) -> str:
@@ -77,24 +87,27 @@ def choices_text(kind: str) -> str:
 
 def get(kind: str, name: str) -> Any:
     """The component `kind`/`name`: a registered one, a family's member when `name` reads
-    `prefix:<n>` for a registered family "prefix:N", else a plug-in when it reads `package.module:attribute`.
+    `prefix:<n>` (or `prefix-<n>`) for a registered family "prefix:N" ("prefix-N"), else a plug-in when
+    it reads `package.module:attribute`.
 
-    Raises UserError (one line, listing the valid choices) for an unknown name or a plug-in that
-    cannot be imported.
+    Raises UserError (one line, listing the valid choices) for an unknown name, an index outside its
+    family's values, or a plug-in that cannot be imported.
     """
     table = _load_builtins(kind)
-    prefix, colon, index = name.partition(":")
-    if colon and prefix in _FAMILIES.get(kind, {}):
-        factory, values = _FAMILIES[kind][prefix]
-        if index not in map(str, values):
-            raise UserError(f"unknown {kind} '{name}' ({prefix}:N takes N in {values.start}..{values[-1]}); "
-                            f"valid choices: {choices_text(kind)}")
-        return factory(int(index))
-    if colon:
+    if name in table:
+        return table[name]
+    for prefix, (family, factory, values) in _FAMILIES.get(kind, {}).items():
+        if name.startswith(prefix):
+            index, letter = name.removeprefix(prefix), family[-1]
+            n = int(index) if index.isascii() and index.isdigit() and str(int(index)) == index else None
+            if n is None or (values is not None and n not in values):
+                valid = f"{letter} in {values.start}..{values[-1]}" if values is not None else f"an integer {letter}"
+                raise UserError(f"unknown {kind} '{name}' ({family} takes {valid}); "
+                                f"valid choices: {choices_text(kind)}")
+            return factory(n)
+    if ":" in name:
         return _load_plugin(kind, name)
-    if name not in table:
-        raise UserError(f"unknown {kind} '{name}'; valid choices: {choices_text(kind)}")
-    return table[name]
+    raise UserError(f"unknown {kind} '{name}'; valid choices: {choices_text(kind)}")
 
 
 def _load_plugin(kind: str, spec: str) -> Callable:

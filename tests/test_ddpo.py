@@ -21,13 +21,14 @@ import pytest
 from jax import enable_x64
 
 from idiff_cli.implicit import ddpo, finetune, methods
+from idiff_cli.implicit.ppo import PPO
 from implicit_gaussian import SDE, chain_moments, draw, path_kl, paths, score, theta
 
 T, B, G = 4, 4000, 50
 THETA, THETA0 = (0.8, 1.3), (0.5, 1.0)
 LAM = 2.0
 K_SE = 5.0
-RAW = ddpo.PPO("raw", 1e9, 1)  # raw advantages, one inner epoch, a clip range that never binds
+RAW = PPO("raw", 1e9, 1)  # raw advantages, one inner epoch, a clip range that never binds
 
 
 def reward(x):
@@ -154,7 +155,7 @@ def test_a_batch_serves_inner_epochs_updates_then_the_next_slot_is_sampled():
     gradient (float64 rounding of two programs); step 2 samples slot 1 under the θ it is given."""
     with enable_x64(True):
         problem = gaussian_problem(LAM, 0.3)
-        method = methods.make_method("ddpo", problem, T, 1, ppo=ddpo.PPO("normalized", 0.2, 2))
+        method = methods.make_method("ddpo", problem, T, 1, ppo=PPO("normalized", 0.2, 2))
         root = jax.random.key(5)
         carry = method.init(theta(*THETA0), root)
         step = jax.jit(lambda params, carry: method.estimate(params, carry, None))

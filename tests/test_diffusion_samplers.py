@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from idiff_cli import registry
+from idiff_cli.diffusion.ddpm import DISCRETE_STEPS, DiscreteDDPM
 from idiff_cli.diffusion.samplers import Sampler
 from idiff_cli.diffusion.sde import Cosine, OrnsteinUhlenbeck
+from idiff_cli.implicit.options import SAMPLERS, STOCHASTIC_SAMPLERS
 
 M = jnp.array([1.0, -0.5])
 C = jnp.array([[1.0, 0.6], [0.6, 0.8]])
@@ -67,3 +69,18 @@ def test_steps_use_the_given_keys_and_trajectories_are_kept():
         y = sampler.step(score, y, k, jax.random.fold_in(step_key, k))
     np.testing.assert_allclose(sampler.finalize(score, y), x0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y, traj[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_stochastic_is_whether_the_steps_draw_noise_and_finetune_names_them_alike(name):
+    """`Sampler.stochastic` holds exactly for the samplers whose step draws noise (two keys, two outputs), on a
+    continuous process and, for ddpm and ddim, on a discrete DDPM chain; finetune's JAX-free --sampler names
+    (implicit/options.py) are the registered samplers, grouped the same way."""
+    assert sorted(SAMPLERS) == registry.names("sampler")
+    samplers = [Sampler(OrnsteinUhlenbeck(), 8, registry.get("sampler", name))]
+    if name in DISCRETE_STEPS:
+        samplers.append(DiscreteDDPM().sampler(8, name))
+    y = jax.random.normal(jax.random.key(0), (3, 2))
+    for sampler in samplers:
+        one, two = (sampler.step(lambda y_, t_: -y_, y, 0, jax.random.key(i)) for i in (1, 2))
+        assert sampler.stochastic == (not np.array_equal(one, two)) == (name in STOCHASTIC_SAMPLERS)

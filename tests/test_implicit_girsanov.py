@@ -59,17 +59,17 @@ def test_girsanov_gradient_through_the_adjoint_equals_closed_form_gradient():
         assert abs(g.mean() - exact) < 5 * g.std() / np.sqrt(g.size), (name, g.mean(), exact)
 
 
-def test_kl_transition_needs_a_step_that_evaluates_the_score_once_at_x():
-    """The fused transition reuses the step's score evaluation as sθ(x_k, t_k); a step that evaluates
-    the score elsewhere (here also at x + h s, a Heun-like predictor) is refused, not silently mixed."""
+def test_step_and_score_needs_a_step_that_evaluates_the_score_once_at_x():
+    """The fused transition reuses the step's score evaluation as sθ(x_k, t_k) (paths.step_and_score); a
+    step that evaluates the score elsewhere (here also at x + h s, a Heun-like predictor) is refused, not
+    silently mixed."""
     def heun_like(sde, score, y, t, t_next, key):
         tb = jnp.full(y.shape[:1], t)
         return y + score(y + (t - t_next) * score(y, tb), tb) * (t - t_next)
 
     p = sampler_paths(Sampler(SDE, 4, heun_like, denoise_final=False), score, (3, 1))
-    kl = girsanov.kl_transition(p, score, SDE, SDE.time_grid(4), theta(*THETA0, dtype=jnp.float32), 1.0)
     with pytest.raises(ValueError, match="heun_like evaluated it 2 times"):
-        kl(theta(*THETA, dtype=jnp.float32), jnp.zeros((3, 1)), 0, jax.random.key(0))
+        p.step_and_score(theta(*THETA, dtype=jnp.float32), jnp.zeros((3, 1)), 0, jax.random.key(0))
 
 
 def logged_kl(params, n_batches: int, batch: int, key) -> tuple[float, float]:
@@ -271,9 +271,12 @@ def test_a_noise_free_ddpm_step_adds_no_kl(sde):
     np.testing.assert_array_equal(girsanov.transition_kl(ddpm.ddpm_step, sde, s, 0.5 * s, y, t, t_next), 0.0)
 
 
-def test_a_deterministic_step_has_no_girsanov_kl():
+def test_a_deterministic_sampler_has_no_girsanov_kl():
+    """kl_transition refuses the paths of a sampler that is not `stochastic` (ddim: no transition density)."""
+    p = sampler_paths(Sampler(SDE, 4, ddpm.ddim_step, denoise_final=False), score, (2, 1))
+    assert not p.stochastic
     with pytest.raises(ValueError, match="ddim_step is deterministic"):
-        girsanov.transition_kl(ddpm.ddim_step, SDE, jnp.ones((2, 1)), jnp.zeros((2, 1)), jnp.zeros((2, 1)), 1.0, 0.5)
+        girsanov.kl_transition(p, score, SDE, SDE.time_grid(4), theta(*THETA0, dtype=jnp.float32), 1.0)
 
 
 def ddpm_score(sde):

@@ -96,9 +96,13 @@ def test_continuous_adjoint_method_differentiates_the_completed_path():
 @pytest.mark.parametrize("method, kind, message", [
     ("nested", "pipelined", "--adjoint pipelined .* needs --method implicit, got --method nested"),
     ("truncated-1", "continuous", "--adjoint continuous .* needs --method implicit or nested, got --method truncated-1"),
-    ("implicit", "continuous", "--adjoint continuous differentiates the terminal cost alone .* needs --beta 0"),
+    ("ddpo", "pipelined", "--method ddpo differentiates log-probabilities .* --adjoint pipelined does not apply"),
+    ("truncated-5", "full", r"^--method truncated-5: truncated-K needs 1 <= K <= --T \(4\)$"),
+    ("truncated-0", "full", r"^--method truncated-0: truncated-K needs 1 <= K <= --T \(4\)$"),
+    ("truncated-x", "full", r"^unknown finetune-method 'truncated-x' \(truncated-K takes an integer K\); valid choices: "
+                            r"ddpo, full-backprop, implicit, nested, truncated-K, or package.module:function$"),
 ])
-def test_adjoint_choice_errors(method, kind, message):
+def test_adjoint_and_method_choice_errors(method, kind, message):
     with enable_x64(True):
         prob, _ = problem(4)  # with a KL term (β = 0.3)
     with pytest.raises(UserError, match=message):

@@ -16,10 +16,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from idiff_cli import registry
+from idiff_cli import classifiers, registry
 from idiff_cli.data.embedded import mnist_digits
 from idiff_cli.errors import UserError
-from idiff_cli.fid import classifier
 from idiff_cli.images import from_uint8
 from idiff_cli.implicit.rewards import check_reward
 
@@ -32,9 +31,9 @@ def reward(name):
 
 def held_out_digits(per_class: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [10·per_class, 28, 28, 1] and labels: positions 400.. of each class, which the FID
-    classifier did not train on (classifier.FID trains on positions 0..399)."""
+    classifier did not train on (classifiers.FID trains on positions 0..399)."""
     images, labels = mnist_digits()
-    idx = np.array([c * classifier.PER_CLASS + classifier.FID.train[1] + k for c in range(10) for k in range(per_class)])
+    idx = np.array([c * classifiers.PER_CLASS + classifiers.FID.train[1] + k for c in range(10) for k in range(per_class)])
     return images[idx], labels[idx]
 
 
@@ -49,8 +48,8 @@ def test_digit_rewards_are_the_fid_classifiers_class_log_probabilities():
     np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-5)
     # The classifier's own labels (labels_fn on pixels / 255, its input scale) are the argmax over N:
     # the reward reads x in [-1, 1] on the classifier's scale.
-    params, _ = classifier.load_or_train()
-    predicted = np.asarray(classifier.labels_fn(params)(pixels.astype(np.float32) / 255.0))
+    params, _ = classifiers.load_or_train()
+    predicted = np.asarray(classifiers.labels_fn(params)(pixels.astype(np.float32) / 255.0))
     np.testing.assert_array_equal(logp.argmax(axis=1), predicted)
     # Real digits of class c: digit:c has the highest mean reward over the five of them.
     mean = np.stack([logp[labels == c].mean(axis=0) for c in range(10)])  # [true class, N]
@@ -155,14 +154,16 @@ def test_registry_lists_every_reward_and_resolves_digit_names_before_plug_ins(tm
 def test_a_registered_family_resolves_its_members_and_only_them(monkeypatch):
     monkeypatch.setattr(registry, "_FAMILIES", {})  # this test's family stays out of the session's registry
     registry.register("test-family", "size:N", lambda n: 10 * n, values=range(2, 5))
-    assert registry.names("test-family") == ["size:N"]
-    assert registry.get("test-family", "size:3") == 30
+    registry.register("test-family", "depth-K", lambda k: -k)  # spelled with a hyphen, every integer K
+    assert registry.names("test-family") == ["depth-K", "size:N"]
+    assert (registry.get("test-family", "size:3"), registry.get("test-family", "depth-12")) == (30, -12)
     with pytest.raises(UserError, match=r"^unknown test-family 'size:5' \(size:N takes N in 2..4\)"):
         registry.get("test-family", "size:5")
+    for bad in ("depth-x", "depth-07", "depth-", "depth--1"):
+        with pytest.raises(UserError, match=rf"^unknown test-family '{bad}' \(depth-K takes an integer K\); valid"):
+            registry.get("test-family", bad)
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("test-family", "size:N", lambda n: n, values=range(3))
-    with pytest.raises(ValueError, match="a family is named 'prefix:N'"):
-        registry.register("test-family", "size:N", lambda n: n)
     with pytest.raises(ValueError, match="a family is named 'prefix:N'"):
         registry.register("test-family", "size", lambda n: n, values=range(3))
 

@@ -11,7 +11,7 @@ from t = grid[k] to t' = grid[k + 1] (h = t − t' > 0):
 
 The stochastic steps are `GaussianStep`s: their `moments` give the mean and standard deviation of the
 Gaussian transition y -> y' from the score's value at y, which is what the Girsanov KL between two
-scores' chains needs (implicit/girsanov.py).
+scores' chains needs (implicit/girsanov.py). `Sampler.stochastic` says whether a sampler's step is one.
 
 A `Sampler` bundles a step with its process and grid: `init(key, shape)` draws y_{t_max}, `step(score, y, k, key)`
 advances by step k, `finalize(score, y)` returns the Tweedie denoised mean (y + σ² s)/α at t_min, and
@@ -106,6 +106,13 @@ class Sampler:
     n_steps: int
     step_fn: StepFn = euler_maruyama_step
     denoise_final: bool = True
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether each step is a Gaussian transition (a GaussianStep, declaring its mean and std), so that the
+        Girsanov KL (implicit/girsanov.py) and DDPO's policy (implicit/ddpo.py) apply; probability-flow, ddim
+        and a user's plain step function are deterministic maps."""
+        return isinstance(self.step_fn, GaussianStep)
 
     @property
     def grid(self) -> jax.Array:

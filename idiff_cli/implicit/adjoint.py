@@ -130,7 +130,7 @@ def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key
       states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
       terminal: the cost of the final state states[-1].
       first: global index of states[0] on the time grid (truncated backprop starts the window late).
-      walk: `walk_paths`, or one with its signature (sharding.walk_per_device), given this one path.
+      walk: `walk_paths`, or one with its signature (per_device.walk_per_device), given this one path.
     Cost: n vjps of one transition; memory: the states and one step's activations.
     """
     value, adj = adjoint_start(terminal, params, states[-1])

@@ -53,18 +53,8 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.implicit import girsanov
-from idiff_cli.implicit.options import DDPO_OPTIONS
 
 NORMALIZE_EPS = 1e-8  # DDPO's (r − mean)/(std + 1e-8)
-
-
-class PPO(NamedTuple):
-    """The settings of `--method ddpo`: advantage ∈ options.ADVANTAGES, clip range ε > 0 of the ratios, inner
-    epochs E ≥ 1 (updates per sampled batch)."""
-
-    advantage: str = DDPO_OPTIONS["advantage"]
-    clip_range: float = DDPO_OPTIONS["clip_range"]
-    inner_epochs: int = DDPO_OPTIONS["inner_epochs"]
 
 
 class Policy(NamedTuple):
@@ -132,7 +122,7 @@ def log_ratio(x_next: jax.Array, mean: jax.Array, old: jax.Array, std: jax.Array
 
 
 def advantages(rewards: jax.Array, kind: str, lam: Any) -> jax.Array:
-    """λ R [B] (raw) or λ (R − mean R)/(std R + 1e-8) (normalized, over the batch)."""
+    """λ R [B] (raw) or λ (R − mean R)/(std R + 1e-8) (normalized, over the batch): kind ∈ ppo.ADVANTAGES."""
     if kind == "raw":
         return lam * rewards
     return lam * (rewards - jnp.mean(rewards)) / (jnp.std(rewards) + NORMALIZE_EPS)

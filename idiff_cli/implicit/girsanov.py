@@ -43,25 +43,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from idiff_cli.diffusion.samplers import GaussianStep
-
-
-def has_transition(step_fn: Callable) -> bool:
-    """Whether a sampler step declares its Gaussian transition (a samplers.GaussianStep), which the
-    Girsanov KL needs; deterministic steps (probability-flow, ddim) do not."""
-    return isinstance(step_fn, GaussianStep)
-
 
 def transition_kl(step_fn: Callable, sde: Any, s: jax.Array, s0: jax.Array, x: jax.Array, t: jax.Array,
                   t_next: jax.Array) -> jax.Array:
     """KL(N(m, v) ‖ N(m0, v)) = ‖m − m0‖²/(2v) per sample [B] between the Gaussian transitions of the step
-    from x at t to t_next given the score values s = sθ(x, t) and s0 = sθ0(x, t), read from the step's
-    `moments`; 0 where the step has no noise (v = 0). ValueError for a step that declares no Gaussian
-    transition (a deterministic sampler, or a user's step that is not a samplers.GaussianStep)."""
-    if not has_transition(step_fn):
-        raise ValueError(f"the Girsanov KL needs the sampler step's Gaussian transition; "
-                         f"{getattr(step_fn, '__name__', step_fn)} is deterministic or declares none "
-                         "(a samplers.GaussianStep declares its mean and variance)")
+    `step_fn` (a samplers.GaussianStep: a stochastic sampler's) from x at t to t_next given the score values
+    s = sθ(x, t) and s0 = sθ0(x, t), read from the step's `moments`; 0 where the step has no noise (v = 0)."""
     mean, std = step_fn.moments(sde, s, x, t, t_next)
     mean0, _ = step_fn.moments(sde, s0, x, t, t_next)
     var = jnp.broadcast_to(jnp.asarray(std, x.dtype) ** 2, x.shape[:1])
@@ -98,7 +85,12 @@ def kl_transition(paths: Any, score: Callable, sde: Any, grid: jax.Array, params
                   labels: jax.Array | None = None) -> Callable:
     """(params, x_k, k, slot_key) -> (x_{k+1}, β × KL increment of step k [B]): an adjoint.Transition
     whose step and increment share the step's score evaluation (paths.step_and_score); `sde` and `grid`
-    are those of the sampler behind `paths`, whose step (paths.step_fn) gives the transitions."""
+    are those of the sampler behind `paths`, whose step (paths.step_fn) gives the transitions. ValueError
+    when the sampler is not stochastic (paths.stochastic): its paths have no Girsanov KL."""
+    if not paths.stochastic:
+        raise ValueError(f"the Girsanov KL needs the sampler's Gaussian transitions; "
+                         f"{getattr(paths.step_fn, '__name__', paths.step_fn)} is deterministic or declares none "
+                         "(a samplers.GaussianStep declares its mean and variance)")
 
     def transition(params, x, k, slot_key):
         x_next, s = paths.step_and_score(params, x, k, slot_key)

@@ -30,7 +30,6 @@ all methods see the same noise. `Cost` counts network passes per outer step, in 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -40,8 +39,8 @@ from idiff_cli import registry
 from idiff_cli.errors import UserError
 from idiff_cli.implicit import adjoint, ddpo as ddpo_lib, pipeline
 from idiff_cli.implicit import queue as queue_lib
-from idiff_cli.implicit.options import ADVANTAGES
 from idiff_cli.implicit.paths import SamplerPaths
+from idiff_cli.implicit.ppo import PPO
 from idiff_cli.registry import register
 
 
@@ -224,7 +223,7 @@ def nested(problem: Problem, T: int, K: Optional[int] = None, kind: str = "full"
     """T sampling steps under θ_k, then the adjoint through the last K steps (all T when K is None)."""
     K = T if K is None else K
     if not 1 <= K <= T:
-        raise UserError(f"truncated-K needs 1 <= K <= --T {T}, got K={K}")
+        raise UserError(f"--method truncated-{K}: truncated-K needs 1 <= K <= --T ({T})")
     path_gradient = _path_gradient(problem, kind, K)
 
     def estimate(params, carry, key):
@@ -254,20 +253,15 @@ def full_backprop(problem: Problem, T: int) -> Method:
     return Method("full-backprop", _fresh_init, estimate, cost, Cost(0, 0, 0))
 
 
-def ddpo(problem: Problem, T: int, ppo: ddpo_lib.PPO = ddpo_lib.PPO()) -> Method:
-    """DDPO with PPO clipping and DPOK's KL term (ddpo.py) on the sampler's T Gaussian transitions.
+def ddpo(problem: Problem, T: int, ppo: PPO = PPO()) -> Method:
+    """DDPO with PPO clipping and DPOK's KL term (ddpo.py) on the T Gaussian transitions of a stochastic
+    sampler (problem.policy), with the settings `ppo`.
 
     Carry (started, root, batch, age): every E = ppo.inner_epochs outer steps (age = E) a batch of T-step
     paths is sampled under the current θ from slot key fold_in(root, started), its images denoised and
     rewarded and its advantages formed; each outer step is one update on the stored batch, the first with
     ratios 1 (θ = θ_old), the next E − 1 with ratios to the stored old means. The carry is part of the
     checkpoint, so a run resumed mid-cycle updates on the same batch."""
-    if problem.policy is None:
-        raise UserError("--method ddpo needs a stochastic sampler (euler-maruyama, ddpm): its policy is the chain "
-                        "of Gaussian transitions")
-    if ppo.advantage not in ADVANTAGES or ppo.clip_range <= 0 or ppo.inner_epochs < 1:
-        raise UserError(f"--method ddpo needs --advantage in {', '.join(ADVANTAGES)}, --clip-range > 0 and "
-                        f"--inner-epochs >= 1; got {ppo.advantage}, {ppo.clip_range}, {ppo.inner_epochs}")
     p, policy, epochs = problem.paths, problem.policy, ppo.inner_epochs
 
     def sample(params, started, root, batch):
@@ -299,24 +293,30 @@ def ddpo(problem: Problem, T: int, ppo: ddpo_lib.PPO = ddpo_lib.PPO()) -> Method
     return Method("ddpo", init, estimate, update, Cost(0, 0, 0), Cost(T + d, 0, T + d), epochs)
 
 
+def truncated(K: int) -> Callable:
+    """The builder (problem, T, M) -> Method of `truncated-K`: `nested` through the last K steps."""
+    return lambda problem, T, M: nested(problem, T, K)
+
+
 register("finetune-method", "implicit", implicit)
 register("finetune-method", "nested", lambda problem, T, M, kind="full": nested(problem, T, kind=kind))
-register("finetune-method", "truncated-K", lambda problem, T, M, K=1: nested(problem, T, K))
+register("finetune-method", "truncated-K", truncated)  # every integer K; `nested` checks 1 <= K <= T
 register("finetune-method", "full-backprop", lambda problem, T, M: full_backprop(problem, T))
-register("finetune-method", "ddpo", lambda problem, T, M, ppo=ddpo_lib.PPO(): ddpo(problem, T, ppo))
+register("finetune-method", "ddpo", lambda problem, T, M, ppo=PPO(): ddpo(problem, T, ppo))
 
 
 def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full",
-                ppo: Optional[ddpo_lib.PPO] = None) -> Method:
+                ppo: Optional[PPO] = None) -> Method:
     """`implicit`, `nested`, `truncated-K` for an integer K (e.g. truncated-1), `full-backprop`, `ddpo`
     (with the settings `ppo`, default PPO()), or a plug-in builder `package.module:function(problem, T, M)
-    -> Method`; `kind` is the adjoint (options.ADJOINTS): `pipelined` is Algorithm 2's only, `continuous` needs a
-    deterministic sampler and whole paths; ddpo differentiates no path (`full`, the default, only)."""
+    -> Method`; `kind` is the adjoint: `full`; `pipelined`, Algorithm 2's only; `continuous`, whole paths
+    only (implicit, nested), of a deterministic sampler (it differentiates the terminal cost alone); ddpo
+    differentiates no path (`full` only). UserError for the other pairs."""
     if name == "ddpo":
         if kind != "full":
             raise UserError(f"--method ddpo differentiates log-probabilities of the sampled transitions, no path: "
                             f"--adjoint {kind} does not apply (leave --adjoint full)")
-        return registry.get("finetune-method", name)(problem, T, M, ppo=ppo or ddpo_lib.PPO())
+        return registry.get("finetune-method", name)(problem, T, M, ppo=ppo or PPO())
     if kind == "pipelined":
         if name != "implicit":
             raise UserError(f"--adjoint pipelined is a queue of adjoint states beside Algorithm 2's queue: it needs "
@@ -326,13 +326,5 @@ def make_method(name: str, problem: Problem, T: int, M: int, kind: str = "full",
         if name not in ("implicit", "nested"):
             raise UserError(f"--adjoint continuous integrates back over whole paths: it needs --method implicit or "
                             f"nested, got --method {name}")
-        if problem.with_kl:
-            raise UserError("--adjoint continuous differentiates the terminal cost alone (a path KL needs the "
-                            "sampler's noise): it needs --beta 0")
         return registry.get("finetune-method", name)(problem, T, M, kind=kind)
-    match = re.fullmatch(r"truncated-(\d+)", name)
-    if match:
-        return registry.get("finetune-method", "truncated-K")(problem, T, M, int(match.group(1)))
-    if name == "truncated-K":
-        raise UserError("--method truncated-K takes the number of steps K, e.g. truncated-1 or truncated-8")
     return registry.get("finetune-method", name)(problem, T, M)

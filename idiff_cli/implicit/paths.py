@@ -20,7 +20,8 @@ class SamplerPaths(NamedTuple):
     slot_key) -> (x_{k+1}, the score sθ(x_k, t_k) [B, ...] the step evaluated, for a running cost to share);
     tweedie: whether denoise is the Tweedie step, a deterministic map that evaluates the score (one network
     pass) and lies outside the Gaussian transitions the Girsanov KL covers; step_fn: the sampler's step
-    function, whose Gaussian transition (samplers.GaussianStep) the Girsanov KL reads."""
+    function, whose Gaussian transition (samplers.GaussianStep) the Girsanov KL reads; stochastic: the
+    sampler's `stochastic`, whether that transition exists (the Girsanov KL and DDPO's policy apply)."""
 
     init: Callable[[jax.Array], jax.Array]
     step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -29,6 +30,7 @@ class SamplerPaths(NamedTuple):
     step_and_score: Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
     tweedie: bool
     step_fn: Callable
+    stochastic: bool
 
 
 def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
@@ -64,4 +66,4 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
         return sampler.finalize(bound(params), x)
 
     return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score, sampler.denoise_final,
-                        sampler.step_fn)
+                        sampler.step_fn, sampler.stochastic)

@@ -56,9 +56,9 @@ def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, termina
 
     `batched` (default: not on CPU): the slots are walked in one vmapped call, the critical path of
     the design; otherwise one after another (`lax.map`), the same work. Vmapped, the per-slot weight
-    gradients become grouped convolutions, which XLA:CPU runs ~3.5× slower than the same convolutions
-    one slot at a time (measured: 9.5 s against 2.7 s for 16 slots of 8 images, cpu-preset U-Net).
-    `walk`: adjoint.walk_paths, or one with its signature (sharding.walk_per_device)."""
+    gradients become grouped convolutions, which XLA:CPU runs slower than the same convolutions one
+    slot at a time (measured: docs/results.md, "Canonical-gradient convolutions").
+    `walk`: adjoint.walk_paths, or one with its signature (per_device.walk_per_device)."""
     L = T // M
     batched = jax.default_backend() != "cpu" if batched is None else batched
 
