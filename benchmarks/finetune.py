@@ -77,18 +77,19 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.devices import use_host_cores
 
 use_host_cores()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from idiff_cli import loop, sharding  # noqa: E402
 from idiff_cli.diffusion.model import load  # noqa: E402
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.implicit import finetune as F  # noqa: E402
 from idiff_cli.implicit import methods  # noqa: E402
-from idiff_cli.implicit import sharding  # noqa: E402
+from idiff_cli.implicit import per_device  # noqa: E402
 from idiff_cli.implicit.options import SCHEMA  # noqa: E402
 from idiff_cli.implicit.report import last  # noqa: E402
 from idiff_cli.runs import atomic_path, read_metrics, save_figure  # noqa: E402
@@ -100,24 +101,28 @@ DEFAULT_BUDGET = "120x"
 def measure(cfg, pre, steps: int, devices: int) -> dict:
     mesh = sharding.mesh_of(devices)
     replicated = sharding.replicated(mesh)
-    bind, optimizer, _ = F.build(cfg, sharding.BatchSharded(pre, mesh))
+    bind, optimizer, _ = F.build(cfg, per_device.BatchSharded(pre, mesh))
     params0 = sharding.put(pre.params, jax.tree.map(lambda _: replicated, pre.params))
     _, method = bind(params0)
     key = sharding.put(jax.random.key(cfg.seed), replicated)
     start = time.perf_counter()
     state = F.start_state(method, optimizer, params0, key, 0)
-    shardings = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, (cfg.batch, *pre.image_shape))
+    shardings = per_device.state_shardings(jax.eval_shape(lambda: state), mesh, (cfg.batch, *pre.image_shape))
     state = sharding.put(state, shardings)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
-    chunk = F.make_chunk(bind, optimizer, (cfg.lam, cfg.beta), mesh, shardings)
+    outer_step = F.make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta), mesh, shardings)
+
+    def rewards(state, n: int):
+        """n outer steps as the run loop dispatches them; their batch-mean rewards [n], read back."""
+        state, metrics = loop.dispatch(outer_step, state, 0, n)
+        return state, np.array([float(m[0]) for m in metrics])
+
     start = time.perf_counter()
-    state, (first, _, _) = chunk(state, params0, steps)  # compile (and `steps` outer steps)
-    jax.block_until_ready(first)
+    state, first = rewards(state, steps)  # compile (and `steps` outer steps)
     first_s = time.perf_counter() - start
     start = time.perf_counter()
-    state, (reward, _, _) = chunk(state, params0, steps)
-    jax.block_until_ready(reward)
+    state, reward = rewards(state, steps)
     seconds = (time.perf_counter() - start) / steps
     # per outer step, averaged over a cycle (ddpo samples a batch every `period` steps)
     c = [(a - b) / method.period for a, b in zip(methods.spent(method, method.period), methods.spent(method, 0))]
@@ -211,6 +216,7 @@ def spending(options: dict, pre) -> Callable[[int], tuple[int, int]]:
     `options`, as `idiff finetune` builds it for this config and logs them (methods.spent × batch; raises
     UserError as the command would)."""
     cfg = F.complete(SCHEMA.resolve(options), pathlib.Path(options["from_run"]), pre)
+    F.check_against_model(cfg, pre)
     bind, _, _ = F.build(cfg, pre)
     _, method = bind(pre.params)
 

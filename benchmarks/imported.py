@@ -19,7 +19,7 @@ import json
 import pathlib
 import time
 
-from idiff_cli.parallel import use_host_cores
+from idiff_cli.devices import use_host_cores
 
 use_host_cores()
 
@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from idiff_cli.diffusion import imports  # noqa: E402
+from idiff_cli.diffusion import diffusers_io  # noqa: E402
 from idiff_cli.diffusion.model import ImportedConfig, ImportedModel  # noqa: E402
 from idiff_cli.implicit import finetune as F  # noqa: E402
 from idiff_cli.implicit.options import SCHEMA  # noqa: E402
@@ -37,7 +37,7 @@ FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "
 
 def cifar10_model(T: int) -> ImportedModel:
     fields = json.loads(FIXTURE.read_text())
-    unet, sde, shape = imports.build(fields["config"], fields["scheduler"])
+    unet, sde, shape = diffusers_io.build(fields["config"], fields["scheduler"])
     params = jax.jit(lambda: unet.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,))))()
     cfg = ImportedConfig("cifar10", None, "ddpm", T, shape[0], "random weights")
     return ImportedModel(unet, params, sde, cfg, shape, 0, 0, True, "imported")
@@ -81,11 +81,11 @@ def main() -> None:
     state = F.start_state(method, optimizer, params0, jax.random.key(3), 0)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
-    chunk = F.make_chunk(bind, optimizer, (cfg.lam, cfg.beta))
+    outer_step = F.make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta))
     holder = [state]
 
     def outer():
-        holder[0], metrics = chunk(holder[0], params0, 1)
+        holder[0], metrics = outer_step(holder[0], 0)
         return metrics
 
     first, seconds = timed(outer, args.repeats)

@@ -1,30 +1,35 @@
 """The run loop of every long command (pretrain, finetune, ebm-train, langevin-reward).
 
 A command describes its work as one or more `Unit`s (a whole pretrain or finetune run; one method
-of langevin-reward or ebm-train) built from pure pieces — `init() -> state` and `advance(state,
-step, n) -> (state, rows)`, a jitted chunk or a host loop of jitted steps — and `Run` owns
-everything around them:
+of langevin-reward or ebm-train) built from pure pieces — `init() -> state` and either a jitted
+`step(state, i) -> (state, output)` that the loop dispatches (`dispatch`) or `advance(state, step,
+n) -> (state, rows)`, a jitted chunk of n steps — and `Run` owns everything around them:
 
-* the run directory: `claim` validates nothing itself (the command has), writes `config.json`,
-  and resumes when the *defining* options match the stored ones; otherwise one line names the
-  differing options. Run-time options (cadences, devices, `--steps`) may change between runs;
+* the run directory, claimed on entering the run (`with Run(...)`): `claim` validates nothing itself
+  (the command has, before entering), writes `config.json`, and resumes when the *defining* options
+  match the stored ones; otherwise one line names the differing options. Run-time options (cadences,
+  devices, `--steps`) may change between runs;
 * resume: the latest orbax checkpoint of each unit, its metrics rows after that step dropped, so
   a resumed run logs exactly what the uninterrupted run logs (wall-clock fields aside);
 * chunks of steps between events (log, hooks, checkpoint, end), one host sync per chunk;
 * hooks every N steps (sample grids, FID), the non-finite guard, progress and the `wall_s` column;
 * checkpoints every `ckpt_every` steps and at the end, `on_checkpoint` for the files that point at
   them (pretrained.json, finetuned.json);
-* SIGTERM / SIGINT (signals.py): the run stops at the next step boundary — a unit whose `advance` is
-  a host loop of steps checks `signals.requested()` between steps and reports how far it got through
-  `step_of` — writes a checkpoint there and exits with 143 / 130 and the command that resumes;
+* SIGTERM / SIGINT (signals.py): the run stops at the next step boundary (`dispatch` checks between
+  steps; a jitted chunk at its end), writes a checkpoint there and exits with 143 / 130 and the
+  command that resumes;
 * one run per directory at a time (the run lock), `--out` checked before anything is created.
 
-Multi-process runs: every process takes part in checkpoints and in the decision to stop; only
-process 0 takes the lock, writes files and shows progress.
+`dispatch` is the one host loop of jitted steps, used by the units and by the commands without a run
+directory (sample, evaluate-fid): one asynchronous dispatch per step, at most `sharding.AHEAD` steps
+ahead of the devices, and the stop rule. Multi-process runs: every process takes part in checkpoints
+and in the decision to stop, made collectively every `AHEAD` steps and at every chunk's end, so every
+process stops after the same step; only process 0 takes the lock, writes files and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -33,7 +38,7 @@ import shlex
 import signal
 import sys
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -44,10 +49,12 @@ from idiff_cli import signals, tracking
 from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, console, progress_bar
+from idiff_cli.sharding import AHEAD, keep_ahead
 
 Rows = list[dict[str, Any]]
 # Test hook: with IDIFF_TEST_KILL_AFTER_ROWS=N (or N:TERM, N:INT) the process sends itself SIGKILL (or
-# SIGTERM, SIGINT) once it has written N metrics rows in this run: a deterministic kill point.
+# SIGTERM, SIGINT) once N metrics rows were logged in this run (by process 0; every process counts them):
+# a deterministic kill point.
 KILL_HOOK = "IDIFF_TEST_KILL_AFTER_ROWS"
 
 
@@ -74,20 +81,25 @@ class Unit:
     """One resumable unit of work.
 
     init:      () -> state at step 0 (a pytree of arrays; jax or numpy leaves).
-    advance:   (state, step, n) -> (state after step + n, rows): rows are the metrics of the logged
-               steps in (step, step + n], each with its "step".
+    step:      (state, i) -> (state after step i + 1, output): one jitted step, dispatched by the loop
+               (`dispatch`; it may stop early on a signal); `rows(start, outputs, seconds)` turns the
+               outputs of the steps start + 1 .. start + len(outputs) into their metrics rows.
+    advance:   instead of `step`: (state, step, n) -> (state after step + n, rows), a jitted chunk
+               of n steps; rows are the metrics of the logged steps in (step, step + n], each with
+               its "step".
     template:  () -> a restore template shaped and placed like the state (default: `init`; give a
                cheaper one when init does real work).
     first_rows: state -> the rows of step 0 (e.g. the initial reward); written on a fresh start.
-    chunk:     steps per `advance` call: it ends at the next multiple of `chunk` (or an earlier event).
-    step_of:   state -> its step, for an `advance` that may stop early on a signal (host loops).
+    chunk:     steps per chunk: it ends at the next multiple of `chunk` (or an earlier event).
     finite:    row fields that must be finite: the run stops with one line naming the step and the
                field, and keeps its last good checkpoint.
     """
 
     steps: int
     init: Callable[[], Any]
-    advance: Callable[[Any, int, int], tuple[Any, Rows]]
+    step: Callable[[Any, int], tuple[Any, Any]] | None = None
+    rows: Callable[[int, list, float], Rows] = lambda start, outputs, seconds: []
+    advance: Callable[[Any, int, int], tuple[Any, Rows]] | None = None
     name: str | None = None
     template: Callable[[], Any] | None = None
     first_rows: Callable[[Any], Rows] = lambda state: []
@@ -98,7 +110,10 @@ class Unit:
     progress: Sequence[str] = ()  # row fields shown beside the progress bar
     on_checkpoint: Callable[[Any, int, bool], None] = lambda state, step, final: None
     rate: Callable[[float, int], str] = lambda seconds, n: f"{n / seconds:.2f} steps/s"
-    step_of: Callable[[Any], int] | None = None
+
+    def __post_init__(self):
+        if (self.step is None) == (self.advance is None):
+            raise ValueError("a Unit has either a `step` or an `advance`")
 
 
 class Run:
@@ -108,12 +123,18 @@ class Run:
                  is_main: bool = True):
         self.schema, self.cfg, self.dir = schema, cfg, run_dir
         self.ckpt_every, self.keep, self.is_main = ckpt_every, keep, is_main
-        self._lock = run_dir.create().lock() if is_main else None
-        claim(schema, cfg, run_dir, is_main)
-        self._progress = self._signals = self._stop = None
+        self._lock = self._progress = self._signals = self._stop = None
         self._rows_written = self._last_step = 0
 
     def __enter__(self) -> "Run":
+        """Claims the run directory (created, locked, config.json written or checked), then installs the
+        signal handlers and the progress display."""
+        self._lock = self.dir.create().lock() if self.is_main else None
+        try:
+            claim(self.schema, self.cfg, self.dir, self.is_main)
+        except BaseException:
+            self._release()
+            raise
         self._signals = signals.graceful_stop()
         self._stop = self._signals.__enter__()
         self._progress = (progress_bar("metric") if self.is_main else _Silent()).__enter__()
@@ -122,9 +143,13 @@ class Run:
     def __exit__(self, *exc) -> bool:
         self._progress.__exit__(*exc)
         self._signals.__exit__(*exc)
+        self._release()
+        return False
+
+    def _release(self) -> None:
         if self._lock is not None:
             self._lock.release()
-        return False
+            self._lock = None
 
     def print(self, text: str) -> None:
         if self.is_main:
@@ -152,7 +177,7 @@ class Run:
                         row["wall_s"] = elapsed + seconds * (row["step"] - step) / n
                     elapsed += seconds
                     step += n
-                    self._stop.armed = True  # a step is done: from now on a signal saves it
+                    self._stop.armed = True  # a chunk is done: from now on a signal saves it
                     self._guard(unit, rows)
                     rows = self._run_hooks(unit, state, step, rows, elapsed)
                     self._append(unit, rows, trackers)
@@ -190,8 +215,12 @@ class Run:
     def _advance(self, unit: Unit, state: Any, step: int) -> tuple[Any, Rows, int]:
         """One chunk up to the next event: (state, rows, steps done — fewer when a signal cut it)."""
         n = self._next_event(unit, step) - step
-        state, rows = unit.advance(state, step, n)
-        return state, rows, unit.step_of(state) - step if unit.step_of else n
+        if unit.advance is not None:
+            state, rows = unit.advance(state, step, n)
+            return state, rows, n
+        t0 = time.perf_counter()
+        state, outputs = dispatch(unit.step, state, step, n)
+        return state, unit.rows(step, outputs, time.perf_counter() - t0), len(outputs)
 
     def _run_hooks(self, unit: Unit, state: Any, step: int, rows: Rows, elapsed: float) -> Rows:
         """The hooks due at `step`: their values join the row of `step`."""
@@ -218,10 +247,7 @@ class Run:
 
     def _stopping(self) -> bool:
         """Whether a signal asked the run to stop, agreed by every process (they stop at one step)."""
-        if jax.process_count() == 1:
-            return self._stop.requested
-        flags = multihost_utils.process_allgather(np.asarray(self._stop.requested))
-        return bool(np.any(flags))
+        return agreed(self._stop.requested)
 
     def _resume_message(self, unit: Unit, step: int) -> str:
         name = signal.Signals(self._stop.signum or signal.SIGTERM).name
@@ -253,10 +279,10 @@ class Run:
             rows = [{"method": unit.name, **r} for r in rows]
         if self.is_main and rows:
             self.dir.append_metrics(rows)
-            self._rows_written += len(rows)
-            count, _, name = os.environ.get(KILL_HOOK, "").partition(":")
-            if count and self._rows_written >= int(count) > self._rows_written - len(rows):
-                os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
+        self._rows_written += len(rows)
+        count, _, name = os.environ.get(KILL_HOOK, "").partition(":")
+        if count and self._rows_written >= int(count) > self._rows_written - len(rows):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
 
     def _guard(self, unit: Unit, rows: Rows) -> None:
         for row in rows:
@@ -275,6 +301,54 @@ class Run:
             trackers.image(f"figures/{path.stem}", self._last_step, path)
         trackers.close()
         self.print(f"done: {headline + '; ' if headline else ''}outputs in {self.dir.path}/ ({outputs})")
+
+
+def agreed(requested: bool) -> bool:
+    """Whether any process of the run was asked to stop: every process gets the same answer (a
+    collective in a multi-process run; call it at the same step on every process)."""
+    if jax.process_count() == 1:
+        return requested
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+
+
+def dispatch(step: Callable[[Any, int], tuple[Any, Any]], state: Any, start: int, n: int) -> tuple[Any, list]:
+    """Runs `step(state, i)` for i = start .. start + n − 1: one asynchronous dispatch each, at most
+    `AHEAD` steps ahead of the devices (the outputs are not read here). Returns (state, the outputs of
+    the steps done).
+
+    Stops early, at a step boundary, when a signal asks the work in this process to stop
+    (`signals.graceful_stop`, installed by `Run` or `interruptible`): after any step in a
+    single-process run; in a multi-process run at the steps where every process decides it together
+    (every `AHEAD` steps from `start`), so that all of them stop after the same step. The first step
+    dispatched (its program compiled) arms the handlers: a signal before it ends the process."""
+    outputs = []
+    for i in range(start, start + n):
+        state, output = step(state, i)
+        outputs.append(output)
+        keep_ahead(outputs)
+        signals.arm()
+        done = len(outputs)
+        if jax.process_count() == 1 and signals.requested():
+            break
+        if jax.process_count() > 1 and done % AHEAD == 0 and done < n and agreed(signals.requested()):
+            break
+    return state, outputs
+
+
+@contextlib.contextmanager
+def interruptible(stopped: Callable[[int], str]) -> Iterator[Callable]:
+    """For a command without a run directory (sample, evaluate-fid): yields `dispatch` under signal
+    handlers; a dispatch cut short by a signal raises `Interrupted` with the message `stopped(steps
+    done)` (exit status 128 + the signal's number)."""
+    with signals.graceful_stop() as stop:
+
+        def run(step, state, start, n):
+            state, outputs = dispatch(step, state, start, n)
+            if len(outputs) < n:
+                raise stop.interrupted(stopped(start + len(outputs)))
+            return state, outputs
+
+        yield run
 
 
 def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True) -> None:

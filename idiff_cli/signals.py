@@ -75,6 +75,12 @@ def requested() -> bool:
     return _active is not None and _active.requested
 
 
+def arm() -> None:
+    """Arms the innermost `graceful_stop` (there is something to save from now on); none: nothing."""
+    if _active is not None:
+        _active.armed = True
+
+
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[Stop]:
     """Installs the handlers for the block (main thread only; elsewhere signals keep their handlers and

@@ -1,4 +1,4 @@
-"""`idiff finetune` with its image batches split over devices and processes (implicit/sharding.py).
+"""`idiff finetune` with its image batches split over devices and processes (implicit/per_device.py).
 
 Splitting the batch changes only the order in which the batch's contributions are summed (the reward
 and KL means, the weight gradients): the random draws do not depend on the split (the partitionable
@@ -13,17 +13,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import cli, cluster, invoke, rows
 from suite_env import xla_flags
 
+from idiff_cli import sharding
 from idiff_cli.errors import UserError
-from idiff_cli.implicit import sharding
 
 TINY = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "5", "--log-every", "1", "--sample-every", "5",
         "--ckpt-every", "5", "--grid-n", "4", "--kl-n", "4", "--lr", "0.01"]
@@ -63,30 +63,6 @@ for name, flags in json.loads(methods).items():
                       "dtype": str(jax.tree.leaves(states[1].params)[0].dtype)}))
 """
 
-def cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *map(str, args)],
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cluster(args, out, **env):
-    """Two processes of one device each, joined by jax.distributed on 127.0.0.1 (gloo)."""
-    port = free_port()
-    return [cli(*args, "--out", out, env={"XLA_FLAGS": xla_flags(1),
-                                          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                          "JAX_PROCESS_ID": str(i), **env}) for i in range(2)]
-
-
 def test_device_count_divides_the_batch_or_says_why():
     assert sharding.device_count(8, None, 2) == (2, "")
     n, note = sharding.device_count(6, None, 4)
@@ -102,12 +78,8 @@ def test_device_count_divides_the_batch_or_says_why():
 
 
 def test_an_explicit_device_count_that_cannot_divide_the_batch_is_one_line(tiny_pretrain, tmp_path):
-    from typer.testing import CliRunner
-
-    from idiff_cli.cli import app
-
-    result = CliRunner().invoke(app, ["finetune", "--from", str(tiny_pretrain), *TINY, "--batch", "3",
-                                      "--kl-n", "3", "--devices", "2", "--out", str(tmp_path / "run")])
+    result = invoke("finetune", "--from", tiny_pretrain, *TINY, "--batch", "3", "--kl-n", "3", "--devices", "2",
+                    "--out", tmp_path / "run")
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("error: --devices 2 on 1 process(es) does not divide")
     assert not (tmp_path / "run").exists()
@@ -130,22 +102,24 @@ def test_two_devices_give_the_trajectory_of_one(dtype, methods, bounds, tiny_pre
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_run_resume_after_a_kill_and_only_process_0_writes(tiny_pretrain,
-                                                                                                 tmp_path):
-    """The 2-process run is killed after 4 rows (process 0 SIGKILLs itself; process 1 then stops within
-    the heartbeat timeout) and run again: it resumes from the checkpoint of step 2 and logs the rows of
-    the single-process run (rtol 1e-4: float32 sums in another order)."""
-    args = ["finetune", "--from", tiny_pretrain, *TINY, "--ckpt-every", "2"]
-    single = cli(*args, "--devices", 1, "--out", tmp_path / "one",
-                 env={"XLA_FLAGS": xla_flags(1)})
-    killed = cluster(args, tmp_path / "procs", IDIFF_TEST_KILL_AFTER_ROWS="4", IDIFF_HEARTBEAT_TIMEOUT_S="10")
-    outputs = [p.communicate(timeout=900)[0] for p in killed]
-    assert killed[0].returncode == -signal.SIGKILL and killed[1].returncode != 0, outputs
+def test_two_processes_stop_together_on_sigterm_to_one_resume_and_give_the_single_process_run(tiny_pretrain,
+                                                                                               tmp_path):
+    """Process 1 receives SIGTERM after 4 rows (steps 0-3 logged): both processes stop after step 3,
+    decided together, write the one checkpoint of step 3 and exit 143; run again, they resume from it
+    and log the rows of the single-process run (rtol 1e-4: float32 sums in another order); only
+    process 0 writes and prints."""
+    args = ["finetune", "--from", tiny_pretrain, *TINY]
+    single = cli(*args, "--devices", 1, "--out", tmp_path / "one", env={"XLA_FLAGS": xla_flags(1)})
+    stopped = cluster(args, tmp_path / "procs", per_process=({}, {"IDIFF_TEST_KILL_AFTER_ROWS": "4:TERM"}))
+    outputs = [p.communicate(timeout=900)[0] for p in stopped]
+    assert [p.returncode for p in stopped] == [143, 143], outputs
+    assert all("stopped by SIGTERM at step 3;" in " ".join(out.split()) for out in outputs), outputs
     assert [r["step"] for r in rows(tmp_path / "procs")] == [0, 1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "procs" / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     procs = cluster(args, tmp_path / "procs")
     outputs = [p.communicate(timeout=900)[0] for p in (single, *procs)]
     assert [p.returncode for p in (single, *procs)] == [0, 0, 0], outputs
-    assert "resuming from checkpoint step 2" in outputs[1], outputs[1]
+    assert "resuming from checkpoint step 3" in outputs[1], outputs[1]
     assert "on 2 device(s) / 2 process(es)" in " ".join(outputs[1].split())
     assert "finetune" not in outputs[2] and "done:" not in outputs[2]  # process 1 prints nothing of the run
     base, joined = rows(tmp_path / "one"), rows(tmp_path / "procs")

@@ -10,11 +10,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from idiff_cli import config as cfglib
-from idiff_cli import signals
 from idiff_cli.errors import UserError
 from idiff_cli.loop import Hook, Run, Unit
 from idiff_cli.runs import RunDir
@@ -30,26 +28,23 @@ SCHEMA = cfglib.Schema("toy", "A toy command.", (
 
 
 def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1):
-    """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)); rows at multiples of log_every. With `delay`,
-    each step sleeps that long and the chunk stops early on a signal (as the host loops of pretrain
-    and finetune do)."""
+    """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)), one dispatched step each (`loop.dispatch`: a chunk
+    stops early on a signal, as pretrain's and finetune's do); rows at multiples of log_every. With
+    `delay`, each step sleeps that long."""
     key = jax.random.key(cfg.seed)
 
     @jax.jit
-    def step(x, k):
+    def jitted(x, k):
         return x - cfg.lr * x + 0.1 * jax.random.normal(jax.random.fold_in(key, k))
 
-    def advance(state, start, n):
-        x, rows = state["x"], []
-        for k in range(start, start + n):
-            x = step(x, k)
-            time.sleep(delay)
-            if (k + 1) % cfg.log_every == 0 or k + 1 == cfg.steps:
-                value = float(x) if k + 1 != poison_at else float("nan")
-                rows.append({"step": k + 1, "x": value})
-            if signals.requested():
-                return {**state, "x": x, "step": jnp.asarray(k + 1)}, rows
-        return {**state, "x": x, "step": jnp.asarray(start + n)}, rows
+    def step(state, k):
+        x = jitted(state["x"], k)
+        time.sleep(delay)
+        return {**state, "x": x, "step": state["step"] + 1}, x
+
+    def rows(start, outputs, seconds):
+        logged = [(k, x) for k, x in enumerate(outputs, start + 1) if k % cfg.log_every == 0 or k == cfg.steps]
+        return [{"step": k, "x": float(x) if k != poison_at else float("nan")} for k, x in logged]
 
     def hook(state, k):
         if hook_calls is not None:
@@ -60,9 +55,8 @@ def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1):
         time.sleep(10 * delay)  # stands for compiling
         return {"x": jnp.asarray(1.0), "step": jnp.asarray(0), "ballast": jax.random.normal(key, (size,))}
 
-    return Unit(cfg.steps, init, advance, chunk=cfg.log_every, finite=("x",), hooks=(Hook(6, hook),),
-                first_rows=lambda state: [{"step": 0, "x": float(state["x"])}],
-                step_of=lambda state: int(state["step"]))
+    return Unit(cfg.steps, init, step=step, rows=rows, chunk=cfg.log_every, finite=("x",), hooks=(Hook(6, hook),),
+                first_rows=lambda state: [{"step": 0, "x": float(state["x"])}])
 
 
 def run(out, poison_at=None, hook_calls=None, delay=0.0, size=1, **values):
@@ -137,12 +131,21 @@ def test_a_run_directory_of_another_command_is_refused(tmp_path):
         run(out)
 
 
-def test_nothing_is_created_before_the_claim(tmp_path):
-    """Bad values are refused by the schema, before any Run exists: no directory appears."""
+def test_nothing_is_created_before_the_claim_on_entering_the_run(tmp_path):
+    """Bad values are refused by the schema, before any Run exists; a Run built but not entered (a
+    command's start-up failing after it) creates nothing; entering it claims the directory."""
     with pytest.raises(UserError, match="--lr must be > 0"):
         run(tmp_path / "never", lr=-1.0)
     assert not (tmp_path / "never").exists()
-    assert np.isfinite(float(run(tmp_path / "ok", steps=2)["x"]))
+    cfg = SCHEMA.resolve({})
+    pending = Run(SCHEMA, cfg, RunDir(tmp_path / "later"), cfg.ckpt_every)
+    assert not (tmp_path / "later").exists()
+    with pending:
+        assert json.loads((tmp_path / "later" / "config.json").read_text())["command"] == "toy"
+        with pytest.raises(UserError, match="in use by another run"):
+            Run(SCHEMA, cfg, RunDir(tmp_path / "later"), cfg.ckpt_every).__enter__()
+    with Run(SCHEMA, cfg, RunDir(tmp_path / "later"), cfg.ckpt_every):  # released on leaving
+        pass
 
 
 def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterrupted_rows(tmp_path):

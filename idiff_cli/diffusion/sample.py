@@ -14,10 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from idiff_cli import loop
 from idiff_cli.diffusion.model import load, make_sample_fn
 from idiff_cli.images import save_grid, to_uint8
-from idiff_cli.parallel import batch_mesh, replicate, to_host, use_compilation_cache
 from idiff_cli.runs import atomic_write_bytes, console, progress_bar
+from idiff_cli.sharding import batch_mesh, replicate, to_host, use_compilation_cache
 
 SHOWN = 256  # images in the PNG grid
 
@@ -36,16 +37,25 @@ def main(cfg: Any, out: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path
     fn = make_sample_fn(model.cfg, model.model, model.sde, sampler, model.image_shape, batch, mesh)
     params = replicate(model.params, mesh)
     labels = np.arange(cfg.n + batch) % max(model.num_classes, 1)
-    images = []
-    with progress_bar() as progress:
+    n_batches = -(-cfg.n // batch)
+    root = jax.random.key(cfg.seed)
+    with progress_bar() as progress, loop.interruptible(
+            lambda done: f"stopped after {done} of {n_batches} batches; nothing written (the files are written "
+                         "once every image is drawn)") as dispatch:
         task = progress.add_task(f"sample {sampler.n_steps} {name} steps", total=cfg.n, rate="")
         t0 = time.perf_counter()
-        for i in range(0, cfg.n, batch):
-            key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), i // batch))
-            images.append(to_host(fn(params, *replicate((key, labels[i: i + batch]), mesh)))[: cfg.n - i])
-            done = min(cfg.n, i + batch)
+
+        def draw(state, j: int):
+            """Batch j from fold_in(key(seed), j), dispatched (the images are read after the last)."""
+            key = jax.random.key_data(jax.random.fold_in(root, j))
+            images = fn(params, *replicate((key, labels[j * batch: (j + 1) * batch]), mesh))
+            done = min(cfg.n, (j + 1) * batch)
             progress.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.1f} img/s")
-    pixels = to_uint8(np.concatenate(images))
+            return state, images
+
+        _, batches = dispatch(draw, None, 0, n_batches)
+        images = [to_host(x) for x in batches]
+    pixels = to_uint8(np.concatenate(images)[: cfg.n])
     stem = (out or run_dir / "samples") / (f"sample-step{model.step}-{model.weights}-{name}{sampler.n_steps}"
                                           f"-seed{cfg.seed}-n{cfg.n}")
     png, npz = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".npz")

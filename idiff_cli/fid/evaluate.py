@@ -1,7 +1,7 @@
-"""FID of given images, and of the samples of a pretrained run (resumable), written to fid.json.
+"""`idiff evaluate-fid`: the FID of given images, or of the samples of a run (resumable), written to
+fid.json (the metric itself: metric.py).
 
-    fid_of_samples(images, features="mnist-classifier")     # vs the embedded MNIST digits -> float
-    evaluate_run(run_dir, features, reference, n=50000, batch=250, ...)   # samples, FID, fid.json
+    evaluate_run(run_dir, features, step=None, n=50000, batch=250, ...)   # samples, FID, fid.json
 
 Sampling: batch i draws its `batch` images from the one key fold_in(PRNGKey(seed), i), the images split
 over the largest count of local devices that divides the batch; the draws are JAX's partitionable
@@ -14,7 +14,6 @@ missing, and a larger `--n` adds batches.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import pathlib
 import time
@@ -24,86 +23,15 @@ import jax
 import numpy as np
 from PIL import Image
 
-from idiff_cli import registry
+from idiff_cli import loop
 from idiff_cli.diffusion.model import load
 from idiff_cli.errors import UserError
 from idiff_cli.fid import stats as statslib
-from idiff_cli.fid.features import Features, embed_all
-from idiff_cli.fid.frechet import feature_statistics, frechet_distance
-from idiff_cli.parallel import replicated, seed_mesh, use_compilation_cache
+from idiff_cli.fid.features import Features, embed_all, get_features
+from idiff_cli.fid.metric import fid_of_features
+from idiff_cli.fid.stats import Reference, reference
 from idiff_cli.runs import RunDir, atomic_write_bytes, console, default_run_dir, progress_bar
-from idiff_cli.signals import graceful_stop
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """Reference statistics and where they come from (a file or a dataset)."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    description: str
-
-
-def get_features(features: str | Features, inception_weights: str | None = None) -> Features:
-    return features if isinstance(features, Features) else registry.get("features", features)(inception_weights)
-
-
-def reference(features: Features, ref_stats: str | pathlib.Path | None = None, dataset: str | None = None,
-              data_dir: str | None = None, image_size: int = 0, cache: pathlib.Path | None = None,
-              batch: int = 250) -> Reference:
-    """Statistics from `ref_stats` (.npz with mu, sigma), else of all images of `dataset`
-    (kept as `cache`/ref-<dataset>-<features>.npz when `cache` is given)."""
-    if ref_stats is not None:
-        mu, sigma = statslib.load_stats(ref_stats, dim=features.dim)
-        return Reference(mu, sigma, f"file {ref_stats}")
-    if dataset is None:
-        raise UserError("give the reference: --ref-stats FILE.npz or --dataset NAME")
-    path = cache / f"ref-{dataset}{f'-{image_size}px' if image_size else ''}-{features.name}.npz" if cache else None
-    if path is not None and path.exists():
-        mu, sigma = statslib.load_stats(path, dim=features.dim, what="cached reference")
-    else:
-        images = statslib.dataset_images(dataset, data_dir, image_size)
-        mu, sigma = statslib.image_statistics(features, images, batch)
-        if path is not None:
-            statslib.save_stats(path, mu, sigma, features=features.name, dataset=dataset, n=len(images))
-    return Reference(mu, sigma, f"dataset {dataset}")
-
-
-def fid_of_features(feats: np.ndarray, ref: Reference) -> float:
-    return frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
-
-
-def fid_of_samples(images, features: str | Features = "mnist-classifier", ref_stats=None,
-                   dataset: str = "mnist", batch: int = 250) -> float:
-    """The FID of images [N, H, W, C] (float in [-1, 1] or uint8) against `ref_stats` (an .npz path, a
-    (mu, sigma) pair or a `Reference`) or, without it, against all images of `dataset` (default: MNIST,
-    the embedded digits offline). For periodic FID during training (`--fid-every`), build both once
-    before the loop: `features = get_features("mnist-classifier")`, `ref = reference(features,
-    dataset="mnist")`, then `fid_of_samples(samples, features, ref)` every N steps."""
-    features = get_features(features)
-    if isinstance(ref_stats, Reference):
-        ref = ref_stats
-    elif isinstance(ref_stats, tuple):
-        ref = Reference(*ref_stats, "given")
-    else:
-        ref = reference(features, ref_stats, dataset, batch=batch)
-    return fid_of_features(embed_all(features, images, batch), ref)
-
-
-class PeriodicFID:
-    """FID of a fixed set of samples every N training steps (`--fid-every` of pretrain and finetune): the
-    feature extractor and the reference statistics (all images of `dataset`, cached in `cache`) are
-    built once; `fid(images [N, H, W, C])` -> float."""
-
-    def __init__(self, features: str, dataset: str, data_dir: str | None, image_size: int,
-                 image_shape: tuple[int, ...], cache: pathlib.Path):
-        self.features = get_features(features)
-        self.features.check_shape((1, *image_shape))
-        self.ref = reference(self.features, None, dataset, data_dir or None, image_size, cache=cache)
-        self.label = self.features.label
-
-    def __call__(self, images) -> float:
-        return fid_of_features(embed_all(self.features, np.asarray(images)), self.ref)
+from idiff_cli.sharding import replicated, seed_mesh, use_compilation_cache
 
 
 def load_samples(path: str | pathlib.Path) -> np.ndarray:
@@ -181,25 +109,29 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
     draw = _sample_batch_fn(pre, sampler, batch, mesh)
     params = jax.device_put(pre.params, replicated(mesh))
     root = jax.random.key(seed)
-    done = [i for i in range(n_batches) if (store / f"batch-{i:05d}.npy").exists()]
     task = progress.add_task("fid samples", total=n, rate="") if progress else None
     start, fresh = time.monotonic(), 0
-    with graceful_stop() as stop:  # SIGTERM/SIGINT: stop after the current batch, its features kept
-        for i in range(n_batches):
-            path = store / f"batch-{i:05d}.npy"
-            if i not in done:
-                key = jax.device_put(jax.random.fold_in(root, i), replicated(mesh))
-                images = np.asarray(draw(params, key))
-                _save_npy(path, embed_all(features, images, batch))
-                fresh += batch
-                stop.armed = True
-            if progress:
-                rate = fresh / max(time.monotonic() - start, 1e-9)
-                progress.update(task, completed=min((i + 1) * batch, n), rate=f"{rate:.1f} img/s")
-            if stop.requested and i + 1 < n_batches:
-                kept = len(list(store.glob("batch-*.npy")))
-                raise stop.interrupted(f"stopped after batch {i + 1} of {n_batches}; the features of {kept} "
-                                       f"batches are kept in {store}: re-run the same command to continue")
+
+    def batch_features(state, i: int):
+        """Batch i's features into `store` (a batch already there is kept as it is)."""
+        nonlocal fresh
+        path = store / f"batch-{i:05d}.npy"
+        if not path.exists():
+            key = jax.device_put(jax.random.fold_in(root, i), replicated(mesh))
+            _save_npy(path, embed_all(features, np.asarray(draw(params, key)), batch))
+            fresh += batch
+        if progress:
+            rate = fresh / max(time.monotonic() - start, 1e-9)
+            progress.update(task, completed=min((i + 1) * batch, n), rate=f"{rate:.1f} img/s")
+        return state, None
+
+    def stopped(done: int) -> str:
+        kept = len(list(store.glob("batch-*.npy")))
+        return (f"stopped after batch {done} of {n_batches}; the features of {kept} batches are kept in {store}: "
+                "re-run the same command to continue")
+
+    with loop.interruptible(stopped) as dispatch:  # SIGTERM/SIGINT: stop after the current batch
+        dispatch(batch_features, None, 0, n_batches)
     return np.concatenate([np.load(store / f"batch-{i:05d}.npy") for i in range(n_batches)])[:n]
 
 

@@ -5,15 +5,15 @@ pretrained θ0, with one of the methods of methods.py (default: Implicit Diffusi
 optax Adam. P_θ is the law of the sampler's path x_{t_max} .. x_{t_min} (its T Euler–Maruyama
 transitions; Girsanov KL, girsanov.py) and x is what the reward sees (--final-step): the Tweedie
 denoising D_θ(x_{t_min}), outside the penalty, or x_{t_min} itself, whose path law the penalty is.
-The run is one `loop.Unit`: the host dispatches one jitted outer step at a time (one program per
-outer step compiles faster on XLA:CPU than a scan of them), at most `parallel.AHEAD` steps ahead of
-the devices, and reads the metrics once per chunk. At step 0 and on the last row of each chunk it
-logs the KL of the current θ on --kl-n fresh paths from fixed keys, with its standard error.
+The run is one `loop.Unit`: the run loop dispatches one jitted outer step at a time (one program
+per outer step compiles faster on XLA:CPU than a scan of them) and reads the metrics once per chunk.
+At step 0, every --log-every steps and at the last step it logs the KL of the current θ on --kl-n
+fresh paths from fixed keys, with its standard error.
 Same-seed sample grids samples/step_XXXXXX.png use noise keys fixed for the whole run (Figs 7, 13,
 14, 16). The θ of every checkpoint is also kept on its own in
 weights/ with finetuned.json, so `model.load` (hence `idiff sample`, `idiff evaluate-fid`) reads a
 finetuned run like a pretrained one (and samples with the model's own sampler and final step).
-The image batches are split over --devices local devices of every process (sharding.py): θ, θ0 and
+The image batches are split over --devices local devices of every process (per_device.py): θ, θ0 and
 the optimiser state replicated, the queue's paths split along the batch; every process runs the
 same programs, takes part in the checkpoints, and process 0 alone writes the other files.
 """
@@ -29,18 +29,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idiff_cli import loop, registry, signals
+from idiff_cli import loop, registry, sharding
 from idiff_cli.checkpoint import Checkpointer, restore_template
 from idiff_cli.diffusion.model import ImportedModel, Model, finetuned_weights, load, write_finetuned
 from idiff_cli.errors import UserError
-from idiff_cli.fid.evaluate import PeriodicFID
+from idiff_cli.fid.metric import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
-from idiff_cli.implicit import adjoint, ddpo, girsanov, labels, methods, report, sharding
-from idiff_cli.implicit.options import DETERMINISTIC_SAMPLERS, SCHEMA, dataset_defaults
+from idiff_cli.implicit import adjoint, ddpo, girsanov, labels, methods, per_device, report
+from idiff_cli.implicit.options import SCHEMA, STOCHASTIC_SAMPLERS
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
+from idiff_cli.implicit.ppo import PPO
 from idiff_cli.implicit.rewards import check_reward
-from idiff_cli.parallel import initialize_distributed_from_env, keep_ahead, use_compilation_cache
 from idiff_cli.runs import RunDir, atomic_path, default_run_dir
+from idiff_cli.sharding import initialize_distributed_from_env, use_compilation_cache
 
 EVOLUTION_IMAGES = 8  # fixed-key images per step kept in samples/step_XXXXXX.npy for the evolution strip
 # fold_in(root, i) of the run's seed: the method's slot keys, the grid's, the periodic FID's, the KL's paths
@@ -57,18 +58,44 @@ def latest_pretrain_run(root: pathlib.Path = pathlib.Path("runs")) -> pathlib.Pa
 
 
 def complete(cfg: Any, from_run: pathlib.Path, model: Model) -> Any:
-    """The config with --from and the options left to their rule filled in: M, T, batch from the
-    preset's values for the model's dataset (paper Tables 2 and 4); the sampler: ddpm for an imported
-    DDPM model (a discrete chain), euler-maruyama otherwise. Checked again with the filled values."""
-    M, T, batch = dataset_defaults(cfg.preset, model.cfg.dataset)
-    sampler = "ddpm" if isinstance(model, ImportedModel) else "euler-maruyama"
-    filled = dict(from_run=str(from_run), M=M if cfg.M is None else cfg.M, T=T if cfg.T is None else cfg.T,
-                  batch=batch if cfg.batch is None else cfg.batch, sampler=cfg.sampler or sampler)
-    cfg = SCHEMA.validated(dataclasses.replace(cfg, **filled))
-    if cfg.label_every and model.image_shape[:2] != (28, 28):
-        raise UserError(f"--label-every: label_kept reads 28×28 digits, this model makes "
-                        f"{model.image_shape[0]}×{model.image_shape[1]} images")
-    return cfg
+    """The config completed for the pretrained `model` of `from_run` (options.TABLE: M, T and batch by its
+    dataset and the preset, paper Tables 2 and 4; its sampler by its kind)."""
+    return SCHEMA.complete(cfg, {"dataset": model.cfg.dataset, "imported": isinstance(model, ImportedModel),
+                                 "from_run": from_run})
+
+
+def check_against_model(cfg: Any, model: Model) -> None:
+    """The checks of a completed config that need the pretrained `model` (the schema has checked the rest):
+    UserError (one line) when the continuous adjoint meets a discrete chain or another sampler than the
+    probability flow, the sampler does not apply to the model, a deterministic sampler (Sampler.stochastic)
+    is asked for the Girsanov KL (β > 0) or ddpo's policy, the periodic FID for non-square images or
+    label_kept for other than 28×28 digits, the reward does not fit the model's images (or lacks the ∇R
+    the method needs), or the method does not build on the model (an adjoint it does not take,
+    truncated-K's K > T, a plug-in builder's error)."""
+    if cfg.adjoint == "continuous":
+        if not model.continuous_time:
+            raise UserError("--adjoint continuous is the probability-flow ODE adjoint of a continuous-time process; "
+                            "this model is a discrete DDPM chain: use --adjoint full or pipelined")
+        if cfg.sampler != "probability-flow":
+            raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
+                            "--sampler probability-flow (and --beta 0)")
+    sampler = model.sampler(cfg.T, cfg.sampler)
+    if not sampler.stochastic and cfg.beta:
+        raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
+                        f"use --beta 0 or a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)})")
+    if not sampler.stochastic and cfg.method == "ddpo":
+        raise UserError(f"--method ddpo needs a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)}): --sampler "
+                        f"{cfg.sampler} is deterministic, its steps have no transition probabilities")
+    height, width = model.image_shape[:2]
+    if cfg.fid_every and height != width:
+        raise UserError(f"--fid-every: the periodic FID compares with square dataset images; this model samples "
+                        f"{height}×{width} images (use --fid-every 0)")
+    if cfg.label_every and (height, width) != (28, 28):
+        raise UserError(f"--label-every: label_kept reads 28×28 digits, this model makes {height}×{width} images")
+    check_reward(registry.get("image-reward", cfg.reward), cfg.reward, model.image_shape,
+                 needs_gradient=cfg.method != "ddpo", method=cfg.method)
+    bind, _, _ = build(cfg, model)
+    bind(model.params)  # the method's own checks: the adjoints it takes, truncated-K's K <= T, a plug-in's
 
 
 class FinetuneState(NamedTuple):
@@ -99,18 +126,17 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
     """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
     −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
     none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo); with the `mesh` of
-    a BatchSharded model, the queue advances and the adjoint walks back per device (sharding.py). λ
+    a BatchSharded model, the queue advances and the adjoint walks back per device (per_device.py). λ
     and β may be traced; `with_kl` is static (it changes the program and its cost)."""
-    stochastic = girsanov.has_transition(paths.step_fn)
     on_mesh = ({} if mesh is None else
-               dict(walk=sharding.walk_per_device(mesh), advance=sharding.advance_per_device(mesh)))
+               dict(walk=per_device.walk_per_device(mesh), advance=per_device.advance_per_device(mesh)))
 
     def bind(params0, lam, beta):
         terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
         transition = (girsanov.kl_transition(paths, score, sde, grid, params0, beta, labels) if with_kl
                       else adjoint.transition(paths.step))
         policy = (ddpo.gaussian_policy(paths.step_fn, score, sde, grid, params0, lam, beta, with_kl, labels)
-                  if stochastic else None)
+                  if paths.stochastic else None)
         return methods.Problem(paths, terminal, transition, reward, with_kl, policy, **on_mesh)
 
     return bind
@@ -119,46 +145,36 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
 def build(cfg: Any, model: Model):
     """`bind(params0, lam, beta) -> (problem, method)` for a run on the pretrained `model`, the
     optimiser, and `kl_estimator(keys)`: make_kl_estimator on the run's paths, or None when the sampler
-    is deterministic (no Girsanov KL). Raises UserError when the reward does not fit the model's images,
-    the sampler or adjoint does not apply to the model, or a periodic FID is asked of non-square images.
+    is deterministic (no Girsanov KL), for a config that passed `check_against_model` on `model`.
 
     θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
     so neither the weights nor λ and β are baked into the compiled program as constants."""
-    if cfg.adjoint == "continuous" and not model.continuous_time:
-        raise UserError("--adjoint continuous is the probability-flow ODE adjoint of a continuous-time process; "
-                        "this model is a discrete DDPM chain: use --adjoint full or pipelined")
-    if cfg.fid_every and model.image_shape[0] != model.image_shape[1]:
-        raise UserError(f"--fid-every: the periodic FID compares with square dataset images; this model samples "
-                        f"{model.image_shape[0]}×{model.image_shape[1]} images (use --fid-every 0)")
     reward = registry.get("image-reward", cfg.reward)
-    check_reward(reward, cfg.reward, model.image_shape, needs_gradient=cfg.method != "ddpo", method=cfg.method)
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
     sampler = model.sampler(cfg.T, cfg.sampler)
     paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
-    mesh = model.mesh if isinstance(model, sharding.BatchSharded) else None
+    mesh = model.mesh if isinstance(model, per_device.BatchSharded) else None
     objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels, mesh)
 
-    ppo = ddpo.PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None
+    ppo = PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None
 
     def bind(params0, lam=cfg.lam, beta=cfg.beta):
         problem = objective(params0, lam, beta)
         return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint, ppo)
 
     def kl_estimator(keys):
-        if not girsanov.has_transition(sampler.step_fn):
+        if not sampler.stochastic:
             return None
         return make_kl_estimator(sampler, paths, model.score, labels, keys)
 
-    # the method's own checks (adjoint/method pairs, a plug-in builder) before any directory is claimed
-    bind(model.params)
     return bind, optax.adam(cfg.lr), kl_estimator
 
 
-def make_chunk(bind, optimizer, coef: tuple[float, float], mesh=None, state_sharding=None):
-    """(state, θ0, n) -> n outer steps with (λ, β) = `coef` -> (state, per-step metrics (reward mean,
-    reward std, gradient norm) [n] each). One jitted outer step per dispatch (asynchronous: the host
-    reads the metrics once per chunk). With a `mesh`, the state keeps `state_sharding` and the
-    metrics are replicated (one compiled program whatever the step)."""
+def make_outer_step(bind, optimizer, params0, coef: tuple[float, float], mesh=None, state_sharding=None):
+    """step(state, i) -> (state after one outer step with (λ, β) = `coef`, its metrics (reward mean,
+    reward std, gradient norm)): one jitted program, dispatched by the run loop once per outer step
+    (asynchronously: the host reads the metrics once per chunk). With a `mesh`, the state keeps
+    `state_sharding` and the metrics are replicated (one compiled program whatever the step)."""
 
     def outer(state: FinetuneState, params0, coef):
         problem, method = bind(params0, *coef)
@@ -175,19 +191,7 @@ def make_chunk(bind, optimizer, coef: tuple[float, float], mesh=None, state_shar
     else:
         outer_jit = jax.jit(outer, out_shardings=(state_sharding, sharding.replicated(mesh)))
         coef = sharding.put(coef, sharding.replicated(mesh))
-
-    def chunk(state, params0, n: int):
-        """Up to n outer steps: fewer when a signal asks the run to stop (metrics of the steps done)."""
-        metrics = []
-        for _ in range(n):
-            state, m = outer_jit(state, params0, coef)
-            metrics.append(m)
-            keep_ahead(metrics)
-            if signals.requested() and jax.process_count() == 1:  # several: the loop stops them together
-                break
-        return state, tuple(jnp.stack(v) for v in zip(*metrics))
-
-    return chunk
+    return lambda state, i: outer_jit(state, params0, coef)
 
 
 def make_kl_estimator(sampler: Any, paths: SamplerPaths, score: Callable, labels: jax.Array | None, keys: jax.Array):
@@ -227,17 +231,16 @@ def start_state(method: methods.Method, optimizer, params0, key: jax.Array, kl_n
 def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir: RunDir,
                   weights: Checkpointer, mesh, is_main: bool = True) -> loop.Unit:
     """The run as one loop unit: state FinetuneState, one row per outer step, the KL of the current θ
-    on the last row of each chunk and at step 0, the fixed-key grid and its reward every
+    every --log-every steps, at the last step and at step 0, the fixed-key grid and its reward every
     --sample-every steps, the periodic FID, θ into weights/ at every checkpoint. The state lives on
-    `mesh` (sharding.state_shardings: the carried image batches split, the rest replicated), each
+    `mesh` (per_device.state_shardings: the carried image batches split, the rest replicated), each
     leaf committed to its sharding so that the outer step compiles once; only `is_main` writes files."""
     root = jax.random.key(cfg.seed)
     replicated = sharding.replicated(mesh)
     params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
     problem, method = bind(params0)
     # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
-    kl_of = (kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
-             if cfg.sampler not in DETERMINISTIC_SAMPLERS else None)
+    kl_of = kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
     kl_images = girsanov.fresh_path_kl_passes(cfg.T, cfg.kl_n) if kl_of else 0
 
     method_key = sharding.put(jax.random.fold_in(root, METHOD_KEY), replicated)
@@ -246,7 +249,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         """The warm-up on the mesh; kl_net_evals counts the KL evaluation of step 0's row."""
         return start_state(method, optimizer, params0, method_key, kl_images)
 
-    shardings = sharding.state_shardings(jax.eval_shape(fresh), mesh, (cfg.batch, *model.image_shape))
+    shardings = per_device.state_shardings(jax.eval_shape(fresh), mesh, (cfg.batch, *model.image_shape))
 
     def init() -> FinetuneState:
         return sharding.put(fresh(), shardings)
@@ -254,7 +257,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
     def template() -> FinetuneState:  # shapes only: restoring does no warm-up work
         return sharding.put(restore_template(jax.eval_shape(fresh)), shardings)
 
-    chunk = make_chunk(bind, optimizer, (cfg.lam, cfg.beta), mesh, shardings)
+    outer_step = make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta), mesh, shardings)
     grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY), mesh)
 
     def kl_row(state: FinetuneState) -> dict:
@@ -303,16 +306,25 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
                **(label_hook.fn(state, 0) if label_hook else {})}
         return [row]
 
-    def advance(state: FinetuneState, step: int, n: int):
-        state, metrics = chunk(state, params0, n)
-        mean, std, gnorm = jax.device_get(metrics)
-        rows = [{"step": step + i + 1, "reward_mean": float(mean[i]), "reward_std": float(std[i]),
-                 "grad_norm": float(gnorm[i]), "net_evals": net_evals(step + i + 1),
-                 "sequential_calls": methods.spent(method, step + i + 1).sequential}
+    def logs_kl(step: int) -> bool:
+        return kl_of is not None and (step % cfg.log_every == 0 or step == cfg.steps)
+
+    def step(state: FinetuneState, i: int):
+        """Outer step i + 1; kl_net_evals counts the logged KL of its row ahead (`kl_hook`)."""
+        state, metrics = outer_step(state, i)
+        if logs_kl(i + 1):
+            state = state._replace(kl_net_evals=state.kl_net_evals + kl_images)
+        return state, metrics
+
+    def rows(start: int, metrics: list, seconds: float) -> loop.Rows:
+        mean, std, gnorm = np.asarray(jax.device_get(metrics)).T
+        return [{"step": start + i + 1, "reward_mean": float(mean[i]), "reward_std": float(std[i]),
+                 "grad_norm": float(gnorm[i]), "net_evals": net_evals(start + i + 1),
+                 "sequential_calls": methods.spent(method, start + i + 1).sequential}
                 for i in range(len(mean))]
-        state = state._replace(kl_net_evals=state.kl_net_evals + kl_images)
-        rows[-1].update(kl_row(state))
-        return state, rows
+
+    def kl_hook(state: FinetuneState, step: int) -> dict:
+        return kl_row(state) if logs_kl(step) else {}
 
     def on_checkpoint(state: FinetuneState, step: int, final: bool) -> None:
         if step not in weights.all_steps():  # a finished run re-run: its θ is already stored
@@ -321,23 +333,24 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         if is_main:
             write_finetuned(run_dir, cfg.from_run, step, final)
 
-    return loop.Unit(cfg.steps, init, advance, template=template, first_rows=first_rows, hooks=hooks,
-                     chunk=cfg.log_every, finite=("reward_mean", "grad_norm"),
-                     nan_hint="lower --lr or |--lambda|", progress=("reward_mean", "kl"),
-                     on_checkpoint=on_checkpoint, step_of=lambda state: int(state.step))
+    return loop.Unit(cfg.steps, init, step=step, rows=rows, template=template, first_rows=first_rows,
+                     hooks=[*hooks, loop.Hook(cfg.log_every, kl_hook)], chunk=cfg.log_every,
+                     finite=("reward_mean", "grad_norm"), nan_hint="lower --lr or |--lambda|",
+                     progress=("reward_mean", "kl"), on_checkpoint=on_checkpoint)
 
 
 def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
-    """`idiff finetune`: loads the pretrained model, fills M/T/batch and checks the reward and method on
-    it before the run directory is claimed; runs (or resumes) the finetuning; draws its figures."""
+    """`idiff finetune`: loads the pretrained model, fills M/T/batch and checks the config against the
+    model before the run directory is claimed; runs (or resumes) the finetuning; draws its figures."""
     initialize_distributed_from_env()
     use_compilation_cache()
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
     cfg = complete(cfg, from_run, model)
+    check_against_model(cfg, model)
     n, note = sharding.device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
     mesh = sharding.mesh_of(n)
-    model = sharding.BatchSharded(model, mesh)
+    model = per_device.BatchSharded(model, mesh)
     bind, optimizer, kl_estimator = build(cfg, model)
     is_main = jax.process_index() == 0
     run_dir = RunDir(out or default_run_dir("finetune"))
