@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from idiff_cli.diffusion import unet
+from idiff_cli.diffusion.architectures import cpu_architecture
 
 
 def seconds(f, *args, repeats: int) -> float:
@@ -30,7 +31,7 @@ def seconds(f, *args, repeats: int) -> float:
 
 def measure(conv_module, repeats: int) -> dict:
     unet.Conv = conv_module  # the U-Net looks its convolution up when traced
-    net = unet.UNet(**unet.cpu_architecture(28))
+    net = unet.UNet(**cpu_architecture(28))
     key = jax.random.key(0)
     params = jax.jit(net.init)(key, jnp.zeros((1, 28, 28, 1)), jnp.zeros(1))
     x8, x32 = jax.random.normal(key, (8, 28, 28, 1)), jax.random.normal(key, (32, 28, 28, 1))

@@ -15,7 +15,7 @@ OUT=${OUT:-runs/paper-ebm-train$(pick "" -smoke)}
 idiff ebm-train --preset paper --steps "$(pick 40000 200)" --batch "$(pick 1000 100)" --seeds "$(pick 10 2)" \
   --log-every "$(pick 100 50)" --ckpt-every "$(pick 10000 100)" --n-test "$(pick 10000 1000)" --out "$OUT" "$@"
 idiff report "$OUT" --out "$OUT/figures"
-# Beyond the paper: a Flax MLP energy on toy data (preset mlp; 4-5 min wall each on 2 CPU cores):
-#   idiff ebm-train --preset mlp --data eight-gaussians --out runs/ebm-mlp-eight-gaussians
-#   idiff ebm-train --preset mlp --data two-moons --out runs/ebm-mlp-two-moons
+# Beyond the paper: a Flax MLP energy on toy data (--energy mlp brings its settings; 4-5 min wall each on 2 CPU cores, 2026-11):
+#   idiff ebm-train --energy mlp --data eight-gaussians --out runs/ebm-mlp-eight-gaussians
+#   idiff ebm-train --energy mlp --data two-moons --out runs/ebm-mlp-two-moons
 # Gradient evaluations to reach the same KL (implicit, nested T = 10, 100, short-run): python benchmarks/ebm.py

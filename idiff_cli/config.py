@@ -3,14 +3,17 @@
 An `Option` carries its name, type, default, help, validation and whether it *defines the run*
 (changes results: model, data, method, λ, β, seeds, …) or is *run-time* (cadences, devices, how
 far `--steps` goes). A `Schema` is a command's options, its presets (named sets of overrides a
-reader can diff) and its cross-option checks. The CLI generates the Typer options from a schema;
-`Schema.resolve` builds the frozen config:
+reader can diff), its `Table` of the defaults that depend on the preset and on a family (the
+dataset's family, the energy, the pretrained model's) and its cross-option checks. The CLI
+generates the Typer options from a schema; `Schema.resolve` builds the frozen config, one precedence:
 
-    defaults < preset < `--config FILE` (JSON or TOML) < flags given on the command line
+    schema defaults < preset < table row (preset, family) < `--config FILE` (JSON or TOML) < flags
 
-A default that depends on something only known later (finetune's M, T, batch on the pretrained
-model's dataset) is `None` in the schema, with its rule in `rule` (shown by `--help`); the command
-fills it in one function and `config.json` holds the filled value.
+so a flag that changes the family (e.g. `--energy mlp`) brings that family's defaults, except those
+the user set. The help text of a table's option is generated from its rows. A family known only
+when the command runs (the pretrained model's dataset) or a default computed from such a fact (the
+preset's U-Net for the dataset's image size) is applied by `Schema.complete(cfg, context)` with the
+same precedence; `config.json` holds the completed values.
 """
 
 from __future__ import annotations
@@ -142,6 +145,66 @@ def preset_option(presets: Mapping[str, str], default: str) -> Option:
 
 
 @dataclasses.dataclass(frozen=True)
+class Table:
+    """The defaults that depend on the preset and on a family, as data: `rows[(preset, family)]` holds
+    the value of every option that depends on them (each option left `None` in the schema).
+
+    family: (values, context) -> the family of a run, from its option values (preset < file < flags)
+            and, for a family known only when the command runs, `context` (None while unknown).
+    what:   how `--help` names the family, e.g. "dataset family".
+    derive: (values, context) -> further defaults computed from the values and the context (the
+            preset's U-Net for the image size), applied like a row; None while the context is unknown.
+    derived_help: option -> its rule in `--help`, for the derived options.
+    """
+
+    family: Callable[[Mapping[str, Any], Mapping[str, Any]], str | None]
+    what: str
+    rows: Mapping[tuple[str, str], Mapping[str, Any]]
+    derive: Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any] | None] | None = None
+    derived_help: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def presets(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(preset for preset, _ in self.rows))
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(family for _, family in self.rows))
+
+    def options(self) -> set[str]:
+        return {name for row in self.rows.values() for name in row} | set(self.derived_help)
+
+    def row(self, preset: str, family: str) -> Mapping[str, Any]:
+        if (preset, family) not in self.rows:
+            raise UserError(f"no defaults for --preset {preset} and the {self.what} '{family}'; "
+                            f"known: {', '.join(f'{p}/{f}' for p, f in self.rows)}")
+        return self.rows[(preset, family)]
+
+    def rule(self, name: str) -> str:
+        """`name`'s defaults in words, e.g. "digits: cpu 2400, paper 18000; natural: cpu 5000, ..."."""
+        if name in self.derived_help:
+            return self.derived_help[name]
+        parts = []
+        for family in self.families:
+            values = {p: self.rows[(p, family)].get(name) for p in self.presets if (p, family) in self.rows}
+            shown = {p: _text(v) for p, v in values.items()}
+            same = len(set(shown.values())) == 1
+            parts.append((family, next(iter(shown.values())) if same else
+                          ", ".join(f"{p} {v}" for p, v in shown.items())))
+        if len({text for _, text in parts}) == 1:
+            return f"{parts[0][1]} (every {self.what})"
+        return f"by {self.what}: " + "; ".join(f"{family}: {text}" for family, text in parts)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
 class Schema:
     """A command's options, presets and cross-option checks (each `check(cfg)` raises UserError)."""
 
@@ -150,17 +213,34 @@ class Schema:
     options: tuple[Option, ...]
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     checks: tuple[Callable[[Any], None], ...] = ()
+    table: Table | None = None
 
     def __post_init__(self):
         names = [o.name for o in self.options]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.command}: an option is defined twice")
+        if self.table is not None:
+            if not set(self.presets) <= set(self.table.presets):
+                raise ValueError(f"{self.command}: a preset without rows in the table")
+            # a preset is its overrides of the options outside the table and its rows in the table
+            object.__setattr__(self, "presets", {p: self.presets.get(p, {}) for p in self.table.presets})
+            unknown = self.table.options() - set(names)
+            if unknown:
+                raise ValueError(f"{self.command} table: unknown options {sorted(unknown)}")
+            # an option of the table has no default of its own: its help shows the table's
+            object.__setattr__(self, "options", tuple(
+                dataclasses.replace(o, rule=self.table.rule(o.name)) if o.name in self.table.options() else o
+                for o in self.options))
+            if any(o.default is not None for o in self.options if o.name in self.table.options()):
+                raise ValueError(f"{self.command}: an option of the table has a schema default")
         if self.presets and "preset" not in names:
             raise ValueError(f"{self.command}: presets need a `preset` option")
         for preset, values in self.presets.items():
             unknown = set(values) - set(names)
             if unknown:
                 raise ValueError(f"{self.command} preset {preset}: unknown options {sorted(unknown)}")
+            if self.table is not None and set(values) & self.table.options():
+                raise ValueError(f"{self.command} preset {preset}: sets options of the table")
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -176,10 +256,14 @@ class Schema:
     def config_class(self) -> type:
         return _config_class(self)
 
-    def resolve(self, values: Mapping[str, Any] | None = None, config_file: pathlib.Path | str | None = None) -> Any:
-        """The config: defaults < preset < `config_file` < `values` (None entries are left out).
+    def resolve(self, values: Mapping[str, Any] | None = None, config_file: pathlib.Path | str | None = None,
+                context: Mapping[str, Any] | None = None) -> Any:
+        """The config: defaults < preset < table row < `config_file` < `values` (None entries are left out).
 
-        The preset is `values["preset"]`, else the file's, else the `preset` option's default."""
+        The preset is `values["preset"]`, else the file's, else the `preset` option's default. With a
+        table whose family or derived defaults need `context` not given here, those options stay
+        `None` (unless set) until `complete(cfg, context)`. Every option is validated once: those
+        left for `complete` there."""
         fields = {o.name: o for o in self.fields}
         given = {k: v for k, v in (values or {}).items() if v is not None and k in fields}
         from_file = load_overrides(config_file)
@@ -193,21 +277,43 @@ class Schema:
             if preset not in self.presets:
                 raise UserError(f"unknown --preset '{preset}'; valid choices: {', '.join(self.presets)}")
             merged.update(self.presets[preset])
-        merged.update(from_file)
-        merged.update(given)
-        for name, value in merged.items():
-            if isinstance(value, list):  # JSON/TOML lists become tuples, so configs stay hashable
-                merged[name] = tuple(value)
-            if fields[name].kind is float and isinstance(value, int) and not isinstance(value, bool):
-                merged[name] = float(value)
-        return self.validated(self.config_class()(**merged))
+        explicit = {name: _as_field(fields[name], value) for name, value in {**from_file, **given}.items()}
+        merged.update(self._table_values({**merged, **explicit}, context))
+        merged.update(explicit)
+        return self._validated(self.config_class()(**merged), list(fields))
 
-    def validated(self, cfg: Any) -> Any:
-        """Checks every option of `cfg` and the schema's cross-option checks; returns `cfg`."""
-        for o in self.fields:
-            o.check(getattr(cfg, o.name))
-        for check in self.checks:
-            check(cfg)
+    def complete(self, cfg: Any, context: Mapping[str, Any]) -> Any:
+        """`cfg` with the table's options still unset filled from the family and the derived defaults
+        that `context` (facts known when the command runs) determines; those options validated."""
+        values = dataclasses.asdict(cfg)
+        filled = {k: v for k, v in self._table_values(values, context).items() if values[k] is None}
+        return self._validated(dataclasses.replace(cfg, **filled), list(filled)) if filled else cfg
+
+    def _table_values(self, values: Mapping[str, Any], context: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The table's row for the run's (preset, family) and the derived defaults, as far as they are known."""
+        if self.table is None:
+            return {}
+        out: dict[str, Any] = {}
+        family = self.table.family(values, context)
+        if family is not None:
+            out.update(self.table.row(values["preset"], family))
+        if self.table.derive is not None:
+            out.update(self.table.derive({**values, **{k: v for k, v in out.items() if values.get(k) is None}},
+                                         context) or {})
+        return {k: _as_field(self.option(k), v) for k, v in out.items()}
+
+    def pending(self, cfg: Any) -> list[str]:
+        """The table's options still unset in `cfg`: they wait for `complete`."""
+        return [name for name in sorted(self.table.options() if self.table else ()) if getattr(cfg, name) is None]
+
+    def _validated(self, cfg: Any, names: Sequence[str]) -> Any:
+        """Checks the options `names` of `cfg` (an unset option of the table passes: `complete` checks
+        it) and, once none is pending, the cross-option checks; returns `cfg`."""
+        for name in names:
+            self.option(name).check(getattr(cfg, name))
+        if not self.pending(cfg):
+            for check in self.checks:
+                check(cfg)
         return cfg
 
     def from_json(self, data: Mapping[str, Any]) -> Any:
@@ -218,6 +324,16 @@ class Schema:
         if unknown:
             raise UserError(f"a {self.command} config.json with unknown option(s) {', '.join(unknown)}")
         return self.config_class()(**values)
+
+
+def _as_field(option: Option, value: Any) -> Any:
+    """A value read from a file or a table as the option's type: lists as tuples (configs stay
+    hashable), integers of a float option as floats."""
+    if isinstance(value, list):
+        return tuple(value)
+    if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 _CLASSES: dict[int, type] = {}

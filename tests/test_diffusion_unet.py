@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idiff_cli.diffusion.unet import UNet, cpu_architecture, paper_architecture, upsample_nearest
+from idiff_cli.diffusion.architectures import cpu_architecture, paper_architecture
+from idiff_cli.diffusion.unet import UNet, upsample_nearest
 
 
 def n_params(model, size, channels):

@@ -1,52 +1,73 @@
 """Options of `idiff pretrain` and `idiff sample` (JAX-free: `--help` answers without starting JAX).
 
-Pretraining defaults depend on the preset and on the dataset family (paper Tables 1 and 3): they
-are `None` here, with their rule in `--help`, and `diffusion.pretrain.complete` fills them from
-`DEFAULTS[(preset, family)]` and the preset's U-Net for the image size; `config.json` stores the
-filled values.
+Pretraining defaults depend on the preset and on the dataset family (paper Tables 1 and 3): `TABLE`
+holds them, one row per (preset, family), and `--help` shows them. The U-Net is the preset's for the
+dataset's image size (architectures.py), known once the data is read: `pretrain.main` completes the
+config with it (`Schema.complete`); `config.json` stores every value.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from idiff_cli import config as cfglib
 from idiff_cli.config import Option
+from idiff_cli.data import datasets
+from idiff_cli.diffusion import architectures
 
-# Tables 1 (MNIST) and 3 (CIFAR-10, LSUN) of the paper, per dataset family and preset.
+# Tables 1 (MNIST) and 3 (CIFAR-10, LSUN) of the paper, per dataset family, and their CPU-sized runs.
 DIGITS = dict(sde="ou", sampler="euler-maruyama", sample_steps=256, batch=32, lr=1e-3, adam_b1=0.9,
               adam_b2=0.999, adam_eps=1e-8, warmup_steps=0, grad_clip=0.0, ema_decay=0.995, flip=False)
 NATURAL = dict(sde="cosine", sampler="ddpm", sample_steps=1024, batch=2048, lr=2e-4, adam_b1=0.9, adam_b2=0.99,
                adam_eps=1e-12, warmup_steps=0, grad_clip=0.0, ema_decay=0.9999, flip=True)
-DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    # ≈ 20 minutes on 2 CPU cores: 2,400 steps give mostly recognisable digits; re-run into the same
-    # --out with a larger --steps to go on.
+ROWS: dict[tuple[str, str], dict[str, Any]] = {
+    # 2,400 steps give mostly recognisable digits (time on 2 CPU cores: docs/results.md); re-run into the
+    # same --out with a larger --steps to go on.
     ("cpu", "digits"): dict(DIGITS, steps=2400, log_every=50, sample_every=800, ckpt_every=400),
-    # The paper: 18k steps (7 minutes on 4 TPUv2).
+    # The paper: 18k steps.
     ("paper", "digits"): dict(DIGITS, steps=18000, log_every=100, sample_every=2000, ckpt_every=2000),
     # Table 3's optimiser on a CPU-sized batch; EMA 0.999 (0.9999 averages over more steps than such a run has).
     ("cpu", "natural"): dict(NATURAL, batch=32, ema_decay=0.999, sample_steps=256, steps=5000, log_every=50,
                              sample_every=2500, ckpt_every=500),
-    # Table 3 (500k steps, 30 h on 16 TPUv2 for CIFAR-10); warm-up and clipping as in Ho et al. (2020).
+    # Table 3 (500k steps); warm-up and clipping as in Ho et al. (2020).
     ("paper", "natural"): dict(NATURAL, steps=500_000, warmup_steps=5000, grad_clip=1.0, log_every=100,
                                sample_every=10_000, ckpt_every=5000),
 }
 # The paper's CIFAR-10 model was label-conditioned.
 CONDITIONAL_IN_PAPER = frozenset({"cifar10"})
-# The U-Net fields that the preset's architecture for the image size fills (unet.PRESETS).
-ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "groups")
-
-BY_ARCH = "by preset and image size (cpu: {cpu}; paper: {paper})"
 
 
-def _unit_interval(name: str, rule: str, text: str) -> Option:
-    return Option(name, float, None, text, rule=rule, minimum=0, below=1)
+def _derived(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Label conditioning as in the paper; the image size (given, or the data's: `context`) and the
+    preset's U-Net for it."""
+    out: dict[str, Any] = {"class_conditional": values["preset"] == "paper" and values["dataset"] in CONDITIONAL_IN_PAPER}
+    size = values["image_size"] or (context or {}).get("image_size")
+    if size is not None:
+        out.update(image_size=size, **architectures.BY_PRESET[values["preset"]](size))
+    return out
 
 
-def _cadences_after_log_every(cfg: Any) -> None:
-    """--sample-every, --ckpt-every and --fid-every are multiples of --log-every (once it is known)."""
-    if cfg.log_every is not None:
-        cfglib.multiple_of(("sample_every", "ckpt_every", "fid_every"))(cfg)
+BY_SIZE = "the preset's U-Net for the image size (architectures.py; cpu: {cpu}; paper: {paper})"
+TABLE = cfglib.Table(
+    family=lambda values, context: datasets.family(values["dataset"]),
+    what="dataset family",
+    rows=ROWS,
+    derive=_derived,
+    derived_help={
+        "image_size": "the dataset's (lsun-bedroom 64)",
+        "class_conditional": "paper preset on cifar10: yes; else no",
+        "ch": BY_SIZE.format(cpu="16", paper="64 at 28×28, else 128"),
+        "ch_mult": BY_SIZE.format(cpu="1,4,4 up to 32×32", paper="1,2,2 at 28×28"),
+        "num_res_blocks": BY_SIZE.format(cpu="1", paper="2"),
+        "attn_resolutions": BY_SIZE.format(cpu="the lowest", paper="7 at 28×28, else 16"),
+        "dropout": BY_SIZE.format(cpu="0", paper="0.1; 0 above 64×64"),
+        "groups": BY_SIZE.format(cpu="8", paper="32"),
+    },
+)
+
+
+def _unit_interval(name: str, text: str) -> Option:
+    return Option(name, float, None, text, minimum=0, below=1)
 
 
 PRETRAIN = cfglib.Schema(
@@ -59,50 +80,42 @@ PRETRAIN = cfglib.Schema(
     (
         Option("dataset", str, None, "mnist, colored-mnist, cifar10, lsun-bedroom, any tensorflow-datasets image "
                "dataset name, or package.module:function. mnist falls back to 5,000 embedded digits when tfds "
-               "data is absent.", argument=True, required=True),
+               "data is absent. Its family picks the defaults: digits (mnist, colored-mnist, fashion_mnist, kmnist, "
+               "emnist: Table 1) or natural (the others: Table 3).", argument=True, required=True),
         cfglib.preset_option({"cpu": "≈1 M-parameter U-Net, CPU-sized runs",
                               "paper": "DDPM-size U-Net, Tables 1/3"}, "cpu"),
         Option("data_dir", "path", None, "tfds data directory with array_record files.", defining=False,
                rule="~/tensorflow_datasets or $TFDS_DATA_DIR"),
-        Option("image_size", int, None, "Crop and resize images of varying size to this.",
-               rule="the dataset's (lsun-bedroom 64)", positive=True),
-        Option("steps", int, None, "Training steps (may grow on resume).", defining=False, positive=True,
-               rule="MNIST: cpu 2400, paper 18000; CIFAR/LSUN: cpu 5000, paper 500000"),
-        Option("batch", int, None, "Global batch, split over all devices.", positive=True,
-               rule="32; paper CIFAR/LSUN 2048"),
-        Option("lr", float, None, "Adam learning rate.", positive=True, rule="1e-3 MNIST, 2e-4 CIFAR/LSUN"),
-        _unit_interval("adam_b1", "0.9", "Adam β1."),
-        _unit_interval("adam_b2", "0.999 MNIST, 0.99 CIFAR/LSUN", "Adam β2."),
-        Option("adam_eps", float, None, "Adam ε.", positive=True, rule="1e-8 MNIST, 1e-12 CIFAR/LSUN"),
-        Option("warmup_steps", int, None, "Linear learning-rate warm-up steps.", minimum=0,
-               rule="0; paper CIFAR/LSUN 5000"),
-        Option("grad_clip", float, None, "Clip the gradient's global norm (0: off).", minimum=0,
-               rule="0; paper CIFAR/LSUN 1"),
-        _unit_interval("ema_decay", "0.995 MNIST; CIFAR/LSUN cpu 0.999, paper 0.9999", "EMA decay of the weights."),
-        Option("sde", str, None, "Noise process: ou or cosine.", choices="sde", rule="ou MNIST, cosine CIFAR/LSUN"),
+        Option("image_size", int, None, "Crop and resize images of varying size to this.", positive=True),
+        Option("steps", int, None, "Training steps (may grow on resume).", defining=False, positive=True),
+        Option("batch", int, None, "Global batch, split over all devices.", positive=True),
+        Option("lr", float, None, "Adam learning rate.", positive=True),
+        _unit_interval("adam_b1", "Adam β1."),
+        _unit_interval("adam_b2", "Adam β2."),
+        Option("adam_eps", float, None, "Adam ε.", positive=True),
+        Option("warmup_steps", int, None, "Linear learning-rate warm-up steps.", minimum=0),
+        Option("grad_clip", float, None, "Clip the gradient's global norm (0: off).", minimum=0),
+        _unit_interval("ema_decay", "EMA decay of the weights."),
+        Option("sde", str, None, "Noise process: ou or cosine.", choices="sde"),
         Option("sampler", str, None, "euler-maruyama, probability-flow or ddpm: the sampler of the grids and of θ0.",
-               choices="sampler", rule="euler-maruyama MNIST, ddpm CIFAR/LSUN"),
-        Option("sample_steps", int, None, "Sampling steps.", positive=True, rule="256; paper CIFAR/LSUN 1024"),
-        Option("class_conditional", bool, None, "Condition the U-Net on labels.",
-               rule="paper cifar10: yes; else no"),
-        Option("flip", bool, None, "Random horizontal flips.", rule="CIFAR/LSUN yes, MNIST no"),
+               choices="sampler"),
+        Option("sample_steps", int, None, "Sampling steps.", positive=True),
+        Option("class_conditional", bool, None, "Condition the U-Net on labels."),
+        Option("flip", bool, None, "Random horizontal flips."),
         Option("precondition", bool, True, "EDM-style preconditioning of ε_θ: keeps each image's colour "
                "through the sampler."),
-        Option("ch", int, None, "U-Net base channels.", positive=True, rule="cpu 16; paper 64 (28×28) or 128"),
-        Option("ch_mult", int, None, "Channel multipliers per resolution, e.g. 1,2,2.", many=True, positive=True,
-               rule=BY_ARCH.format(cpu="1,4,4", paper="1,2,2 at 28×28")),
-        Option("num_res_blocks", int, None, "Residual blocks per resolution.", positive=True,
-               rule="cpu 1, paper 2"),
-        Option("attn_resolutions", int, None, "Resolutions with self-attention, e.g. 16.", many=True, positive=True,
-               rule=BY_ARCH.format(cpu="the lowest", paper="7 at 28×28, else 16")),
-        Option("dropout", float, None, "Dropout.", minimum=0, below=1, rule="cpu 0; paper 0.1 (256×256: 0)"),
-        Option("groups", int, None, "Group-norm groups.", positive=True, rule="cpu 8, paper 32"),
+        Option("ch", int, None, "U-Net base channels.", positive=True),
+        Option("ch_mult", int, None, "Channel multipliers per resolution, e.g. 1,2,2.", many=True, positive=True),
+        Option("num_res_blocks", int, None, "Residual blocks per resolution.", positive=True),
+        Option("attn_resolutions", int, None, "Resolutions with self-attention, e.g. 16.", many=True, positive=True),
+        Option("dropout", float, None, "Dropout.", minimum=0, below=1),
+        Option("groups", int, None, "Group-norm groups.", positive=True),
         Option("log_every", int, None, "Log metrics every N steps (metrics read once per N).", defining=False,
-               positive=True, rule="cpu 50, paper 100"),
+               positive=True),
         Option("sample_every", int, None, "Write a sample grid every N steps (a multiple of --log-every).",
-               defining=False, positive=True, rule="MNIST: cpu 800, paper 2000; CIFAR/LSUN: cpu 2500, paper 10000"),
+               defining=False, positive=True),
         Option("ckpt_every", int, None, "Checkpoint every N steps (a multiple of --log-every).", defining=False,
-               positive=True, rule="MNIST: cpu 400, paper 2000; CIFAR/LSUN: cpu 500, paper 5000"),
+               positive=True),
         Option("keep_checkpoints", int, 3, "Keep the last k checkpoints.", defining=False, positive=True),
         Option("grid_n", int, 64, "Images per sample grid.", defining=False, positive=True),
         Option("fid_every", int, 0, "Log the FID of --fid-n fixed-key samples of the EMA weights every N steps "
@@ -116,8 +129,8 @@ PRETRAIN = cfglib.Schema(
         *cfglib.tracking_options(),
         cfglib.CONFIG_OPTION,
     ),
-    presets={"cpu": {}, "paper": {}},  # their values depend on the dataset family: DEFAULTS above
-    checks=(cfglib.check_tracking, _cadences_after_log_every,),
+    checks=(cfglib.check_tracking, cfglib.multiple_of(("sample_every", "ckpt_every", "fid_every"))),
+    table=TABLE,
 )
 
 

@@ -19,9 +19,7 @@ Run directory:
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -45,38 +43,30 @@ from idiff_cli.diffusion.model import (
     state_template,
     write_pretrained,
 )
-from idiff_cli.diffusion.options import ARCH_FIELDS, CONDITIONAL_IN_PAPER, DEFAULTS, PRETRAIN
-from idiff_cli.diffusion.unet import PRESETS as ARCHITECTURES
+from idiff_cli.diffusion.options import PRETRAIN
 from idiff_cli.diffusion.unet import UNet
-from idiff_cli import signals
 from idiff_cli.errors import UserError
-from idiff_cli.fid.evaluate import PeriodicFID, get_features
+from idiff_cli.fid.features import get_features
+from idiff_cli.fid.metric import PeriodicFID
 from idiff_cli.images import from_uint8, save_grid
 from idiff_cli.loop import Hook, Image, Run, Unit
-from idiff_cli.parallel import (
+from idiff_cli.runs import RunDir, default_run_dir
+from idiff_cli.sharding import (
     batch_mesh,
     global_batch,
     initialize_distributed_from_env,
-    keep_ahead,
     replicate,
     replicated,
     to_host,
     use_compilation_cache,
 )
-from idiff_cli.runs import RunDir, default_run_dir
 
 
 def complete(cfg: Any, ds: datasets.ImageDataset) -> Any:
-    """The config with every `None` default filled: Tables 1/3 by preset and dataset family
-    (`options.DEFAULTS`), label conditioning for the paper's CIFAR-10, the image size of the data and
-    the preset's U-Net for that size. Checks that the U-Net can take the images and the labels exist."""
-    size = ds.image_shape[0]
-    rules = dict(DEFAULTS[(cfg.preset, datasets.family(cfg.dataset))], image_size=size,
-                 class_conditional=cfg.preset == "paper" and cfg.dataset in CONDITIONAL_IN_PAPER)
-    rules.update({name: value for name, value in ARCHITECTURES[cfg.preset](size).items() if name in ARCH_FIELDS})
-    cfg = PRETRAIN.validated(dataclasses.replace(
-        cfg, **{name: value for name, value in rules.items() if getattr(cfg, name) is None}))
-    problem = UNet.cannot_take(size, cfg.ch_mult)
+    """The config completed for the dataset (`options.TABLE`: the image size of the data and the
+    preset's U-Net for it); checks that the U-Net can take the images and that the labels exist."""
+    cfg = PRETRAIN.complete(cfg, {"image_size": ds.image_shape[0]})
+    problem = UNet.cannot_take(cfg.image_size, cfg.ch_mult)
     if problem:
         raise UserError(f"{problem}; pick --image-size or --ch-mult to match")
     if cfg.class_conditional and not ds.num_classes:
@@ -115,9 +105,8 @@ def make_train_step(cfg: Any, model: UNet, sde, optimizer):
 def make_step_fn(step, mesh):
     """jit(step): batch sharded over `mesh`, state replicated, state buffers donated.
 
-    The host dispatches one call per step, up to `parallel.AHEAD` ahead of the devices (dispatch is
-    asynchronous; the metrics are read once per `log_every` steps), which keeps logging, checkpoints
-    and preemption between steps at no cost."""
+    The run loop dispatches one call per step (`loop.dispatch`: asynchronous, the metrics read once per
+    `log_every` steps), which keeps logging, checkpoints and preemption between steps at no cost."""
     return jax.jit(step, out_shardings=replicated(mesh), donate_argnums=0)
 
 
@@ -154,32 +143,20 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     model, sde, optimizer = make_model(cfg, ds.num_classes), make_sde(cfg), make_optimizer(cfg)
     n_params = sum(x.size for x in jax.tree.leaves(
         jax.eval_shape(lambda: init_state(model, optimizer, image_shape, 0)).params))
-    run.print(f"[bold]pretrain[/] {cfg.dataset} ({cfg.preset} preset): {n_params / 1e6:.2f} M-parameter U-Net, "
-              f"{cfg.sde} noise, batch {cfg.batch} on {mesh.size} device(s) / {jax.process_count()} process(es), "
-              f"{cfg.steps} steps -> {run_dir.path}")
-    run.print(f"data: {ds.source}")
-
     step_fn = make_step_fn(make_train_step(cfg, model, sde, optimizer), mesh)
 
-    def advance(state: TrainState, step: int, n: int):
-        """Up to n training steps from `step` (one host dispatch each, at most `parallel.AHEAD` ahead
-        of the devices; fewer when a signal asks the run to stop), one metrics row at the last step
-        done (means over the steps done)."""
-        t0 = time.perf_counter()
-        images, labels = stream.read(step * cfg.batch, n)
-        metrics = []
-        for i in range(n):
-            state, m = step_fn(state, global_batch((images[i], labels[i]), mesh))
-            metrics.append(m)
-            keep_ahead(metrics)
-            if signals.requested():
-                break
+    def train_step(state: TrainState, i: int):
+        """Training step i + 1 on the examples from position i × batch of the stream."""
+        images, labels = stream.read(i * cfg.batch, 1)
+        return step_fn(state, global_batch((images[0], labels[0]), mesh))
+
+    def rows(start: int, metrics: list, seconds: float) -> list[dict]:
+        """One row at the last step done: the means over the chunk's steps."""
         k = len(metrics)
         values = np.array([[float(v) for v in m] for m in metrics])  # [k, 3]: loss, grad norm, lr
-        row = {"step": step + k, "loss": float(values[:, 0].mean()), "grad_norm": float(values[:, 1].mean()),
-               "lr": float(values[-1, 2]), "images_per_s": k * cfg.batch / (time.perf_counter() - t0),
-               "data_position": (step + k) * cfg.batch}
-        return state, [row]
+        return [{"step": start + k, "loss": float(values[:, 0].mean()), "grad_norm": float(values[:, 1].mean()),
+                 "lr": float(values[-1, 2]), "images_per_s": k * cfg.batch / seconds,
+                 "data_position": (start + k) * cfg.batch}]
 
     grid = fixed_draw(cfg, model, sde, image_shape, ds.num_classes, cfg.grid_n, 2, mesh)
 
@@ -191,33 +168,38 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
         save_grid(images, path)
         return {"samples": Image(path)}
 
-    hooks = [Hook(cfg.sample_every, sample_grid)]
-    if cfg.fid_every:  # FID of fid_n samples of the EMA weights from fixed keys
+    def fid_hook() -> Hook:
+        """FID of fid_n samples of the EMA weights from fixed keys; its reference statistics are cached in
+        the run directory, so it is built once the run has claimed it."""
         fid = PeriodicFID(features, cfg.dataset, cfg.data_dir, cfg.image_size, image_shape, run_dir.path / "fid")
         fid_draw = fixed_draw(cfg, model, sde, image_shape, ds.num_classes, cfg.fid_n, 3, mesh)
-        hooks.append(Hook(cfg.fid_every, lambda state, step: {"fid": fid(fid_draw(state.ema)), "fid_n": cfg.fid_n},
-                          at_end=False))
+        return Hook(cfg.fid_every, lambda state, step: {"fid": fid(fid_draw(state.ema)), "fid_n": cfg.fid_n},
+                    at_end=False)
 
     def on_checkpoint(state: TrainState, step: int, final: bool) -> None:
         if is_main:
             write_pretrained(run_dir, step, final, image_shape, ds.num_classes, ds.name, ds.source)
             figures.save_loss(run_dir)
 
-    unit = Unit(
-        steps=cfg.steps,
-        init=jax.jit(lambda: init_state(model, optimizer, image_shape, cfg.seed), out_shardings=replicated(mesh)),
-        template=lambda: state_template(model, optimizer, image_shape, replicated(mesh)),
-        advance=advance,
-        hooks=hooks,
-        chunk=cfg.log_every,
-        finite=("loss", "grad_norm"),
-        nan_hint="lower --lr or set --grad-clip",
-        progress=("loss",),
-        on_checkpoint=on_checkpoint,
-        rate=lambda seconds, n: f"{n * cfg.batch / seconds:,.0f} img/s",
-        step_of=lambda state: int(state.step),
-    )
     with run:
+        run.print(f"[bold]pretrain[/] {cfg.dataset} ({cfg.preset} preset): {n_params / 1e6:.2f} M-parameter "
+                  f"U-Net, {cfg.sde} noise, batch {cfg.batch} on {mesh.size} device(s) / {jax.process_count()} "
+                  f"process(es), {cfg.steps} steps -> {run_dir.path}")
+        run.print(f"data: {ds.source}")
+        unit = Unit(
+            steps=cfg.steps,
+            init=jax.jit(lambda: init_state(model, optimizer, image_shape, cfg.seed), out_shardings=replicated(mesh)),
+            template=lambda: state_template(model, optimizer, image_shape, replicated(mesh)),
+            step=train_step,
+            rows=rows,
+            hooks=[Hook(cfg.sample_every, sample_grid)] + ([fid_hook()] if cfg.fid_every else []),
+            chunk=cfg.log_every,
+            finite=("loss", "grad_norm"),
+            nan_hint="lower --lr or set --grad-clip",
+            progress=("loss",),
+            on_checkpoint=on_checkpoint,
+            rate=lambda seconds, n: f"{n * cfg.batch / seconds:,.0f} img/s",
+        )
         state = run.run(unit)
         last = run_dir.read_metrics()[-1:]
         loss = f"final loss {last[0]['loss']:.4f}, " if last and "loss" in last[0] else ""

@@ -7,14 +7,13 @@ untrained network predicts ε = 0). With `num_classes` > 0 a label embedding is 
 embedding (the paper's CIFAR-10 model was label-conditioned).
 
 `UNet.cannot_take(image_size)` says why an image size does not fit the architecture, or returns None.
-`PRESETS[preset](image_size, channels)` gives the preset's architecture for an image size.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -48,7 +47,7 @@ class GroupNorm(nn.Module):
     reduced per channel over H, W first and then over each group's channels, and the normalisation
     applied as one multiply-add x·a + b with a, b [B, C]. XLA:CPU runs the [B, C] reductions and the
     multiply-add (with the SiLU after it) as a few fused passes over x, where `nn.GroupNorm`'s
-    [B, H, W, G, C/G] statistics and (x − mean)·a + bias cost 2-3× as much (docs/results.md)."""
+    [B, H, W, G, C/G] statistics and (x − mean)·a + bias take longer (measured: docs/results.md)."""
 
     num_groups: int
     epsilon: float = 1e-6
@@ -150,27 +149,3 @@ class UNet(nn.Module):
 
         h = nn.silu(GroupNorm(min(self.groups, h.shape[-1]))(h))
         return Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
-
-
-def paper_architecture(image_size: int) -> dict[str, Any]:
-    """The usual DDPM-size networks: Ho et al.'s CIFAR-10 (35.7 M parameters) at 32×32 and their
-    LSUN model at 256×256; a smaller one at 28×28 (MNIST); 64×64 in between."""
-    if image_size <= 28:
-        return dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1, groups=32)
-    if image_size <= 32:
-        return dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, groups=32)
-    if image_size <= 64:
-        return dict(ch=128, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, groups=32)
-    return dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, groups=32)
-
-
-def cpu_architecture(image_size: int) -> dict[str, Any]:
-    """≈ 1 M parameters at 28×28 (0.97 M): trains in minutes on two CPU cores. Few channels at full
-    resolution, where a conv costs the most FLOPs per parameter, and 64 below: 16×(1, 4, 4) trains
-    ~1.2× faster than 32×(1, 2, 2) (1.11 M) on the 2-core CPU, with as good samples per step."""
-    levels = (1, 4, 4) if image_size <= 32 else (1, 4, 4, 4)
-    lowest = image_size // 2 ** (len(levels) - 1)
-    return dict(ch=16, ch_mult=levels, num_res_blocks=1, attn_resolutions=(lowest,), dropout=0.0, groups=8)
-
-
-PRESETS = {"paper": paper_architecture, "cpu": cpu_architecture}

@@ -1,17 +1,21 @@
 """The options of `idiff finetune` (JAX-free: `--help` and bad flags answer without starting JAX).
 
-M, T and batch default to the pretrained model's dataset and the preset (paper Tables 2 and 4);
-`finetune.complete` fills them in and config.json holds the filled values.
+M, T and batch depend on the preset and the pretrained model's dataset (paper Tables 2 and 4), the
+sampler on the model's kind: `TABLE` holds them, known once the model is loaded (`finetune.complete`
+applies it with `Schema.complete`); config.json holds the completed values. The schema checks what the
+config alone decides; what needs the pretrained model is `finetune.check_against_model`'s.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from idiff_cli import config as cfglib
 from idiff_cli.errors import UserError
+from idiff_cli.implicit.ppo import ADVANTAGES, PPO
 
-# Stochastic samplers (Gaussian transitions: the Girsanov KL applies) and deterministic ones (β = 0 only).
+# The --sampler names, stochastic or deterministic as Sampler.stochastic decides: these JAX-free names serve
+# the choices, the help and the error messages (tests/test_diffusion_samplers.py checks that they agree).
 # euler-maruyama and probability-flow discretise a continuous-time process; ddpm (ancestral) and ddim
 # also step an imported discrete DDPM model.
 STOCHASTIC_SAMPLERS = ("euler-maruyama", "ddpm")
@@ -19,53 +23,56 @@ DETERMINISTIC_SAMPLERS = ("probability-flow", "ddim")
 SAMPLERS = STOCHASTIC_SAMPLERS + DETERMINISTIC_SAMPLERS
 ADJOINTS = ("full", "pipelined", "continuous")
 FINAL_STEPS = ("tweedie", "none")
-ADVANTAGES = ("normalized", "raw")
-# --method ddpo's own options and their defaults (ddpo.PPO's), which another method's config keeps
-DDPO_OPTIONS = {"advantage": "normalized", "clip_range": 0.2, "inner_epochs": 1}
+DDPO_DEFAULTS = PPO()  # --method ddpo's own options (PPO's fields) at their defaults, which another method keeps
 
-# (M, T, batch) by dataset: the paper's (Tables 2 and 4) and the cpu preset's.
-DATASET_DEFAULTS = {
-    "paper": {"mnist": (4, 64, 32), "colored-mnist": (4, 64, 32), "cifar10": (4, 64, 32),
-              "lsun-bedroom": (2, 64, 16)},
-    "cpu": {"mnist": (4, 16, 8), "colored-mnist": (4, 16, 8), "cifar10": (4, 16, 8),
-            "lsun-bedroom": (2, 16, 8)},
+# (M, T, batch) by the pretrained model's dataset: the paper's (Tables 2 and 4) and the cpu preset's.
+OTHER = "other datasets"
+ROWS = {
+    ("cpu", OTHER): dict(M=4, T=16, batch=8),
+    ("cpu", "lsun-bedroom"): dict(M=2, T=16, batch=8),
+    ("paper", OTHER): dict(M=4, T=64, batch=32),
+    ("paper", "lsun-bedroom"): dict(M=2, T=64, batch=16),
 }
-BY_DATASET = "by the pretrained model's dataset and the preset (cpu: 16/4/8; paper: MNIST M=4 T=64 batch 32, LSUN M=2 batch 16)"
 
 
-def _sampler_checks(cfg: Any) -> None:
-    """The sampler and the adjoint and KL that apply to it (once the sampler is known)."""
-    if cfg.sampler is None:
-        return
-    if cfg.adjoint == "continuous" and cfg.sampler != "probability-flow":
-        raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
-                        "--sampler probability-flow (and --beta 0)")
-    if cfg.sampler in DETERMINISTIC_SAMPLERS and cfg.beta:
-        raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
-                        "use --beta 0 or a stochastic sampler (euler-maruyama, ddpm)")
+def _family(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> str | None:
+    """The pretrained model's dataset (context["dataset"], a name or name:variant), once it is loaded."""
+    if context is None:
+        return None
+    return "lsun-bedroom" if context["dataset"].split(":")[0] == "lsun-bedroom" else OTHER
 
 
-def _ddpo_checks(cfg: Any) -> None:
-    """--method ddpo's policy is the sampler's chain of Gaussian transitions; its options (at other values
-    than their defaults) belong to it alone."""
+def _derived(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The pretrained run (--from) and its sampler: ddpm for an imported DDPM model (a discrete chain),
+    euler-maruyama for a continuous-time one."""
+    if context is None:
+        return None
+    return {"from_run": str(context["from_run"]), "sampler": "ddpm" if context["imported"] else "euler-maruyama"}
+
+
+TABLE = cfglib.Table(family=_family, what="the pretrained model's dataset", rows=ROWS, derive=_derived,
+                     derived_help={"from_run": "the most recent run under runs/ holding pretrained.json",
+                                   "sampler": "euler-maruyama for idiff-pretrained models, ddpm for imported DDPM "
+                                              "models"})
+
+
+def _ddpo_options(cfg: Any) -> None:
+    """--method ddpo's options belong to it alone: another method keeps them at their defaults."""
     if cfg.method == "ddpo":
-        if cfg.sampler in DETERMINISTIC_SAMPLERS:
-            raise UserError(f"--method ddpo needs a stochastic sampler (euler-maruyama, ddpm): --sampler {cfg.sampler} "
-                            "is deterministic, its steps have no transition probabilities")
         return
-    changed = [name for name, default in DDPO_OPTIONS.items() if getattr(cfg, name) != default]
+    changed = [name for name, default in DDPO_DEFAULTS._asdict().items() if getattr(cfg, name) != default]
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise UserError(f"{flags}: --method ddpo's option(s); --method {cfg.method} does not use them")
 
 
 def _m_divides_t(cfg: Any) -> None:
-    if cfg.M is not None and cfg.T is not None and cfg.T % cfg.M:
+    if cfg.T % cfg.M:
         raise UserError(f"--M ({cfg.M}) must divide --T ({cfg.T})")
 
 
 def _kl_paths_in_batches(cfg: Any) -> None:
-    if cfg.batch is not None and cfg.kl_n % cfg.batch:
+    if cfg.kl_n % cfg.batch:
         raise UserError(f"--kl-n ({cfg.kl_n}) must be a multiple of --batch ({cfg.batch}): the KL's fresh paths "
                         f"are sampled in batches of the run's shape")
 
@@ -79,8 +86,7 @@ SCHEMA = cfglib.Schema(
     "samples/ (same-seed grids), figures/ (reward_kl.png, evolution.png), checkpoints/ and weights/ with "
     "finetuned.json; re-running into the same --out resumes.",
     (
-        O("from_run", "path", None, "An `idiff pretrain` run directory.", flags=("--from",),
-          rule="the most recent run under runs/ holding pretrained.json"),
+        O("from_run", "path", None, "An `idiff pretrain` run directory.", flags=("--from",)),
         O("reward", str, "brightness", "Reward R(x) on images [B,H,W,C] in [-1,1]: brightness, red, digit:N "
           "(log p(N | x) under the MNIST classifier), compressibility / incompressibility (∓ JPEG kB at quality "
           "95; not differentiable: --method ddpo only), or package.module:function.", choices="image-reward"),
@@ -98,26 +104,25 @@ SCHEMA = cfglib.Schema(
         O("method", str, "implicit", "implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), "
           "full-backprop, ddpo (policy gradient with PPO clipping and the KL of DPOK: needs no ∇R; a "
           "stochastic sampler), or package.module:builder."),
-        O("advantage", str, DDPO_OPTIONS["advantage"], "ddpo: the advantage of a path, λ (R − mean R)/(std R + "
+        O("advantage", str, DDPO_DEFAULTS.advantage, "ddpo: the advantage of a path, λ (R − mean R)/(std R + "
           "1e-8) over the batch (normalized) or λ R (raw).", choices=ADVANTAGES),
-        O("clip_range", float, DDPO_OPTIONS["clip_range"], "ddpo: PPO clip range ε of the per-step ratios "
+        O("clip_range", float, DDPO_DEFAULTS.clip_range, "ddpo: PPO clip range ε of the per-step ratios "
           "π_θ/π_θold (Schulman et al.'s 0.2; it binds from the second update on a batch, --inner-epochs > 1: "
           "the first has ratio 1).", positive=True),
-        O("inner_epochs", int, DDPO_OPTIONS["inner_epochs"], "ddpo: outer steps (updates) per sampled batch; a "
+        O("inner_epochs", int, DDPO_DEFAULTS.inner_epochs, "ddpo: outer steps (updates) per sampled batch; a "
           "new batch is sampled under the current θ every --inner-epochs outer steps.", positive=True),
         O("adjoint", str, "full", "Gradient through the sampler: full (exact discrete adjoint of the completed "
           "batch), pipelined (implicit only: a queue of adjoint states, constant sequential calls with M = T), "
           "or continuous (probability-flow ODE adjoint).", choices=ADJOINTS),
         O("clip", bool, True, "Clip the samples to [-1, 1] before the reward (no gain from pixels past white "
           "or black)."),
-        O("M", int, None, "Queue length M; must divide T.", flags=("--M",), rule=BY_DATASET, positive=True),
-        O("T", int, None, "Sampling steps T.", flags=("--T",), rule=BY_DATASET, positive=True),
-        O("batch", int, None, "Images per batch.", rule=BY_DATASET, positive=True),
+        O("M", int, None, "Queue length M; must divide T.", flags=("--M",), positive=True),
+        O("T", int, None, "Sampling steps T.", flags=("--T",), positive=True),
+        O("batch", int, None, "Images per batch.", positive=True),
         O("lr", float, 1e-4, "Adam learning rate.", positive=True),
         O("steps", int, 200, "Outer steps (θ updates).", defining=False, positive=True),
         O("sampler", str, None, "euler-maruyama or ddpm (stochastic), probability-flow or ddim (deterministic: "
-          "--beta 0 only). Imported DDPM models step with ddpm or ddim.", choices=SAMPLERS,
-          rule="euler-maruyama for idiff-pretrained models, ddpm for imported DDPM models"),
+          "--beta 0 only). Imported DDPM models step with ddpm or ddim.", choices=SAMPLERS),
         O("log_every", int, 10, "Outer steps per log line (the KL is logged on it).", defining=False,
           positive=True),
         O("kl_n", int, 64, "Fresh paths sampled under the current θ from fixed keys for the logged KL and its "
@@ -148,13 +153,7 @@ SCHEMA = cfglib.Schema(
         *cfglib.tracking_options(),
         cfglib.CONFIG_OPTION,
     ),
-    presets={"cpu": {}, "paper": {}},
-    checks=(cfglib.check_tracking, _sampler_checks, _ddpo_checks, _m_divides_t, _kl_paths_in_batches,
+    table=TABLE,
+    checks=(cfglib.check_tracking, _ddpo_options, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )
-
-
-def dataset_defaults(preset: str, dataset: str) -> tuple[int, int, int]:
-    """(M, T, batch) for `dataset` (a name, or name:variant) under `preset`; unknown datasets take MNIST's."""
-    table = DATASET_DEFAULTS[preset]
-    return table.get(dataset.split(":")[0], table["mnist"])
