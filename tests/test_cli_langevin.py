@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import CLOCK, assert_same_arrays, error_line, invoke, rows
 
-from idiff_cli.cli import app
 from idiff_cli.langevin import figures
 
 TINY = ["--steps", "50", "--batch", "64", "--seeds", "2", "--log-every", "10"]
@@ -17,20 +16,10 @@ ALL_METHODS = ["implicit", "langevin-theta0", "nested-T1", "nested-T3", "unrolle
                "guidance", "langevin-theta-opt"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-def rows(run_dir, drop=("wall_s",)):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "all"
-    result = invoke("langevin-reward", *TINY, "--T", "1,3", "--out", str(out))
-    assert result.exit_code == 0, result.output
+    invoke("langevin-reward", *TINY, "--T", "1,3", "--out", str(out), check=True)
     return out
 
 
@@ -68,27 +57,23 @@ def test_report_redraws_the_logged_series(tiny_run, tmp_path, monkeypatch):
     """`idiff report RUN` plots metrics.jsonl's reward curves; two runs overlay one band per run."""
     drawn = []
     monkeypatch.setattr(figures.FigureDir, "save_figure", lambda self, fig, name: drawn.append((name, fig)) or self.path / name)
-    result = invoke("report", str(tiny_run), "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
+    invoke("report", str(tiny_run), "--out", str(tmp_path / "one"), check=True)
     fig5 = dict(drawn)["fig5_reward_loglik.png"]
-    logged = [r for r in rows(tiny_run) if r["method"] == "implicit"]
+    logged = rows(tiny_run, "implicit")
     implicit = next(line for line in fig5.axes[0].get_lines() if line.get_label() == "implicit")
     np.testing.assert_array_equal(implicit.get_xdata(), [r["step"] for r in logged])
     np.testing.assert_allclose(implicit.get_ydata(), [r["reward_mean"] for r in logged])
     drawn.clear()
     copy = shutil.copytree(tiny_run, tmp_path / "copy")
-    result = invoke("report", str(tiny_run), str(copy), "--x", "grad_evals", "--out", str(tmp_path / "two"))
-    assert result.exit_code == 0, result.output
+    invoke("report", str(tiny_run), str(copy), "--x", "grad_evals", "--out", str(tmp_path / "two"), check=True)
     (name, fig), = drawn
     nested = fig.axes[[a.get_title() for a in fig.axes].index("nested-T3")].get_lines()
     assert len(nested) == 2
-    np.testing.assert_array_equal(nested[0].get_xdata(), [r["grad_evals"] for r in rows(tiny_run)
-                                                          if r["method"] == "nested-T3"])
+    np.testing.assert_array_equal(nested[0].get_xdata(), [r["grad_evals"] for r in rows(tiny_run, "nested-T3")])
 
 
 def test_one_baseline_runs_with_implicit_as_reference(tmp_path):
-    result = invoke("langevin", *TINY, "--baseline", "nested", "--T", "2", "--out", str(tmp_path))
-    assert result.exit_code == 0, result.output
+    invoke("langevin", *TINY, "--baseline", "nested", "--T", "2", "--out", str(tmp_path), check=True)
     assert {r["method"] for r in rows(tmp_path)} == {"implicit", "nested-T2"}
 
 
@@ -101,9 +86,8 @@ def test_method_plugin_through_the_cli(tmp_path, monkeypatch):
         "    return m.trained(f'half-step-T{T}', 2 * T, sample, c.gradient, c.optimizer(1.0))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    result = invoke("langevin", *TINY, "--method", "my_methods:half_step", "--T", "2", "--out", str(out))
-    assert result.exit_code == 0, result.output
-    mine = [r for r in rows(out) if r["method"] == "half-step-T2"]
+    invoke("langevin", *TINY, "--method", "my_methods:half_step", "--T", "2", "--out", str(out), check=True)
+    mine = rows(out, "half-step-T2")
     assert [r["step"] for r in mine] == [0, 10, 20, 30, 40, 50] and mine[-1]["T"] == 4
     arrays = np.load(out / "arrays.npz")
     assert not np.array_equal(arrays["half-step-T2/theta"][-1], arrays["implicit/theta"][-1])
@@ -112,9 +96,8 @@ def test_method_plugin_through_the_cli(tmp_path, monkeypatch):
 def test_config_file_and_preset_and_flag_precedence(tmp_path):
     (tmp_path / "c.toml").write_text('steps = 20\nbatch = 32\nseeds = 2\ngamma = 0.05\nmethod = "implicit"\n')
     out = tmp_path / "run"
-    result = invoke("langevin", "--preset", "paper", "--config", str(tmp_path / "c.toml"), "--steps", "30",
-                    "--out", str(out))
-    assert result.exit_code == 0, result.output
+    invoke("langevin", "--preset", "paper", "--config", str(tmp_path / "c.toml"), "--steps", "30",
+           "--out", str(out), check=True)
     config = json.loads((out / "config.json").read_text())
     assert config["potential"] == "hexagon-paper" and config["theta0"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert config["steps"] == 30 and config["batch"] == 32 and config["gamma"] == 0.05
@@ -124,9 +107,8 @@ def test_reward_plugin(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text("def right_half(x):\n    return (x[0] > 0).astype(x.dtype)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    result = invoke("langevin", *TINY, "--baseline", "implicit", "--reward", "my_rewards:right_half",
-                    "--out", str(out))
-    assert result.exit_code == 0, result.output
+    invoke("langevin", *TINY, "--baseline", "implicit", "--reward", "my_rewards:right_half",
+           "--out", str(out), check=True)
     assert 0.3 < rows(out)[0]["reward_mean"] < 0.7  # fraction of N(0, I) draws with x0 > 0
 
 
@@ -145,28 +127,13 @@ def test_reward_plugin(tmp_path, monkeypatch):
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = invoke("langevin", *TINY, *args, "--out", str(tmp_path / "run"))
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert message in error_line(result)
     assert not (tmp_path / "run").exists()
 
 
 def test_another_defining_option_into_the_same_run_directory_is_refused(tiny_run):
     result = invoke("langevin", *TINY, "--T", "1,3", "--seed", "7", "--out", str(tiny_run))
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "other defining options (--seed 0 -> 7)" in lines[0], result.output
-
-
-def sorted_rows(run_dir):
-    return sorted(rows(run_dir), key=lambda r: (r["method"], r["step"]))
-
-
-def assert_same_arrays(a, b):
-    a, b = np.load(a / "arrays.npz"), np.load(b / "arrays.npz")
-    assert sorted(a.files) == sorted(b.files)
-    for key in a.files:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert "other defining options (--seed 0 -> 7)" in error_line(result)
 
 
 def test_resume_from_checkpoints_equals_one_run(tmp_path):
@@ -174,15 +141,14 @@ def test_resume_from_checkpoints_equals_one_run(tmp_path):
     lost resumes implicit from step 40 and reruns theta-opt: rows and arrays equal the whole run's."""
     args = [*TINY, "--baseline", "implicit,langevin-theta-opt", "--ckpt-every", "10"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert invoke("langevin", *args, "--out", str(whole)).exit_code == 0
+    invoke("langevin", *args, "--out", str(whole), check=True)
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / "checkpoints" / "implicit" / "50")
     shutil.rmtree(cut / "checkpoints" / "langevin-theta-opt")
     (cut / "arrays.npz").unlink()
-    result = invoke("langevin", *args, "--out", str(cut))
-    assert result.exit_code == 0, result.output
+    result = invoke("langevin", *args, "--out", str(cut), check=True)
     assert "resuming implicit from checkpoint step 40" in result.output
-    assert sorted_rows(cut) == sorted_rows(whole)
+    assert rows(cut, drop=CLOCK, sort=True) == rows(whole, drop=CLOCK, sort=True)
     assert_same_arrays(whole, cut)
 
 
@@ -191,15 +157,14 @@ def test_larger_steps_continue_the_run(tmp_path):
     50-step run; re-running the finished run adds nothing."""
     args = [*TINY[2:], "--baseline", "implicit", "--ckpt-every", "10"]
     whole, grown = tmp_path / "whole", tmp_path / "grown"
-    assert invoke("langevin", "--steps", "50", *args, "--out", str(whole)).exit_code == 0
-    assert invoke("langevin", "--steps", "20", *args, "--out", str(grown)).exit_code == 0
-    result = invoke("langevin", "--steps", "50", *args, "--out", str(grown))
-    assert result.exit_code == 0, result.output
+    invoke("langevin", "--steps", "50", *args, "--out", str(whole), check=True)
+    invoke("langevin", "--steps", "20", *args, "--out", str(grown), check=True)
+    result = invoke("langevin", "--steps", "50", *args, "--out", str(grown), check=True)
     assert "resuming implicit from checkpoint step 20" in result.output
-    assert rows(grown) == rows(whole)
+    assert rows(grown, drop=CLOCK) == rows(whole, drop=CLOCK)
     assert_same_arrays(whole, grown)
-    assert invoke("langevin", "--steps", "50", *args, "--out", str(grown)).exit_code == 0
-    assert rows(grown) == rows(whole)
+    invoke("langevin", "--steps", "50", *args, "--out", str(grown), check=True)
+    assert rows(grown, drop=CLOCK) == rows(whole, drop=CLOCK)
     result = invoke("langevin", "--steps", "30", *args, "--out", str(grown))
     assert result.exit_code == 2 and "--steps must be at least that" in result.output
 

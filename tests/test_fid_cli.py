@@ -5,15 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import error_line, invoke
 from PIL import Image
-from typer.testing import CliRunner
 
-from idiff_cli.cli import app
 from idiff_cli.data.embedded import mnist_digits
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +21,15 @@ def half_digits(tmp_path_factory):
 def test_given_images_against_the_embedded_digits_and_against_saved_stats(tmp_path, half_digits):
     """Half of the digits against all of them: small (< 10, see test_fid_features), labelled as the
     classifier FID; saving the reference first and passing it as --ref-stats gives the same number."""
-    result = invoke("evaluate-fid", "--samples", half_digits, "--out", tmp_path / "a")
-    assert result.exit_code == 0, result.output
+    result = invoke("evaluate-fid", "--samples", half_digits, "--out", tmp_path / "a", check=True)
     fid = json.loads((tmp_path / "a" / "fid.json").read_text())
     assert fid["metric"] == "FID (MNIST classifier features)" and fid["n"] == 2500
     assert 0 < fid["value"] < 10 and fid["reference"] == "dataset mnist"
     assert "FID (MNIST classifier features) = " in result.output
-    result = invoke("evaluate-fid", "--dataset", "mnist", "--save-stats", tmp_path / "ref.npz")
-    assert result.exit_code == 0, result.output
+    invoke("evaluate-fid", "--dataset", "mnist", "--save-stats", tmp_path / "ref.npz", check=True)
     with np.load(tmp_path / "ref.npz") as ref:
         assert ref["mu"].shape == (128,) and ref["sigma"].shape == (128, 128)
-    result = invoke("evaluate-fid", "--samples", half_digits, "--ref-stats", tmp_path / "ref.npz", "--out", tmp_path / "b")
-    assert result.exit_code == 0, result.output
+    invoke("evaluate-fid", "--samples", half_digits, "--ref-stats", tmp_path / "ref.npz", "--out", tmp_path / "b", check=True)
     again = json.loads((tmp_path / "b" / "fid.json").read_text())
     assert again["value"] == pytest.approx(fid["value"], rel=1e-9)
 
@@ -53,8 +45,7 @@ def test_npy_and_a_directory_of_pngs_give_the_npz_s_fid(tmp_path, half_digits):
         Image.fromarray(image[..., 0]).save(tmp_path / "pngs" / f"{i:04d}.png")
     values = []
     for source, out in ((tmp_path / "d.npz", "a"), (tmp_path / "d.npy", "b"), (tmp_path / "pngs", "c")):
-        result = invoke("evaluate-fid", "--samples", source, "--out", tmp_path / out)
-        assert result.exit_code == 0, result.output
+        invoke("evaluate-fid", "--samples", source, "--out", tmp_path / out, check=True)
         values.append(json.loads((tmp_path / out / "fid.json").read_text())["value"])
     assert values[1] == values[0] and values[2] == values[0], values
 
@@ -84,9 +75,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, half_digits, args, message):
     (tmp_path / "empty").mkdir()
     names = dict(half=half_digits, junk=tmp_path / "junk.npz", wrong_dim=tmp_path / "wrong.npz", tmp=tmp_path)
     result = invoke("evaluate-fid", *[a.format(**names) for a in args], "--out", tmp_path / "run")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert message in error_line(result)
     assert not (tmp_path / "run" / "fid.json").exists()
 
 

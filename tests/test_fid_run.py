@@ -12,14 +12,8 @@ import time
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from idiff_cli.cli import app
+from helpers import error_line, invoke, rows
 from suite_env import xla_flags
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -32,15 +26,14 @@ def test_pretrain_logs_the_periodic_fid(tiny_pretrain):
     """`--fid-every 2 --fid-n 6`: only the step-2 metrics row carries the FID of 6 EMA samples against
     the embedded digits; after two steps the samples are noise-like, far from digits (> 100;
     real-vs-real FID is ~3, real-vs-noise ~770)."""
-    rows = [json.loads(line) for line in (tiny_pretrain / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "fid" in r] == [2]
-    assert rows[-1]["fid_n"] == 6 and rows[-1]["fid"] > 100, rows[-1]
+    logged = rows(tiny_pretrain)
+    assert [r["step"] for r in logged if "fid" in r] == [2]
+    assert logged[-1]["fid_n"] == 6 and logged[-1]["fid"] > 100, logged[-1]
 
 
 def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     args = ["evaluate-fid", tiny_run, "--n", "6", "--batch", "4", "--sample-steps", "2"]
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
+    invoke(*args, check=True)
     fid = json.loads((tiny_run / "fid.json").read_text())
     assert fid["metric"] == "FID (MNIST classifier features)" and fid["n"] == 6 and fid["checkpoint"] == 2
     assert fid["sampler"] == "euler-maruyama" and fid["sample_steps"] == 2 and np.isfinite(fid["value"])
@@ -50,13 +43,11 @@ def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     (store / "batch-00001.npy").unlink()
     (store / "batch-00000.npy").write_bytes((store / "batch-00000.npy").read_bytes())  # same bytes, new mtime
     mtime = (store / "batch-00000.npy").stat().st_mtime_ns
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
+    invoke(*args, check=True)
     assert (store / "batch-00000.npy").stat().st_mtime_ns == mtime  # reused, not recomputed
     np.testing.assert_array_equal(np.load(store / "batch-00001.npy"), lost)  # same samples again
     assert json.loads((tiny_run / "fid.json").read_text())["value"] == fid["value"]
-    result = invoke(*args[:2], "--n", "10", *args[4:])  # a larger --n adds one batch
-    assert result.exit_code == 0, result.output
+    invoke(*args[:2], "--n", "10", *args[4:], check=True)  # a larger --n adds one batch
     assert len(list(store.iterdir())) == 3
     np.testing.assert_array_equal(np.load(store / "batch-00000.npy"), kept)
 
@@ -68,12 +59,12 @@ def test_features_and_fid_do_not_depend_on_the_device_count(tiny_pretrain, tmp_p
     round the network's sums differently)."""
     whole, resumed = (shutil.copytree(tiny_pretrain, tmp_path / name) for name in ("whole", "resumed"))
     args = ["--n", "8", "--batch", "4", "--sample-steps", "2"]
-    assert invoke("evaluate-fid", whole, *args).exit_code == 0
+    invoke("evaluate-fid", whole, *args, check=True)
     one = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "evaluate-fid",
                           str(resumed), "--n", "4", *args[2:]], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "XLA_FLAGS": xla_flags(1)})
     assert one.returncode == 0, one.stderr
-    assert invoke("evaluate-fid", resumed, *args).exit_code == 0
+    invoke("evaluate-fid", resumed, *args, check=True)
     tag = "fid/mnist-classifier-ckpt2-euler-maruyama-2steps-b4-seed0"
     for batch in ("batch-00000.npy", "batch-00001.npy"):
         np.testing.assert_allclose(np.load(resumed / tag / batch), np.load(whole / tag / batch), rtol=1e-5,
@@ -83,10 +74,7 @@ def test_features_and_fid_do_not_depend_on_the_device_count(tiny_pretrain, tmp_p
 
 
 def test_a_directory_without_a_trained_model_is_a_one_line_error(tmp_path):
-    result = invoke("evaluate-fid", tmp_path)
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "holds no trained model" in lines[0], result.output
+    assert "holds no trained model" in error_line(invoke("evaluate-fid", tmp_path))
 
 
 @pytest.mark.slow
@@ -106,6 +94,5 @@ def test_a_signal_stops_the_evaluation_after_a_batch_and_keeps_its_features(tiny
     assert proc.returncode == 143, err
     kept = sorted(p.name for p in store.glob("batch-*.npy"))
     assert 1 <= len(kept) < 10 and f"the features of {len(kept)} batches are kept" in " ".join(err.split()), err
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
+    invoke(*args, check=True)
     assert len(list(store.glob("batch-*.npy"))) == 10

@@ -12,9 +12,8 @@ import types
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import CLOCK, error_line, invoke, rows
 
-from idiff_cli.cli import app
 from idiff_cli.implicit import finetune, girsanov, report
 from idiff_cli.implicit.options import SCHEMA
 
@@ -27,13 +26,8 @@ BRIGHTER = ["--lambda", "10", "--fid-every", "20", "--fid-n", "4", "--label-ever
 DARKER = ["--lambda", "-10", "--adjoint", "pipelined", "--final-step", "none"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def finetune_into(pretrained, out, *args):
-    result = invoke("finetune", "--from", pretrained, *TINY_FINETUNE, *args, "--out", out)
-    assert result.exit_code == 0, result.output
+    invoke("finetune", "--from", pretrained, *TINY_FINETUNE, *args, "--out", out, check=True)
     return out
 
 
@@ -52,14 +46,6 @@ def runs(tiny_pretrain, tmp_path_factory):
     return root
 
 
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_wall(rs):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
-
-
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
 def test_brightness_rises_for_positive_lambda_and_falls_for_negative(runs):
     """The fixed-key evaluation reward (4 images, the same noise keys at steps 0 and 20) moves in the
@@ -72,7 +58,7 @@ def test_brightness_rises_for_positive_lambda_and_falls_for_negative(runs):
 
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_outputs_and_metrics(runs):
+def test_outputs_and_metrics(runs, tiny_pretrain):
     run = runs / "brighter"
     metrics = rows(run)
     train = [r for r in metrics if "reward_mean" in r]
@@ -81,7 +67,7 @@ def test_outputs_and_metrics(runs):
     config = json.loads((run / "config.json").read_text())
     assert (config["command"], config["M"], config["T"], config["batch"], config["lam"]) == ("finetune", 2, 2, 4, 10.0)
     assert (config["final_step"], config["kl_n"]) == ("tweedie", 64)
-    assert config["from_run"]
+    assert config["from_run"] == str(tiny_pretrain)
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000000.png", "step_000020.png"]
     assert {p.name for p in (run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
     assert (run / "checkpoints" / "20").is_dir() and (run / "weights" / "20").is_dir()
@@ -129,15 +115,12 @@ def test_evaluate_fid_and_sample_read_a_finetuned_run(runs, tmp_path):
     evaluate-fid records checkpoint 20, and its samples differ from the base model's with the same keys."""
     run = tmp_path / "brighter"
     shutil.copytree(runs / "brighter", run)
-    result = invoke("evaluate-fid", run, "--n", 4, "--batch", 4, "--sample-steps", 2)
-    assert result.exit_code == 0, result.output
+    invoke("evaluate-fid", run, "--n", 4, "--batch", 4, "--sample-steps", 2, check=True)
     fid = json.loads((run / "fid.json").read_text())
     assert fid["checkpoint"] == 20 and fid["n"] == 4 and np.isfinite(fid["value"])
     config = json.loads((run / "config.json").read_text())
-    result = invoke("sample", run, "--n", 4, "--sample-steps", 2, "--out", tmp_path / "finetuned")
-    assert result.exit_code == 0, result.output
-    result = invoke("sample", config["from_run"], "--n", 4, "--sample-steps", 2, "--out", tmp_path / "base")
-    assert result.exit_code == 0, result.output
+    invoke("sample", run, "--n", 4, "--sample-steps", 2, "--out", tmp_path / "finetuned", check=True)
+    invoke("sample", config["from_run"], "--n", 4, "--sample-steps", 2, "--out", tmp_path / "base", check=True)
     images = [np.load(next((tmp_path / d).glob("*.npz")))["images"].astype(int) for d in ("finetuned", "base")]
     assert np.abs(images[0] - images[1]).max() > 0
 
@@ -166,7 +149,7 @@ def test_resumed_from_the_middle_checkpoint_logs_the_uninterrupted_metrics(runs,
     the rows after step 10 that the copy held are replaced, not duplicated."""
     run = resumable_copy(runs, tmp_path)
     finetune_into(tiny_pretrain, run, *DARKER)
-    assert without_wall(rows(run)) == without_wall(rows(runs / "darker"))
+    assert rows(run, drop=CLOCK) == rows(runs / "darker", drop=CLOCK)
 
 
 @pytest.mark.slow  # shares the module's two 20-step finetuning runs
@@ -194,8 +177,7 @@ def test_a_changed_defining_option_is_refused_in_one_line(runs, tiny_pretrain, t
     run = tmp_path / "brighter"
     shutil.copytree(runs / "brighter", run)
     result = invoke("finetune", "--from", tiny_pretrain, *TINY_FINETUNE, *BRIGHTER[2:], "--lambda", 5, "--out", run)
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "--lambda 10.0 -> 5.0" in lines[0], result.output
+    assert "--lambda 10.0 -> 5.0" in error_line(result)
     assert rows(run) == rows(runs / "brighter")
 
 
@@ -207,8 +189,7 @@ def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
     drawn = []
     save = report.save_figure
     monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append((path.name, fig)) or save(fig, path))
-    result = invoke("report", runs / "brighter", runs / "darker", "--x", "net_evals", "--out", tmp_path)
-    assert result.exit_code == 0, result.output
+    invoke("report", runs / "brighter", runs / "darker", "--x", "net_evals", "--out", tmp_path, check=True)
     assert (tmp_path / "reward_kl_net_evals.png").is_file()
     fig = dict(drawn)["reward_kl_net_evals.png"]
     ax_reward, ax_kl = fig.axes
@@ -230,12 +211,9 @@ def test_report_of_one_run_redraws_its_figures_and_refuses_an_x_it_does_not_log(
     run = tmp_path / "brighter"
     shutil.copytree(runs / "brighter", run)
     shutil.rmtree(run / "figures")
-    result = invoke("report", run)
-    assert result.exit_code == 0, result.output
+    invoke("report", run, check=True)
     assert sorted(p.name for p in (run / "figures").iterdir()) == ["evolution.png", "report.md", "reward_kl.png"]
-    result = invoke("report", run, "--x", "grad_evals")
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "grad_evals" in lines[0], result.output
+    assert "grad_evals" in error_line(invoke("report", run, "--x", "grad_evals"))
 
 
 PLUGIN = """
@@ -271,6 +249,8 @@ def wrong_shape(x):
     (["--method", "nested", "--adjoint", "pipelined"], "error: --adjoint pipelined is a queue of adjoint states"),
     (["--sampler", "probability-flow"], "error: --sampler probability-flow is deterministic"),
     (["--adjoint", "continuous"], "error: --adjoint continuous is the adjoint ODE of the probability flow"),
+    (["--adjoint", "continuous", "--sampler", "probability-flow"], "error: --sampler probability-flow is deterministic"),
+    (["--method", "truncated-20"], "error: --method truncated-20: truncated-K needs 1 <= K <= --T (16)"),
     (["--sample-every", "15"], "error: --sample-every (15) must be a multiple of --log-every (10)"),
     (["--from", "/nonexistent"], "error: '/nonexistent' holds no trained model"),
     (["--kl-n", "12"], "error: --kl-n (12) must be a multiple of --batch (8)"),
@@ -279,10 +259,7 @@ def wrong_shape(x):
 def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tiny_pretrain, tmp_path, monkeypatch, args, message):
     (tmp_path / "ft_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = invoke("finetune", "--from", tiny_pretrain, *args, "--out", tmp_path / "run")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), result.output
+    assert error_line(invoke("finetune", "--from", tiny_pretrain, *args, "--out", tmp_path / "run")).startswith(message)
     assert not (tmp_path / "run").exists()
 
 
@@ -327,7 +304,7 @@ def test_ddpo_resumed_inside_a_cycle_logs_the_uninterrupted_rows(ddpo_run, tiny_
     shutil.rmtree(run / "checkpoints" / "4")
     shutil.rmtree(run / "weights" / "4")
     finetune_into(tiny_pretrain, run, *DDPO)
-    assert without_wall(rows(run)) == without_wall(rows(ddpo_run))
+    assert rows(run, drop=CLOCK) == rows(ddpo_run, drop=CLOCK)
 
 
 @pytest.mark.slow  # a 2-step ddpo run

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step, probability_flow_step
-from idiff_cli.implicit import ddpo, finetune, girsanov, methods, pipeline
+from idiff_cli.implicit import finetune, girsanov, methods, pipeline
 from idiff_cli.implicit.paths import sampler_paths
+from idiff_cli.implicit.ppo import PPO
 from implicit_gaussian import SDE, score, theta
 
 IMAGE = (1,)  # the shape of one "image" of the 1-D problem
@@ -128,14 +129,15 @@ CASES = ([(name, kind, 2, beta, True, None) for name, kind in METHODS for beta i
 def test_counted_passes_equal_the_declared_cost(name, kind, M, beta, tweedie, epochs):
     """At T = 4: the images through forward and backward passes (of θ's and θ0's networks) in the
     warm-up and in each outer step i = 1 .. period (after the first: a whole cycle, one that samples
-    and, for ddpo with E = 2, one that does not) are the method's declared passes × B:
-    `methods.spent(method, i + 1) − spent(method, i)`, and `warmup` = spent(method, 0)."""
+    and, for ddpo with E = 2, one that does not) are the method's declared passes × B, the numbers
+    finetune logs: `methods.spent(method, 0)` for the warm-up (step 0's net_evals), then
+    `spent(method, i + 1) − spent(method, i)`."""
     T, net = 4, CountedScore()
-    ppo = ddpo.PPO(inner_epochs=epochs) if epochs else None
+    ppo = PPO(inner_epochs=epochs) if epochs else None
     method = methods.make_method(name, counted_problem(net, T, beta, kind == "continuous", tweedie), T, M, kind, ppo)
     warmup, carry = net.count(method.init, THETA0, jax.random.key(3))
-    assert totals(warmup) == (method.warmup.forward * B, method.warmup.backward * B), warmup
-    assert methods.spent(method, 0) == method.warmup
+    logged = methods.spent(method, 0)
+    assert totals(warmup) == (logged.forward * B, logged.backward * B), warmup
     estimate = jax.jit(lambda carry: method.estimate(THETA, carry, None)[0])
     carry = estimate(carry)
     for i in range(1, method.period + 1):

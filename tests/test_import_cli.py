@@ -7,30 +7,23 @@ import pathlib
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
-from typer.testing import CliRunner
+from helpers import invoke, rows
 
-from idiff_cli.cli import app
 from idiff_cli.fid import convert, inception
 
 MODEL = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"
 
 
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
 @pytest.mark.slow
 def test_import_sample_finetune_evaluate_fid(tmp_path):
     run = tmp_path / "imported"
-    invoke("import", "diffusers", MODEL, "--out", run, "--sample-steps", "8", "--dataset", "cifar10")
+    invoke("import", "diffusers", MODEL, "--out", run, "--sample-steps", "8", "--dataset", "cifar10", check=True)
     assert json.loads((run / "config.json").read_text())["command"] == "import"
 
-    invoke("sample", run, "--n", "4", "--out", tmp_path / "samples")
+    invoke("sample", run, "--n", "4", "--out", tmp_path / "samples", check=True)
     images = np.load(tmp_path / "samples" / "sample-step0-imported-ddpm8-seed0-n4.npz")["images"]
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
-    invoke("sample", run, "--n", "4", "--sampler", "ddim", "--out", tmp_path / "ddim")
+    invoke("sample", run, "--n", "4", "--sampler", "ddim", "--out", tmp_path / "ddim", check=True)
     ddim = np.load(tmp_path / "ddim" / "sample-step0-imported-ddim8-seed0-n4.npz")["images"]
     assert ddim.shape == images.shape and not np.array_equal(ddim, images)  # same x_T, no noise after it
 
@@ -41,14 +34,14 @@ def test_import_sample_finetune_evaluate_fid(tmp_path):
                            (("--sampler", "probability-flow", "--beta", "0", "--adjoint", "continuous"),
                             "this model is a discrete DDPM chain"),
                            (("--sampler", "ddim"), "--sampler ddim is deterministic")):
-        refused = CliRunner().invoke(app, ["finetune", *map(str, common), *flags, "--out", str(tmp_path / "no")])
+        refused = invoke("finetune", *common, *flags, "--out", tmp_path / "no")
         assert refused.exit_code == 2 and message in refused.output, refused.output
         assert not (tmp_path / "no").exists()
-    invoke("finetune", *common, "--sampler", "ddpm", "--beta", "0.5", "--kl-n", "8", "--out", finetuned)
-    rows = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(np.isfinite(r["reward_mean"]) for r in rows[1:])
+    invoke("finetune", *common, "--sampler", "ddpm", "--beta", "0.5", "--kl-n", "8", "--out", finetuned, check=True)
+    logged = rows(finetuned)
+    assert [r["step"] for r in logged] == [0, 1, 2, 3] and all(np.isfinite(r["reward_mean"]) for r in logged[1:])
     # θ = θ0 at step 0: the two networks' transitions coincide; after updates the Girsanov KL is positive
-    assert rows[0]["kl"] < 1e-9 and all(np.isfinite(r["kl"]) and r["kl"] > 1e-3 for r in rows[1:])
+    assert logged[0]["kl"] < 1e-9 and all(np.isfinite(r["kl"]) and r["kl"] > 1e-3 for r in logged[1:])
     assert json.loads((finetuned / "config.json").read_text())["sampler"] == "ddpm"
     assert json.loads((finetuned / "finetuned.json").read_text())["from"] == str(run)
 
@@ -59,10 +52,10 @@ def test_import_sample_finetune_evaluate_fid(tmp_path):
     ref = tmp_path / "ref.npz"
     np.savez(tmp_path / "ref_images.npz", images=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
     invoke("evaluate-fid", "--samples", tmp_path / "ref_images.npz", "--features", "inception",
-           "--inception-weights", weights, "--save-stats", ref, "--batch", "8")
+           "--inception-weights", weights, "--save-stats", ref, "--batch", "8", check=True)
     for target in (run, finetuned):
         invoke("evaluate-fid", target, "--features", "inception", "--inception-weights", weights, "--ref-stats", ref,
-               "--n", "8", "--batch", "8", "--sample-steps", "4")
+               "--n", "8", "--batch", "8", "--sample-steps", "4", check=True)
         result = json.loads((target / "fid.json").read_text())
         assert result["features"] == "inception" and result["n"] == 8 and result["sample_steps"] == 4
         assert np.isfinite(result["value"]) and result["value"] > 0

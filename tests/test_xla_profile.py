@@ -26,7 +26,6 @@ def test_a_convolution_and_its_two_gradients_land_in_their_parts(tmp_path):
         for _ in range(2):
             jax.block_until_ready(fn(w, x))
     (trace,) = tmp_path.glob("**/perfetto_trace.json.gz")
-    rows = {name: (ms, share) for name, ms, share in xla_profile.parts(trace, hlo, 2)}
+    ms_per_run = {name: ms for name, ms, _ in xla_profile.parts(trace, hlo, 2)}
     for part in ("convolutions, forward", "convolutions, ∂x", "convolutions, ∂w"):
-        assert rows.get(part, (0, 0))[0] > 0, rows
-    assert abs(sum(share for _, share in rows.values()) - 1) < 1e-9
+        assert ms_per_run.get(part, 0) > 0, ms_per_run

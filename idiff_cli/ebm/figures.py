@@ -23,9 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idiff_cli.ebm.options import SCHEMA  # noqa: E402
-from idiff_cli.ebm.problem import Problem, unflat_theta  # noqa: E402
+from idiff_cli.ebm.problem import Problem  # noqa: E402
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.langevin.figures import FigureDir, band, by_method, density_contours  # noqa: E402
+from idiff_cli.langevin.runner import npz_tree  # noqa: E402
 from idiff_cli.loop import read_config  # noqa: E402
 from idiff_cli.runs import RunDir  # noqa: E402
 
@@ -40,7 +41,7 @@ def _extent(problem) -> float:
 
 def _theta(arrays, prefix, index=(0,)):
     """θ saved under `prefix` in a method's arrays, at `index` (default: seed 0 of the final θ)."""
-    return jax.tree.map(lambda a: a[index], unflat_theta(arrays, prefix))
+    return jax.tree.map(lambda a: a[index], npz_tree(arrays, prefix))
 
 
 def _scatter(ax, x, color):

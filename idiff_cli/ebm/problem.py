@@ -1,8 +1,8 @@
 """What an `idiff ebm-train` run shares across its methods, rebuilt from its config alone (the figures
 of `idiff report` rebuild it too): energy, data, held-out points, initial state, keys, metrics.
 
-θ is an array [p] (mixture energies) or a Flax parameter tree (the MLP energy); `flat_theta` and
-`unflat_theta` store either in an npz.
+θ is an array [p] (mixture energies) or a Flax parameter tree (the MLP energy); an npz stores either
+(`langevin.runner.npz_entries`, read back by `npz_tree`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from idiff_cli import registry
 from idiff_cli.ebm import metrics, toy_data
@@ -72,17 +71,3 @@ class Problem:
         values["nll"] = values["nll"] + self.nll_offset
         return values
 
-
-def flat_theta(theta, prefix: str) -> dict[str, np.ndarray]:
-    """θ (an array or a Flax param tree) as npz entries `prefix`, or `prefix/<path>` per leaf."""
-    if not isinstance(theta, dict):
-        return {prefix: np.asarray(theta)}
-    return {f"{prefix}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(theta, sep="/").items()}
-
-
-def unflat_theta(arrays: dict[str, np.ndarray], prefix: str):
-    """Inverse of `flat_theta`."""
-    if prefix in arrays:
-        return arrays[prefix]
-    leaves = {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
-    return traverse_util.unflatten_dict(leaves, sep="/")
