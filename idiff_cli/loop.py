@@ -56,6 +56,9 @@ Rows = list[dict[str, Any]]
 # SIGTERM, SIGINT) once N metrics rows were logged in this run (by process 0; every process counts them):
 # a deterministic kill point.
 KILL_HOOK = "IDIFF_TEST_KILL_AFTER_ROWS"
+# Test hook: with IDIFF_TEST_SIGNAL_AT_STEP=S (or S:INT, S:KILL) the process sends itself SIGTERM (or that
+# signal) once `dispatch` has dispatched step S: a deterministic signal inside a chunk.
+SIGNAL_HOOK = "IDIFF_TEST_SIGNAL_AT_STEP"
 
 
 class Image(NamedTuple):
@@ -322,11 +325,14 @@ def dispatch(step: Callable[[Any, int], tuple[Any, Any]], state: Any, start: int
     (every `AHEAD` steps from `start`), so that all of them stop after the same step. The first step
     dispatched (its program compiled) arms the handlers: a signal before it ends the process."""
     outputs = []
+    at, _, name = os.environ.get(SIGNAL_HOOK, "").partition(":")
     for i in range(start, start + n):
         state, output = step(state, i)
         outputs.append(output)
         keep_ahead(outputs)
         signals.arm()
+        if at and int(at) == i + 1:
+            os.kill(os.getpid(), getattr(signal, f"SIG{name or 'TERM'}"))
         done = len(outputs)
         if jax.process_count() == 1 and signals.requested():
             break

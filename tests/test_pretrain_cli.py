@@ -8,15 +8,12 @@ runs made here use the same tiny U-Net, so their compiled programs come from the
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from conftest import TINY_UNET
-from helpers import CLOCK, error_line, invoke, rows
+from helpers import CLOCK, cli, cluster, error_line, invoke, rows
 from suite_env import xla_flags
 
 from idiff_cli.data import datasets
@@ -27,13 +24,6 @@ from idiff_cli.diffusion.pretrain import complete
 from idiff_cli.runs import RunDir
 
 TINY = ["--batch", "4", "--log-every", "1", "--sample-steps", "2", "--grid-n", "4", *TINY_UNET]
-
-
-def cli(*args, env=None, **kwargs):
-    """The CLI in a fresh process (its own device count / cluster)."""
-    return subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *map(str, args)],
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kwargs)
 
 
 def test_defaults_are_filled_by_preset_and_dataset_family():
@@ -126,13 +116,15 @@ def test_cpu_preset_writes_checkpoints_grids_and_samples(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
+def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_together(tmp_path):
     """Batch split over 2 host devices (this test process) and over 2 processes joined by
     jax.distributed on 127.0.0.1 (gloo CPU collectives) log the losses of 1 device within rtol 1e-4:
-    the same numbers, summed in another order."""
-    import socket
-
-    args = ["pretrain", "mnist", *TINY, "--steps", 4, "--ckpt-every", 4, "--sample-every", 4]
+    the same numbers, summed in another order. Process 1 alone receives SIGTERM once it has dispatched
+    step 14, inside the chunk of steps 13-24: the processes decide together every 8 dispatched steps, so
+    both stop after step 20 (the single process would stop after 14), write checkpoint 20 together and
+    exit 143; the same command resumes there and finishes."""
+    args = ["pretrain", "mnist", "--batch", 4, "--sample-steps", 2, "--grid-n", 4, *TINY_UNET, "--steps", 24,
+            "--log-every", 12, "--ckpt-every", 24, "--sample-every", 24]
     single = cli(*args, "--out", tmp_path / "one", env={"XLA_FLAGS": xla_flags(1)})
     output = single.communicate(timeout=900)[0]
     assert single.returncode == 0, output
@@ -141,21 +133,22 @@ def test_two_devices_and_two_processes_give_the_single_device_losses(tmp_path):
     result = invoke(*args, "--out", tmp_path / "two", check=True)
     assert "on 2 device(s) / 1 process(es)" in result.output
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [cli(*args, "--out", tmp_path / "procs",
-                 env={"XLA_FLAGS": xla_flags(1),
-                      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                      "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "on 2 device(s) / 2 process(es)" in outputs[0]
+    stopped = cluster(args, tmp_path / "procs", per_process=({}, {"IDIFF_TEST_SIGNAL_AT_STEP": "14"}))
+    outputs = [p.communicate(timeout=900)[0] for p in stopped]
+    assert [p.returncode for p in stopped] == [143, 143], outputs
+    assert all("stopped by SIGTERM at step 20;" in " ".join(out.split()) for out in outputs), outputs
+    assert sorted(p.name for p in (tmp_path / "procs" / "checkpoints").iterdir() if p.name.isdigit()) == ["20"]
+    resumed = cluster(args, tmp_path / "procs")
+    outputs = [p.communicate(timeout=900)[0] for p in resumed]
+    assert [p.returncode for p in resumed] == [0, 0], outputs
+    assert "resuming from checkpoint step 20" in outputs[0] and "on 2 device(s) / 2 process(es)" in outputs[0]
 
     base = [r["loss"] for r in rows(tmp_path / "one")]
-    assert len(base) == 4
-    for other in ("two", "procs"):
-        np.testing.assert_allclose([r["loss"] for r in rows(tmp_path / other)], base, rtol=1e-4)
+    assert [r["step"] for r in rows(tmp_path / "one")] == [12, 24]
+    np.testing.assert_allclose([r["loss"] for r in rows(tmp_path / "two")], base, rtol=1e-4)
+    joined = rows(tmp_path / "procs")
+    assert [r["step"] for r in joined] == [12, 20, 24]  # the row of the stop step: the mean of steps 13-20
+    np.testing.assert_allclose(joined[0]["loss"], base[0], rtol=1e-4)
     assert (tmp_path / "procs" / "figures" / "samples.png").exists()
 
 
