@@ -8,7 +8,7 @@
 # Figures: $OUT/redder/figures/reward_kl.png, evolution.png (the same-seed strip, as Figs 7 and 16),
 #   samples/step_*.png; $OUT/report/report.md (final reward, KL, FID).
 # Hardware: cpu preset (M = 4, T = 16, batch 8), one host.
-# Time: ~8.3 min on 2 CPU cores (plus ~28 min pretraining when PRE is absent); SMOKE=1 (a tiny model,
+# Time: 8.3 min on 2 CPU cores (2026-11-25; plus 29 min pretraining when PRE is absent); SMOKE=1 (a tiny model,
 #   2 steps) a few minutes; accelerator: not measured here.
 # Outputs: $PRE (the pretrained model), $OUT/redder (the finetune run), $OUT/report. Re-running resumes.
 source "$(dirname "$0")/lib.sh"

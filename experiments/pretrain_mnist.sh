@@ -5,7 +5,7 @@
 #   `idiff sample`), report.md (final loss); the FID of the model: fid_mnist.sh.
 # Hardware: PRESET=cpu (default): 0.97 M-parameter U-Net, 2,400 steps, one host. PRESET=paper: the larger
 #   U-Net, 18,000 steps, a GPU or a TPU VM (the same line on every worker of a multi-host slice).
-# Time: PRESET=cpu ~30 min on 2 CPU cores (offline with the embedded digits when tfds 'mnist' is not
+# Time: PRESET=cpu 29 min on 2 CPU cores (2026-11-25; offline with the embedded digits when tfds 'mnist' is not
 #   prepared); SMOKE=1 (a tiny U-Net, 20 steps) ~1 min; PRESET=paper on an accelerator: not measured here.
 # Outputs: $OUT (default runs/pretrain-mnist-$PRESET): config.json, metrics.jsonl, checkpoints/,
 #   pretrained.json, samples/, figures/. Re-running resumes (a larger --steps goes further).

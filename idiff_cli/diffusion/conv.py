@@ -4,8 +4,8 @@ XLA:CPU runs a convolution through Eigen only when it is *canonical* (input NHWC
 NHWC). JAX's gradients of a convolution are convolutions with other dimension numbers (∂x: kernel
 HWOI; ∂w: batch and feature swapped), and XLA's CPU pass that rewrites them into canonical ones with
 transposes (ConvCanonicalization) visits only the top-level computation, not the body of a while loop.
-So the adjoint's reverse `lax.scan` of U-Net vjps fell to the generic loop emitter: 9× slower than
-the same vjps unrolled (measured: 5.9 s against 0.66 s for 4 vjps of the cpu-preset U-Net at batch 8).
+So the adjoint's reverse `lax.scan` of U-Net vjps fell to the generic loop emitter, several times
+slower than the same vjps unrolled (benchmarks/conv.py; docs/results.md, "Canonical-gradient convolutions").
 
 `conv` computes the same convolution with a `custom_vjp` whose two gradients are written as
 canonical convolutions with explicit transposes, so every convolution of the U-Net, its vjp and its
