@@ -120,6 +120,14 @@ def seed_option(default: int = 0) -> Option:
     return Option("seed", int, default, "Root random seed.", minimum=0)
 
 
+def devices_option() -> Option:
+    """`--devices N`: the local devices of every process that a training command splits its batch over."""
+    return Option("devices", int, None, "Local devices (on the CPU: cores exposed as host devices) the batch is "
+                  "split over, on every process; the weights and the optimiser are replicated. It must divide "
+                  "--batch (times the process count).", defining=False, positive=True,
+                  rule="every local device, or the largest count that divides the batch (said in one line)")
+
+
 CONFIG_OPTION = Option("config", "path", None, "JSON or TOML file of option values (flags win).", config=False)
 
 

@@ -19,13 +19,17 @@ from suite_env import xla_flags
 # and compile at XLA's backend optimisation level 0).
 os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 
-# The file with the suite's longest tests (float64 2-device trajectories, ~6 min in one worker) goes
-# first: --dist loadfile hands out files in collection order, so the other worker runs the rest meanwhile.
-FIRST = ("test_finetune_sharded.py",)
+# The files that take longest go first, longest first (1.5-7 min each in a worker), so that the two
+# workers end together on short files: --dist loadfile with --no-loadscope-reorder (pyproject's addopts)
+# hands out files in collection order. The second one starts with commands that need no pretrained model
+# while the first makes the session's tiny_pretrain.
+FIRST = ("test_finetune_cli.py", "test_reliability.py", "test_finetune_sharded.py", "test_pretrain_cli.py",
+         "test_import_cli.py", "test_experiments.py")
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+    order = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
 
 
 # A U-Net small enough to compile in seconds: 8 channels, two resolutions, attention at 14×14.
@@ -54,21 +58,41 @@ def session_caches(tmp_path_factory):
             os.environ[key] = value
 
 
+def shared_run(tmp_path_factory, name: str, args: list[str], done: str) -> pathlib.Path:
+    """`idiff ARGS --out <shared>/NAME`, run once per session by the first worker to need it (the others
+    wait for it); `done` names the file that a finished run holds."""
+    from typer.testing import CliRunner
+
+    from idiff_cli.cli import app
+
+    out = shared_temp(tmp_path_factory) / "shared" / name
+    with taking_turns(out.parent / f"{name}.lock"):
+        if not (out / done).exists():
+            result = CliRunner().invoke(app, [*args, "--out", str(out)])
+            assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrain(tmp_path_factory) -> pathlib.Path:
     """One tiny `idiff pretrain mnist` run (2 steps, batch 4, checkpoints at 1 and 2, the periodic FID
     of 6 samples at step 2), shared by every test that needs a pretrained model. Read it, never write
     into it: copy it first (shutil.copytree) to resume or extend it."""
-    from typer.testing import CliRunner
+    return shared_run(tmp_path_factory, "pretrain-mnist", [
+        "pretrain", "mnist", "--steps", "2", "--batch", "4", *TINY_UNET, "--log-every", "1", "--ckpt-every", "1",
+        "--sample-every", "2", "--sample-steps", "2", "--grid-n", "4", "--fid-every", "2", "--fid-n", "6",
+        "--keep-checkpoints", "3"], "pretrained.json")
 
-    from idiff_cli.cli import app
 
-    out = shared_temp(tmp_path_factory) / "shared" / "pretrain-mnist"
-    args = ["pretrain", "mnist", "--steps", "2", "--batch", "4", *TINY_UNET, "--log-every", "1",
-            "--ckpt-every", "1", "--sample-every", "2", "--sample-steps", "2", "--grid-n", "4",
-            "--fid-every", "2", "--fid-n", "6", "--keep-checkpoints", "3", "--out", str(out)]
-    with taking_turns(out.parent / "pretrain-mnist.lock"):
-        if not (out / "pretrained.json").exists():
-            result = CliRunner().invoke(app, args)
-            assert result.exit_code == 0, result.output
-    return out
+# A 6-step finetuning run of the tiny pretrained model with its batch of 4 split over the 2 host devices
+# (implicit, T = 2, M = 2, the KL term at β = 0.1 logged on 4 paths, a row per step, checkpoints every 2)
+SPLIT_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "6", "--log-every", "1", "--ckpt-every", "2",
+                  "--sample-every", "6", "--grid-n", "4", "--kl-n", "4", "--lr", "0.01"]
+
+
+@pytest.fixture(scope="session")
+def split_finetune(tiny_pretrain, tmp_path_factory) -> pathlib.Path:
+    """The SPLIT_FINETUNE run (`--devices 2`), shared by the device-count and kill-and-resume tests.
+    Read it, never write into it."""
+    return shared_run(tmp_path_factory, "finetune-split",
+                      ["finetune", "--from", str(tiny_pretrain), *SPLIT_FINETUNE, "--devices", "2"], "finetuned.json")

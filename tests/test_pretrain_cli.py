@@ -13,8 +13,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import TINY_UNET
-from helpers import CLOCK, cli, cluster, error_line, invoke, rows
-from suite_env import xla_flags
+from helpers import CLOCK, cluster, error_line, invoke, rows
 
 from idiff_cli.data import datasets
 from idiff_cli.diffusion import figures
@@ -40,7 +39,7 @@ def test_defaults_are_filled_by_preset_and_dataset_family():
         "cosine", "ddpm", 1024, 2048, 0.9999)
     assert (paper.warmup_steps, paper.grad_clip, paper.lr, paper.class_conditional) == (5000, 1.0, 1e-4, True)
     assert (paper.ch, paper.ch_mult, paper.dropout) == (128, (1, 2, 2, 2), 0.1)
-    assert all(getattr(paper, o.name) is not None for o in PRETRAIN.fields if o.name != "data_dir")
+    assert all(getattr(paper, o.name) is not None for o in PRETRAIN.fields if o.name not in ("data_dir", "devices"))
 
 
 def test_tiny_run_writes_its_files(tiny_pretrain):
@@ -117,21 +116,17 @@ def test_cpu_preset_writes_checkpoints_grids_and_samples(tmp_path):
 
 @pytest.mark.slow
 def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_together(tmp_path):
-    """Batch split over 2 host devices (this test process) and over 2 processes joined by
-    jax.distributed on 127.0.0.1 (gloo CPU collectives) log the losses of 1 device within rtol 1e-4:
+    """Batch on 1 device, split over the 2 host devices of this process and over 2 processes joined by
+    jax.distributed on 127.0.0.1 (gloo CPU collectives): 2 devices log the losses of 1 within rtol 1e-4:
     the same numbers, summed in another order. Process 1 alone receives SIGTERM once it has dispatched
     step 14, inside the chunk of steps 13-24: the processes decide together every 8 dispatched steps, so
     both stop after step 20 (the single process would stop after 14), write checkpoint 20 together and
     exit 143; the same command resumes there and finishes."""
     args = ["pretrain", "mnist", "--batch", 4, "--sample-steps", 2, "--grid-n", 4, *TINY_UNET, "--steps", 24,
             "--log-every", 12, "--ckpt-every", 24, "--sample-every", 24]
-    single = cli(*args, "--out", tmp_path / "one", env={"XLA_FLAGS": xla_flags(1)})
-    output = single.communicate(timeout=900)[0]
-    assert single.returncode == 0, output
-    assert "on 1 device(s) / 1 process(es)" in output
-
-    result = invoke(*args, "--out", tmp_path / "two", check=True)
-    assert "on 2 device(s) / 1 process(es)" in result.output
+    for n in (1, 2):
+        result = invoke(*args, "--devices", n, "--out", tmp_path / ("one", "two")[n - 1], check=True)
+        assert f"on {n} device(s) / 1 process(es)" in result.output
 
     stopped = cluster(args, tmp_path / "procs", per_process=({}, {"IDIFF_TEST_SIGNAL_AT_STEP": "14"}))
     outputs = [p.communicate(timeout=900)[0] for p in stopped]
@@ -155,7 +150,8 @@ def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_to
 @pytest.mark.parametrize("args, message", [
     (["pretrain", "no-such-data"], "unknown dataset 'no-such-data'"),
     (["pretrain", "mnist", "--ch-mult", "1,2,2,2"], "image size 28 cannot be halved 3 times"),
-    (["pretrain", "mnist", "--batch", "7"], "--batch 7 is not divisible by the 2 devices"),
+    (["pretrain", "mnist", "--batch", "7", "--devices", "2"], "--devices 2 on 1 process(es) does not divide --batch 7"),
+    (["pretrain", "mnist", "--devices", "3"], "--devices 3: this process has 2 local device(s)"),
     (["pretrain", "cifar10", "--data-dir", "/nonexistent"], "tfds build cifar10 --file_format=array_record"),
     (["pretrain", "mnist", "--sampler", "nope"], "unknown sampler 'nope'"),
     (["pretrain", "mnist", "--ckpt-every", "75"], "--ckpt-every (75) must be a multiple of --log-every (50)"),

@@ -21,6 +21,7 @@ nothing here knows about the commands that train, import or evaluate models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, NamedTuple
 
@@ -149,9 +150,17 @@ class Model:
         (euler-maruyama, probability-flow) and the continuous adjoint discretise."""
         return True
 
+    @functools.cached_property
+    def network(self):
+        """jit(ε_θ): the network's forward pass as one jitted function, so that a program calling it at
+        several places (a sampler's step, the adjoint's VJP, Tweedie's denoiser, both KL transitions)
+        traces the Python network once per input shape and reuses that trace; tracing a U-Net costs
+        more than compiling the small programs that call it."""
+        return jax.jit(self.model.apply)
+
     def apply(self, params, x, level, labels=None):
         """ε_θ(x, level, labels): the network's noise prediction (evaluation mode)."""
-        return self.model.apply(params, x, level, labels if self.num_classes else None)
+        return self.network(params, x, level, labels if self.num_classes else None)
 
     def score(self, params, x, t, labels=None):
         """s_θ(x, t) = −ε_θ(x, t)/σ(t) (with the run's preconditioning)."""

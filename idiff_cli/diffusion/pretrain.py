@@ -52,9 +52,10 @@ from idiff_cli.images import from_uint8, save_grid
 from idiff_cli.loop import Hook, Image, Run, Unit
 from idiff_cli.runs import RunDir, default_run_dir
 from idiff_cli.sharding import (
-    batch_mesh,
+    device_count,
     global_batch,
     initialize_distributed_from_env,
+    mesh_of,
     replicate,
     replicated,
     to_host,
@@ -126,10 +127,8 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     use_compilation_cache()
     ds = datasets.load(cfg.dataset, cfg.data_dir, cfg.image_size or 0)
     cfg = complete(cfg, ds)
-    mesh = batch_mesh()
-    if cfg.batch % mesh.size:
-        raise UserError(f"--batch {cfg.batch} is not divisible by the {mesh.size} devices "
-                        f"({jax.process_count()} process(es)); pick a multiple of {mesh.size}")
+    n, note = device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
+    mesh = mesh_of(n)
     stream = DataStream(ds, cfg.batch, cfg.seed, jax.process_index(), jax.process_count())
     image_shape = ds.image_shape
     features = None
@@ -186,6 +185,8 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
                   f"U-Net, {cfg.sde} noise, batch {cfg.batch} on {mesh.size} device(s) / {jax.process_count()} "
                   f"process(es), {cfg.steps} steps -> {run_dir.path}")
         run.print(f"data: {ds.source}")
+        if note:
+            run.print(note)
         unit = Unit(
             steps=cfg.steps,
             init=jax.jit(lambda: init_state(model, optimizer, image_shape, cfg.seed), out_shardings=replicated(mesh)),

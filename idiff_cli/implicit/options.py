@@ -134,10 +134,7 @@ SCHEMA = cfglib.Schema(
           "θ0; 0: off. 28×28 models only.", defining=False, minimum=0),
         O("label_n", int, 256, "Fixed-key samples per label_kept.", defining=False,
           minimum=256),
-        O("devices", int, None, "Local devices (on the CPU: cores exposed as host devices) the batch is split over, "
-          "on every process; θ and the optimiser are replicated. It must divide --batch (times the process "
-          "count).", defining=False, positive=True,
-          rule="every local device, or the largest count that divides the batch (said in one line)"),
+        cfglib.devices_option(),
         O("sample_every", int, 50, "Re-sample the fixed-key grid every N steps.", defining=False, positive=True),
         O("ckpt_every", int, 50, "Checkpoint (and write weights/) every N steps.", defining=False, positive=True),
         O("grid_n", int, 16, "Images in the fixed-key grid.", defining=False, positive=True),
