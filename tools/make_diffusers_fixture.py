@@ -4,9 +4,11 @@ Run once, in a throwaway environment with torch and diffusers (not a dependency 
 
     python -m venv /tmp/torchenv
     /tmp/torchenv/bin/pip install torch==2.14.1 diffusers==0.42.1 safetensors==0.8.0 numpy==2.4.6
-    /tmp/torchenv/bin/python tools/make_diffusers_fixture.py
+    /tmp/torchenv/bin/python tools/make_diffusers_fixture.py [NAME ...]
 
-It writes, from fixed seeds:
+It writes, from fixed seeds, the files NAMEd (default: all of them). The network's and the schedulers'
+float outputs depend on the CPU kernels torch picks (AVX2 or AVX-512: up to 1e-6 apart), so a file
+written once stays as it is: name only the files to add or change.
 
 * `model/`: a tiny random `UNet2DModel` (16×16 RGB, block_out_channels (16, 32), one layer per block,
   8 norm groups, an AttnDownBlock2D/AttnUpBlock2D pair with 4 heads of 8 channels, the
@@ -17,6 +19,12 @@ It writes, from fixed seeds:
 * `scheduler_oracle.json`: per scheduler configuration, the respaced timesteps of `set_timesteps(n)` and
   `DDPMScheduler.step` (and, for `leading` spacing, `DDIMScheduler.step` with η = 0) on fixed
   (sample, model output, noise) at a few indices, the noise made explicit.
+* `scheduler_tables.npz`: per configuration of the oracle (`c0` … `c3`, its config as JSON in
+  `cK/config`): diffusers' `betas` and `alphas_cumprod` [N]; the whole N-step chain (trailing spacing,
+  every training timestep) with, at each step, a random sample and model output [N, 2, 2], the mean of
+  `DDPMScheduler.step` (its noise set to zero) and `_get_variance`; and per respacing (each spacing at
+  T = 16 and a few other T) the timesteps, a sample and model output per step, the DDPM step's mean and
+  `DDIMScheduler.step`'s prev_sample (η = 0).
 * `ddpm_cifar10_32.json`: the config.json and scheduler_config.json fields of `google/ddpm-cifar10-32`
   (written out here: the files cannot be downloaded on the machines that run the tests) and the
   parameter count of `UNet2DModel(**config)` as diffusers counts it.
@@ -27,10 +35,12 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from unittest import mock
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.schedulers import scheduling_ddpm
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "diffusers_tiny"
 
@@ -113,22 +123,91 @@ def scheduler_cases() -> list[dict]:
     return cases
 
 
-def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+# Respacings of the tables: every spacing at T = 16 (where DDIMScheduler.step's t − N // T and the next
+# grid element differ for linspace and trailing), and T = 7 and 50 with leading spacing.
+RESPACINGS = [("leading", 16), ("linspace", 16), ("trailing", 16), ("leading", 7), ("leading", 50)]
+
+
+def step_mean(scheduler: DDPMScheduler, output, t, sample) -> torch.Tensor:
+    """DDPMScheduler.step's prev_sample with its variance noise set to zero: the step's mean."""
+    zero = lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype") or torch.float32)  # noqa: E731
+    with mock.patch.object(scheduling_ddpm, "randn_tensor", zero):
+        return scheduler.step(output, t, sample).prev_sample
+
+
+def scheduler_tables() -> dict[str, np.ndarray]:
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for i, (fields, _) in enumerate(SCHEDULERS):
+        ddpm = DDPMScheduler(**fields)
+        key = f"c{i}"
+        config = {k: v for k, v in ddpm.config.items() if not k.startswith("_")}
+        out[f"{key}/config"] = np.array(json.dumps(config))
+        out[f"{key}/betas"] = ddpm.betas.numpy()
+        out[f"{key}/alphas_cumprod"] = ddpm.alphas_cumprod.numpy()
+        n = ddpm.config.num_train_timesteps
+        chain = DDPMScheduler.from_config(ddpm.config, timestep_spacing="trailing")
+        chain.set_timesteps(n)
+        assert chain.timesteps.tolist() == list(range(n - 1, -1, -1))
+        sample, output = torch.randn(n, 1, 1, 2, 2, generator=g), torch.randn(n, 1, 1, 2, 2, generator=g)
+        out[f"{key}/chain/sample"], out[f"{key}/chain/output"] = sample.numpy(), output.numpy()
+        out[f"{key}/chain/mean"] = np.stack([step_mean(chain, output[j], t, sample[j]).numpy()
+                                             for j, t in enumerate(chain.timesteps.tolist())])
+        out[f"{key}/chain/variance"] = np.array([float(chain._get_variance(t)) for t in chain.timesteps.tolist()],
+                                                np.float32)
+        for spacing, steps in RESPACINGS:
+            respaced = DDPMScheduler.from_config(ddpm.config, timestep_spacing=spacing)
+            respaced.set_timesteps(steps)
+            ddim = DDIMScheduler.from_config(respaced.config)
+            ddim.set_timesteps(steps)
+            timesteps = respaced.timesteps.tolist()
+            assert ddim.timesteps.tolist() == timesteps
+            sample = torch.randn(steps, 1, 1, 2, 2, generator=g)
+            output = torch.randn(steps, 1, 1, 2, 2, generator=g)
+            name = f"{key}/{spacing}{steps}"
+            out[f"{name}/timesteps"] = np.array(timesteps)
+            out[f"{name}/sample"], out[f"{name}/output"] = sample.numpy(), output.numpy()
+            out[f"{name}/mean"] = np.stack([step_mean(respaced, output[j], t, sample[j]).numpy()
+                                            for j, t in enumerate(timesteps)])
+            out[f"{name}/ddim"] = np.stack([ddim.step(output[j], t, sample[j], eta=0.0).prev_sample.numpy()
+                                            for j, t in enumerate(timesteps)])
+    return out
+
+
+def write_model() -> None:
     model = tiny_model()
     model.save_pretrained(OUT / "model", safe_serialization=True)
     DDPMScheduler(**TINY_SCHEDULER).save_pretrained(OUT / "model")
-    np.savez(OUT / "unet_oracle.npz", **unet_oracle(model))
-    (OUT / "scheduler_oracle.json").write_text(json.dumps(scheduler_cases()) + "\n")
+    print(f"model: {sum(p.numel() for p in model.parameters())} parameters")
+
+
+def write_cifar10() -> None:
     count = sum(p.numel() for p in UNet2DModel(**CIFAR10).parameters())
     (OUT / "ddpm_cifar10_32.json").write_text(json.dumps(
         {"config": {"_class_name": "UNet2DModel", **CIFAR10},
          "scheduler": {"_class_name": "DDPMScheduler", **CIFAR10_SCHEDULER},
          "parameters": count}, indent=1) + "\n")
-    tiny = sum(p.numel() for p in model.parameters())
-    print(f"wrote {OUT}: tiny model {tiny} parameters; ddpm-cifar10-32 {count} parameters "
-          f"(torch {torch.__version__}, python {sys.version.split()[0]})")
+    print(f"ddpm-cifar10-32: {count} parameters")
+
+
+WRITERS = {
+    "model": write_model,
+    "unet_oracle.npz": lambda: np.savez(OUT / "unet_oracle.npz", **unet_oracle(tiny_model())),
+    "scheduler_oracle.json": lambda: (OUT / "scheduler_oracle.json").write_text(json.dumps(scheduler_cases()) + "\n"),
+    "scheduler_tables.npz": lambda: np.savez_compressed(OUT / "scheduler_tables.npz", **scheduler_tables()),
+    "ddpm_cifar10_32.json": write_cifar10,
+}
+
+
+def main(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(WRITERS))
+    if unknown:
+        sys.exit(f"unknown fixture file(s) {', '.join(unknown)}; choose among {', '.join(WRITERS)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in names or WRITERS:
+        WRITERS[name]()
+        print(f"wrote {OUT / name} (torch {torch.__version__}, python {sys.version.split()[0]})")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -12,18 +12,25 @@ time grid [τ_0, …, τ_{T−1}, −1]. `DiscreteDDPM` is a `NoiseProcess` on t
 training timestep (the network's input), α(t) = √ᾱ_t, σ(t) = √(1 − ᾱ_t), so a score
 s(x, t) = −ε_θ(x, t)/σ(t) and the steps of samplers.py work unchanged.
 
-Steps from t = τ_k to t' = τ_{k+1}, with a = ᾱ_t/ᾱ_t', b = 1 − a and x̂0 = (x − σ(t) ε)/α(t) clipped to
-±clip_sample_range when `clip_sample`:
+The tables are diffusers' to the last bit: the betas of `linear` and `scaled_linear` are torch's float32
+`linspace` (`torch_linspace`), ᾱ the products of the float32 factors 1 − β_m accumulated in float64 and
+rounded once, as torch's CPU `cumprod` computes them (tests/test_import_diffusers.py checks every entry
+and every step of the 1,000-step chain against diffusers' own output).
 
-* `ddpm_step` (ancestral, Ho et al. eq. 7 on the respaced chain, as `DDPMScheduler.step`):
-  mean = √ᾱ_t' b/(1 − ᾱ_t) x̂0 + √a (1 − ᾱ_t')/(1 − ᾱ_t) x; variance `fixed_small` b (1 − ᾱ_t')/(1 − ᾱ_t)
-  or `fixed_large` b; no noise from t = 0 nor, with `fixed_small`, into t' = −1 (variance 0). A
-  `GaussianStep`: two parameters θ, θ0 give Gaussian transitions with the same variance v, whose KL
-  is ‖Δmean‖²/2v (girsanov.py), Δmean taken between the two clipped x̂0. Without clipping the mean
-  is (x + b s)/√a and the KL b² ‖sθ − sθ0‖²/(2 a v).
-* `ddim_step` (η = 0, Song et al. 2021, as `DDIMScheduler.step` with `set_alpha_to_one`):
-  x' = √ᾱ_t' x̂0 + √(1 − ᾱ_t') ε̂ (the network's ε̂, x̂0 clipped). Deterministic; it is registered as the sampler
-  "ddim" and applies to the continuous processes of sde.py too (no clipping there).
+Steps from t = τ_k to t' = τ_{k+1}, with a = ᾱ_t/ᾱ_t', b = 1 − a and x̂0 = `predicted_x0` (x − σ(t) ε)/α(t)
+clipped to ±clip_sample_range when `clip_sample`:
+
+* `ddpm_step` (ancestral, Ho et al. eq. 7 on the respaced chain, as `DDPMScheduler.step`): the
+  `posterior_mean` √ᾱ_t' b/(1 − ᾱ_t) x̂0 + √a (1 − ᾱ_t')/(1 − ᾱ_t) x and the `posterior_variance`,
+  `fixed_small` b (1 − ᾱ_t')/(1 − ᾱ_t) or `fixed_large` b; no noise from t = 0 nor, with `fixed_small`,
+  into t' = −1 (variance 0). A `GaussianStep`: two parameters θ, θ0 give Gaussian transitions with the
+  same variance v, whose KL is ‖Δmean‖²/2v (girsanov.py), Δmean taken between the two clipped x̂0.
+  Without clipping the mean is (x + b s)/√a and the KL b² ‖sθ − sθ0‖²/(2 a v).
+* DDIM (η = 0, Song et al. 2021): x' = √ᾱ_t' x̂0 + √(1 − ᾱ_t') ε̂ (the network's ε̂, x̂0 clipped), where the
+  discrete chain's t' is `DDIMScheduler.step`'s t − N // T (ᾱ = 1 below 0, `set_alpha_to_one`), not the
+  next grid element: the two agree for `leading` spacing; for `linspace` and `trailing` DDIM lands
+  between grid elements and the next step starts from the next one, as in diffusers (`DDIMStep`). On
+  the continuous processes of sde.py the sampler "ddim" (`ddim_step`) steps to the next grid element.
 
 The process is a frozen dataclass (hashable: a static jit argument); its tables are float32 numpy arrays
 computed from the config fields.
@@ -34,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +48,7 @@ import numpy as np
 
 from idiff_cli.diffusion.samplers import GaussianStep, Sampler, Score
 from idiff_cli.diffusion.sde import NoiseProcess, _expand
+from idiff_cli.errors import UserError
 from idiff_cli.registry import register
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -50,13 +57,25 @@ VARIANCES = ("fixed_small", "fixed_large")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
+def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32) on a CPU, bit for bit [n]: the step
+    (end − start)/(n − 1) in float32, then start + step · i for the first n // 2 entries and
+    end − step · (n − 1 − i) for the others, each a fused multiply-add (one rounding to float32; the
+    product of a float32 and an integer below 2²⁴ is exact in float64)."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    values = np.where(i < n // 2, np.float64(start32) + step * i, np.float64(end32) - step * (n - 1 - i))
+    return values.astype(np.float32)
+
+
 def make_betas(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float) -> np.ndarray:
-    """β_n [N] float32 of a named schedule (as diffusers computes them, in float32)."""
+    """β_n [N] float32 of a named schedule, as diffusers computes them (module docstring)."""
     n = num_train_timesteps
     if beta_schedule == "linear":
-        return np.linspace(beta_start, beta_end, n, dtype=np.float32)
+        return torch_linspace(beta_start, beta_end, n)
     if beta_schedule == "scaled_linear":
-        return (np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float32) ** 2).astype(np.float32)
+        return torch_linspace(beta_start**0.5, beta_end**0.5, n) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         def abar(s):
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -66,14 +85,22 @@ def make_betas(num_train_timesteps: int, beta_schedule: str, beta_start: float, 
 
 
 def respaced_timesteps(num_train_timesteps: int, n_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
-    """The T = n_steps decreasing training timesteps of diffusers' `set_timesteps` [T] int64."""
+    """The T = n_steps decreasing training timesteps of diffusers' `set_timesteps` [T] int64. UserError
+    when they leave the chain: more steps than training timesteps, or `leading` spacing whose
+    steps_offset pushes the first one to N or beyond (diffusers fails there too, at the first step)."""
     n = num_train_timesteps
     if n_steps > n:
-        raise ValueError(f"{n_steps} sampling steps exceed the {n} training timesteps")
+        raise UserError(f"{n_steps} sampling steps exceed the model's {n} training timesteps")
     if spacing == "linspace":
         return np.linspace(0, n - 1, n_steps).round()[::-1].astype(np.int64)
     if spacing == "leading":
-        return (np.arange(n_steps) * (n // n_steps)).round()[::-1].astype(np.int64) + steps_offset
+        steps = (np.arange(n_steps) * (n // n_steps)).round()[::-1].astype(np.int64) + steps_offset
+        if steps[0] >= n:
+            fits = max(k for k in range(1, n_steps) if (k - 1) * (n // k) + steps_offset < n)
+            raise UserError(f"{n_steps} sampling steps of leading spacing with steps_offset {steps_offset} start at "
+                            f"timestep {steps[0]}, past the model's last training timestep {n - 1}; use at most "
+                            f"{fits} steps")
+        return steps
     if spacing == "trailing":
         return np.round(np.arange(n, 0, -n / n_steps)).astype(np.int64) - 1
     raise ValueError(f"unknown timestep spacing {spacing!r}; supported: {', '.join(SPACINGS)}")
@@ -112,23 +139,23 @@ class DiscreteDDPM(NoiseProcess):
 
     @functools.cached_property
     def alphas_cumprod(self) -> np.ndarray:
-        """ᾱ_n [N] float32."""
-        return np.cumprod(1.0 - self.betas, dtype=np.float32)
+        """ᾱ_n [N] float32: the float32 factors 1 − β_m multiplied in float64, rounded once (as torch)."""
+        return np.cumprod((1.0 - self.betas).astype(np.float32), dtype=np.float64).astype(np.float32)
 
-    def _abar(self, t) -> jax.Array:
-        """ᾱ_t at timesteps t (any shape; t = −1 gives 1)."""
+    def abar(self, t) -> jax.Array:
+        """ᾱ_t at timesteps t (any shape; t = −1 gives 1): the respaced chain's table."""
         table = jnp.asarray(np.concatenate([[1.0], self.alphas_cumprod]).astype(np.float32))
         return table[jnp.round(jnp.asarray(t)).astype(jnp.int32) + 1]
 
     def alpha(self, t):
-        return jnp.sqrt(self._abar(t))
+        return jnp.sqrt(self.abar(t))
 
     def sigma(self, t):
-        return jnp.sqrt(1.0 - self._abar(t))
+        return jnp.sqrt(1.0 - self.abar(t))
 
     def beta(self, t):
         """β_t = 1 − ᾱ_t/ᾱ_{t−1}, per training step: the rate of the VP SDE the chain discretises."""
-        return 1.0 - self._abar(t) / self._abar(jnp.asarray(t) - 1)
+        return 1.0 - self.abar(t) / self.abar(jnp.asarray(t) - 1)
 
     def time_grid(self, n_steps: int) -> jax.Array:
         """[τ_0, …, τ_{T−1}, −1] for T = n_steps (module docstring)."""
@@ -144,20 +171,36 @@ class DiscreteDDPM(NoiseProcess):
         return t
 
     def sampler(self, n_steps: int, name: str) -> Sampler:
-        """`n_steps` respaced steps of "ddpm" (ancestral) or "ddim"; the last step lands on x_0."""
-        return Sampler(self, n_steps, DISCRETE_STEPS[name], denoise_final=False)
+        """`n_steps` respaced steps of "ddpm" (ancestral) or "ddim" (`DDIMStep`); the last step lands on
+        x_0. UserError when the respaced timesteps leave the chain (`respaced_timesteps`)."""
+        respaced_timesteps(self.num_train_timesteps, n_steps, self.timestep_spacing, self.steps_offset)
+        step = DDIMStep(self.num_train_timesteps // n_steps) if name == "ddim" else DISCRETE_STEPS[name]
+        return Sampler(self, n_steps, step, denoise_final=False)
 
 
-def _clip(sde: Any, x0: jax.Array) -> jax.Array:
-    """x̂0 clipped to ±clip_sample_range when the (discrete) process's config says so."""
+def predicted_x0(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t) -> jax.Array:
+    """x̂0 = (y − σ(t) ε)/α(t) [B, ...], clipped to ±clip_sample_range when the (discrete) process's
+    config says `clip_sample` (DDPMScheduler.step's pred_original_sample)."""
+    x0 = (y - _expand(sde.sigma(t), y) * eps) / _expand(sde.alpha(t), y)
     if getattr(sde, "clip_sample", False):
         return jnp.clip(x0, -sde.clip_sample_range, sde.clip_sample_range)
     return x0
 
 
-def _denoised(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t) -> jax.Array:
-    """x̂0 = (y − σ(t) ε)/α(t)."""
-    return (y - _expand(sde.sigma(t), y) * eps) / _expand(sde.alpha(t), y)
+def posterior_mean(sde: DiscreteDDPM, x0: jax.Array, y: jax.Array, t, t_next) -> jax.Array:
+    """The mean of q(x_t' | x_t = y, x_0 = x0) between respaced timesteps t > t' (Ho et al. eq. 7):
+    √ᾱ_t' b/(1 − ᾱ_t) x0 + √a (1 − ᾱ_t')/(1 − ᾱ_t) y with a = ᾱ_t/ᾱ_t', b = 1 − a."""
+    abar, abar_next = sde.abar(t), sde.abar(t_next)
+    a = abar / abar_next
+    return jnp.sqrt(abar_next) * (1.0 - a) / (1.0 - abar) * x0 + jnp.sqrt(a) * (1.0 - abar_next) / (1.0 - abar) * y
+
+
+def posterior_variance(sde: DiscreteDDPM, t, t_next) -> jax.Array:
+    """The ancestral step's variance from t to t' (DDPMScheduler._get_variance, before its 1e-20
+    floor): `fixed_small` b (1 − ᾱ_t')/(1 − ᾱ_t), the posterior's; `fixed_large` b = 1 − ᾱ_t/ᾱ_t'."""
+    abar, abar_next = sde.abar(t), sde.abar(t_next)
+    b = 1.0 - abar / abar_next
+    return b if sde.variance_type == "fixed_large" else b * (1.0 - abar_next) / (1.0 - abar)
 
 
 def ddpm_mean_std(sde: DiscreteDDPM, eps: jax.Array, y: jax.Array, t, t_next) -> tuple[jax.Array, jax.Array]:
@@ -165,12 +208,8 @@ def ddpm_mean_std(sde: DiscreteDDPM, eps: jax.Array, y: jax.Array, t, t_next) ->
     standard deviation []). The std is 0 on a step without noise: from t = 0, and with `fixed_small` into
     t_next = −1, whose posterior variance is 0 (diffusers floors it at 1e-20, a std of 1e-10 that float32
     images do not resolve)."""
-    abar, abar_next = sde._abar(t), sde._abar(t_next)
-    a = abar / abar_next
-    b = 1.0 - a
-    x0 = _clip(sde, _denoised(sde, eps, y, t))
-    mean = jnp.sqrt(abar_next) * b / (1.0 - abar) * x0 + jnp.sqrt(a) * (1.0 - abar_next) / (1.0 - abar) * y
-    var = b if sde.variance_type == "fixed_large" else b * (1.0 - abar_next) / (1.0 - abar)
+    mean = posterior_mean(sde, predicted_x0(sde, eps, y, t), y, t, t_next)
+    var = posterior_variance(sde, t, t_next)
     return mean, jnp.where((t > 0) & (var > 0), jnp.sqrt(jnp.maximum(var, 1e-20)), 0.0)
 
 
@@ -184,16 +223,32 @@ ddpm_step = GaussianStep(ancestral_moments, "ddpm_step")
 
 
 def ddim_from_eps(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t, t_next) -> jax.Array:
-    """The deterministic DDIM update given ε̂ = eps (module docstring)."""
-    x0 = _clip(sde, _denoised(sde, eps, y, t))
-    return _expand(sde.alpha(t_next), y) * x0 + _expand(sde.sigma(t_next), y) * eps
+    """The deterministic DDIM update from t to t_next given ε̂ = eps (module docstring)."""
+    return _expand(sde.alpha(t_next), y) * predicted_x0(sde, eps, y, t) + _expand(sde.sigma(t_next), y) * eps
+
+
+def _eps(sde: NoiseProcess, score: Score, y: jax.Array, t) -> jax.Array:
+    """ε̂ = −σ(t) s(y, t)."""
+    return -_expand(sde.sigma(t), y) * score(y, jnp.full(y.shape[:1], t))
 
 
 def ddim_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
-    """One DDIM (η = 0) step y_t -> y_{t_next}; `key` is unused (deterministic)."""
+    """One DDIM (η = 0) step y_t -> y_{t_next} to the next grid element; `key` is unused (deterministic)."""
     del key
-    eps = -_expand(sde.sigma(t), y) * score(y, jnp.full(y.shape[:1], t))
-    return ddim_from_eps(sde, eps, y, t, t_next)
+    return ddim_from_eps(sde, _eps(sde, score, y, t), y, t, t_next)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMStep:
+    """One DDIM (η = 0) step of the discrete chain as `DDIMScheduler.step` takes it: from timestep t to
+    t − `stride` (stride = N // T; ᾱ = 1 below 0), whatever the next grid element (module docstring)."""
+
+    stride: int
+    __name__: str = "ddim_step"
+
+    def __call__(self, sde: DiscreteDDPM, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
+        del t_next, key
+        return ddim_from_eps(sde, _eps(sde, score, y, t), y, t, jnp.maximum(t - self.stride, -1))
 
 
 # The discrete process's samplers: the continuous-time steps of samplers.py (Euler–Maruyama and Euler
