@@ -270,11 +270,13 @@ def test_label_classifier_is_not_the_fid_one(labeller, digits):
     from idiff_cli import classifiers
 
     _, meta = classifiers.load_or_train(spec=classifiers.LABELS)
-    assert meta["held_out_accuracy"] > 0.9
-    assert classifiers.LABELS.seed != classifiers.FID.seed and classifiers.LABELS.train != classifiers.FID.train
+    # 100 training digits per class: 0.909 held out (4,000 digits: standard error 0.005)
+    assert meta["held_out_accuracy"] > 0.89
+    assert classifiers.LABELS.seed != classifiers.FID.seed
+    assert classifiers.FID.train[1] <= classifiers.LABELS.train[0]  # disjoint training digits
     images, labels = digits
-    held_out = np.arange(len(images)) % 500 < 250  # LABELS trains on positions 250..499
-    assert np.mean(labeller(images[held_out]) == labels[held_out]) > 0.9
+    held_out = np.arange(len(images)) % 500 < 400  # LABELS trains on positions 400..499
+    assert np.mean(labeller(images[held_out]) == labels[held_out]) > 0.89
 
 
 def test_label_kept(labeller, digits, tmp_path):

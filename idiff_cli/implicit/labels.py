@@ -5,8 +5,9 @@ The paper's claim for Figs 13-14 is that reward training changes the digits' sty
 thicker) "while retaining overall semantic information". With the noise keys fixed, sample i under
 θ_k and sample i under θ0 start from the same x_{t_max} and see the same noise, so a finetuned model
 that keeps the semantics keeps most labels. The labels come from `classifiers.LABELS` (seed 1, trained
-on the last 250 embedded digits of each class), not from the network of the MNIST FID, and no reward
-reads either, so the number cannot be raised by the reward itself. θ0's labels are computed once and
+on the last 100 embedded digits of each class, disjoint from the FID network's), not from the network
+of the MNIST FID and digit:N, and no reward reads it, so the number cannot be raised by the reward
+itself. θ0's labels are computed once and
 kept in the run directory (labels/step_000000.npy), so a resumed run compares with the same ones.
 Colour images are averaged over their channels, as for the FID features.
 """
