@@ -121,7 +121,7 @@ def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_to
     the same numbers, summed in another order. Process 1 alone receives SIGTERM once it has dispatched
     step 14, inside the chunk of steps 13-24: the processes decide together every 8 dispatched steps, so
     both stop after step 20 (the single process would stop after 14), write checkpoint 20 together and
-    exit 143; the same command resumes there and finishes."""
+    exit 143 (a 2-process run resumed after such a stop: test_finetune_sharded)."""
     args = ["pretrain", "mnist", "--batch", 4, "--sample-steps", 2, "--grid-n", 4, *TINY_UNET, "--steps", 24,
             "--log-every", 12, "--ckpt-every", 24, "--sample-every", 24]
     for n in (1, 2):
@@ -133,18 +133,14 @@ def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_to
     assert [p.returncode for p in stopped] == [143, 143], outputs
     assert all("stopped by SIGTERM at step 20;" in " ".join(out.split()) for out in outputs), outputs
     assert sorted(p.name for p in (tmp_path / "procs" / "checkpoints").iterdir() if p.name.isdigit()) == ["20"]
-    resumed = cluster(args, tmp_path / "procs")
-    outputs = [p.communicate(timeout=900)[0] for p in resumed]
-    assert [p.returncode for p in resumed] == [0, 0], outputs
-    assert "resuming from checkpoint step 20" in outputs[0] and "on 2 device(s) / 2 process(es)" in outputs[0]
+    assert "on 2 device(s) / 2 process(es)" in outputs[0]
 
     base = [r["loss"] for r in rows(tmp_path / "one")]
     assert [r["step"] for r in rows(tmp_path / "one")] == [12, 24]
     np.testing.assert_allclose([r["loss"] for r in rows(tmp_path / "two")], base, rtol=1e-4)
     joined = rows(tmp_path / "procs")
-    assert [r["step"] for r in joined] == [12, 20, 24]  # the row of the stop step: the mean of steps 13-20
+    assert [r["step"] for r in joined] == [12, 20]  # the row of the stop step: the mean of steps 13-20
     np.testing.assert_allclose(joined[0]["loss"], base[0], rtol=1e-4)
-    assert (tmp_path / "procs" / "figures" / "samples.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [
