@@ -26,6 +26,7 @@ from idiff_cli import sharding
 from idiff_cli.diffusion import model
 from idiff_cli.errors import UserError
 
+
 def test_device_count_divides_the_batch_or_says_why():
     assert sharding.device_count(8, None, 2) == (2, "")
     n, note = sharding.device_count(6, None, 4)
