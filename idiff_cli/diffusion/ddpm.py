@@ -14,7 +14,7 @@ s(x, t) = −ε_θ(x, t)/σ(t) and the steps of samplers.py work unchanged.
 
 The tables are diffusers' to the last bit: the betas of `linear` and `scaled_linear` are torch's float32
 `linspace` (`torch_linspace`), ᾱ the products of the float32 factors 1 − β_m accumulated in float64 and
-rounded once, as torch's CPU `cumprod` computes them (tests/test_import_diffusers.py checks every entry
+rounded once, as torch's CPU `cumprod` computes them (tests/test_ddpm_scheduler.py checks every entry
 and every step of the 1,000-step chain against diffusers' own output).
 
 Steps from t = τ_k to t' = τ_{k+1}, with a = ᾱ_t/ᾱ_t', b = 1 − a and x̂0 = `predicted_x0` (x − σ(t) ε)/α(t)
@@ -173,8 +173,10 @@ class DiscreteDDPM(NoiseProcess):
     def sampler(self, n_steps: int, name: str) -> Sampler:
         """`n_steps` respaced steps of "ddpm" (ancestral) or "ddim" (`DDIMStep`); the last step lands on
         x_0. UserError when the respaced timesteps leave the chain (`respaced_timesteps`)."""
+        if name not in DISCRETE_STEPS:
+            raise ValueError(f"unknown sampler {name!r} of a discrete chain; supported: {', '.join(DISCRETE_STEPS)}")
         respaced_timesteps(self.num_train_timesteps, n_steps, self.timestep_spacing, self.steps_offset)
-        step = DDIMStep(self.num_train_timesteps // n_steps) if name == "ddim" else DISCRETE_STEPS[name]
+        step = ddpm_step if name == "ddpm" else DDIMStep(self.num_train_timesteps // n_steps)
         return Sampler(self, n_steps, step, denoise_final=False)
 
 
@@ -251,9 +253,9 @@ class DDIMStep:
         return ddim_from_eps(sde, _eps(sde, score, y, t), y, t, jnp.maximum(t - self.stride, -1))
 
 
-# The discrete process's samplers: the continuous-time steps of samplers.py (Euler–Maruyama and Euler
-# on the probability flow) take differences of times and rates of a continuous process, which the
-# chain of training timesteps does not have.
-DISCRETE_STEPS = {"ddpm": ddpm_step, "ddim": ddim_step}
+# The discrete process's samplers (`DiscreteDDPM.sampler`): the continuous-time steps of samplers.py
+# (Euler–Maruyama and Euler on the probability flow) take differences of times and rates of a
+# continuous process, which the chain of training timesteps does not have.
+DISCRETE_STEPS = ("ddpm", "ddim")
 
 register("sampler", "ddim", ddim_step)
