@@ -6,7 +6,7 @@ threefry's, element by element; a device's rows of the whole batch's draw inside
 host devices must give the trajectory of 1 device to rounding. The float64 oracle of the per-device
 parts (1e-10 relative; the queue's advance, the adjoint walks, implicit's Γ over 2M + 2 outer steps) is
 tests/test_sharded_parts.py, on the 1-D Gaussian problem; here the whole command, in float32: the
-logged metrics agree to 1e-5 (observed 2.3e-7), θ to 1e-3 of its scale (observed 3.2e-4): Adam divides
+logged metrics agree to 1e-5, θ to 1e-3 of its scale (observed over 5 steps: 2.3e-7, 3.2e-4): Adam divides
 each gradient coordinate by its own RMS, so a rounding difference in a coordinate whose gradient is
 itself at rounding size moves θ by up to lr per step.
 """
