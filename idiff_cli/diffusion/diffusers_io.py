@@ -106,21 +106,25 @@ def read_json(path: pathlib.Path) -> dict[str, Any]:
     return data
 
 
-def _fixed(config: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:
+def _fields(config: Mapping[str, Any], file: str, class_name: str, why: str, fixed: Mapping[str, Any],
+            defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of `defaults`' fields in a diffusers config file (each default where it is absent), after
+    checking its _class_name and that each field of `fixed` has the one value supported; UserError naming
+    the first that does not."""
+    if config.get("_class_name", class_name) != class_name:
+        raise UserError(f"{file}: unsupported _class_name {config['_class_name']!r}; {why}")
     for name, value in fixed.items():
         if config.get(name, value) != value:
-            raise UserError(f"{what}: unsupported {name} = {config[name]!r} (supported: {value!r})")
+            raise UserError(f"{file} of a {class_name}: unsupported {name} = {config[name]!r} (supported: {value!r})")
+    return {name: config.get(name, default) for name, default in defaults.items()}
 
 
 def unet_fields(config: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
     """The DDPMUNet fields and the image size (H, W) of a UNet2DModel config.json; UserError naming the
     first unsupported field."""
     what = f"{CONFIG} of a UNet2DModel"
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise UserError(f"{CONFIG}: unsupported _class_name {config['_class_name']!r}; idiff imports UNet2DModel "
-                        "(unconditional DDPM U-Nets)")
-    _fixed(config, UNET_FIXED, what)
-    fields = {name: config.get(name, default) for name, default in UNET_FIELDS.items()}
+    fields = _fields(config, CONFIG, "UNet2DModel", "idiff imports UNet2DModel (unconditional DDPM U-Nets)",
+                     UNET_FIXED, UNET_FIELDS)
     for name in ("down_block_types", "up_block_types", "block_out_channels"):
         fields[name] = tuple(fields[name])
     for name, supported in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
@@ -142,11 +146,9 @@ def scheduler_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     """The DiscreteDDPM fields of a DDPMScheduler scheduler_config.json; UserError naming the first
     unsupported field."""
     what = f"{SCHEDULER} of a DDPMScheduler"
-    if config.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
-        raise UserError(f"{SCHEDULER}: unsupported _class_name {config['_class_name']!r}; idiff reads the "
-                        "DDPMScheduler of the model (its training noise schedule)")
-    _fixed(config, SCHEDULER_FIXED, what)
-    fields = {name: config.get(name, default) for name, default in SCHEDULER_FIELDS.items()}
+    fields = _fields(config, SCHEDULER, "DDPMScheduler",
+                     "idiff reads the DDPMScheduler of the model (its training noise schedule)",
+                     SCHEDULER_FIXED, SCHEDULER_FIELDS)
     for name, supported in SCHEDULER_CHOICES.items():
         if fields[name] not in supported:
             raise UserError(f"{what}: unsupported {name} = {fields[name]!r} (supported: {', '.join(supported)})")
