@@ -7,6 +7,7 @@ compilation, so two workers keep both cores busy). A session's workers share the
 tiny pretrained model: they live beside the workers' own temporary directories, and the first
 worker to need one makes it while the others wait (runs.taking_turns)."""
 
+import json
 import os
 import pathlib
 
@@ -58,16 +59,17 @@ def session_caches(tmp_path_factory):
             os.environ[key] = value
 
 
-def shared_run(tmp_path_factory, name: str, args: list[str], done: str) -> pathlib.Path:
+def shared_run(tmp_path_factory, name: str, args: list[str], record: str) -> pathlib.Path:
     """`idiff ARGS --out <shared>/NAME`, run once per session by the first worker to need it (the others
-    wait for it); `done` names the file that a finished run holds."""
+    wait for it). `record` names the model record the run rewrites at each checkpoint (pretrained.json,
+    finetuned.json): done once it says `final`; a run cut short is resumed by the next worker."""
     from typer.testing import CliRunner
 
     from idiff_cli.cli import app
 
     out = shared_temp(tmp_path_factory) / "shared" / name
     with taking_turns(out.parent / f"{name}.lock"):
-        if not (out / done).exists():
+        if not ((out / record).exists() and json.loads((out / record).read_text())["final"]):
             result = CliRunner().invoke(app, [*args, "--out", str(out)])
             assert result.exit_code == 0, result.output
     return out
