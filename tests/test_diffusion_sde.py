@@ -46,6 +46,7 @@ def test_drift_and_diffusion_agree_with_the_marginal(sde):
     assert float(draws.min()) >= sde.t_min and float(draws.max()) <= sde.t_max
 
 
+@pytest.mark.slow  # 40,000 paths × 2,000 steps each
 @pytest.mark.parametrize("sde", SDES, ids=["ou", "cosine"])
 def test_forward_sde_reaches_the_closed_form_marginal(sde):
     """Euler–Maruyama on dX = f dt + g dB from X_0 ~ N(m0, s0²): mean α m0 and variance α² s0² + σ²,

@@ -61,6 +61,7 @@ def test_another_defining_option_is_refused_in_one_line(wells_run):
     assert "other defining options (--gamma 0.2 -> 0.1)" in error_line(result)
 
 
+@pytest.mark.slow  # a learning run
 def test_mlp_energy_learns_eight_gaussians(tmp_path):
     """`--energy mlp` brings its defaults (Adam, γ = 0.05, eight-gaussians) under the flags given: a Flax
     MLP energy (32-32) on eight-gaussians, 300 Adam steps (η = 1e-3, γ = 0.05): the

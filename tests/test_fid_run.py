@@ -52,6 +52,7 @@ def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     np.testing.assert_array_equal(np.load(store / "batch-00000.npy"), kept)
 
 
+@pytest.mark.slow  # two evaluate-fid runs in child processes
 def test_features_and_fid_do_not_depend_on_the_device_count(tiny_pretrain, tmp_path):
     """Batch 0 evaluated on 1 device (a fresh process), then the evaluation resumed to 2 batches on 2
     devices (this process), gives the features and FID of an evaluation done on 2 devices throughout:

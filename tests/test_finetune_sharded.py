@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import SPLIT_FINETUNE
-from helpers import cluster, invoke, rows
+from helpers import CLOCK, cluster, invoke, rows
 
 from idiff_cli import sharding
 from idiff_cli.diffusion import model
@@ -64,12 +64,13 @@ def test_two_devices_and_two_processes_give_the_trajectory_of_one_and_stop_toget
                                                                                      tmp_path):
     """6 outer steps of implicit with the KL term (β = 0.1), the batch on 1 device, split over the 2 host
     devices of this process (the session's split_finetune run), and over 2 processes joined by
-    jax.distributed (gloo). 2 devices against 1:
-    the logged reward, gradient norm and KL of every step within 1e-5 and the final θ within 1e-3 of its
-    scale (module docstring). The 2 processes: process 1 receives SIGTERM after 4 rows (steps 0-3
-    logged); both stop after step 3, decided together, write the checkpoint of step 3 and exit 143;
-    run again, they resume from it and log the rows of 1 device (rtol 1e-4: after the resume the
-    processes continue from a θ that differs by rounding); only process 0 writes and prints."""
+    jax.distributed (gloo). 2 devices against 1: the logged reward, gradient norm and KL of every step
+    within 1e-5 and the final θ within 1e-3 of its scale (module docstring). The 2 processes: process 1
+    receives SIGTERM after 4 rows (steps 0-3 logged); both stop after step 3, decided together, write
+    the checkpoint of step 3 and exit 143; run again, they resume from it and end with the rows (clock
+    aside) and the θ of the uninterrupted 2-device run, bit for bit: the same computations on the same
+    batch halves, and a sum of two halves is the same in either order. This is finetuning's kill and
+    resume check (its queue, Adam state and θ restored); only process 0 writes and prints."""
     args = ["finetune", "--from", tiny_pretrain, *SPLIT_FINETUNE]
     invoke(*args, "--devices", 1, "--out", tmp_path / "d1", check=True)
     base, split = rows(tmp_path / "d1"), rows(split_finetune)
@@ -90,12 +91,10 @@ def test_two_devices_and_two_processes_give_the_trajectory_of_one_and_stop_toget
     assert "resuming from checkpoint step 3" in outputs[0], outputs[0]
     assert "on 2 device(s) / 2 process(es)" in " ".join(outputs[0].split())
     assert "finetune" not in outputs[1] and "done:" not in outputs[1]  # process 1 prints nothing of the run
-    joined = rows(tmp_path / "procs")
-    assert [r["step"] for r in joined] == list(range(7))  # one writer: no row twice
-    for key in ("reward_mean", "grad_norm", "kl"):
-        np.testing.assert_allclose([r.get(key, 0.0) for r in joined], [r.get(key, 0.0) for r in base], rtol=1e-4)
+    assert rows(tmp_path / "procs", drop=CLOCK) == rows(split_finetune, drop=CLOCK)  # one writer: no row twice
+    np.testing.assert_array_equal(flat_theta(tmp_path / "procs"), flat_theta(split_finetune))
     assert sorted(p.name for p in (tmp_path / "procs" / "samples").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "d1" / "samples").iterdir())
+        sorted(p.name for p in (split_finetune / "samples").iterdir())
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import enable_x64
 
 from idiff_cli.diffusion.samplers import euler_maruyama_step
@@ -133,6 +134,7 @@ def test_continuous_adjoint_converges_to_discrete_as_steps_grow():
     assert gaps[-1] < 0.05, gaps
 
 
+@pytest.mark.slow  # float64 compilation of a U-Net's VJP; the same identity on the Gaussian problem above is fast
 def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
     """The U-Net's score (convolutions of diffusion/conv.py; strided ones are tested in
     test_diffusion_conv.py) through 3 Euler–Maruyama steps on 8×8 images, reward on the Tweedie-denoised output plus a Girsanov KL to other weights θ0:

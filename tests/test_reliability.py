@@ -11,20 +11,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SPLIT_FINETUNE, TINY_UNET
+from conftest import TINY_UNET
 from helpers import CLOCK, assert_same_arrays, invoke, rows
 
 pytestmark = pytest.mark.slow
 
 COMMANDS = {
-    "langevin-reward": lambda pre: ["langevin", "--method", "implicit,langevin-theta-opt", "--steps", "60",
-                                    "--batch", "32", "--seeds", "2", "--log-every", "10", "--ckpt-every", "20"],
-    "ebm-train": lambda pre: ["ebm-train", "--method", "implicit", "--steps", "60", "--batch", "64", "--seeds", "2",
-                              "--log-every", "10", "--ckpt-every", "20", "--n-test", "500", "--no-samplers"],
-    "pretrain": lambda pre: ["pretrain", "mnist", "--batch", "4", *TINY_UNET, "--steps", "6", "--log-every", "1",
-                             "--ckpt-every", "2", "--sample-every", "6", "--sample-steps", "2", "--grid-n", "4"],
-    # the session's split_finetune run is its uninterrupted run
-    "finetune": lambda pre: ["finetune", "--from", str(pre), *SPLIT_FINETUNE, "--devices", "2"],
+    "langevin-reward": ["langevin", "--method", "implicit,langevin-theta-opt", "--steps", "60", "--batch", "32",
+                        "--seeds", "2", "--log-every", "10", "--ckpt-every", "20"],
+    "ebm-train": ["ebm-train", "--method", "implicit", "--steps", "60", "--batch", "64", "--seeds", "2",
+                  "--log-every", "10", "--ckpt-every", "20", "--n-test", "500", "--no-samplers"],
+    "pretrain": ["pretrain", "mnist", "--batch", "4", *TINY_UNET, "--steps", "6", "--log-every", "1",
+                 "--ckpt-every", "2", "--sample-every", "6", "--sample-steps", "2", "--grid-n", "4"],
 }
 # (test hook, value, exit status): SIGKILL once 3 rows are written; SIGKILL while writing the checkpoint
 # of step 4 (step 20 for the Langevin commands, whose checkpoints come every 20 steps); SIGTERM once 3
@@ -37,26 +35,17 @@ KILLS = {"rows": ("IDIFF_TEST_KILL_AFTER_ROWS", lambda command: "3", -signal.SIG
 # Which kill points each command meets. The kill handling (rows beyond the last checkpoint dropped, a
 # torn checkpoint ignored, SIGTERM answered at a step boundary) is loop.run's, one code for every command:
 # every point is checked on the cheapest command; each other command meets one, which checks that its own
-# state (the seeds' chains, data position, optimiser, the adjoint's queue) saves and restores
-CASES = [("langevin-reward", kill) for kill in sorted(KILLS)] \
-    + [("ebm-train", "rows"), ("pretrain", "checkpoint"), ("finetune", "sigterm")]
+# state (the seeds' chains, data position, optimiser) saves and restores. Finetuning's (the adjoint's
+# queue, Adam, θ) is checked by a SIGTERM to one process of a 2-process run, resumed to the rows and θ
+# of the uninterrupted run (test_finetune_sharded.py).
+CASES = [("langevin-reward", kill) for kill in sorted(KILLS)] + [("ebm-train", "rows"), ("pretrain", "checkpoint")]
 
 _reference: dict = {}  # command -> its uninterrupted run's directory
 
 
-@pytest.fixture
-def pretrained(request):
-    """The session's tiny pretrained model, for the finetune case only; its uninterrupted run is the
-    session's split_finetune."""
-    if request.node.callspec.params["command"] != "finetune":
-        return None
-    _reference.setdefault("finetune", request.getfixturevalue("split_finetune"))
-    return request.getfixturevalue("tiny_pretrain")
-
-
 @pytest.mark.parametrize("command, kill", CASES)
-def test_a_killed_run_resumes_to_the_uninterrupted_rows(command, kill, pretrained, tmp_path_factory):
-    args = COMMANDS[command](pretrained)
+def test_a_killed_run_resumes_to_the_uninterrupted_rows(command, kill, tmp_path_factory):
+    args = COMMANDS[command]
     if command not in _reference:
         whole = tmp_path_factory.mktemp("whole") / command
         invoke(*args, "--out", whole, check=True)

@@ -3,13 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from idiff_cli import registry
 from idiff_cli.langevin.ula import ula_chain
 
 
+@pytest.mark.slow  # 10,000 chains × 3,000 steps
 def test_ula_reaches_the_gibbs_measure():
-    """From p0 = N(0, I), 2,000 ULA steps of γ = 0.01 (time 20, many mixing times for the unit
+    """From p0 = N(0, I), 3,000 ULA steps of γ = 0.01 (time 30, many mixing times for the unit
     hexagon) give the mixture's mean and covariance.
 
     Tolerance per entry: 5 standard errors for N = 10,000 independent chains, plus γ for the ULA
