@@ -25,7 +25,6 @@ Each is trained once, on first use, and cached (orbax) under $IDIFF_CACHE_DIR (d
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 
 import flax.linen as nn
@@ -36,7 +35,7 @@ import optax
 
 from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.data.embedded import mnist_digits
-from idiff_cli.runs import taking_turns
+from idiff_cli.runs import cache_root, taking_turns
 
 FEATURE_DIM = 128
 STEPS, BATCH, LEARNING_RATE = 600, 64, 2e-3
@@ -69,7 +68,7 @@ class MnistClassifier(nn.Module):
 
 
 def cache_dir(spec: Spec = FID) -> pathlib.Path:
-    return pathlib.Path(os.environ.get("IDIFF_CACHE_DIR", "~/.cache/idiff")).expanduser() / spec.name
+    return cache_root() / spec.name
 
 
 def split(spec: Spec = FID) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:

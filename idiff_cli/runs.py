@@ -205,6 +205,15 @@ class RunLock:
         self.release()
 
 
+CACHE_ENV = "IDIFF_CACHE_DIR"
+
+
+def cache_root() -> pathlib.Path:
+    """The machine's cache of what is computed once and read by every later run (the MNIST
+    classifiers' weights, datasets' FID statistics): $IDIFF_CACHE_DIR, default ~/.cache/idiff."""
+    return pathlib.Path(os.environ.get(CACHE_ENV, "~/.cache/idiff")).expanduser()
+
+
 @contextlib.contextmanager
 def taking_turns(path: pathlib.Path) -> Iterator[None]:
     """Holds an exclusive advisory `flock` on `path` (created if absent), waiting for it: processes

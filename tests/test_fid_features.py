@@ -3,6 +3,8 @@
 The classifier is trained once per test session into a temporary cache (600 Adam steps, ~10 s on
 two idle cores)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,24 @@ def test_stats_round_trip_and_checks(tmp_path):
         stats.load_stats(tmp_path / "bad.npz")
     with pytest.raises(UserError, match="does not exist"):
         stats.load_stats(tmp_path / "absent.npz")
+
+
+def test_dataset_statistics_are_computed_once_per_machine_and_keyed_by_their_origin(mnist_features, monkeypatch,
+                                                                                    tmp_path):
+    """The second run's reference is read from $IDIFF_CACHE_DIR/fid-reference, not recomputed; other
+    feature weights (another `source`) get statistics of their own. The statistics are stand-ins that
+    number the computations."""
+    monkeypatch.setenv("IDIFF_CACHE_DIR", str(tmp_path))
+    computed = []
+
+    def numbered(features, images, batch):
+        computed.append(len(images))
+        return np.full(features.dim, float(len(computed))), np.eye(features.dim)
+
+    monkeypatch.setattr(stats, "image_statistics", numbered)
+    first, again = (stats.reference(mnist_features, dataset="mnist") for _ in range(2))
+    assert computed == [5000] and first.mu[0] == again.mu[0] == 1.0 and first.description == "dataset mnist"
+    retrained = dataclasses.replace(mnist_features, source="other weights")
+    assert stats.reference(retrained, dataset="mnist").mu[0] == 2.0
+    assert stats.reference(mnist_features, dataset="mnist").mu[0] == 1.0
+    assert len(list((tmp_path / "fid-reference").glob("ref-mnist-mnist-classifier-*.npz"))) == 2

@@ -168,9 +168,9 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
         return {"samples": Image(path)}
 
     def fid_hook() -> Hook:
-        """FID of fid_n samples of the EMA weights from fixed keys; its reference statistics are cached in
-        the run directory, so it is built once the run has claimed it."""
-        fid = PeriodicFID(features, cfg.dataset, cfg.data_dir, cfg.image_size, image_shape, run_dir.path / "fid")
+        """FID of fid_n samples of the EMA weights from fixed keys (the dataset's statistics are computed
+        on first use, which takes a while: built once the run has claimed its directory)."""
+        fid = PeriodicFID(features, cfg.dataset, cfg.data_dir, cfg.image_size, image_shape)
         fid_draw = fixed_draw(cfg, model, sde, image_shape, ds.num_classes, cfg.fid_n, 3, mesh)
         return Hook(cfg.fid_every, lambda state, step: {"fid": fid(fid_draw(state.ema)), "fid_n": cfg.fid_n},
                     at_end=False)

@@ -152,8 +152,7 @@ def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, step: int |
     sampler = pre.sampler(sample_steps, sampler_name)
     sampler_name = sampler_name or pre.cfg.sampler
     dataset = dataset or pre.cfg.dataset
-    ref = reference(features, ref_stats, dataset, data_dir or pre.cfg.data_dir, pre.cfg.image_size,
-                    cache=run.path / "fid", batch=batch)
+    ref = reference(features, ref_stats, dataset, data_dir or pre.cfg.data_dir, pre.cfg.image_size, batch=batch)
     tag = f"{features.name}-ckpt{pre.step}-{sampler_name}-{sampler.n_steps}steps-b{batch}-seed{seed}"
     with progress_bar() as progress:
         feats = sample_features(pre, sampler, features, n, batch, seed, run.path / "fid" / tag, progress)

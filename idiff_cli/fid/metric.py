@@ -3,13 +3,11 @@
     features = get_features("mnist-classifier")                # or "inception" (+ its weights)
     ref = reference(features, dataset="mnist")                  # stats.py: a file or a dataset
     fid = fid_of_samples(samples, features, ref)                 # samples [N, H, W, C] -> float
-    periodic = PeriodicFID("mnist-classifier", "mnist", None, 28, (28, 28, 1), run / "fid")
+    periodic = PeriodicFID("mnist-classifier", "mnist", None, 28, (28, 28, 1))
     fid = periodic(samples)                                      # `--fid-every` of pretrain and finetune
 """
 
 from __future__ import annotations
-
-import pathlib
 
 import numpy as np
 
@@ -41,14 +39,14 @@ def fid_of_samples(images, features: str | Features = "mnist-classifier", ref_st
 
 class PeriodicFID:
     """FID of a fixed set of samples every N training steps (`--fid-every` of pretrain and finetune): the
-    feature extractor and the reference statistics (all images of `dataset`, cached in `cache`) are
-    built once; `fid(images [N, H, W, C])` -> float."""
+    feature extractor and the reference statistics (all images of `dataset`, computed once per machine:
+    stats.py) are built once; `fid(images [N, H, W, C])` -> float."""
 
     def __init__(self, features: str | Features, dataset: str, data_dir: str | None, image_size: int,
-                 image_shape: tuple[int, ...], cache: pathlib.Path):
+                 image_shape: tuple[int, ...]):
         self.features = get_features(features)
         self.features.check_shape((1, *image_shape))
-        self.ref = reference(self.features, None, dataset, data_dir or None, image_size, cache=cache)
+        self.ref = reference(self.features, None, dataset, data_dir or None, image_size)
         self.label = self.features.label
 
     def __call__(self, images) -> float:

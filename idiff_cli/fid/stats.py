@@ -3,12 +3,19 @@ and the TTUR code write, so their published files load as they are), and statist
 
     save_stats(path, mu, sigma, features="inception", n=50000, dataset="cifar10")
     mu, sigma = load_stats(path, dim=2048)
-    ref = reference(features, dataset="mnist", cache=run / "fid")   # a Reference, from a file or a dataset
+    ref = reference(features, dataset="mnist")   # a Reference, from a file or a dataset (computed once)
+
+The statistics of a dataset are computed once per machine and kept in `cache_dir()`
+($IDIFF_CACHE_DIR/fid-reference), under a name that holds a digest of where the images and the
+features come from (the dataset's source line: tfds or the embedded digits, and its image shape; the
+extractor's name and weights): preparing the tfds dataset, or other feature weights, gives new
+statistics; delete the directory to recompute them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import pathlib
 
@@ -18,7 +25,7 @@ from idiff_cli.data import datasets
 from idiff_cli.errors import UserError
 from idiff_cli.fid.features import Features, embed_all
 from idiff_cli.fid.frechet import feature_statistics
-from idiff_cli.runs import atomic_write_bytes
+from idiff_cli.runs import atomic_write_bytes, cache_root, taking_turns
 
 
 def save_stats(path, mu, sigma, **meta) -> pathlib.Path:
@@ -58,7 +65,10 @@ def dataset_images(name: str, data_dir: str | None = None, image_size: int = 0,
                    limit: int | None = None) -> np.ndarray:
     """All images (uint8 [N, H, W, C]) of a dataset of `idiff_cli.data.datasets` (tfds or embedded;
     `image_size` > 0 centre-crops and resizes as `idiff pretrain` does), or its first `limit`."""
-    ds = datasets.load(name, data_dir=data_dir or None, image_size=image_size)
+    return _images(datasets.load(name, data_dir=data_dir or None, image_size=image_size), limit)
+
+
+def _images(ds: datasets.ImageDataset, limit: int | None = None) -> np.ndarray:
     n = ds.num_examples if limit is None else min(limit, ds.num_examples)
     return ds.batch(np.arange(n))[0]
 
@@ -77,22 +87,29 @@ class Reference:
     description: str
 
 
+def cache_dir() -> pathlib.Path:
+    """Where datasets' statistics are kept between runs: $IDIFF_CACHE_DIR/fid-reference."""
+    return cache_root() / "fid-reference"
+
+
 def reference(features: Features, ref_stats: str | pathlib.Path | None = None, dataset: str | None = None,
-              data_dir: str | None = None, image_size: int = 0, cache: pathlib.Path | None = None,
-              batch: int = 250) -> Reference:
-    """Statistics from `ref_stats` (.npz with mu, sigma), else of all images of `dataset`
-    (kept as `cache`/ref-<dataset>-<features>.npz when `cache` is given)."""
+              data_dir: str | None = None, image_size: int = 0, batch: int = 250) -> Reference:
+    """Statistics from `ref_stats` (.npz with mu, sigma), else of all images of `dataset`, computed
+    once per machine (module docstring; processes that need them at once take turns)."""
     if ref_stats is not None:
         mu, sigma = load_stats(ref_stats, dim=features.dim)
         return Reference(mu, sigma, f"file {ref_stats}")
     if dataset is None:
         raise UserError("give the reference: --ref-stats FILE.npz or --dataset NAME")
-    path = cache / f"ref-{dataset}{f'-{image_size}px' if image_size else ''}-{features.name}.npz" if cache else None
-    if path is not None and path.exists():
-        mu, sigma = load_stats(path, dim=features.dim, what="cached reference")
-    else:
-        images = dataset_images(dataset, data_dir, image_size)
-        mu, sigma = image_statistics(features, images, batch)
-        if path is not None:
-            save_stats(path, mu, sigma, features=features.name, dataset=dataset, n=len(images))
+    ds = datasets.load(dataset, data_dir=data_dir or None, image_size=image_size)
+    origin = f"{ds.source}|{ds.image_shape}|{features.name}|{features.source}"
+    path = cache_dir() / f"ref-{dataset}-{features.name}-{hashlib.sha256(origin.encode()).hexdigest()[:16]}.npz"
+    with taking_turns(path.with_suffix(".lock")):
+        if path.exists():
+            mu, sigma = load_stats(path, dim=features.dim, what="cached reference")
+        else:
+            images = _images(ds)
+            mu, sigma = image_statistics(features, images, batch)
+            save_stats(path, mu, sigma, features=features.name, features_source=features.source, dataset=dataset,
+                       dataset_source=ds.source, n=len(images))
     return Reference(mu, sigma, f"dataset {dataset}")

@@ -282,7 +282,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
     def periodic_fid() -> Callable[[FinetuneState, int], dict]:
         """FID of fid_n samples of θ (the finetuning sampler and final step, fixed keys)."""
         periodic = PeriodicFID(cfg.fid_features, model.cfg.dataset, model.cfg.data_dir, model.cfg.image_size,
-                               model.image_shape, run_dir.path / "fid")
+                               model.image_shape)
         fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, FID_KEY), mesh)
         return lambda state, step: {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
 
