@@ -1,10 +1,11 @@
 """`idiff finetune` and its `idiff report` end to end through the CLI, on the session's tiny pretrained
-model: 20 finetuning steps with the brightness reward for λ > 0 (full adjoint, periodic FID) and
-λ < 0 (pipelined adjoint, the reward on x_{t_min}: --final-step none); the logged KL of the current
-θ with its standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule
-(defining options must match, run-time ones may change); --method ddpo with the non-differentiable
+model: 20 finetuning steps with the brightness reward (λ > 0, the pipelined adjoint, the reward on
+x_{t_min}: --final-step none, the periodic FID and label_kept); the logged KL of the current θ with its
+standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule (defining
+options must match, run-time ones may change); --method ddpo with the non-differentiable
 compressibility reward (a batch per 3 outer steps, resumed mid-cycle) and with digit:7; bad input ->
-one line, exit 2."""
+one line, exit 2. The full adjoint with the Tweedie final step runs through the CLI in the session's
+split_finetune run (tests/conftest.py, tests/test_finetune_sharded.py)."""
 
 import json
 import shutil
@@ -21,9 +22,10 @@ TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log
                  "--sample-every", "20", "--ckpt-every", "10", "--grid-n", "4", "--lr", "0.01", "--beta", "0.1",
                  "--no-clip"]  # the 2-step model's samples lie mostly beyond [-1, 1]: clipped, they give no gradient
 
-# the λ > 0 run also logs the periodic FID and label_kept
-BRIGHTER = ["--lambda", "10", "--fid-every", "20", "--fid-n", "4", "--label-every", "10", "--label-n", "256"]
-DARKER = ["--lambda", "-10", "--adjoint", "pipelined", "--final-step", "none"]
+# the module's run: the pipelined adjoint (a queue of adjoint states, saved in its checkpoints), the
+# periodic FID and label_kept
+BRIGHTER = ["--lambda", "10", "--adjoint", "pipelined", "--final-step", "none", "--fid-every", "20", "--fid-n", "4",
+            "--label-every", "10", "--label-n", "256"]
 
 
 def finetune_into(pretrained, out, *args):
@@ -39,34 +41,30 @@ DDPO = ["--method", "ddpo", "--reward", "compressibility", "--inner-epochs", "3"
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_pretrain, tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    finetune_into(tiny_pretrain, root / "brighter", *BRIGHTER)
-    finetune_into(tiny_pretrain, root / "darker", *DARKER)
-    return root
+def brighter(tiny_pretrain, tmp_path_factory):
+    return finetune_into(tiny_pretrain, tmp_path_factory.mktemp("finetune") / "brighter", *BRIGHTER)
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_brightness_rises_for_positive_lambda_and_falls_for_negative(runs):
-    """The fixed-key evaluation reward (4 images, the same noise keys at steps 0 and 20) moves in the
-    direction of λ by more than 0.01 (mean pixel value on [0, 1]): Adam with lr 1e-2 on a 2-step
-    pretrained U-Net follows a brightness gradient easily."""
-    for name, sign in (("brighter", 1), ("darker", -1)):
-        ev = {r["step"]: r["eval_reward"] for r in rows(runs / name) if "eval_reward" in r}
-        assert sorted(ev) == [0, 20]
-        assert sign * (ev[20] - ev[0]) > 0.01, (name, ev)
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_brightness_rises(brighter):
+    """The fixed-key evaluation reward (4 images, the same noise keys at steps 0 and 20) rises by more
+    than 0.01 (mean pixel value on [0, 1]): Adam with lr 1e-2 on a 2-step pretrained U-Net follows a
+    brightness gradient easily."""
+    ev = {r["step"]: r["eval_reward"] for r in rows(brighter) if "eval_reward" in r}
+    assert sorted(ev) == [0, 20]
+    assert ev[20] - ev[0] > 0.01, ev
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_outputs_and_metrics(runs, tiny_pretrain):
-    run = runs / "brighter"
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_outputs_and_metrics(brighter, tiny_pretrain):
+    run = brighter
     metrics = rows(run)
     train = [r for r in metrics if "reward_mean" in r]
     assert [r["step"] for r in train] == list(range(1, 21))
     assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train)
     config = json.loads((run / "config.json").read_text())
     assert (config["command"], config["M"], config["T"], config["batch"], config["lam"]) == ("finetune", 2, 2, 4, 10.0)
-    assert (config["final_step"], config["kl_n"]) == ("tweedie", 64)
+    assert (config["adjoint"], config["final_step"], config["kl_n"]) == ("pipelined", "none", 64)
     assert config["from_run"] == str(tiny_pretrain)
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000000.png", "step_000020.png"]
     assert {p.name for p in (run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
@@ -78,15 +76,14 @@ def test_outputs_and_metrics(runs, tiny_pretrain):
     assert (run / "labels" / "step_000000.npy").is_file()
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-@pytest.mark.parametrize("name", ["brighter", "darker"])
-def test_the_kl_of_the_current_model_is_logged_at_step_0_and_on_every_log_row(runs, name):
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_the_kl_of_the_current_model_is_logged_at_step_0_and_on_every_log_row(brighter):
     """kl, kl_se and the cumulative kl_net_evals on the rows of steps 0, 10, 20 and no others. At step 0
     θ = θ0, so every Girsanov increment is 0 up to the float32 rounding of two evaluations of the same
     network in different programs (measured 5e-11); then θ has moved: kl > 1e-3 with a positive SE.
     Each evaluation is 64 fresh paths through T = 2 steps (the passes counted in test_implicit_cost);
     the training's net_evals leave them out (test_a_changed_run_time_option_resumes)."""
-    metrics = rows(runs / name)
+    metrics = rows(brighter)
     logged = [r for r in metrics if "kl" in r]
     assert [r["step"] for r in logged] == [0, 10, 20]
     assert [r["step"] for r in metrics if "kl_se" in r or "kl_net_evals" in r] == [0, 10, 20]
@@ -109,12 +106,12 @@ def test_filled_defaults_follow_the_dataset_and_preset(tmp_path):
     assert (fill("cpu", "mnist").sampler, fill("cpu", "mnist", sampler="ddpm").sampler) == ("euler-maruyama", "ddpm")
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_evaluate_fid_and_sample_read_a_finetuned_run(runs, tmp_path):
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_evaluate_fid_and_sample_read_a_finetuned_run(brighter, tmp_path):
     """A finetune run directory loads as its base model with the finetuned θ (finetuned.json, weights/):
     evaluate-fid records checkpoint 20, and its samples differ from the base model's with the same keys."""
     run = tmp_path / "brighter"
-    shutil.copytree(runs / "brighter", run)
+    shutil.copytree(brighter, run)
     invoke("evaluate-fid", run, "--n", 4, "--batch", 4, "--sample-steps", 2, check=True)
     fid = json.loads((run / "fid.json").read_text())
     assert fid["checkpoint"] == 20 and fid["n"] == 4 and np.isfinite(fid["value"])
@@ -125,35 +122,35 @@ def test_evaluate_fid_and_sample_read_a_finetuned_run(runs, tmp_path):
     assert np.abs(images[0] - images[1]).max() > 0
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_rerun_into_a_finished_run_adds_no_steps(runs, tiny_pretrain, tmp_path):
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_rerun_into_a_finished_run_adds_no_steps(brighter, tiny_pretrain, tmp_path):
     run = tmp_path / "brighter"
-    shutil.copytree(runs / "brighter", run)
+    shutil.copytree(brighter, run)
     finetune_into(tiny_pretrain, run, *BRIGHTER)
-    assert rows(run) == rows(runs / "brighter")
+    assert rows(run) == rows(brighter)
 
 
-def resumable_copy(runs, tmp_path):
-    """The darker run as it was at its middle checkpoint (step 10): checkpoint 20 and θ of step 20 gone."""
-    run = tmp_path / "darker"
-    shutil.copytree(runs / "darker", run)
+def resumable_copy(brighter, tmp_path):
+    """The module's run as it was at its middle checkpoint (step 10): checkpoint 20 and θ of step 20 gone."""
+    run = tmp_path / "brighter"
+    shutil.copytree(brighter, run)
     shutil.rmtree(run / "checkpoints" / "20")
     shutil.rmtree(run / "weights" / "20")
     return run
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_resumed_from_the_middle_checkpoint_with_changed_run_time_options(runs, tiny_pretrain, tmp_path):
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_resumed_from_the_middle_checkpoint_with_changed_run_time_options(brighter, tiny_pretrain, tmp_path):
     """The pipelined run stopped at checkpoint 10 (both queues, Adam state, θ), resumed with --log-every 5
     and --kl-n 8 (run-time options): restored through an abstract template, steps 11-20 repeat each outer
     step of the uninterrupted run exactly (same program, same inputs: every field but the clock and the
     KL's), the rows after step 10 that the copy held are replaced, not duplicated; the KL is now logged
     every 5 steps on 8 paths, and kl_net_evals goes on from step 10's count by an eighth of an evaluation
     of 64 paths."""
-    run = resumable_copy(runs, tmp_path)
-    finetune_into(tiny_pretrain, run, *DARKER, "--log-every", "5", "--kl-n", "8")
+    run = resumable_copy(brighter, tmp_path)
+    finetune_into(tiny_pretrain, run, *BRIGHTER, "--log-every", "5", "--kl-n", "8")
     kl_fields = ("kl", "kl_se", "kl_net_evals")
-    resumed, whole = rows(run, drop=CLOCK), rows(runs / "darker", drop=CLOCK)
+    resumed, whole = rows(run, drop=CLOCK), rows(brighter, drop=CLOCK)
     assert [r["step"] for r in resumed] == [r["step"] for r in whole] == list(range(21))
     assert [{k: v for k, v in r.items() if k not in kl_fields} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in kl_fields} for r in whole]
@@ -166,29 +163,29 @@ def test_resumed_from_the_middle_checkpoint_with_changed_run_time_options(runs, 
     assert (config["log_every"], config["kl_n"]) == (5, 8)
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_a_changed_defining_option_is_refused_in_one_line(runs, tiny_pretrain, tmp_path):
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_a_changed_defining_option_is_refused_in_one_line(brighter, tiny_pretrain, tmp_path):
     run = tmp_path / "brighter"
-    shutil.copytree(runs / "brighter", run)
+    shutil.copytree(brighter, run)
     result = invoke("finetune", "--from", tiny_pretrain, *TINY_FINETUNE, *BRIGHTER[2:], "--lambda", 5, "--out", run)
     assert "--lambda 10.0 -> 5.0" in error_line(result)
-    assert rows(run) == rows(runs / "brighter")
+    assert rows(run) == rows(brighter)
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
+@pytest.mark.slow  # shares the module's 20-step finetuning run and the session's split_finetune
+def test_report_plots_the_logged_series(brighter, split_finetune, tmp_path, monkeypatch):
     """`idiff report A B --x net_evals`: per run, the training reward line is (net_evals, reward_mean)
     of metrics.jsonl, the dots are the fixed-key evaluations, the KL line the rows logging kl with
     error bars from kl − 2 kl_se to kl + 2 kl_se."""
     drawn = []
     save = report.save_figure
     monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append((path.name, fig)) or save(fig, path))
-    invoke("report", runs / "brighter", runs / "darker", "--x", "net_evals", "--out", tmp_path, check=True)
+    invoke("report", brighter, split_finetune, "--x", "net_evals", "--out", tmp_path, check=True)
     assert (tmp_path / "reward_kl_net_evals.png").is_file()
     fig = dict(drawn)["reward_kl_net_evals.png"]
     ax_reward, ax_kl = fig.axes
-    for i, name in enumerate(("brighter", "darker")):
-        metrics = rows(runs / name)
+    for i, run in enumerate((brighter, split_finetune)):
+        metrics = rows(run)
         line, dots = ax_reward.lines[2 * i: 2 * i + 2]
         series = lambda field: ([r["net_evals"] for r in metrics if field in r],  # noqa: E731
                                 [r[field] for r in metrics if field in r])
@@ -200,10 +197,10 @@ def test_report_plots_the_logged_series(runs, tmp_path, monkeypatch):
         np.testing.assert_allclose([seg[:, 1] for seg in bars.get_segments()], np.stack([kl - 2 * se, kl + 2 * se], 1))
 
 
-@pytest.mark.slow  # shares the module's two 20-step finetuning runs
-def test_report_of_one_run_redraws_its_figures_and_refuses_an_x_it_does_not_log(runs, tmp_path):
+@pytest.mark.slow  # shares the module's 20-step finetuning run
+def test_report_of_one_run_redraws_its_figures_and_refuses_an_x_it_does_not_log(brighter, tmp_path):
     run = tmp_path / "brighter"
-    shutil.copytree(runs / "brighter", run)
+    shutil.copytree(brighter, run)
     shutil.rmtree(run / "figures")
     invoke("report", run, check=True)
     assert sorted(p.name for p in (run / "figures").iterdir()) == ["evolution.png", "report.md", "reward_kl.png"]
