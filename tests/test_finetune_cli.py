@@ -245,7 +245,10 @@ def wrong_shape(x):
     (["--sample-every", "15"], "error: --sample-every (15) must be a multiple of --log-every (10)"),
     (["--from", "/nonexistent"], "error: '/nonexistent' holds no trained model"),
     (["--kl-n", "12"], "error: --kl-n (12) must be a multiple of --batch (8)"),
-    (["--final-step", "last"], "error: unknown --final-step 'last'; valid choices: tweedie, none"),
+    (["--final-step", "last"], "error: unknown --final-step 'last'; valid choices: tweedie, none, noisy"),
+    (["--final-step", "noisy"], "error: --final-step noisy makes the last ancestral step of a discrete DDPM chain "
+                                "draw noise (--sampler ddpm on an imported model); this run samples with "
+                                "euler-maruyama on a continuous-time process: use --final-step none"),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tiny_pretrain, tmp_path, monkeypatch, args, message):
     (tmp_path / "ft_plugin.py").write_text(PLUGIN)

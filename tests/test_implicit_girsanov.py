@@ -271,6 +271,37 @@ def test_a_noise_free_ddpm_step_adds_no_kl(sde):
     np.testing.assert_array_equal(girsanov.transition_kl(ddpm.ddpm_step, sde, s, 0.5 * s, y, t, t_next), 0.0)
 
 
+def test_a_noisy_last_step_draws_the_fixed_large_noise_into_x0_and_its_kl_counts():
+    """--final-step noisy: the step from t = 0 into x_0 keeps diffusers' mean and draws noise of variance
+    1 − ᾱ_0 ≈ β_0 (read off the step as a black box, as above); its transition KL is the closed-form KL
+    of the two Gaussians (float64, rtol 1e-9), where the plain step adds 0."""
+    sde = DDPM_SMALL
+    step_fn = ddpm.with_noisy_last_step(sde.sampler(8, "ddpm")).step_fn
+    with enable_x64(True):
+        grid = sde.time_grid(8)
+        t, t_next = grid[-2], grid[-1]
+        y, s, s0 = jax.random.normal(jax.random.key(0), (3, 4, 6), jnp.float64)
+        s0 = s + 0.3 * s0
+        k1, k2 = jax.random.key(1), jax.random.key(2)
+        step = lambda fn, value, key: np.asarray(fn(sde, lambda y_, t_: value, y, t, t_next, key))  # noqa: E731
+        np.testing.assert_array_equal(step(ddpm.ddpm_step, s, k1), step(ddpm.ddpm_step, s, k2))
+        dxi = np.asarray(jax.random.normal(k1, y.shape, y.dtype) - jax.random.normal(k2, y.shape, y.dtype))
+        std = (step(step_fn, s, k1) - step(step_fn, s, k2)) / dxi
+        v = std[0, 0] ** 2
+        np.testing.assert_allclose(std, np.sqrt(v), rtol=1e-9)
+        # 1 − ᾱ_0 = β_0 up to the float32 rounding of ᾱ_0 = 1 − β_0 (2e-4 relative)
+        assert float(t) == 0 and v == pytest.approx(float(sde.betas[0]), rel=2e-4)
+        mean = step(ddpm.ddpm_step, s, k1)
+        np.testing.assert_allclose(step(step_fn, s, k1) - np.sqrt(v) * np.asarray(jax.random.normal(k1, y.shape)), mean,
+                                   rtol=1e-9, atol=1e-12)
+        dmean = mean - step(ddpm.ddpm_step, s0, k1)
+        exact = [gaussian_kl(dmean[i], v * np.eye(6), np.zeros(6), v * np.eye(6)) for i in range(4)]
+        kl = np.asarray(girsanov.transition_kl(step_fn, sde, s, s0, y, t, t_next))
+        plain = np.asarray(girsanov.transition_kl(ddpm.ddpm_step, sde, s, s0, y, t, t_next))
+    np.testing.assert_allclose(kl, exact, rtol=1e-9)
+    assert min(exact) > 1e-5 and np.all(plain == 0)
+
+
 def test_a_deterministic_sampler_has_no_girsanov_kl():
     """kl_transition refuses the paths of a sampler that is not `stochastic` (ddim: no transition density)."""
     p = sampler_paths(Sampler(SDE, 4, ddpm.ddim_step, denoise_final=False), score, (2, 1))
@@ -289,11 +320,12 @@ def ddpm_score(sde):
     return score_
 
 
-def ddpm_transition_kls(sde, n_steps: int, theta_, theta0) -> np.ndarray:
+def ddpm_transition_kls(sde, n_steps: int, theta_, theta0, noisy_last: bool = False) -> np.ndarray:
     """The closed-form KL of each ancestral transition, E_{x_k ∼ θ-chain} (Δmean_k(x_k))²/(2 v_k), [n]: with
     no clipping the step's mean is (x + b s)/√a (a = ᾱ_t/ᾱ_t', b = 1 − a), affine in x for the scores
     above, so x_k is Gaussian with moments propagated from x_0 ~ N(0, 1); v_k = b (fixed_large) or
-    b (1 − ᾱ_t')/(1 − ᾱ_t) (fixed_small), 0 (no term) from t = 0 or into t' = −1 with fixed_small."""
+    b (1 − ᾱ_t')/(1 − ᾱ_t) (fixed_small), 0 (no term) from t = 0 or into t' = −1 with fixed_small;
+    with `noisy_last` the step into t' = −1 has v = 1 − ᾱ_t whatever t."""
     (m, c), (m0, c0) = theta_, theta0
     abar = np.concatenate([[1.0], np.asarray(sde.alphas_cumprod, np.float64)])
     grid = np.asarray(sde.time_grid(n_steps)).astype(int)
@@ -303,27 +335,32 @@ def ddpm_transition_kls(sde, n_steps: int, theta_, theta0) -> np.ndarray:
         a, alpha = at / an, np.sqrt(at)
         b = 1 - a
         v = b if sde.variance_type == "fixed_large" else b * (1 - an) / (1 - at)
+        noisy = t > 0 and v > 0
+        if noisy_last and t_next == -1:
+            v, noisy = 1 - at, True
         p, q = -(c - c0) * b / np.sqrt(a), (c * m - c0 * m0) * alpha * b / np.sqrt(a)  # Δmean = p x + q
-        kls.append((p**2 * (var + mean**2) + 2 * p * q * mean + q**2) / (2 * v) if t > 0 and v > 0 else 0.0)
+        kls.append((p**2 * (var + mean**2) + 2 * p * q * mean + q**2) / (2 * v) if noisy else 0.0)
         A, B = (1 - b * c) / np.sqrt(a), b * c * m * alpha / np.sqrt(a)
-        mean, var = A * mean + B, A**2 * var + v * (t > 0)
+        mean, var = A * mean + B, A**2 * var + v * noisy
     return np.array(kls)
 
 
-@pytest.mark.parametrize("sde", [DDPM_SMALL, DDPM_LARGE], ids=["fixed_small", "fixed_large-offset1"])
-def test_logged_kl_on_a_ddpm_sampler_is_the_sum_of_the_transition_kls(sde):
+@pytest.mark.parametrize("sde, noisy_last", [(DDPM_SMALL, False), (DDPM_LARGE, False), (DDPM_SMALL, True)],
+                         ids=["fixed_small", "fixed_large-offset1", "fixed_small-noisy-last"])
+def test_logged_kl_on_a_ddpm_sampler_is_the_sum_of_the_transition_kls(sde, noisy_last):
     """finetune's logged KL on the ancestral sampler of a discrete DDPM process (8 respaced steps of 100)
     is within 4 of its standard errors (16,384 fresh paths, SE < 2% of the KL) of the sum of the closed-form
     transition KLs; with fixed_small the last step (from t = 0) adds nothing, with fixed_large and
-    steps_offset 1 it is a noisy transition like the others."""
+    steps_offset 1 it is a noisy transition like the others, and so it is with --final-step noisy."""
     n = 8
     score_ = ddpm_score(sde)
     with enable_x64(True):
         sampler = sde.sampler(n, "ddpm")
+        sampler = ddpm.with_noisy_last_step(sampler) if noisy_last else sampler
         p = sampler_paths(sampler, score_, (256, 1))
         estimator = finetune.make_kl_estimator(sampler, p, score_, None, jax.random.split(jax.random.key(5), 64))
         kl, se = map(float, estimator(theta(*THETA), theta(*THETA0)))
-    exact = ddpm_transition_kls(sde, n, THETA, THETA0)
-    assert exact[-1] == 0 if sde is DDPM_SMALL else exact[-1] > 0
+    exact = ddpm_transition_kls(sde, n, THETA, THETA0, noisy_last)
+    assert exact[-1] == 0 if sde is DDPM_SMALL and not noisy_last else exact[-1] > 0
     assert 0 < se < 0.02 * exact.sum()
     assert abs(kl - exact.sum()) < 4 * se, (kl, se, exact.sum())

@@ -1,4 +1,5 @@
-"""An imported diffusers model through the real CLI, as a pretrain run: import -> sample -> finetune ->
+"""An imported diffusers model through the real CLI, as a pretrain run: import -> sample -> finetune
+(--sampler ddpm, its last step inside the KL penalty: --final-step noisy) ->
 evaluate-fid of the finetuned run with Inception features (random weights standing in for the converted
 pytorch-fid file)."""
 
@@ -38,12 +39,16 @@ def test_import_sample_finetune_evaluate_fid(tmp_path):
         refused = invoke("finetune", *common, *flags, "--out", tmp_path / "no")
         assert refused.exit_code == 2 and message in refused.output, refused.output
         assert not (tmp_path / "no").exists()
-    invoke("finetune", *common, "--sampler", "ddpm", "--beta", "0.5", "--kl-n", "8", "--out", finetuned, check=True)
+    invoke("finetune", *common, "--sampler", "ddpm", "--beta", "0.5", "--kl-n", "8", "--final-step", "noisy",
+           "--out", finetuned, check=True)
     logged = rows(finetuned)
     assert [r["step"] for r in logged] == [0, 1, 2, 3] and all(np.isfinite(r["reward_mean"]) for r in logged[1:])
-    # θ = θ0 at step 0: the two networks' transitions coincide; after updates the Girsanov KL is positive
-    assert logged[0]["kl"] < 1e-9 and all(np.isfinite(r["kl"]) and r["kl"] > 1e-3 for r in logged[1:])
-    assert json.loads((finetuned / "config.json").read_text())["sampler"] == "ddpm"
+    # θ = θ0 at step 0: the two networks' transitions coincide, up to the float32 rounding of the same
+    # network in two programs, which the last step's variance of 1e-4 magnifies (measured 3e-9); after
+    # updates the Girsanov KL, the step into x_0 included (--final-step noisy), is positive
+    assert logged[0]["kl"] < 1e-7 and all(np.isfinite(r["kl"]) and r["kl"] > 1e-3 for r in logged[1:])
+    config = json.loads((finetuned / "config.json").read_text())
+    assert (config["sampler"], config["final_step"]) == ("ddpm", "noisy")
     assert json.loads((finetuned / "finetuned.json").read_text())["from"] == str(run)
 
     # evaluate-fid of the finetuned run: its base model is the imported one, θ the finetuned weights;

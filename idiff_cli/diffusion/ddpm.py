@@ -224,6 +224,23 @@ def ancestral_moments(sde: DiscreteDDPM, s: jax.Array, y: jax.Array, t, t_next) 
 ddpm_step = GaussianStep(ancestral_moments, "ddpm_step")
 
 
+def noisy_last_moments(sde: DiscreteDDPM, s: jax.Array, y: jax.Array, t, t_next) -> tuple[jax.Array, jax.Array]:
+    """`ancestral_moments`, except that the step into x_0 (t_next = −1) draws noise of `fixed_large`'s
+    variance 1 − ᾱ_t (β_0 = 1e-4, a std of 0.01 on [−1, 1], from t = 0 with the common configs): a
+    Gaussian transition like the others, so the Girsanov KL counts it and the penalty is the KL between
+    the θ and θ0 chains x_{τ_0}, …, x_0, which bounds the KL between their final images (data
+    processing). Diffusers' step into x_0 draws none (from t = 0, or into t' = −1 with fixed_small)."""
+    mean, std = ancestral_moments(sde, s, y, t, t_next)
+    return mean, jnp.where(t_next < 0, jnp.sqrt(1.0 - sde.abar(t)), std)
+
+
+def with_noisy_last_step(sampler: Sampler) -> Sampler:
+    """An ancestral `sampler` of a DiscreteDDPM whose step into x_0 draws noise (`noisy_last_moments`);
+    its step keeps its other settings (the axis of a split batch)."""
+    step = dataclasses.replace(sampler.step_fn, moments=noisy_last_moments, __name__="ddpm_noisy_last_step")
+    return dataclasses.replace(sampler, step_fn=step)
+
+
 def ddim_from_eps(sde: NoiseProcess, eps: jax.Array, y: jax.Array, t, t_next) -> jax.Array:
     """The deterministic DDIM update from t to t_next given ε̂ = eps (module docstring)."""
     return _expand(sde.alpha(t_next), y) * predicted_x0(sde, eps, y, t) + _expand(sde.sigma(t_next), y) * eps

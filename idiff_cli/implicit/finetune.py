@@ -31,6 +31,7 @@ import optax
 
 from idiff_cli import loop, registry, sharding
 from idiff_cli.checkpoint import Checkpointer, restore_template
+from idiff_cli.diffusion import ddpm
 from idiff_cli.diffusion.model import ImportedModel, Model, finetuned_weights, load, write_finetuned
 from idiff_cli.errors import UserError
 from idiff_cli.fid.metric import PeriodicFID
@@ -79,7 +80,11 @@ def check_against_model(cfg: Any, model: Model) -> None:
         if cfg.sampler != "probability-flow":
             raise UserError("--adjoint continuous is the adjoint ODE of the probability flow: it needs "
                             "--sampler probability-flow (and --beta 0)")
-    sampler = model.sampler(cfg.T, cfg.sampler)
+    if cfg.final_step == "noisy" and (model.continuous_time or cfg.sampler != "ddpm"):
+        raise UserError(f"--final-step noisy makes the last ancestral step of a discrete DDPM chain draw noise "
+                        f"(--sampler ddpm on an imported model); this run samples with {cfg.sampler} on a "
+                        f"{'continuous-time process: use --final-step none' if model.continuous_time else 'discrete chain'}")
+    sampler = run_sampler(cfg, model)
     if not sampler.stochastic and cfg.beta:
         raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
                         f"use --beta 0 or a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)})")
@@ -106,10 +111,18 @@ class FinetuneState(NamedTuple):
     kl_net_evals: jax.Array  # images through the network in the logged KL evaluations so far (int32)
 
 
+def run_sampler(cfg: Any, model: Model) -> Any:
+    """The model's sampler of the run (--sampler, --T), its step into x_0 drawing noise with
+    --final-step noisy (ddpm.noisy_last_moments)."""
+    sampler = model.sampler(cfg.T, cfg.sampler)
+    return ddpm.with_noisy_last_step(sampler) if cfg.final_step == "noisy" else sampler
+
+
 def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: jax.Array | None, final_step: str,
               clip: bool) -> SamplerPaths:
     """The sampler's paths with the run's final step: `tweedie`, the sampler's own (the Tweedie denoiser
-    for a continuous-time model); `none`, the identity, so the reward sees x_{t_min}. With `clip`, the
+    for a continuous-time model); `none`, the identity, so the reward sees x_{t_min}; `noisy`, the
+    sampler's own (a discrete chain's, whose step into x_0 `run_sampler` made noisy). With `clip`, the
     result is clipped to [-1, 1], as the images are shown (no gradient for pushing a pixel beyond white
     or black, so brightness cannot be gained by unbounded pixel values)."""
     if final_step == "none":
@@ -151,7 +164,7 @@ def build(cfg: Any, model: Model):
     so neither the weights nor λ and β are baked into the compiled program as constants."""
     reward = registry.get("image-reward", cfg.reward)
     labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
-    sampler = model.sampler(cfg.T, cfg.sampler)
+    sampler = run_sampler(cfg, model)
     paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
     mesh = model.mesh if isinstance(model, per_device.BatchSharded) else None
     objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels, mesh)

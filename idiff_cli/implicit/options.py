@@ -22,7 +22,7 @@ STOCHASTIC_SAMPLERS = ("euler-maruyama", "ddpm")
 DETERMINISTIC_SAMPLERS = ("probability-flow", "ddim")
 SAMPLERS = STOCHASTIC_SAMPLERS + DETERMINISTIC_SAMPLERS
 ADJOINTS = ("full", "pipelined", "continuous")
-FINAL_STEPS = ("tweedie", "none")
+FINAL_STEPS = ("tweedie", "none", "noisy")
 DDPO_DEFAULTS = PPO()  # --method ddpo's own options (PPO's fields) at their defaults, which another method keeps
 
 # (M, T, batch) by the pretrained model's dataset: the paper's (Tables 2 and 4) and the cpu preset's.
@@ -94,16 +94,20 @@ SCHEMA = cfglib.Schema(
           flags=("--lambda",)),
         O("beta", float, 0.1, "KL weight β. The penalty is the Girsanov KL between the sampler's path measures "
           "under θ and θ0: its T Gaussian transitions (Euler–Maruyama or DDPM ancestral) from x_{t_max} to "
-          "x_{t_min}, each ‖Δmean‖²/2·variance. The final Tweedie step (--final-step tweedie) is deterministic, not a Gaussian transition: it has no Girsanov "
-          "term and is not penalised; nor, with --sampler ddpm, is a step that draws no noise (from t = 0, "
-          "or into x_0 with fixed_small variance), a θ-dependent map (docs/import.md). The reward gained at "
-          "the reward/KL balance grows as λ/β.", minimum=0),
+          "x_{t_min}, each ‖Δmean‖²/2·variance. The final Tweedie step (--final-step tweedie) is deterministic, "
+          "not a Gaussian transition: it has no Girsanov term and is not penalised; nor, with --sampler ddpm, is "
+          "a step that draws no noise (from t = 0, or into x_0 with fixed_small variance), a θ-dependent map, "
+          "unless --final-step noisy (docs/import.md). The reward gained at the reward/KL balance grows as λ/β.",
+          minimum=0),
         O("final_step", str, "tweedie", "What the reward sees: tweedie = the denoised mean (x + σ² sθ(x))/α of "
           "the last state x = x_{t_min} (a θ-dependent map outside the KL penalty); none = x_{t_min} itself, so "
           "the penalty is exactly the path KL of what is rewarded. Clipped with --clip. Used by this run's "
           "training, grids, eval_reward and periodic FID; `idiff sample` and `idiff evaluate-fid` of the run "
           "denoise as the model's own sampler does. An imported DDPM chain (--sampler ddpm) has no Tweedie "
-          "step: its last ancestral step lands on x_0 either way, outside the penalty when it draws no noise.",
+          "step: its last ancestral step lands on x_0 with tweedie or none, outside the penalty when it draws "
+          "no noise; noisy = that step draws noise of variance 1 − ᾱ_t (fixed_large's; std 0.01 from t = 0), "
+          "so the penalty counts it: the KL between the whole θ and θ0 chains, a bound on the KL of the "
+          "rewarded images.",
           choices=FINAL_STEPS),
         O("method", str, "implicit", "implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), "
           "full-backprop, ddpo (policy gradient with PPO clipping and the KL of DPOK: needs no ∇R; a "
