@@ -39,10 +39,13 @@ PEAK_TFLOPS = {"H100": 494.0, "H200": 494.0, "A100": 156.0}
 
 
 def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, peak: float | None,
-            precondition: bool = True) -> dict:
+            precondition: bool = True, overrides: dict | None = None) -> dict:
+    """One row of the table (main's columns) for `preset` at `size`×`size` (MNIST at 28, else 3-channel
+    CIFAR-10 sizes), with pretrain options `overrides` (e.g. a smaller U-Net)."""
     channels = 1 if size == 28 else 3
     dataset = "mnist" if channels == 1 else "cifar10"
-    cfg = PRETRAIN.resolve({"dataset": dataset, "preset": preset, "batch": batch, "precondition": precondition})
+    cfg = PRETRAIN.resolve({"dataset": dataset, "preset": preset, "batch": batch, "precondition": precondition,
+                            **(overrides or {})})
     images = np.zeros((batch, size, size, channels), np.uint8)  # stands in for the data: only its shape counts
     cfg = P.complete(cfg, datasets.from_arrays(dataset, "benchmark", images, np.zeros(batch, np.int32), 10))
     mesh = batch_mesh()
