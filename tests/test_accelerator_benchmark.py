@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "accelerator.py"
 
 
@@ -16,6 +18,7 @@ def run(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # compiles a tiny U-Net finetuning step and pretraining step in a child process
 def test_smoke_run_writes_every_part_as_it_goes(tmp_path):
     proc = run("--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -44,7 +44,7 @@ def test_defaults_are_filled_by_preset_and_dataset_family():
 
 def test_tiny_run_writes_its_files(tiny_pretrain):
     config = json.loads((tiny_pretrain / "config.json").read_text())
-    assert config["command"] == "pretrain" and config["ch"] == 8 and config["ch_mult"] == [1, 2]
+    assert config["command"] == "pretrain" and config["ch"] == 8 and config["ch_mult"] == [1]
     assert config["lr"] == 1e-3 and config["sde"] == "ou" and config["image_size"] == 28  # filled, not None
     assert sorted(p.name for p in (tiny_pretrain / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert (tiny_pretrain / "figures" / "samples.png").exists() and (tiny_pretrain / "figures" / "loss.png").exists()
