@@ -40,7 +40,7 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from idiff_cli.devices import use_host_cores
 
@@ -96,14 +96,25 @@ class Report:
         for part in PARTS:
             rows = [r for r in self.rows if r["part"] == part]
             if rows:
-                keys = [k for k in rows[0] if k != "part"]
+                keys = list(dict.fromkeys(k for r in rows for k in r if k != "part"))
                 lines += [f"## {part}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
                 lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows] + [""]
         atomic_write_bytes(self.out / "results.md", "\n".join(lines).encode())
 
 
 def _cell(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+def within_cap(report: Report, part: str, items: list, cap: float, name: Callable) -> Iterator:
+    """The items of a part, while its cap (seconds since the first) lasts; a skipped row for each after."""
+    start = time.perf_counter()
+    for item in items:
+        if time.perf_counter() - start <= cap:
+            yield item
+        else:
+            report.add(part, {"row": name(item), "skipped": f"part cap {cap:.0f} s spent"},
+                       f"{name(item)}: skipped (part cap {cap:.0f} s spent)")
 
 
 def peak_memory_gib() -> float | None:
@@ -132,12 +143,7 @@ def config(model: Model, method: str, adjoint: str):
 
 def part_finetune(report: Report, cap: float) -> None:
     model = random_model("paper", "mnist", 8 if SMOKE else 28, 1)
-    start = time.perf_counter()
-    for method, adjoint in VARIANTS:
-        if time.perf_counter() - start > cap:
-            report.add("finetune", {"method": f"{method}-{adjoint}", "skipped": f"part cap {cap:.0f} s spent"},
-                       f"{method}-{adjoint}: skipped (part cap {cap:.0f} s spent)")
-            continue
+    for method, adjoint in within_cap(report, "finetune", VARIANTS, cap, "-".join):
         r = finetune_bench.measure(config(model, method, adjoint), model, SETTING["steps"], len(jax.local_devices()))
         row = {"method": r["method"], "M": r["M"], "T": SETTING["T"], "batch": SETTING["batch"],
                "s_per_step": r["seconds"], "compile_s": r["compile_s"], "warmup_s": r["init_s"],
@@ -155,12 +161,7 @@ def part_wall(report: Report, cap: float, from_run: str | None, seconds: float) 
     model = load(from_run) if from_run else random_model("paper", "mnist", 8, 1)  # SMOKE: part a's model
     mesh = sharding.mesh_of(len(jax.local_devices()))
     replicated = sharding.replicated(mesh)
-    start = time.perf_counter()
-    for method, adjoint in WALL:
-        if time.perf_counter() - start > cap:
-            report.add("wall", {"method": f"{method}-{adjoint}", "skipped": f"part cap {cap:.0f} s spent"},
-                       f"{method}-{adjoint}: skipped (part cap {cap:.0f} s spent)")
-            continue
+    for method, adjoint in within_cap(report, "wall", WALL, cap, "-".join):
         cfg = config(model, method, adjoint)
         bind, optimizer, _ = F.build(cfg, per_device.BatchSharded(model, mesh))
         params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
@@ -191,12 +192,7 @@ def part_pretrain(report: Report, cap: float) -> None:
     presets = [("cpu", 8, 4)] if SMOKE else [("paper", 28, 128), ("paper", 32, 128)]
     device = jax.devices()[0]
     peak = next((v for k, v in pretrain_bench.PEAK_TFLOPS.items() if k in device.device_kind), None)
-    start = time.perf_counter()
-    for preset, size, batch in presets:
-        if time.perf_counter() - start > cap:
-            report.add("pretrain", {"preset": f"{preset}:{size}", "skipped": f"part cap {cap:.0f} s spent"},
-                       f"{preset} {size}×{size}: skipped (part cap {cap:.0f} s spent)")
-            continue
+    for preset, size, batch in within_cap(report, "pretrain", presets, cap, lambda p: f"{p[0]} {p[1]}×{p[1]}"):
         r = pretrain_bench.measure(preset, size, batch, 2 if SMOKE else 10, 2 if SMOKE else 10,
                                    peak * len(jax.devices()) if peak else None, overrides=TINY_UNET if SMOKE else None)
         report.add("pretrain", r, f"{preset} {size}×{size} ({r['params_M']:.2f} M parameters), batch {batch}: "
