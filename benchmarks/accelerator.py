@@ -25,9 +25,9 @@ row, so a run cut off by the end of a lease still reports what it measured. Comp
 the persistent compilation cache ($IDIFF_JAX_CACHE), so a second run on the same machine compiles
 little. SMOKE=1: a 4-channel one-level U-Net (attention at 8×8) on 8×8 images, T = 2, two outer steps,
 nested alone in parts a and b (every method goes through the same code, and nested has no queue to
-warm up: the pipelined queue's warm-up compiles for 25 s even at this size; part b compiles no new
-outer step: the persistent cache holds part a's), a one-second budget, no caps — a check that the
-script runs, not a measurement.
+warm up, whose programs are the slowest to compile; part b compiles no new outer step: the
+persistent cache holds part a's), a one-second budget, no caps — a check that the script runs, not a
+measurement.
 """
 
 from __future__ import annotations

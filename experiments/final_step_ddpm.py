@@ -22,10 +22,10 @@ d (Δμ)² / 2 var(x_0), computed exactly here by propagating the mean and varia
   θ_low settles where its reward and its KL balance; the logged KL is then the whole chains' KL, which
   bounds the KL between the final images (data processing).
 
-    python experiments/final_step_ddpm.py [--steps 300]     # ~20 s on 2 CPU cores; prints the table
+    python experiments/final_step_ddpm.py [--steps 300]     # prints the table
 
-docs/results.md ("The final step of a DDPM chain") holds its output; tests/test_final_step_ddpm.py runs
-it for 60 steps.
+docs/results.md ("The final step of a DDPM chain") holds its output and time; tests/test_final_step_ddpm.py
+runs it for 60 steps.
 """
 
 from __future__ import annotations
