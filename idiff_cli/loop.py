@@ -181,7 +181,7 @@ class Run:
                     elapsed += seconds
                     step += n
                     self._stop.armed = True  # a chunk is done: from now on a signal saves it
-                    self._guard(unit, rows)
+                    self._guard(unit, rows, ckpt, trackers)
                     rows = self._run_hooks(unit, state, step, rows, elapsed)
                     self._append(unit, rows, trackers)
                     shown = " ".join(f"{k} {rows[-1][k]:.4g}" for k in unit.progress if rows and k in rows[-1])
@@ -287,13 +287,19 @@ class Run:
         if count and self._rows_written >= int(count) > self._rows_written - len(rows):
             os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
 
-    def _guard(self, unit: Unit, rows: Rows) -> None:
-        for row in rows:
+    def _guard(self, unit: Unit, rows: Rows, ckpt: Checkpointer, trackers: tracking.Trackers) -> None:
+        """UserError at the first row with a non-finite watched field, after writing the chunk's rows
+        before it; the message names the checkpoint a re-run resumes from, or says there is none."""
+        for i, row in enumerate(rows):
             for name in unit.finite:
                 value = row.get(name)
                 if value is not None and not np.all(np.isfinite(value)):
+                    self._append(unit, rows[:i], trackers)
                     where = f" ({unit.name})" if unit.name else ""
-                    raise UserError(f"{name} is {value} at step {row['step']}{where}; the last checkpoint is kept"
+                    latest = ckpt.latest_step()
+                    kept = (f"checkpoint {latest} is kept" if latest is not None else
+                            "no checkpoint was saved before it")
+                    raise UserError(f"{name} is {value} at step {row['step']}{where}; {kept}"
                                     + (f": {unit.nan_hint}" if unit.nan_hint else ""))
 
     def done(self, outputs: str, headline: str = "") -> None:

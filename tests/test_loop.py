@@ -27,10 +27,10 @@ SCHEMA = cfglib.Schema("toy", "A toy command.", (
 ))
 
 
-def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1):
+def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None):
     """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)), one dispatched step each (`loop.dispatch`: a chunk
-    stops early on a signal, as pretrain's and finetune's do); rows at multiples of log_every. With
-    `delay`, each step sleeps that long."""
+    stops early on a signal, as pretrain's and finetune's do); rows at multiples of log_every, dispatched
+    `chunk` steps at a time (default log_every). With `delay`, each step sleeps that long."""
     key = jax.random.key(cfg.seed)
 
     @jax.jit
@@ -55,14 +55,14 @@ def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1):
         time.sleep(10 * delay)  # stands for compiling
         return {"x": jnp.asarray(1.0), "step": jnp.asarray(0), "ballast": jax.random.normal(key, (size,))}
 
-    return Unit(cfg.steps, init, step=step, rows=rows, chunk=cfg.log_every, finite=("x",), hooks=(Hook(6, hook),),
+    return Unit(cfg.steps, init, step=step, rows=rows, chunk=chunk or cfg.log_every, finite=("x",), hooks=(Hook(6, hook),),
                 first_rows=lambda state: [{"step": 0, "x": float(state["x"])}])
 
 
-def run(out, poison_at=None, hook_calls=None, delay=0.0, size=1, **values):
+def run(out, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None, **values):
     cfg = SCHEMA.resolve(values)
     with Run(SCHEMA, cfg, RunDir(out), cfg.ckpt_every) as r:
-        return r.run(toy_unit(cfg, poison_at, hook_calls, delay, size))
+        return r.run(toy_unit(cfg, poison_at, hook_calls, delay, size, chunk))
 
 
 def in_subprocess(out, env=None, **values):
@@ -102,13 +102,24 @@ def test_rows_after_the_last_checkpoint_are_written_once_on_resume(tmp_path):
     """A run stopped by the non-finite guard at step 10 keeps its checkpoint 8 and rows up to 10; the
     re-run drops the rows after 8 and writes 10 and 12 once."""
     out = tmp_path / "run"
-    with pytest.raises(UserError, match="x is nan at step 10"):
+    with pytest.raises(UserError, match="x is nan at step 10; checkpoint 8 is kept"):
         run(out, poison_at=10)
     assert [r["step"] for r in rows(out)][-1] == 8
     assert sorted((out / "checkpoints").iterdir())[-1].name == "8"
     run(out)
     run(tmp_path / "whole")
     assert rows(out) == rows(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("poison_at, message", [(3, "no checkpoint was saved before it"), (7, "checkpoint 4 is kept")])
+def test_the_guard_keeps_the_finite_rows_of_its_chunk_and_names_the_checkpoint_kept(tmp_path, poison_at, message):
+    """A row per step, 4 steps per chunk, checkpoints at 4 and 8: the rows of the chunk before the
+    non-finite one are written, and the message says which checkpoint a re-run resumes from (none
+    before the first)."""
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=f"^x is nan at step {poison_at}; {message}$"):
+        run(out, poison_at=poison_at, log_every=1, chunk=4)
+    assert [r["step"] for r in rows(out)] == list(range(poison_at))
 
 
 def test_run_time_options_may_change_and_defining_ones_may_not(tmp_path):
