@@ -35,7 +35,9 @@ def test_import_sample_finetune_evaluate_fid(tmp_path):
     for flags, message in ((("--sampler", "euler-maruyama"), "samples with ddpm or ddim, not 'euler-maruyama'"),
                            (("--sampler", "probability-flow", "--beta", "0", "--adjoint", "continuous"),
                             "this model is a discrete DDPM chain"),
-                           (("--sampler", "ddim"), "--sampler ddim is deterministic")):
+                           (("--sampler", "ddim"), "--sampler ddim is deterministic"),
+                           (("--sampler", "ddim", "--beta", "0", "--final-step", "noisy"),
+                            "this run samples with ddim on a discrete chain: use --sampler ddpm")):
         refused = invoke("finetune", *common, *flags, "--out", tmp_path / "no")
         assert refused.exit_code == 2 and message in refused.output, refused.output
         assert not (tmp_path / "no").exists()

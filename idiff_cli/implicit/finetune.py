@@ -83,7 +83,7 @@ def check_against_model(cfg: Any, model: Model) -> None:
     if cfg.final_step == "noisy" and (model.continuous_time or cfg.sampler != "ddpm"):
         raise UserError(f"--final-step noisy makes the last ancestral step of a discrete DDPM chain draw noise "
                         f"(--sampler ddpm on an imported model); this run samples with {cfg.sampler} on a "
-                        f"{'continuous-time process: use --final-step none' if model.continuous_time else 'discrete chain'}")
+                        f"{'continuous-time process: use --final-step none' if model.continuous_time else 'discrete chain: use --sampler ddpm'}")
     sampler = run_sampler(cfg, model)
     if not sampler.stochastic and cfg.beta:
         raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
