@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import pathlib
+import re
 import shlex
 import signal
 import sys
@@ -204,6 +206,7 @@ class Run:
         """(state, step, restored step or None, wall seconds so far): from the latest intact checkpoint
         (this unit's rows after it dropped), or from `init`."""
         found = ckpt.restore_latest(unit.template or unit.init)
+        self._drop_torn_row(unit, found[0] if found else -1)
         if found is None:
             self._keep_rows(unit, -1)
             return unit.init(), 0, None, 0.0
@@ -260,6 +263,20 @@ class Run:
             args = sys.argv[1:] + ([] if "--out" in sys.argv else ["--out", str(self.dir.path)])
             return f"{text}. Resume: idiff {shlex.join(args)}"
         return f"{text}. Resume: re-run the same command with --out {self.dir.path}"
+
+    def _drop_torn_row(self, unit: Unit, resumed_from: int) -> None:
+        """Drops a torn last row of metrics.jsonl (the first unit to start finds it), saying so in one
+        line: a row of this unit after the checkpoint it resumes from is logged again; one at or before
+        it (its file system lost an append that had returned) is named as lost."""
+        torn = self.dir.drop_torn_metrics() if self.is_main else None
+        if torn is None:
+            return
+        step = re.search(r'"step": (\d+)[,}]', torn)
+        mine = unit.name is None or f'"method": {json.dumps(unit.name)}' in torn
+        what = ("; the step it held cannot be read" if step is None else "" if not mine else
+                f"; the row of step {step.group(1)} is lost (the run resumes after it)"
+                if int(step.group(1)) <= resumed_from else "; its step is logged again")
+        self.print(f"metrics.jsonl ended in a torn row (a write cut short): dropped it{what}")
 
     def _keep_rows(self, unit: Unit, upto: int) -> Rows:
         """Drops this unit's rows after step `upto` (logged after its last checkpoint); returns its rows kept."""

@@ -9,7 +9,8 @@
 
 Whole files are written to a temporary name and renamed (`os.replace` is atomic on POSIX), so an
 interrupted run never leaves a half-written file. `metrics.jsonl` grows by appends that are cut back
-when they fail; a reader skips a torn last line (a process killed mid-append).
+when they fail; a reader skips a torn last line (a process killed mid-append), and the next run on the
+directory drops it (`RunDir.drop_torn_metrics`) before it appends.
 """
 
 from __future__ import annotations
@@ -166,6 +167,21 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
+
+    def drop_torn_metrics(self) -> str | None:
+        """Rewrites metrics.jsonl without an unterminated last line (an append cut short by a crash, on a
+        file system whose appends are not atomic), so that the next append starts a line of its own;
+        returns the dropped text, or None when the file ends cleanly."""
+        path = self.metrics_path
+        if not path.exists() or path.stat().st_size == 0:
+            return None
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return None
+        text = path.read_text(encoding="utf-8", errors="replace")
+        self.reset_metrics(read_metrics(path))
+        return text[text.rfind("\n") + 1:]
 
     def save_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> pathlib.Path:
         buffer = io.BytesIO()

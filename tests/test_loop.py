@@ -3,6 +3,7 @@ resume rule (defining vs run-time options), hooks, the non-finite guard, signals
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,39 @@ def test_rows_after_the_last_checkpoint_are_written_once_on_resume(tmp_path):
     run(out)
     run(tmp_path / "whole")
     assert rows(out) == rows(tmp_path / "whole")
+
+
+def test_a_torn_last_row_is_dropped_and_logged_again_or_named_lost(tmp_path, capsys):
+    """The last row of metrics.jsonl (step 8, whose checkpoint is 8) cut at every byte offset, as an
+    append cut short by a crash leaves it. Without checkpoint 8 (the crash came before it), the re-run
+    resumes from 4, drops the torn text and logs 6 and 8 again: the rows of the uninterrupted run, each
+    step once. With checkpoint 8 (the file system lost an append that had returned), the finished run
+    rewrites the file without the torn text and names step 8 as lost (checked at three offsets: the
+    message is the same code); a later append starts its own line."""
+    whole = tmp_path / "whole"
+    run(whole, steps=8)
+    text = (whole / "metrics.jsonl").read_bytes()
+    head = text[:text.rstrip(b"\n").rfind(b"\n") + 1]
+    cuts = range(len(head), len(text))
+    for cut, keep_last in [(c, False) for c in cuts] + [(c, True) for c in (cuts[1], cuts[len(cuts) // 2], cuts[-1])]:
+        out = tmp_path / f"cut{cut}-{keep_last}"
+        shutil.copytree(whole, out)
+        (out / "metrics.jsonl").write_bytes(text[:cut])
+        if not keep_last:
+            shutil.rmtree(out / "checkpoints" / "8")
+        capsys.readouterr()
+        run(out, steps=8)
+        said = capsys.readouterr().err
+        if cut == len(head):  # a clean cut at a line's end: nothing torn
+            assert "torn" not in said
+        elif b'"step": 8,' not in text[len(head):cut]:
+            assert "dropped it; the step it held cannot be read" in " ".join(said.split()), said
+        elif keep_last:
+            assert "dropped it; the row of step 8 is lost" in " ".join(said.split()), said
+        else:
+            assert "dropped it; its step is logged again" in " ".join(said.split()), said
+        assert rows(out) == (rows(whole)[:-1] if keep_last else rows(whole)), cut
+        assert (out / "metrics.jsonl").read_bytes().endswith(b"\n")
 
 
 @pytest.mark.parametrize("poison_at, message", [(3, "no checkpoint was saved before it"), (7, "checkpoint 4 is kept")])
