@@ -54,6 +54,7 @@ def score(params, x, t, labels=None):
 
 
 def sampler(final_step: str):
+    """The chain's T-step ancestral sampler, its step into x_0 noisy with --final-step noisy."""
     base = SDE.sampler(T, "ddpm")
     return ddpm.with_noisy_last_step(base) if final_step == "noisy" else base
 
