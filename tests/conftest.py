@@ -98,7 +98,7 @@ SPLIT_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "6", "--log
 
 @pytest.fixture(scope="session")
 def split_finetune(tiny_pretrain, tmp_path_factory) -> pathlib.Path:
-    """The SPLIT_FINETUNE run (`--devices 2`), shared by the device-count and kill-and-resume tests.
+    """The SPLIT_FINETUNE run (`--devices 2`), shared by the device-count, kill-and-resume and report tests.
     Read it, never write into it."""
     return shared_run(tmp_path_factory, "finetune-split",
                       ["finetune", "--from", str(tiny_pretrain), *SPLIT_FINETUNE, "--devices", "2"], "finetuned.json")
