@@ -219,10 +219,9 @@ def check_visible(run_dir: pathlib.Path) -> None:
 def use_compilation_cache() -> None:
     """Keeps every compiled program on disk ($IDIFF_JAX_CACHE, default ~/.cache/idiff/jax): a resumed
     run, `idiff sample` and a re-run with the same shapes read them back instead of compiling. All of
-    them, not only the slow ones: a run compiles a hundred programs of 0.1-2 s besides its training
-    step (measured on 2 CPU cores, a 20-step finetuning run of a tiny U-Net: 58 s the first time either
-    way; re-run, 55 s keeping the programs over 2 s, 38 s keeping all), for a few MB of disk per
-    configuration."""
+    them, not only the slow ones: a run compiles a hundred short programs besides its training step,
+    and together they cost a re-run more than the slow ones (docs/results.md, "Compilation cache and
+    the test suite"), for a few MB of disk per configuration."""
     path = os.environ.get(COMPILATION_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "idiff", "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -154,8 +154,8 @@ class Model:
     def network(self):
         """jit(ε_θ): the network's forward pass as one jitted function, so that a program calling it at
         several places (a sampler's step, the adjoint's VJP, Tweedie's denoiser, both KL transitions)
-        traces the Python network once per input shape and reuses that trace (tracing the flax U-Net
-        took ~0.8 s a time for the suite's tiny one: a finetuning run traced it 12 times, now 4)."""
+        traces the Python network once per input shape and reuses that trace (the count and its cost:
+        docs/results.md, "Compilation cache and the test suite")."""
         return jax.jit(self.model.apply)
 
     def apply(self, params, x, level, labels=None):
