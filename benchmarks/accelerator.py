@@ -50,11 +50,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idiff_cli import loop, sharding  # noqa: E402
-from idiff_cli.data import datasets  # noqa: E402
 from idiff_cli.diffusion import model as M  # noqa: E402
-from idiff_cli.diffusion import pretrain as P  # noqa: E402
 from idiff_cli.diffusion.model import Model, load  # noqa: E402
-from idiff_cli.diffusion.options import PRETRAIN  # noqa: E402
 from idiff_cli.implicit import finetune as F  # noqa: E402
 from idiff_cli.implicit import per_device  # noqa: E402
 from idiff_cli.implicit.options import SCHEMA  # noqa: E402
@@ -125,10 +122,7 @@ def peak_memory_gib() -> float | None:
 
 def random_model(preset: str, dataset: str, size: int, channels: int) -> Model:
     """A U-Net of `preset` (SMOKE: a tiny one) for `dataset` images with random weights (its init)."""
-    given = {"dataset": dataset, "preset": preset, **(TINY_UNET if SMOKE else {})}
-    cfg = PRETRAIN.resolve(given)
-    images = np.zeros((1, size, size, channels), np.uint8)  # stands in for the data: only its shape counts
-    cfg = P.complete(cfg, datasets.from_arrays(dataset, "benchmark", images, np.zeros(1, np.int32), 10))
+    cfg = pretrain_bench.completed_config(dataset, size, channels, {"preset": preset, **(TINY_UNET if SMOKE else {})})
     net, opt = M.make_model(cfg, 0), M.make_optimizer(cfg)
     params = jax.jit(lambda: M.init_state(net, opt, (size, size, channels), 0).ema)()
     return Model(net, params, M.make_sde(cfg), cfg, (size, size, channels), net.num_classes, 0, True, "ema")

@@ -38,16 +38,22 @@ from idiff_cli.sharding import batch_mesh, global_batch, replicate, replicated  
 PEAK_TFLOPS = {"H100": 494.0, "H200": 494.0, "A100": 156.0}
 
 
+def completed_config(dataset: str, size: int, channels: int, given: dict):
+    """The pretrain config of options `given` completed for `dataset` images of `size`×`size`×`channels`
+    (no data is read: a zero image stands in, only its shape counts)."""
+    images = np.zeros((1, size, size, channels), np.uint8)
+    cfg = PRETRAIN.resolve({"dataset": dataset, **given})
+    return P.complete(cfg, datasets.from_arrays(dataset, "benchmark", images, np.zeros(1, np.int32), 10))
+
+
 def measure(preset: str, size: int, batch: int, steps: int, sample_steps: int, peak: float | None,
             precondition: bool = True, overrides: dict | None = None) -> dict:
     """One row of the table (main's columns) for `preset` at `size`×`size` (MNIST at 28, else 3-channel
     CIFAR-10 sizes), with pretrain options `overrides` (e.g. a smaller U-Net)."""
     channels = 1 if size == 28 else 3
     dataset = "mnist" if channels == 1 else "cifar10"
-    cfg = PRETRAIN.resolve({"dataset": dataset, "preset": preset, "batch": batch, "precondition": precondition,
-                            **(overrides or {})})
-    images = np.zeros((batch, size, size, channels), np.uint8)  # stands in for the data: only its shape counts
-    cfg = P.complete(cfg, datasets.from_arrays(dataset, "benchmark", images, np.zeros(batch, np.int32), 10))
+    cfg = completed_config(dataset, size, channels, {"preset": preset, "batch": batch, "precondition": precondition,
+                                                     **(overrides or {})})
     mesh = batch_mesh()
     model, sde, opt = M.make_model(cfg, 0), M.make_sde(cfg), M.make_optimizer(cfg)
     state = jax.jit(lambda: M.init_state(model, opt, (size, size, channels), 0), out_shardings=replicated(mesh))()
