@@ -26,11 +26,14 @@ clipped to ±clip_sample_range when `clip_sample`:
   into t' = −1 (variance 0). A `GaussianStep`: two parameters θ, θ0 give Gaussian transitions with the
   same variance v, whose KL is ‖Δmean‖²/2v (girsanov.py), Δmean taken between the two clipped x̂0.
   Without clipping the mean is (x + b s)/√a and the KL b² ‖sθ − sθ0‖²/(2 a v).
-* DDIM (η = 0, Song et al. 2021): x' = √ᾱ_t' x̂0 + √(1 − ᾱ_t') ε̂ (the network's ε̂, x̂0 clipped), where the
-  discrete chain's t' is `DDIMScheduler.step`'s t − N // T (ᾱ = 1 below 0, `set_alpha_to_one`), not the
-  next grid element: the two agree for `leading` spacing; for `linspace` and `trailing` DDIM lands
-  between grid elements and the next step starts from the next one, as in diffusers (`DDIMStep`). On
-  the continuous processes of sde.py the sampler "ddim" (`ddim_step`) steps to the next grid element.
+* DDIM (Song et al. 2021, as `DDIMScheduler.step`): x' = √ᾱ_t' x̂0 + √(1 − ᾱ_t' − σ_η²) ε̂ + σ_η ξ with
+  σ_η² = η² (1 − ᾱ_t')/(1 − ᾱ_t) (1 − ᾱ_t/ᾱ_t') (the network's ε̂, x̂0 clipped; `ddim_moments`), where
+  the discrete chain's t' is t − N // T, not the next grid element: the two agree for `leading` spacing;
+  for `linspace` and `trailing` DDIM lands between grid elements and the next step starts from the next
+  one, as in diffusers. Below 0, ᾱ is 1, or ᾱ_0 when the config's `set_alpha_to_one` is false (SD's
+  schedulers). η = 0 is deterministic (`DDIMStep`); η > 0 a Gaussian transition like the ancestral
+  step's (`GaussianStep(DDIMMoments)`). On the continuous processes of sde.py the sampler "ddim"
+  (`ddim_step`) steps to the next grid element.
 
 The process is a frozen dataclass (hashable: a static jit argument); its tables are float32 numpy arrays
 computed from the config fields.
@@ -121,6 +124,7 @@ class DiscreteDDPM(NoiseProcess):
     variance_type: str = "fixed_small"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+    set_alpha_to_one: bool = True
     rho: float = 1.0
 
     @property
@@ -170,13 +174,25 @@ class DiscreteDDPM(NoiseProcess):
         """The network's input is the timestep itself."""
         return t
 
-    def sampler(self, n_steps: int, name: str) -> Sampler:
-        """`n_steps` respaced steps of "ddpm" (ancestral) or "ddim" (`DDIMStep`); the last step lands on
-        x_0. UserError when the respaced timesteps leave the chain (`respaced_timesteps`)."""
+    def ddim_abar(self, t) -> jax.Array:
+        """ᾱ_t of DDIM's target timestep t ≥ −1: below 0, 1 or ᾱ_0 (`set_alpha_to_one`)."""
+        final = 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
+        return jnp.where(jnp.asarray(t) < 0, jnp.float32(final), self.abar(jnp.maximum(t, 0)))
+
+    def sampler(self, n_steps: int, name: str, eta: float = 0.0) -> Sampler:
+        """`n_steps` respaced steps of "ddpm" (ancestral) or "ddim" with `eta` (`DDIMStep` for η = 0, else
+        a `GaussianStep`); the last step lands on x_0. UserError when the respaced timesteps leave the
+        chain (`respaced_timesteps`)."""
         if name not in DISCRETE_STEPS:
             raise ValueError(f"unknown sampler {name!r} of a discrete chain; supported: {', '.join(DISCRETE_STEPS)}")
         respaced_timesteps(self.num_train_timesteps, n_steps, self.timestep_spacing, self.steps_offset)
-        step = ddpm_step if name == "ddpm" else DDIMStep(self.num_train_timesteps // n_steps)
+        stride = self.num_train_timesteps // n_steps
+        if name == "ddpm":
+            step = ddpm_step
+        elif eta:
+            step = GaussianStep(DDIMMoments(stride, float(eta)), "ddim_step")
+        else:
+            step = DDIMStep(stride)
         return Sampler(self, n_steps, step, denoise_final=False)
 
 
@@ -258,16 +274,36 @@ def ddim_step(sde: NoiseProcess, score: Score, y: jax.Array, t, t_next, key: jax
 
 
 @dataclasses.dataclass(frozen=True)
+class DDIMMoments:
+    """`DDIMScheduler.step` with η from timestep t to t − `stride` (stride = N // T), whatever the next
+    grid element, as the Gaussian transition (mean [B, ...], std []) given the score's value s = −ε̂/σ(t)
+    (module docstring; the GaussianStep interface)."""
+
+    stride: int
+    eta: float = 0.0
+
+    def __call__(self, sde: DiscreteDDPM, s: jax.Array, y: jax.Array, t, t_next) -> tuple[jax.Array, jax.Array]:
+        del t_next
+        eps = -_expand(sde.sigma(t), y) * s
+        target = jnp.maximum(t - self.stride, -1)
+        abar, abar_next = sde.abar(t), sde.ddim_abar(target)
+        var = (1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next)
+        std = self.eta * jnp.sqrt(var)
+        mean = jnp.sqrt(abar_next) * predicted_x0(sde, eps, y, t) + jnp.sqrt(1.0 - abar_next - std**2) * eps
+        return mean, std
+
+
+@dataclasses.dataclass(frozen=True)
 class DDIMStep:
-    """One DDIM (η = 0) step of the discrete chain as `DDIMScheduler.step` takes it: from timestep t to
-    t − `stride` (stride = N // T; ᾱ = 1 below 0), whatever the next grid element (module docstring)."""
+    """One deterministic (η = 0) DDIM step of the discrete chain, as `DDIMScheduler.step` takes it
+    (`DDIMMoments`' mean); `key` is unused."""
 
     stride: int
     __name__: str = "ddim_step"
 
     def __call__(self, sde: DiscreteDDPM, score: Score, y: jax.Array, t, t_next, key: jax.Array) -> jax.Array:
-        del t_next, key
-        return ddim_from_eps(sde, _eps(sde, score, y, t), y, t, jnp.maximum(t - self.stride, -1))
+        del key
+        return DDIMMoments(self.stride)(sde, score(y, jnp.full(y.shape[:1], t)), y, t, t_next)[0]
 
 
 # The discrete process's samplers (`DiscreteDDPM.sampler`): the continuous-time steps of samplers.py

@@ -49,13 +49,21 @@ UNET_FIELDS = dict(in_channels=3, out_channels=3, center_input_sample=False, fli
 UNET_FIXED = dict(time_embedding_type="positional", class_embed_type=None, num_class_embeds=None,
                   resnet_time_scale_shift="default", act_fn="silu", downsample_type="conv", upsample_type="conv",
                   mid_block_type="UNetMidBlock2D", attn_norm_num_groups=None)
-# DDPMScheduler fields (with diffusers' defaults) and their supported values.
+# The noise-process fields of a scheduler config, with the defaults that DDPMScheduler.from_config and
+# DDIMScheduler.from_config (the schedulers idiff samples like) give a field the file leaves out, and their
+# supported values. variance_type is DDPMScheduler's own (DPMSolverMultistepScheduler's field of that name
+# means something else), set_alpha_to_one DDIM's (and PNDM's): whether DDIM's last step lands on ᾱ = 1 or ᾱ_0.
 SCHEDULER_FIELDS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                         trained_betas=None, variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
-                        prediction_type="epsilon", timestep_spacing="leading", steps_offset=0)
+                        prediction_type="epsilon", timestep_spacing="leading", steps_offset=0,
+                        set_alpha_to_one=True)
 SCHEDULER_CHOICES = dict(beta_schedule=BETA_SCHEDULES, variance_type=VARIANCES, prediction_type=PREDICTIONS,
                          timestep_spacing=SPACINGS)
 SCHEDULER_FIXED = dict(thresholding=False, rescale_betas_zero_snr=False)
+# The scheduler classes whose config files describe the noise process (SD 1.5 ships a PNDMScheduler, SD 2.1
+# a DDIMScheduler); their own sampling algorithms are not idiff's: it samples with DDPM or DDIM steps.
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                     "DPMSolverMultistepScheduler")
 DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -143,12 +151,16 @@ def unet_fields(config: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, i
 
 
 def scheduler_fields(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The DiscreteDDPM fields of a DDPMScheduler scheduler_config.json; UserError naming the first
-    unsupported field."""
-    what = f"{SCHEDULER} of a DDPMScheduler"
-    fields = _fields(config, SCHEDULER, "DDPMScheduler",
-                     "idiff reads the DDPMScheduler of the model (its training noise schedule)",
-                     SCHEDULER_FIXED, SCHEDULER_FIELDS)
+    """The DiscreteDDPM fields of a scheduler_config.json of one of SCHEDULER_CLASSES, as
+    DDPMScheduler/DDIMScheduler.from_config read them; UserError naming the first unsupported field."""
+    kind = config.get("_class_name", "DDPMScheduler")
+    if kind not in SCHEDULER_CLASSES:
+        raise UserError(f"{SCHEDULER}: unsupported _class_name {kind!r}; idiff reads the noise schedule of "
+                        f"{', '.join(SCHEDULER_CLASSES)}")
+    what = f"{SCHEDULER} of a {kind}"
+    fields = _fields(config, SCHEDULER, kind, "", SCHEDULER_FIXED, SCHEDULER_FIELDS)
+    if kind != "DDPMScheduler":
+        fields["variance_type"] = SCHEDULER_FIELDS["variance_type"]
     for name, supported in SCHEDULER_CHOICES.items():
         if fields[name] not in supported:
             raise UserError(f"{what}: unsupported {name} = {fields[name]!r} (supported: {', '.join(supported)})")
@@ -180,21 +192,22 @@ def param_shapes(model: DDPMUNet, image_shape) -> Any:
 
 def torch_name(path: tuple[str, ...]) -> str:
     """The state-dict key of the Flax parameter at `path` (without the leading "params")."""
-    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[path[-1]]
     return ".".join([p.replace("__", ".") for p in path[:-1]] + [leaf])
 
 
-def to_flax(array: np.ndarray) -> np.ndarray:
-    """A torch tensor in the layout of its Flax parameter: OIHW -> HWIO, [out, in] -> [in, out]."""
+def to_flax(array: np.ndarray, leaf: str = "kernel") -> np.ndarray:
+    """A torch tensor in the layout of its Flax parameter `leaf`: a convolution's OIHW -> HWIO, a linear
+    layer's [out, in] -> [in, out]; an embedding table [vocab, dim] and 1-D tensors as they are."""
     if array.ndim == 4:
         return array.transpose(2, 3, 1, 0)
-    return array.T if array.ndim == 2 else array
+    return array.T if array.ndim == 2 and leaf == "kernel" else array
 
 
-def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+def torch_shape(flax_shape: tuple[int, ...], leaf: str = "kernel") -> tuple[int, ...]:
     if len(flax_shape) == 4:
         return tuple(flax_shape[i] for i in (3, 2, 0, 1))
-    return tuple(reversed(flax_shape))
+    return tuple(reversed(flax_shape)) if leaf == "kernel" else tuple(flax_shape)
 
 
 def _renamed(key: str) -> str:
@@ -205,24 +218,30 @@ def _renamed(key: str) -> str:
     return key
 
 
-def params_from_tensors(shapes: Any, tensors: Mapping[str, np.ndarray], source: str) -> Any:
-    """The variables with the structure of `shapes` filled from a state dict (float32); UserError naming
-    the first key (sorted) that is missing, unexpected or of the wrong shape."""
-    tensors = {_renamed(k): v for k, v in tensors.items()}
+def params_from_tensors(shapes: Any, tensors: Mapping[str, np.ndarray], source: str, what: str = "UNet2DModel",
+                        config: str = CONFIG, ignored: tuple[str, ...] = (),
+                        dtype: Any = np.float32) -> Any:
+    """The variables with the structure of `shapes` filled from a state dict (as `dtype`); UserError
+    naming the first key (sorted) that is missing, unexpected or of the wrong shape. `what` names the
+    network `config` describes; keys ending in one of `ignored` (buffers such as CLIP's position_ids)
+    are skipped."""
+    tensors = {_renamed(k): v for k, v in tensors.items() if not k.endswith(ignored)}
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes["params"])
-    expected = {torch_name(tuple(p.key for p in path)): leaf.shape for path, leaf in flat}
+    leaves = {torch_name(tuple(p.key for p in path)): (path[-1].key, leaf.shape) for path, leaf in flat}
+    expected = {key: torch_shape(shape, leaf) for key, (leaf, shape) in leaves.items()}
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:
-            raise UserError(f"{source}: no weight '{key}', which {CONFIG} implies (shape "
-                            f"{torch_shape(expected[key])}); the file and {CONFIG} do not belong together")
+            raise UserError(f"{source}: no weight '{key}', which {config} implies (shape "
+                            f"{expected[key]}); the file and {config} do not belong together")
         if key not in expected:
             raise UserError(f"{source}: weight '{key}' {tuple(tensors[key].shape)} is not a parameter of the "
-                            f"UNet2DModel that {CONFIG} describes")
-        if tuple(tensors[key].shape) != torch_shape(expected[key]):
-            raise UserError(f"{source}: weight '{key}' has shape {tuple(tensors[key].shape)}, {CONFIG} implies "
-                            f"{torch_shape(expected[key])}")
-    leaves = [to_flax(np.asarray(tensors[torch_name(tuple(p.key for p in path))], np.float32)) for path, _ in flat]
-    return {"params": jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in leaves])}
+                            f"{what} that {config} describes")
+        if tuple(tensors[key].shape) != expected[key]:
+            raise UserError(f"{source}: weight '{key}' has shape {tuple(tensors[key].shape)}, {config} implies "
+                            f"{expected[key]}")
+    values = [to_flax(np.asarray(tensors[key], dtype), leaves[key][0]) for key in
+              (torch_name(tuple(p.key for p in path)) for path, _ in flat)]
+    return {"params": jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) for v in values])}
 
 
 def read_weights(path: pathlib.Path) -> dict[str, np.ndarray]:

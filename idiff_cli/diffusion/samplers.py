@@ -134,9 +134,10 @@ class Sampler:
         s = score(y, jnp.full(y.shape[:1], t))
         return (y + self.sde.sigma(t) ** 2 * s) / self.sde.alpha(t)
 
-    def sample(self, score: Score, key: jax.Array, shape, trajectory_every: int = 0):
-        """Runs all steps from y ~ N(0, I); returns x0 [shape], and with `trajectory_every` > 0 also
-        the states after every that many steps [n_steps // trajectory_every, *shape]."""
+    def sample(self, score: Score, key: jax.Array, shape, trajectory_every: int = 0, init: jax.Array | None = None):
+        """Runs all steps from y ~ N(0, I) (or from `init` [shape], the same key then driving the steps);
+        returns x0 [shape], and with `trajectory_every` > 0 also the states after every that many steps
+        [n_steps // trajectory_every, *shape]."""
         init_key, step_key = jax.random.split(key)
 
         def body(y, k):
@@ -144,7 +145,8 @@ class Sampler:
             keep = y if trajectory_every else None
             return y, keep
 
-        y, traj = jax.lax.scan(body, self.init(init_key, shape), jnp.arange(self.n_steps))
+        y0 = self.init(init_key, shape) if init is None else init
+        y, traj = jax.lax.scan(body, y0, jnp.arange(self.n_steps))
         x0 = self.finalize(score, y)
         if trajectory_every:
             return x0, traj[trajectory_every - 1 :: trajectory_every]
