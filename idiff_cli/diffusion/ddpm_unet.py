@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from idiff_cli.diffusion.conv import conv
 
@@ -46,9 +47,14 @@ _Conv = functools.partial(nn.Conv, conv_general_dilated=conv)
 
 
 def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
-    """diffusers' sinusoidal embedding [B, dim] of timesteps t [B] (`Timesteps`, max period 10⁴)."""
+    """diffusers' sinusoidal embedding [B, dim] (float32) of timesteps t [B] (`Timesteps`, max period 10⁴).
+    The frequencies are float32 constants made on the host as torch makes them: the exponents
+    float32(−log 10⁴) · j / (dim/2 − freq_shift) rounded at each float32 operation (an XLA division by a
+    constant may become an inexact multiplication by its reciprocal, which times t ≈ 10³ moves the
+    sines by ~5·10⁻⁵), then exp rounded once from float64 (torch's float32 exp is within an ulp)."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    exponents = np.float32(-math.log(10_000.0)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+    freqs = np.exp(exponents.astype(np.float64)).astype(np.float32)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     sin, cos = jnp.sin(args), jnp.cos(args)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
@@ -56,22 +62,25 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift
 
 
 class ResnetBlock(nn.Module):
-    """diffusers' ResnetBlock2D ("default" time embedding: added after the first conv)."""
+    """diffusers' ResnetBlock2D ("default" time embedding: added after the first conv), computed in
+    `dtype` (GroupNorm statistics in float32 at least)."""
 
     out_ch: int
     groups: int
     eps: float
     scale: float = 1.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb):
-        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, name="norm1")(x))
-        h = _Conv(self.out_ch, (3, 3), padding=1, name="conv1")(h)
-        h = h + nn.Dense(self.out_ch, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, name="norm2")(h))
-        h = _Conv(self.out_ch, (3, 3), padding=1, name="conv2")(h)
+        dt = self.dtype
+        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=dt, name="norm1")(x))
+        h = _Conv(self.out_ch, (3, 3), padding=1, dtype=dt, name="conv1")(h)
+        h = h + nn.Dense(self.out_ch, dtype=dt, name="time_emb_proj")(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=dt, name="norm2")(h))
+        h = _Conv(self.out_ch, (3, 3), padding=1, dtype=dt, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
-            x = _Conv(self.out_ch, (1, 1), padding=0, name="conv_shortcut")(x)
+            x = _Conv(self.out_ch, (1, 1), padding=0, dtype=dt, name="conv_shortcut")(x)
         return (x + h) / self.scale
 
 
