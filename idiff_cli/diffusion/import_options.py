@@ -6,14 +6,17 @@ from idiff_cli import config as cfglib
 from idiff_cli.config import Option
 
 FORMATS = ("diffusers",)
+VARIANTS = ("fp32", "fp16")
 
 SCHEMA = cfglib.Schema(
     "import",
     "Import a published pretrained diffusion model as a run directory that `idiff sample`, `finetune` and "
     "`evaluate-fid` use like a pretrain run. diffusers: a UNet2DModel directory (config.json, "
-    "diffusion_pytorch_model.safetensors, scheduler_config.json of a DDPMScheduler; or a pipeline directory "
-    "with unet/ and scheduler/), e.g. google/ddpm-cifar10-32. Writes config.json, pretrained.json, "
-    "checkpoints/ (the weights) and diffusers/ (the source's config files).",
+    "diffusion_pytorch_model.safetensors, scheduler_config.json; or a DDPMPipeline directory with unet/ and "
+    "scheduler/), e.g. google/ddpm-cifar10-32; or a Stable Diffusion 1.x/2.x pipeline directory "
+    "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5. Writes config.json, pretrained.json, checkpoints/ (the "
+    "weights) and diffusers/ (the source's config and tokenizer files).",
     (
         Option("format", str, None, "Format of DIR.", argument=True, required=True, choices=FORMATS),
         Option("dir", "path", None, "The model directory.", argument=True, required=True),
@@ -21,10 +24,13 @@ SCHEMA = cfglib.Schema(
                "finetune's M/T/batch defaults and the FID reference statistics follow it."),
         Option("data_dir", "path", None, "tfds data directory of --dataset (for FID references).",
                defining=False, rule="~/tensorflow_datasets or $TFDS_DATA_DIR"),
-        Option("sampler", str, "ddpm", "Default sampler of the run: ddpm (ancestral) or ddim (deterministic).",
-               choices=("ddpm", "ddim")),
-        Option("sample_steps", int, 100, "Default number of respaced sampling steps (of the model's training "
-               "timesteps).", positive=True),
+        Option("sampler", str, None, "Default sampler of the run: ddpm (ancestral) or ddim (deterministic).",
+               choices=("ddpm", "ddim"), rule="ddpm; ddim for a pipeline"),
+        Option("sample_steps", int, None, "Default number of respaced sampling steps (of the model's training "
+               "timesteps).", positive=True, rule="100; 50 for a pipeline"),
+        Option("variant", str, "fp32", "Weights of a Stable Diffusion pipeline to read: fp32 "
+               "(*.safetensors) or fp16 (diffusers' *.fp16.safetensors, kept in float16).",
+               choices=VARIANTS),
         cfglib.out_option("Run directory"),
         cfglib.CONFIG_OPTION,
     ),

@@ -9,12 +9,15 @@ A pretrain run directory holds `pretrained.json` (`write_pretrained`): the check
 the data source; its checkpoints hold a `TrainState`, whose EMA weights are θ0 (`weights="params"`:
 the raw weights). An imported run directory (`idiff import`) holds its network's variables as
 checkpoint 0 and the diffusers config files they come from (diffusers_io.py), and loads as an
-`ImportedModel`: the discrete DDPM process and samplers of ddpm.py. A finetune run directory holds
+`ImportedModel`: the discrete DDPM process and samplers of ddpm.py; an imported Stable Diffusion pipeline
+(pipeline_io.py) loads as a `TextToImageModel`, whose `model` is a text2image.TextToImage and whose
+params are {"unet", "vae", "text_encoder"}. A finetune run directory holds
 `finetuned.json` (`write_finetuned`): its base run (`from`) and the directory of its θ checkpoints
 (`weights/`, orbax, one per checkpoint step); it loads as the base model with the finetuned θ of its
 last (or the given) step.
 
-Everything here builds on sde.py, unet.py, ddpm.py, losses.py, samplers.py and diffusers_io.py;
+Everything here builds on sde.py, unet.py, ddpm.py, losses.py, samplers.py, diffusers_io.py and
+pipeline_io.py;
 nothing here knows about the commands that train, import or evaluate models.
 """
 
@@ -32,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from idiff_cli import registry
 from idiff_cli.checkpoint import Checkpointer, restore_template
-from idiff_cli.diffusion import diffusers_io
+from idiff_cli.diffusion import diffusers_io, pipeline_io
 from idiff_cli.diffusion.ddpm import DISCRETE_STEPS
 from idiff_cli.diffusion.losses import score_function
 from idiff_cli.diffusion.options import PRETRAIN
@@ -166,9 +169,13 @@ class Model:
         """s_θ(x, t) = −ε_θ(x, t)/σ(t) (with the run's preconditioning)."""
         return score_function(self.apply, self.sde, self.cfg.precondition)(params, x, t, labels)
 
-    def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
+    def sampler(self, n_steps: int | None = None, name: str | None = None, eta: float = 0.0) -> Sampler:
         """The run's sampler (Tables 1/3: Euler–Maruyama 256 steps for MNIST, DDPM 1024 for CIFAR/LSUN),
-        or `name` ("euler-maruyama", "probability-flow", "ddpm", "ddim") with `n_steps` steps."""
+        or `name` ("euler-maruyama", "probability-flow", "ddpm", "ddim") with `n_steps` steps. DDIM's η > 0
+        is a step of the discrete chain of an imported model only (UserError here)."""
+        if eta:
+            raise UserError(f"--ddim-eta {eta:g} applies to the discrete chain of an imported model; this run "
+                            "samples a continuous-time process (its ddim sampler is deterministic)")
         return make_sampler(self.cfg, self.sde, n_steps, name)
 
 
@@ -195,18 +202,26 @@ class ImportedModel(Model):
         """False: the process is the discrete chain of the model's training timesteps."""
         return False
 
-    def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
-        """`n_steps` respaced steps (default: the import's) of "ddpm" (ancestral) or "ddim"; UserError for
-        the continuous-time samplers, which need a continuous-time process."""
+    def sampler(self, n_steps: int | None = None, name: str | None = None, eta: float = 0.0) -> Sampler:
+        """`n_steps` respaced steps (default: the import's) of "ddpm" (ancestral) or "ddim" (with `eta`);
+        UserError for the continuous-time samplers, which need a continuous-time process."""
         name = name or self.cfg.sampler
         if name not in DISCRETE_STEPS:
-            raise UserError(f"an imported DDPM model is a discrete chain of training timesteps: it samples with "
-                            f"{' or '.join(DISCRETE_STEPS)}, not '{name}' (pass --sampler ddpm)")
+            raise UserError(f"an imported diffusers model is a discrete chain of training timesteps: it samples "
+                            f"with {' or '.join(DISCRETE_STEPS)}, not '{name}' (pass --sampler ddim)")
+        if eta and name != "ddim":
+            raise UserError(f"--ddim-eta {eta:g} applies to the ddim sampler, not '{name}' (pass --sampler ddim)")
         n_steps = n_steps or self.cfg.sample_steps
         if n_steps > self.sde.num_train_timesteps:
             raise UserError(f"{n_steps} sampling steps exceed the model's {self.sde.num_train_timesteps} "
                             "training timesteps")
-        return self.sde.sampler(n_steps, name)
+        return self.sde.sampler(n_steps, name, eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextToImageModel(ImportedModel):
+    """An imported Stable Diffusion pipeline: `model` is its text2image.TextToImage (networks, tokenizer,
+    latent and image shapes), `params` {"unet", "vae", "text_encoder"}; it samples from prompts."""
 
 
 def write_pretrained(run_dir: RunDir, step: int, final: bool, image_shape, num_classes: int, dataset: str,
@@ -237,6 +252,8 @@ def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = N
             raise UserError(f"'{run_dir}' is a finetune run: it holds only its finetuned weights, so weights "
                             f"'{weights}' does not apply (leave the default)")
         return _load_finetuned(run_dir, step)
+    if (run_dir / PRETRAINED).exists() and pipeline_io.holds_pipeline(run_dir):
+        return _load_text_to_image(run_dir, weights, step)
     if (run_dir / PRETRAINED).exists() and diffusers_io.holds_source(run_dir):
         return _load_imported(run_dir, weights, step)
     if not (run_dir / PRETRAINED).exists():
@@ -267,13 +284,32 @@ def _load_imported(run_dir: pathlib.Path, weights: str, step: int | None) -> Imp
     if step not in (None, 0):
         raise UserError(f"'{run_dir}' is an imported model: its only checkpoint is step 0")
     run = RunDir(run_dir)
-    config = run.read_json("config.json")
     model, sde, image_shape = diffusers_io.run_source(run_dir)
     with Checkpointer(run_dir / run.read_json(PRETRAINED)["checkpoints"], keep=1) as ckpt:
         params, _ = ckpt.restore(restore_template(diffusers_io.param_shapes(model, image_shape)), step=0)
-    cfg = ImportedConfig(config["dataset"], config["data_dir"], config["sampler"], config["sample_steps"],
-                         image_shape[0], config["dir"])
+    cfg = _imported_config(run_dir, image_shape[0])
     return ImportedModel(model, params, sde, cfg, image_shape, 0, 0, True, "imported")
+
+
+def _imported_config(run_dir: pathlib.Path, image_size: int) -> ImportedConfig:
+    config = RunDir(run_dir).read_json("config.json")
+    return ImportedConfig(config["dataset"], config["data_dir"], config["sampler"], config["sample_steps"],
+                          image_size, config["dir"])
+
+
+def _load_text_to_image(run_dir: pathlib.Path, weights: str, step: int | None) -> TextToImageModel:
+    """The model of an imported SD pipeline run directory (its one checkpoint, step 0)."""
+    if weights != "ema" or step not in (None, 0):
+        raise UserError(f"'{run_dir}' is an imported model: it holds one set of weights, checkpoint 0 (leave "
+                        "--weights and --step at their defaults)")
+    model = pipeline_io.run_pipeline(run_dir)
+    record = RunDir(run_dir).read_json(PRETRAINED)
+    shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, record.get("dtype", "float32")),
+                                    pipeline_io.param_shapes(model))
+    with Checkpointer(run_dir / record["checkpoints"], keep=1) as ckpt:
+        params, _ = ckpt.restore(restore_template(shapes), step=0)
+    cfg = _imported_config(run_dir, model.image_shape[0])
+    return TextToImageModel(model, params, model.sde, cfg, model.image_shape, 0, 0, True, "imported")
 
 
 def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Model:

@@ -139,22 +139,44 @@ def _sample_out() -> Option:
     return Option("out", "path", None, "Output directory.", config=False, rule="RUN_DIR/samples")
 
 
+def text_to_image_options(prompt: bool = True) -> tuple[Option, ...]:
+    """The prompt, guidance, DDIM η and dtype of sampling an imported Stable Diffusion run (sample,
+    evaluate-fid); refused on other runs (text2image_options.check)."""
+    prompts = (Option("prompt", str, None, "Text prompt of a text-to-image run (--n images of it).",
+                      rule="none: give --prompt or --prompts"),) if prompt else ()
+    return prompts + (
+        Option("prompts", "path", None, "File of prompts of a text-to-image run, one per line (blank lines "
+               "skipped)."),
+        Option("negative_prompt", str, None, "Negative prompt of classifier-free guidance.", rule='""'),
+        Option("guidance", float, None, "Classifier-free guidance scale g: ε_uncond + g (ε_cond − ε_uncond); "
+               "g ≤ 1 samples the conditional model alone, as diffusers does.", minimum=0, rule="7.5"),
+        Option("ddim_eta", float, None, "η of the ddim sampler (0: deterministic; 1: DDPM-like noise).",
+               minimum=0, rule="0"),
+        Option("dtype", str, None, "Weights and activations of a text-to-image run: float32 or bfloat16.",
+               choices=("float32", "bfloat16"), rule="float32"),
+    )
+
+
 SAMPLE = cfglib.Schema(
     "sample",
-    "Sample a trained model (θ0 of a pretrain run, θ of a finetune run): a PNG grid (first 256 images) and "
-    "an .npz of all n images (uint8).",
+    "Sample a trained model (θ0 of a pretrain run, θ of a finetune run, an imported model): a PNG grid "
+    "(first 256 images) and an .npz of all the images (uint8). A text-to-image run samples --n images per "
+    "prompt (--prompt or --prompts).",
     (
-        Option("run_dir", "path", None, "A pretrain or finetune run directory.", argument=True, required=True),
-        Option("n", int, 64, "Number of images.", flags=("--n",), positive=True),
-        Option("sampler", str, None, "euler-maruyama, probability-flow or ddpm.", choices="sampler",
-               rule="the run's"),
+        Option("run_dir", "path", None, "A pretrain, finetune or import run directory.", argument=True,
+               required=True),
+        Option("n", int, 64, "Number of images (of a text-to-image run: per prompt).", flags=("--n",),
+               positive=True),
+        Option("sampler", str, None, "euler-maruyama, probability-flow, ddpm or ddim (imported models: ddpm or "
+               "ddim).", choices="sampler", rule="the run's"),
         Option("sample_steps", int, None, "Sampling steps.", positive=True,
-               rule="the run's (256 MNIST, 1024 CIFAR/LSUN paper)"),
+               rule="the run's (256 MNIST, 1024 CIFAR/LSUN paper, 50 SD)"),
         Option("weights", str, "ema", "ema (θ0) or params (the raw weights) of a pretrain run; a finetune run "
                "has only its finetuned weights.", choices=("ema", "params")),
         Option("step", int, None, "Checkpoint step.", minimum=0,
                rule="the one in pretrained.json (finetune: the latest)"),
         Option("batch", int, 256, "Images per jitted call, split over the devices.", positive=True),
+        *text_to_image_options(),
         cfglib.seed_option(),
         _sample_out(),
         cfglib.CONFIG_OPTION,

@@ -14,17 +14,21 @@ missing, and a larger `--n` adds batches.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import pathlib
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from idiff_cli import loop
-from idiff_cli.diffusion.model import load
+from idiff_cli.diffusion import prompt_sampling
+from idiff_cli.diffusion.model import TextToImageModel, load
 from idiff_cli.errors import UserError
 from idiff_cli.fid import stats as statslib
 from idiff_cli.fid.features import Features, embed_all, get_features
@@ -100,14 +104,33 @@ def _sample_batch_fn(pre, sampler, batch: int, mesh):
     return jax.jit(one, out_shardings=split)
 
 
+def _prompted_batch_fn(pre, sampler, settings: prompt_sampling.Settings, batch: int):
+    """(params, key) -> images [batch, H, W, 3] of a text-to-image model: row r of the whole run of
+    samples has prompt r mod P, so batch i's rows are i·batch … (i + 1)·batch − 1; and its params."""
+    fn, params = prompt_sampling.batch_sampler(pre, settings, sampler)
+    n_prompts = len(settings.prompts)
+
+    @jax.jit
+    def one(params, key, i):
+        rows = (i * batch + jnp.arange(batch)) % n_prompts
+        return fn(params, jax.random.key_data(key), rows)
+
+    return one, params
+
+
 def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: int, store: pathlib.Path,
-                    progress=None) -> np.ndarray:
-    """Features [n, dim] of n samples of `pre` with `sampler`, reusing the batches already in `store`."""
+                    progress=None, settings: prompt_sampling.Settings | None = None) -> np.ndarray:
+    """Features [n, dim] of n samples of `pre` with `sampler` (a text-to-image model: with the prompts
+    and guidance of `settings`), reusing the batches already in `store`."""
     n_batches = -(-n // batch)
     store.mkdir(parents=True, exist_ok=True)
     mesh = seed_mesh(batch)
-    draw = _sample_batch_fn(pre, sampler, batch, mesh)
-    params = jax.device_put(pre.params, replicated(mesh))
+    if settings is None:
+        one = _sample_batch_fn(pre, sampler, batch, mesh)
+        params = jax.device_put(pre.params, replicated(mesh))
+        draw = lambda params, key, i: one(params, jax.device_put(key, replicated(mesh)))  # noqa: E731
+    else:
+        draw, params = _prompted_batch_fn(pre, sampler, settings, batch)
     root = jax.random.key(seed)
     task = progress.add_task("fid samples", total=n, rate="") if progress else None
     start, fresh = time.monotonic(), 0
@@ -117,8 +140,7 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
         nonlocal fresh
         path = store / f"batch-{i:05d}.npy"
         if not path.exists():
-            key = jax.device_put(jax.random.fold_in(root, i), replicated(mesh))
-            _save_npy(path, embed_all(features, np.asarray(draw(params, key)), batch))
+            _save_npy(path, embed_all(features, np.asarray(draw(params, jax.random.fold_in(root, i), i)), batch))
             fresh += batch
         if progress:
             rate = fresh / max(time.monotonic() - start, 1e-9)
@@ -143,23 +165,30 @@ def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
 
 def evaluate_run(run_dir: str | pathlib.Path, features: Features, *, step: int | None, n: int, batch: int,
                  sampler_name: str | None, sample_steps: int | None, seed: int, ref_stats=None,
-                 dataset: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """Samples n images of the run's model (θ0 of a pretrain run, θ of a finetune run; or checkpoint `step`),
-    computes the FID and writes fid.json."""
+                 dataset: str | None = None, data_dir: str | None = None, cfg: Any = None) -> dict[str, Any]:
+    """Samples n images of the run's model (θ0 of a pretrain run, θ of a finetune run; or checkpoint `step`;
+    a text-to-image run with the prompts of `cfg`), computes the FID and writes fid.json."""
     run = RunDir(run_dir)
     pre = load(run.path, step=step)
+    settings = prompt_sampling.settings_of(cfg, isinstance(pre, TextToImageModel)) if cfg is not None else None
     features.check_shape((1, *pre.image_shape))
-    sampler = pre.sampler(sample_steps, sampler_name)
+    sampler = pre.sampler(sample_steps, sampler_name, (cfg.ddim_eta or 0.0) if cfg is not None else 0.0)
     sampler_name = sampler_name or pre.cfg.sampler
     dataset = dataset or pre.cfg.dataset
     ref = reference(features, ref_stats, dataset, data_dir or pre.cfg.data_dir, pre.cfg.image_size, batch=batch)
     tag = f"{features.name}-ckpt{pre.step}-{sampler_name}-{sampler.n_steps}steps-b{batch}-seed{seed}"
+    prompted = {}
+    if settings is not None:
+        prompted = {"prompts": len(settings.prompts), "negative_prompt": settings.negative_prompt,
+                    "guidance": settings.guidance, "ddim_eta": cfg.ddim_eta or 0.0, "dtype": settings.dtype}
+        digest = hashlib.sha256(json.dumps([settings.prompts, prompted]).encode()).hexdigest()[:12]
+        tag += f"-prompts{digest}"
     with progress_bar() as progress:
-        feats = sample_features(pre, sampler, features, n, batch, seed, run.path / "fid" / tag, progress)
+        feats = sample_features(pre, sampler, features, n, batch, seed, run.path / "fid" / tag, progress, settings)
     result = {"metric": features.label, "value": fid_of_features(feats, ref), "n": n, "features": features.name,
               "features_source": features.source, "reference": ref.description, "run": str(run.path),
               "checkpoint": pre.step, "weights": pre.weights, "sampler": sampler_name, "sample_steps": sampler.n_steps,
-              "batch": batch, "seed": seed}
+              "batch": batch, "seed": seed, **prompted}
     run.write_json("fid.json", result)
     return result
 
@@ -209,6 +238,6 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, Any] | None:
     else:
         result = evaluate_run(cfg.run_dir, extractor, step=cfg.step, n=cfg.n, batch=cfg.batch,
                               sampler_name=cfg.sampler, sample_steps=cfg.sample_steps, seed=cfg.seed,
-                              ref_stats=cfg.ref_stats, dataset=cfg.dataset, data_dir=cfg.data_dir)
+                              ref_stats=cfg.ref_stats, dataset=cfg.dataset, data_dir=cfg.data_dir, cfg=cfg)
     console.print(summary(result), highlight=False)
     return result

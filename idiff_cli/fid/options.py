@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from idiff_cli import config as cfglib
 from idiff_cli.config import Option
+from idiff_cli.diffusion.options import text_to_image_options
 
 SCHEMA = cfglib.Schema(
     "evaluate-fid",
     "Fréchet distance of samples to reference statistics (FID; pytorch-fid's definition with --features "
-    "inception). Three modes: RUN_DIR (sample a pretrain or finetune run; fid.json goes there), --samples "
+    "inception). Three modes: RUN_DIR (sample a pretrain, finetune or import run, a text-to-image one with "
+    "--prompts FILE; fid.json goes there), --samples "
     "FILE.npz (fid.json goes to --out), --dataset NAME --save-stats FILE.npz (reference statistics).",
     (
         Option("run_dir", "path", None, "A pretrain or finetune run directory: its samples are evaluated and "
@@ -35,6 +37,7 @@ SCHEMA = cfglib.Schema(
         Option("samples", "path", None, "Evaluate these images instead of sampling: an .npz (its array "
                "`images` or `samples`, or its only array), an .npy, or a directory of PNGs; [N, H, W, C], uint8 "
                "or float in [-1, 1]."),
+        *text_to_image_options(prompt=False),
         cfglib.out_option("Output directory of fid.json with --samples"),
         cfglib.seed_option(),
         cfglib.CONFIG_OPTION,

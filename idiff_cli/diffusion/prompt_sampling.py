@@ -1,0 +1,93 @@
+"""Sampling an imported text-to-image run from the command line (`sample`, `evaluate-fid`): the prompts
+of --prompt / --prompts, the options of text2image.py checked against the run, and one jitted function
+that draws a batch of guided images.
+
+    settings = settings_of(cfg, model)          # UserError before any work for options that do not apply
+    draw, params = batch_sampler(model, settings, sampler)
+    images = draw(params, key_data, rows)        # rows [B] int32: indices into settings.prompts
+
+Row i of a batch samples prompts[rows[i]]; z_T and the sampler's noise come from the batch's key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idiff_cli.errors import UserError
+from idiff_cli.runs import console
+
+GUIDANCE, NEGATIVE, DTYPE = 7.5, "", "float32"  # the defaults of the options' rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The resolved text-to-image options of one command."""
+
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    guidance: float
+    dtype: str
+
+
+def read_prompts(path: str | pathlib.Path) -> list[str]:
+    """The non-blank lines of a prompts file (trailing whitespace removed); UserError when it cannot be
+    read or holds none."""
+    try:
+        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --prompts '{path}': {e}") from None
+    prompts = [line.rstrip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts '{path}' holds no prompt (one per line)")
+    return prompts
+
+
+def settings_of(cfg: Any, text_to_image: bool) -> Settings | None:
+    """The text-to-image options of `cfg` (a sample or evaluate-fid config): None for a run that is not
+    text-to-image, where giving one is a UserError; for a text-to-image run, UserError without a prompt."""
+    given = {name: getattr(cfg, name, None) for name in ("prompt", "prompts", "negative_prompt", "guidance", "dtype")}
+    if not text_to_image:
+        for name, value in given.items():
+            if value is not None:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} applies to a text-to-image run (an imported Stable Diffusion pipeline); "
+                                f"'{cfg.run_dir}' is an unconditional or label-conditioned model")
+        return None
+    prompts = ([given["prompt"]] if given["prompt"] is not None else []) + (
+        read_prompts(given["prompts"]) if given["prompts"] else [])
+    if not prompts:
+        raise UserError(f"'{cfg.run_dir}' is a text-to-image model: give --prompt TEXT or --prompts FILE")
+    return Settings(tuple(prompts), given["negative_prompt"] if given["negative_prompt"] is not None else NEGATIVE,
+                    GUIDANCE if given["guidance"] is None else float(given["guidance"]), given["dtype"] or DTYPE)
+
+
+def token_ids(tokenizer, prompts: Sequence[str], what: str = "prompt") -> np.ndarray:
+    """Token ids [P, 77] of the prompts, saying once which were truncated (as diffusers truncates)."""
+    ids, truncated = tokenizer.encode(list(prompts))
+    cut = [i for i, t in enumerate(truncated) if t]
+    if cut:
+        console.print(f"{len(cut)} {what}(s) longer than {ids.shape[1]} tokens (the first: {prompts[cut[0]][:60]!r}) "
+                      f"truncated to their first {ids.shape[1]}, as diffusers does", highlight=False)
+    return ids
+
+
+def batch_sampler(model, settings: Settings, sampler):
+    """(draw, params): draw is jit (params, key data [2] uint32, rows [B] int32) -> images [B, H, W, 3] in
+    [−1, 1] of the model (a model.TextToImageModel) cast to the settings' dtype, params its weights in it."""
+    t2i, params = model.model.with_dtype(model.params, settings.dtype)
+    ids = jnp.asarray(token_ids(t2i.tokenizer, settings.prompts))
+    negative_ids = jnp.asarray(token_ids(t2i.tokenizer, [settings.negative_prompt], "negative prompt"))
+
+    @jax.jit
+    def draw(params, key_data, rows):
+        context = t2i.embed(params, ids)[rows]
+        negative = t2i.embed(params, negative_ids)
+        return t2i.sample(params, context, negative, jax.random.wrap_key_data(key_data), sampler, settings.guidance)
+
+    return draw, params

@@ -1,0 +1,111 @@
+"""A Stable Diffusion pipeline through the real CLI: import (fp32 and --variant fp16) -> sample with a
+prompt and guidance -> evaluate-fid from a prompts file with plug-in features; and the one-line refusals
+of bad input, each before anything is written."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from helpers import error_line, invoke
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sd_tiny"
+DDPM = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"
+
+# Mean-colour features of a 16×16 RGB image: a plug-in extractor (`package.module:function`).
+PLUGIN = '''
+from idiff_cli.fid.features import Features
+
+def colour(weights=None):
+    return Features("colour", "FID (mean colour)", 3, lambda x: x.mean(axis=(1, 2)), "test plug-in")
+'''
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sd") / "run"
+    invoke("import", "diffusers", FIXTURE / "sd1", "--out", run, "--sample-steps", "4", check=True)
+    return run
+
+
+def test_import_writes_a_text_to_image_run(sd_run):
+    config = json.loads((sd_run / "config.json").read_text())
+    assert config["command"] == "import" and config["sampler"] == "ddim" and config["sample_steps"] == 4
+    record = json.loads((sd_run / "pretrained.json").read_text())
+    assert record["image_shape"] == [16, 16, 3] and record["dtype"] == "float32"
+    copies = sorted(p.relative_to(sd_run / "diffusers").as_posix() for p in (sd_run / "diffusers").rglob("*.*"))
+    assert copies == ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                      "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+                      "tokenizer/vocab.json", "unet/config.json", "vae/config.json"]
+
+
+def test_sample_with_a_prompt_and_guidance(sd_run, tmp_path):
+    """--n images per prompt, the prompts recorded per image; the same seed gives the same images."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\n  \na red boat\n")
+    result = invoke("sample", sd_run, "--prompts", prompts, "--n", "2", "--guidance", "7.5", "--negative-prompt",
+                    "blurry", "--seed", "3", "--out", tmp_path / "a", check=True)
+    assert "wrote" in result.output
+    data = np.load(tmp_path / "a" / "sample-step0-imported-ddim4-seed3-n2.npz")
+    assert data["images"].shape == (4, 16, 16, 3) and data["images"].dtype == np.uint8
+    assert list(data["prompts"]) == ["a photo of a cat"] * 2 + ["a red boat"] * 2
+    assert str(data["negative_prompt"]) == "blurry" and float(data["guidance"]) == 7.5
+    assert not np.array_equal(data["images"][0], data["images"][1])  # two draws of one prompt differ
+    assert (tmp_path / "a" / "sample-step0-imported-ddim4-seed3-n2.png").is_file()
+
+
+def test_long_prompt_is_truncated_and_said_once(sd_run, tmp_path):
+    long = " ".join(["a quiet mountain village at sunset"] * 20)
+    result = invoke("sample", sd_run, "--prompt", long, "--n", "1", "--sample-steps", "2", "--out", tmp_path,
+                    check=True)
+    assert result.output.count("longer than 77 tokens") == 1
+
+
+def test_evaluate_fid_from_a_prompts_file(sd_run, tmp_path, monkeypatch):
+    (tmp_path / "sd_features.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red boat\na green field\n")
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=np.full(3, 0.5), sigma=np.eye(3) * 0.01)
+    invoke("evaluate-fid", sd_run, "--prompts", prompts, "--features", "sd_features:colour", "--ref-stats", stats,
+           "--n", "4", "--batch", "2", "--sample-steps", "2", check=True)
+    result = json.loads((sd_run / "fid.json").read_text())
+    assert result["n"] == 4 and result["prompts"] == 3 and result["guidance"] == 7.5
+    assert np.isfinite(result["value"]) and result["value"] > 0
+
+
+def test_fp16_variant_imports_half_weights(tmp_path):
+    run = tmp_path / "half"
+    invoke("import", "diffusers", FIXTURE / "sd1", "--variant", "fp16", "--out", run, check=True)
+    assert json.loads((run / "pretrained.json").read_text())["dtype"] == "float16"
+
+
+@pytest.fixture(scope="module")
+def ddpm_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ddpm") / "run"
+    invoke("import", "diffusers", DDPM, "--out", run, check=True)
+    return run
+
+
+def test_refusals_are_one_line_and_write_nothing(sd_run, ddpm_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    cases = [
+        (("sample", sd_run, "--out", tmp_path / "s"), "is a text-to-image model: give --prompt TEXT or --prompts FILE"),
+        (("sample", sd_run, "--prompts", empty, "--out", tmp_path / "s"), "holds no prompt (one per line)"),
+        (("sample", ddpm_run, "--prompt", "a cat", "--out", tmp_path / "s"),
+         "--prompt applies to a text-to-image run"),
+        (("sample", ddpm_run, "--guidance", "3", "--out", tmp_path / "s"), "--guidance applies to a text-to-image run"),
+        (("sample", sd_run, "--prompt", "a cat", "--sampler", "ddpm", "--ddim-eta", "1", "--out", tmp_path / "s"),
+         "--ddim-eta 1 applies to the ddim sampler, not 'ddpm'"),
+        (("import", "diffusers", DDPM, "--variant", "fp16", "--out", tmp_path / "i"),
+         "--variant fp16 applies to Stable Diffusion pipeline directories"),
+        (("import", "diffusers", FIXTURE / "sd2", "--variant", "fp16", "--out", tmp_path / "i"),
+         "--variant fp16: '"),
+    ]
+    for args, message in cases:
+        assert message in error_line(invoke(*args))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "i").exists()
