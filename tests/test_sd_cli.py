@@ -101,6 +101,7 @@ def test_refusals_are_one_line_and_write_nothing(sd_run, ddpm_run, tmp_path):
         (("sample", ddpm_run, "--guidance", "3", "--out", tmp_path / "s"), "--guidance applies to a text-to-image run"),
         (("sample", sd_run, "--prompt", "a cat", "--sampler", "ddpm", "--ddim-eta", "1", "--out", tmp_path / "s"),
          "--ddim-eta 1 applies to the ddim sampler, not 'ddpm'"),
+        (("finetune", "--from", sd_run, "--out", tmp_path / "s"), "finetuning with prompts is not built yet"),
         (("import", "diffusers", DDPM, "--variant", "fp16", "--out", tmp_path / "i"),
          "--variant fp16 applies to Stable Diffusion pipeline directories"),
         (("import", "diffusers", FIXTURE / "sd2", "--variant", "fp16", "--out", tmp_path / "i"),

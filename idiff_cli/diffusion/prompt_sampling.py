@@ -18,9 +18,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from idiff_cli.errors import UserError
 from idiff_cli.runs import console
+from idiff_cli.sharding import replicated
 
 GUIDANCE, NEGATIVE, DTYPE = 7.5, "", "float32"  # the defaults of the options' rules
 
@@ -77,17 +79,23 @@ def token_ids(tokenizer, prompts: Sequence[str], what: str = "prompt") -> np.nda
     return ids
 
 
-def batch_sampler(model, settings: Settings, sampler):
+def batch_sampler(model, settings: Settings, sampler, mesh=None):
     """(draw, params): draw is jit (params, key data [2] uint32, rows [B] int32) -> images [B, H, W, 3] in
-    [−1, 1] of the model (a model.TextToImageModel) cast to the settings' dtype, params its weights in it."""
+    [−1, 1] of the model (a model.TextToImageModel) cast to the settings' dtype, params its weights in it.
+    With a `mesh`, pass the inputs replicated over it (sharding.replicate): params are put there, and a
+    batch that divides evenly is split over its devices."""
     t2i, params = model.model.with_dtype(model.params, settings.dtype)
     ids = jnp.asarray(token_ids(t2i.tokenizer, settings.prompts))
     negative_ids = jnp.asarray(token_ids(t2i.tokenizer, [settings.negative_prompt], "negative prompt"))
+    split = None if mesh is None else NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
 
-    @jax.jit
     def draw(params, key_data, rows):
         context = t2i.embed(params, ids)[rows]
+        if split is not None and rows.shape[0] % mesh.size == 0:
+            context = jax.lax.with_sharding_constraint(context, split)
         negative = t2i.embed(params, negative_ids)
         return t2i.sample(params, context, negative, jax.random.wrap_key_data(key_data), sampler, settings.guidance)
 
-    return draw, params
+    if mesh is not None:
+        params = jax.device_put(params, replicated(mesh))
+    return jax.jit(draw), params

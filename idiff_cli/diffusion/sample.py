@@ -49,8 +49,8 @@ def main(cfg: Any, out: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path
         labels = np.repeat(np.arange(len(settings.prompts)), cfg.n)
         labels = np.concatenate([labels, labels[: cfg.batch]]).astype(np.int32)
         batch = min(cfg.batch, total)
-        fn, params = prompt_sampling.batch_sampler(model, settings, sampler)
-        draw = lambda key, rows: fn(params, key, rows)  # noqa: E731
+        fn, params = prompt_sampling.batch_sampler(model, settings, sampler, mesh)
+        draw = lambda key, rows: fn(params, *replicate((key, rows), mesh))  # noqa: E731
     n_batches = -(-total // batch)
     root = jax.random.key(cfg.seed)
     with progress_bar() as progress, loop.interruptible(

@@ -32,7 +32,7 @@ import optax
 from idiff_cli import loop, registry, sharding
 from idiff_cli.checkpoint import Checkpointer, restore_template
 from idiff_cli.diffusion import ddpm
-from idiff_cli.diffusion.model import ImportedModel, Model, finetuned_weights, load, write_finetuned
+from idiff_cli.diffusion.model import ImportedModel, Model, TextToImageModel, finetuned_weights, load, write_finetuned
 from idiff_cli.errors import UserError
 from idiff_cli.fid.metric import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
@@ -72,7 +72,11 @@ def check_against_model(cfg: Any, model: Model) -> None:
     is asked for the Girsanov KL (β > 0) or ddpo's policy, the periodic FID for non-square images or
     label_kept for other than 28×28 digits, the reward does not fit the model's images (or lacks the ∇R
     the method needs), or the method does not build on the model (an adjoint it does not take,
-    truncated-K's K > T, a plug-in builder's error)."""
+    truncated-K's K > T, a plug-in builder's error), and for a text-to-image model, which finetune does not
+    take (prompts do not travel through its paths)."""
+    if isinstance(model, TextToImageModel):
+        raise UserError(f"'{cfg.from_run}' is a text-to-image model: finetuning with prompts is not built yet "
+                        "(idiff finetune takes pixel-space models: pretrain runs and imported UNet2DModels)")
     if cfg.adjoint == "continuous":
         if not model.continuous_time:
             raise UserError("--adjoint continuous is the probability-flow ODE adjoint of a continuous-time process; "
