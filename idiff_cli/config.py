@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from idiff_cli import registry
 from idiff_cli.errors import UserError
+from idiff_cli.runs import DAMAGED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +101,11 @@ class Option:
         if self.kind in (str, "path") and not isinstance(v, str):
             raise UserError(f"{self.flag} must be a string, got {shown!r}")
         if self.minimum is not None and v < self.minimum:
-            raise UserError(f"{self.flag} must be >= {self.minimum:g}, got {shown}")
+            raise UserError(f"{self.flag} must be >= {_number(self.minimum)}, got {shown}")
         if self.positive and v <= 0:
             raise UserError(f"{self.flag} must be > 0, got {shown}")
         if self.below is not None and v >= self.below:
-            raise UserError(f"{self.flag} must be < {self.below:g}, got {shown}")
+            raise UserError(f"{self.flag} must be < {_number(self.below)}, got {shown}")
         if isinstance(self.choices, tuple) and self.choices and v not in self.choices:
             raise UserError(f"unknown {self.flag} '{v}'; valid choices: {', '.join(self.choices)}")
         if isinstance(self.choices, str):
@@ -112,12 +113,17 @@ class Option:
 
 
 # The options every command that writes a run directory shares.
+def _number(x: float) -> str:
+    """A bound as written in a message: integers exactly, floats short."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def out_option(what: str = "Run directory") -> Option:
     return Option("out", "path", None, f"{what}.", config=False, rule="runs/<command>-<timestamp>")
 
 
 def seed_option(default: int = 0) -> Option:
-    return Option("seed", int, default, "Root random seed.", minimum=0)
+    return Option("seed", int, default, "Root random seed.", minimum=0, below=2**63)  # JAX's keys take a C long
 
 
 def devices_option() -> Option:
@@ -324,13 +330,23 @@ class Schema:
                 check(cfg)
         return cfg
 
-    def from_json(self, data: Mapping[str, Any]) -> Any:
-        """A config from its `config.json` form (lists back to tuples; unknown keys are an error)."""
+    def from_json(self, data: Mapping[str, Any], source: str = "config.json") -> Any:
+        """A config from its `config.json` form read from `source` (lists back to tuples): an unknown key
+        or a value its option refuses is a one-line UserError saying the file is damaged."""
         fields = {o.name for o in self.fields}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "command"}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise UserError(f"a {self.command} config.json with unknown option(s) {', '.join(unknown)}")
+            raise UserError(f"'{source}' is damaged (unknown option(s) of {self.command}: {', '.join(unknown)}); "
+                            f"{DAMAGED}")
+        for name, value in values.items():
+            option = self.option(name)
+            if isinstance(option.choices, str):  # a registry name is checked where it is used (plug-ins import)
+                option = dataclasses.replace(option, choices=())
+            try:
+                option.check(value)
+            except UserError as e:
+                raise UserError(f"'{source}' is damaged ({e}); {DAMAGED}") from None
         return self.config_class()(**values)
 
 
@@ -379,9 +395,15 @@ def load_overrides(path: pathlib.Path | str | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"config file '{path}' is a directory; give a JSON or TOML file")
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file '{path}' as text ({type(e).__name__}); give a JSON or TOML "
+                        "file") from None
     try:
         if path.suffix == ".toml":
             import tomllib

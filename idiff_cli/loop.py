@@ -37,6 +37,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -130,26 +131,42 @@ class Run:
         self.ckpt_every, self.keep, self.is_main = ckpt_every, keep, is_main
         self._lock = self._progress = self._signals = self._stop = None
         self._rows_written = self._last_step = 0
+        self._made_dir = False
 
     def __enter__(self) -> "Run":
         """Claims the run directory (created, locked, config.json written or checked), then installs the
         signal handlers and the progress display."""
+        self._made_dir = self.is_main and not self.dir.path.exists()
+        lock_file = self.dir.path / "run.lock"
+        made_lock = not lock_file.exists()
         self._lock = self.dir.create().lock() if self.is_main else None
         try:
             claim(self.schema, self.cfg, self.dir, self.is_main)
-        except BaseException:
+        except BaseException:  # a refused claim leaves the directory as it found it
             self._release()
+            if self.is_main and made_lock:
+                lock_file.unlink(missing_ok=True)
+            self._remove_if_unused()
             raise
         self._signals = signals.graceful_stop()
         self._stop = self._signals.__enter__()
         self._progress = (progress_bar("metric") if self.is_main else _Silent()).__enter__()
         return self
 
-    def __exit__(self, *exc) -> bool:
-        self._progress.__exit__(*exc)
-        self._signals.__exit__(*exc)
+    def __exit__(self, exc_type, *exc) -> bool:
+        self._progress.__exit__(exc_type, *exc)
+        self._signals.__exit__(exc_type, *exc)
         self._release()
+        if exc_type is not None and not issubclass(exc_type, signals.Interrupted):
+            self._remove_if_unused()
         return False
+
+    def _remove_if_unused(self) -> None:
+        """Removes the run directory this run made when the run fails before it wrote a row or a
+        checkpoint (an error at start-up leaves nothing behind)."""
+        saved = any(p.name.isdigit() for p in (self.dir.path / "checkpoints").rglob("*"))
+        if self._made_dir and self._rows_written == 0 and not saved:
+            shutil.rmtree(self.dir.path, ignore_errors=True)
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -384,8 +401,14 @@ def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True
     """Writes `config.json` into `run_dir` (a resumed run: with its run-time options updated).
 
     A directory holding a run whose defining options differ is refused with one line naming them;
-    run-time options are taken from `cfg`."""
-    if (run_dir.path / "config.json").exists():
+    run-time options are taken from `cfg`. A directory with checkpoints or metrics but no config.json
+    is refused: the options they were made with are unknown."""
+    if not (run_dir.path / "config.json").exists():
+        traces = [name for name in ("checkpoints", "metrics.jsonl") if (run_dir.path / name).exists()]
+        if traces:
+            raise UserError(f"'{run_dir.path}' holds {traces[0]} but no config.json, so the options of that run are "
+                            "unknown; restore its config.json to resume, or pick a new --out")
+    else:
         stored = run_dir.read_json("config.json")
         if stored.get("command", schema.command) != schema.command:
             raise UserError(f"'{run_dir.path}' holds an `idiff {stored['command']}` run, not {schema.command}; "
@@ -403,7 +426,7 @@ def read_config(schema: cfglib.Schema, run_dir) -> Any:
     path = RunDir(run_dir).path / "config.json"
     if not path.exists():
         raise UserError(f"'{run_dir}' holds no run (no config.json)")
-    return schema.from_json(RunDir(run_dir).read_json("config.json"))
+    return schema.from_json(RunDir(run_dir).read_json("config.json"), str(path))
 
 
 def logged_steps(steps: int, every: int) -> np.ndarray:

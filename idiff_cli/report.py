@@ -18,7 +18,7 @@ from typing import Any
 
 from idiff_cli import config as cfglib
 from idiff_cli.errors import UserError
-from idiff_cli.runs import atomic_path, console, read_metrics
+from idiff_cli.runs import RunDir, atomic_path, console, read_json, read_metrics
 
 # run kind (config.json's `command`) -> "module:function" drawing its figures
 FIGURES = {
@@ -48,7 +48,7 @@ def run_kind(run_dir: pathlib.Path) -> str:
     path = pathlib.Path(run_dir) / "config.json"
     if not path.exists():
         raise UserError(f"'{run_dir}' is not a run directory (no config.json)")
-    command = json.loads(path.read_text()).get("command")
+    command = read_json(path).get("command")
     if command not in FIGURES:
         raise UserError(f"'{run_dir}' holds a run of kind '{command}'; `idiff report` draws: {', '.join(FIGURES)}")
     return command
@@ -61,6 +61,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> list[pathlib.Path]:
         raise UserError(f"runs of different kinds ({', '.join(sorted(kinds))}); report one kind at a time")
     kind = kinds.pop()
     target = out or (runs[0] / "figures" if len(runs) == 1 else pathlib.Path("runs") / "report")
+    RunDir(target).check_writable()
     module, _, function = FIGURES[kind].partition(":")
     written = getattr(importlib.import_module(module), function)(runs, target, cfg.x)
     written.append(write_markdown(runs, written, target / "report.md"))
@@ -98,7 +99,7 @@ def seed_columns(values: dict[str, float]) -> dict[str, str]:
 
 def differing_options(runs: list[pathlib.Path]) -> list[tuple[str, list[Any]]]:
     """(option, its value in each run) for the config.json entries that differ between the runs."""
-    configs = [json.loads((run / "config.json").read_text()) for run in runs]
+    configs = [read_json(run / "config.json") for run in runs]
     keys = dict.fromkeys(k for c in configs for k in c)
     return [(k, [c.get(k) for c in configs]) for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 

@@ -100,11 +100,56 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+DAMAGED = "restore it, or start again in another --out"
+
+
+def read_json(path: str | os.PathLike, keys: Iterable[str] = (), what: str = DAMAGED) -> Any:
+    """The JSON object in `path`, holding `keys`: every file idiff reads back from a run directory
+    comes through here. A file that is missing, unreadable, not UTF-8, not JSON, not an object or
+    lacking a key is a one-line UserError naming it and `what` to do."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"'{path}' does not exist; {what}") from None
+    except IsADirectoryError:
+        raise UserError(f"'{path}' is a directory, not a JSON file; {what}") from None
+    except OSError as e:
+        raise UserError(f"cannot read '{path}': {e.strerror}; {what}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"'{path}' is damaged (not JSON: {reason}); {what}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is damaged (a JSON {type(data).__name__}, not an object); {what}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise UserError(f"'{path}' is damaged (no '{missing[0]}'); {what}")
+    return data
+
+
 class RunDir:
     """A run directory; every write is atomic."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+
+    def check_writable(self, flag: str = "--out") -> None:
+        """A one-line UserError unless the directory exists and can be written, or can be made: its
+        nearest existing ancestor is a writable directory. Creates nothing (a check before work)."""
+        path = self.path
+        if path.is_dir():
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise UserError(f"{flag} '{path}' is not writable")
+            return
+        if path.exists() or path.is_symlink():
+            raise UserError(f"{flag} '{path}' exists and is not a directory")
+        ancestor = path.absolute().parent
+        while not ancestor.exists() and not ancestor.is_symlink():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UserError(f"{flag} '{path}' lies under '{ancestor}', which is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UserError(f"cannot create {flag} '{path}': '{ancestor}' is not writable")
 
     def create(self) -> "RunDir":
         """Makes the directory and its missing parents. A path that is a file, lies under a file or
@@ -112,13 +157,7 @@ class RunDir:
         path = self.path
         if path.is_dir():
             return self
-        if path.exists() or path.is_symlink():
-            raise UserError(f"--out '{path}' exists and is not a directory")
-        ancestor = path.absolute().parent
-        while not ancestor.exists() and not ancestor.is_symlink():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise UserError(f"--out '{path}' lies under '{ancestor}', which is not a directory")
+        self.check_writable()
         try:
             path.mkdir(parents=True)
         except OSError as e:
@@ -138,8 +177,9 @@ class RunDir:
         atomic_write_bytes(self.path / name, text.encode())
         return self.path / name
 
-    def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+    def read_json(self, name: str, keys: Iterable[str] = ()) -> Any:
+        """The JSON object `name` of the run directory, holding `keys` (`read_json`: damage is one line)."""
+        return read_json(self.path / name, keys)
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Appends rows to metrics.jsonl in one write; a failed append is cut back to the rows before

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
+from idiff_cli.runs import read_json
+
 
 TB_DIR = "tb"
 
@@ -60,7 +62,7 @@ class WandB:
         import wandb  # the optional extra (config.check_tracking refuses --wandb without it)
 
         record = run_dir / "wandb.json"
-        run_id = json.loads(record.read_text())["id"] if record.exists() else secrets.token_hex(4)
+        run_id = read_json(record, ("id",))["id"] if record.exists() else secrets.token_hex(4)
         record.write_text(json.dumps({"id": run_id, "project": project}) + "\n")
         self._wandb = wandb
         self._run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir),

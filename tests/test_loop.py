@@ -193,6 +193,26 @@ def test_nothing_is_created_before_the_claim_on_entering_the_run(tmp_path):
         pass
 
 
+def test_a_start_up_error_inside_the_run_leaves_nothing_behind(tmp_path):
+    """An error before the first row (a unit that cannot be built or started) removes the directory the
+    run made; a directory that was there before is kept, and so is a run that wrote rows."""
+    cfg = SCHEMA.resolve({})
+
+    def failing_init():
+        raise UserError("cannot start")
+
+    for out in (tmp_path / "fresh", tmp_path / "there"):
+        if out.name == "there":
+            out.mkdir()
+        with pytest.raises(UserError, match="cannot start"):
+            with Run(SCHEMA, cfg, RunDir(out), cfg.ckpt_every) as r:
+                r.run(Unit(cfg.steps, failing_init, step=lambda state, k: (state, None)))
+    assert not (tmp_path / "fresh").exists() and (tmp_path / "there" / "config.json").exists()
+    with pytest.raises(UserError, match="x is nan at step 4"):
+        run(tmp_path / "rows", poison_at=4)
+    assert (tmp_path / "rows" / "metrics.jsonl").exists()
+
+
 def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterrupted_rows(tmp_path):
     out = tmp_path / "run"
     proc = in_subprocess(out, steps=400, log_every=4, ckpt_every=100, delay=0.01)

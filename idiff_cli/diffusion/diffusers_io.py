@@ -20,7 +20,6 @@ read as diffusers reads them (to_q, to_k, to_v, to_out.0).
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Mapping, NamedTuple
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from idiff_cli import runs
 from idiff_cli.diffusion.ddpm import BETA_SCHEDULES, PREDICTIONS, SPACINGS, VARIANCES, DiscreteDDPM
 from idiff_cli.diffusion.ddpm_unet import DOWN_BLOCKS, UP_BLOCKS, DDPMUNet
 from idiff_cli.errors import UserError
@@ -105,13 +105,8 @@ def locate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path}': {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' must hold a JSON object")
-    return data
+    """A config file of a model directory, or of its copies in a run directory (runs.read_json)."""
+    return runs.read_json(path, what="download the model directory again (or re-run the import)")
 
 
 def _fields(config: Mapping[str, Any], file: str, class_name: str, why: str, fixed: Mapping[str, Any],

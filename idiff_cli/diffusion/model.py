@@ -47,6 +47,7 @@ from idiff_cli.sharding import replicated
 
 PRETRAINED, FINETUNED = "pretrained.json", "finetuned.json"
 WEIGHTS_DIR = "weights"  # a finetune run's θ checkpoints
+RECORD_KEYS = ("checkpoints", "step", "final", "image_shape", "num_classes")  # of pretrained.json
 
 
 # ---- the model, the noise process, the sampler and the optimiser of a pretrain config ----
@@ -262,8 +263,8 @@ def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = N
     if weights not in ("ema", "params"):
         raise UserError(f"weights must be 'ema' or 'params', got '{weights}'")
     run = RunDir(run_dir)
-    record = run.read_json(PRETRAINED)
-    cfg = PRETRAIN.from_json(run.read_json("config.json"))
+    record = run.read_json(PRETRAINED, RECORD_KEYS)
+    cfg = PRETRAIN.from_json(run.read_json("config.json"), str(run_dir / "config.json"))
     model = make_model(cfg, record["num_classes"])
     image_shape = tuple(record["image_shape"])
     chosen = record["step"] if step is None else step
@@ -285,14 +286,14 @@ def _load_imported(run_dir: pathlib.Path, weights: str, step: int | None) -> Imp
         raise UserError(f"'{run_dir}' is an imported model: its only checkpoint is step 0")
     run = RunDir(run_dir)
     model, sde, image_shape = diffusers_io.run_source(run_dir)
-    with Checkpointer(run_dir / run.read_json(PRETRAINED)["checkpoints"], keep=1) as ckpt:
+    with Checkpointer(run_dir / run.read_json(PRETRAINED, RECORD_KEYS)["checkpoints"], keep=1) as ckpt:
         params, _ = ckpt.restore(restore_template(diffusers_io.param_shapes(model, image_shape)), step=0)
     cfg = _imported_config(run_dir, image_shape[0])
     return ImportedModel(model, params, sde, cfg, image_shape, 0, 0, True, "imported")
 
 
 def _imported_config(run_dir: pathlib.Path, image_size: int) -> ImportedConfig:
-    config = RunDir(run_dir).read_json("config.json")
+    config = RunDir(run_dir).read_json("config.json", ("dataset", "data_dir", "sampler", "sample_steps", "dir"))
     return ImportedConfig(config["dataset"], config["data_dir"], config["sampler"], config["sample_steps"],
                           image_size, config["dir"])
 
@@ -303,7 +304,7 @@ def _load_text_to_image(run_dir: pathlib.Path, weights: str, step: int | None) -
         raise UserError(f"'{run_dir}' is an imported model: it holds one set of weights, checkpoint 0 (leave "
                         "--weights and --step at their defaults)")
     model = pipeline_io.run_pipeline(run_dir)
-    record = RunDir(run_dir).read_json(PRETRAINED)
+    record = RunDir(run_dir).read_json(PRETRAINED, RECORD_KEYS)
     shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, record.get("dtype", "float32")),
                                     pipeline_io.param_shapes(model))
     with Checkpointer(run_dir / record["checkpoints"], keep=1) as ckpt:
@@ -314,7 +315,7 @@ def _load_text_to_image(run_dir: pathlib.Path, weights: str, step: int | None) -
 
 def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Model:
     """The base model of a finetune run with the finetuned θ of `step` (default: the last saved)."""
-    record = RunDir(run_dir).read_json(FINETUNED)
+    record = RunDir(run_dir).read_json(FINETUNED, ("from", "weights", "step", "final"))
     base = load(record["from"])
     with Checkpointer(run_dir / record["weights"]) as ckpt:
         chosen = record["step"] if step is None else step

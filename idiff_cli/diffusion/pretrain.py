@@ -140,8 +140,13 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     run = Run(PRETRAIN, cfg, run_dir, cfg.ckpt_every, cfg.keep_checkpoints, is_main)
 
     model, sde, optimizer = make_model(cfg, ds.num_classes), make_sde(cfg), make_optimizer(cfg)
-    n_params = sum(x.size for x in jax.tree.leaves(
-        jax.eval_shape(lambda: init_state(model, optimizer, image_shape, 0)).params))
+    try:  # the U-Net's shapes on the data's images: an architecture that does not fit is one line
+        shapes = jax.eval_shape(lambda: init_state(model, optimizer, image_shape, 0)).params
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the U-Net of --ch {cfg.ch} --ch-mult {','.join(map(str, cfg.ch_mult))} --groups {cfg.groups} "
+                        f"--attn-resolutions {','.join(map(str, cfg.attn_resolutions))} does not fit "
+                        f"{'×'.join(map(str, image_shape))} images: {str(e).splitlines()[0]}") from None
+    n_params = sum(x.size for x in jax.tree.leaves(shapes))
     step_fn = make_step_fn(make_train_step(cfg, model, sde, optimizer), mesh)
 
     def train_step(state: TrainState, i: int):

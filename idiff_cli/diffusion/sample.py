@@ -19,7 +19,7 @@ from idiff_cli import loop
 from idiff_cli.diffusion import prompt_sampling
 from idiff_cli.diffusion.model import TextToImageModel, load, make_sample_fn
 from idiff_cli.images import save_grid, to_uint8
-from idiff_cli.runs import atomic_write_bytes, console, progress_bar
+from idiff_cli.runs import RunDir, atomic_write_bytes, console, progress_bar
 from idiff_cli.sharding import batch_mesh, replicate, to_host, use_compilation_cache
 
 SHOWN = 256  # images in the PNG grid
@@ -29,8 +29,10 @@ def main(cfg: Any, out: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path
     """Writes `out` (default RUN_DIR/samples)/sample-step<S>-<weights>-<sampler><steps>-seed<seed>-n<n>
     .png and .npz (`images` uint8 [N, H, W, C], `labels` [N]; a text-to-image run: N = n × prompts, and
     `prompts` [N], `negative_prompt`, `guidance` besides); returns the two paths."""
-    use_compilation_cache()
     run_dir = pathlib.Path(cfg.run_dir)
+    out = out or run_dir / "samples"
+    RunDir(out).check_writable()
+    use_compilation_cache()
     model = load(run_dir, weights=cfg.weights, step=cfg.step)
     settings = prompt_sampling.settings_of(cfg, isinstance(model, TextToImageModel))
     sampler = model.sampler(cfg.sample_steps, cfg.sampler, cfg.ddim_eta or 0.0)
@@ -69,7 +71,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path
         _, batches = dispatch(one, None, 0, n_batches)
         images = [to_host(x) for x in batches]
     pixels = to_uint8(np.concatenate(images)[:total])
-    stem = (out or run_dir / "samples") / (f"sample-step{model.step}-{model.weights}-{name}{sampler.n_steps}"
+    stem = out / (f"sample-step{model.step}-{model.weights}-{name}{sampler.n_steps}"
                                           f"-seed{cfg.seed}-n{cfg.n}")
     png, npz = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".npz")
     save_grid(pixels[:SHOWN], png)

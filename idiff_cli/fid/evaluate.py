@@ -219,6 +219,15 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, Any] | None:
         raise UserError("give RUN_DIR, --samples FILE.npz, or --dataset NAME --save-stats FILE.npz")
     if cfg.save_stats and cfg.run_dir:
         raise UserError("--save-stats writes the statistics of --dataset or --samples, not of a run")
+    if cfg.save_stats:
+        if pathlib.Path(cfg.save_stats).is_dir():
+            raise UserError(f"--save-stats '{cfg.save_stats}' is a directory; give the .npz file to write")
+        RunDir(pathlib.Path(cfg.save_stats).parent).check_writable("--save-stats")
+    elif cfg.samples:
+        out = out or default_run_dir("evaluate-fid")
+        RunDir(out).check_writable()
+    else:
+        RunDir(cfg.run_dir).check_writable("RUN_DIR")
     use_compilation_cache()
     extractor = get_features(cfg.features, cfg.inception_weights)
     if cfg.save_stats:
@@ -233,7 +242,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, Any] | None:
         extractor.check_shape(images.shape)
         dataset = cfg.dataset or ("mnist" if extractor.name == "mnist-classifier" else None)
         ref = reference(extractor, cfg.ref_stats, dataset, cfg.data_dir, batch=cfg.batch)
-        result = evaluate_images(images, extractor, ref, out or default_run_dir("evaluate-fid"), str(cfg.samples),
+        result = evaluate_images(images, extractor, ref, out, str(cfg.samples),
                                  cfg.batch)
     else:
         result = evaluate_run(cfg.run_dir, extractor, step=cfg.step, n=cfg.n, batch=cfg.batch,

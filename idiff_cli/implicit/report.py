@@ -11,7 +11,6 @@ The KL panel is the logged `kl` ± 2 `kl_se`: the Girsanov KL between the sample
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Sequence
 
@@ -23,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.images import save_strip  # noqa: E402
-from idiff_cli.runs import read_metrics, save_figure  # noqa: E402
+from idiff_cli.runs import read_json, read_metrics, save_figure  # noqa: E402
 
 X_AXES = {"step": "outer step", "net_evals": "network evaluations (images)", "wall_s": "wall time (s)",
           "sequential_calls": "sequential batched network calls"}
@@ -68,7 +67,7 @@ def evolution_strip(run_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path
 
 def lambda_over_beta(run_dir: pathlib.Path) -> float:
     """λ/β of a run (±inf for β = 0)."""
-    cfg = json.loads((pathlib.Path(run_dir) / "config.json").read_text())
+    cfg = read_json(pathlib.Path(run_dir) / "config.json", ("lam", "beta"))
     return cfg["lam"] / cfg["beta"] if cfg["beta"] else float(np.copysign(np.inf, cfg["lam"]))
 
 
@@ -115,7 +114,7 @@ def finish_run(run_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def _label(run_dir: pathlib.Path) -> str:
     path = run_dir / "config.json"
-    cfg = json.loads(path.read_text()) if path.exists() else {}
+    cfg = read_json(path) if path.exists() else {}
     return (f"{run_dir.name}: {cfg.get('method', '?')} λ={cfg.get('lam', '?')} β={cfg.get('beta', '?')} "
             f"lr={cfg.get('lr', '?')}")
 

@@ -7,7 +7,6 @@ run's figures, or overlays the reward and log-likelihood curves of several runs.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections import defaultdict
 
@@ -191,7 +190,7 @@ def report(run_dirs: list[pathlib.Path], out: pathlib.Path, x: str = "step") -> 
         raise UserError(f"--x {x}: langevin-reward runs log step, grad_evals and wall_s")
     figure_dir = FigureDir(out)
     if len(run_dirs) == 1:
-        config = json.loads((pathlib.Path(run_dirs[0]) / "config.json").read_text())
+        config = RunDir(run_dirs[0]).read_json("config.json", ("potential", "theta0"))
         return make_all(RunDir(run_dirs[0]), registry.get("potential", config["potential"]), config["theta0"],
                         figure_dir)
     runs = {str(r): by_method(RunDir(r).read_metrics()) for r in run_dirs}
