@@ -17,7 +17,9 @@ n) -> (state, rows)`, a jitted chunk of n steps — and `Run` owns everything ar
   them (pretrained.json, finetuned.json);
 * SIGTERM / SIGINT (signals.py): the run stops at the next step boundary (`dispatch` checks between
   steps; a jitted chunk at its end), writes a checkpoint there and exits with 143 / 130 and the
-  command that resumes;
+  command that resumes. The outputs of a chunk cut short travel in the checkpoint's metadata and the
+  resumed run completes the chunk with them, so its rows (a mean over the chunk's steps, say) are the
+  uninterrupted run's;
 * one run per directory at a time (the run lock), `--out` checked before anything is created.
 
 `dispatch` is the one host loop of jitted steps, used by the units and by the commands without a run
@@ -132,6 +134,7 @@ class Run:
         self._lock = self._progress = self._signals = self._stop = None
         self._rows_written = self._last_step = 0
         self._made_dir = False
+        self._pending = Pending()
 
     def __enter__(self) -> "Run":
         """Claims the run directory (created, locked, config.json written or checked), then installs the
@@ -207,7 +210,7 @@ class Run:
                     self._progress.update(task, completed=step, rate=unit.rate(seconds, n), metric=shown or "-")
                     stopping = self._stopping()
                     if stopping or step == unit.steps or (self.ckpt_every and step % self.ckpt_every == 0):
-                        ckpt.save(step, state)
+                        ckpt.save(step, state, self._pending.meta())
                         ckpt.wait()
                         unit.on_checkpoint(state, step, step == unit.steps)
                     if stopping:
@@ -227,7 +230,8 @@ class Run:
         if found is None:
             self._keep_rows(unit, -1)
             return unit.init(), 0, None, 0.0
-        step, state, _ = found
+        step, state, meta = found
+        self._pending = Pending.of(meta)
         if step > unit.steps:
             raise UserError(f"the run in '{self.dir.path}' is at step {step}"
                             f"{f' ({unit.name})' if unit.name else ''}; --steps must be at least that")
@@ -243,7 +247,14 @@ class Run:
             return state, rows, n
         t0 = time.perf_counter()
         state, outputs = dispatch(unit.step, state, step, n)
-        return state, unit.rows(step, outputs, time.perf_counter() - t0), len(outputs)
+        pending, seconds = self._pending, time.perf_counter() - t0
+        if len(outputs) < n:  # cut short by a signal: its rows wait for the rest of the chunk
+            self._pending = Pending(pending.start if pending.outputs else step, pending.outputs + host(outputs),
+                                    pending.seconds + seconds)
+            return state, [], len(outputs)
+        self._pending = Pending()
+        start = pending.start if pending.outputs else step
+        return state, unit.rows(start, pending.outputs + outputs, pending.seconds + seconds), len(outputs)
 
     def _run_hooks(self, unit: Unit, state: Any, step: int, rows: Rows, elapsed: float) -> Rows:
         """The hooks due at `step`: their values join the row of `step`."""
@@ -344,6 +355,29 @@ class Run:
             trackers.image(f"figures/{path.stem}", self._last_step, path)
         trackers.close()
         self.print(f"done: {headline + '; ' if headline else ''}outputs in {self.dir.path}/ ({outputs})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """The host values of the outputs of a chunk cut short by a signal (steps start + 1 ..), and the
+    seconds they took: saved with the checkpoint (`meta`) and prepended to the resumed chunk's."""
+
+    start: int = 0
+    outputs: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def meta(self) -> dict[str, Any]:
+        return {"pending": {"start": self.start, "outputs": self.outputs, "seconds": self.seconds}} if self.outputs else {}
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any]) -> "Pending":
+        pending = meta.get("pending") or {}
+        return cls(int(pending.get("start", 0)), list(pending.get("outputs", [])), float(pending.get("seconds", 0.0)))
+
+
+def host(outputs: list) -> list:
+    """Step outputs as JSON values (nested lists of numbers), which `Unit.rows` reads like the arrays."""
+    return [jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(o)) for o in outputs]
 
 
 def agreed(requested: bool) -> bool:

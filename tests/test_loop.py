@@ -11,11 +11,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from idiff_cli import config as cfglib
 from idiff_cli.errors import UserError
-from idiff_cli.loop import Hook, Run, Unit
+from idiff_cli.loop import SIGNAL_HOOK, Hook, Run, Unit
 from idiff_cli.runs import RunDir
 
 SCHEMA = cfglib.Schema("toy", "A toy command.", (
@@ -28,10 +29,11 @@ SCHEMA = cfglib.Schema("toy", "A toy command.", (
 ))
 
 
-def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None):
+def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None, means=False):
     """x_{k+1} = x_k − lr·x_k + noise(fold_in(key, k)), one dispatched step each (`loop.dispatch`: a chunk
     stops early on a signal, as pretrain's and finetune's do); rows at multiples of log_every, dispatched
-    `chunk` steps at a time (default log_every). With `delay`, each step sleeps that long."""
+    `chunk` steps at a time (default log_every); with `means`, one row per chunk, the mean of its x and
+    its step count (as pretrain logs). With `delay`, each step sleeps that long."""
     key = jax.random.key(cfg.seed)
 
     @jax.jit
@@ -44,6 +46,8 @@ def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None
         return {**state, "x": x, "step": state["step"] + 1}, x
 
     def rows(start, outputs, seconds):
+        if means:
+            return [{"step": start + len(outputs), "x_mean": float(np.mean(outputs)), "n": len(outputs)}]
         logged = [(k, x) for k, x in enumerate(outputs, start + 1) if k % cfg.log_every == 0 or k == cfg.steps]
         return [{"step": k, "x": float(x) if k != poison_at else float("nan")} for k, x in logged]
 
@@ -60,10 +64,10 @@ def toy_unit(cfg, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None
                 first_rows=lambda state: [{"step": 0, "x": float(state["x"])}])
 
 
-def run(out, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None, **values):
+def run(out, poison_at=None, hook_calls=None, delay=0.0, size=1, chunk=None, means=False, **values):
     cfg = SCHEMA.resolve(values)
     with Run(SCHEMA, cfg, RunDir(out), cfg.ckpt_every) as r:
-        return r.run(toy_unit(cfg, poison_at, hook_calls, delay, size, chunk))
+        return r.run(toy_unit(cfg, poison_at, hook_calls, delay, size, chunk, means))
 
 
 def in_subprocess(out, env=None, **values):
@@ -226,6 +230,23 @@ def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterr
     run(out, steps=400, log_every=4, ckpt_every=100)
     run(tmp_path / "whole", steps=400, log_every=4, ckpt_every=100)
     assert rows(out) == rows(tmp_path / "whole")
+
+
+def test_rows_of_a_chunk_cut_by_a_signal_are_the_uninterrupted_rows(tmp_path):
+    """Stops inside chunks (step 5 of 4..6, step 9 of 8..12) log no partial row: the chunk's outputs
+    travel in the checkpoint and the resumed run completes the chunk, so the means over each chunk
+    and their step counts are the uninterrupted run's (floats to 1e-6)."""
+    out, options = tmp_path / "run", dict(steps=12, log_every=4, ckpt_every=100, means=True)
+    for at in (5, 9):
+        proc = in_subprocess(out, env={SIGNAL_HOOK: str(at)}, **options)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143 and f"at step {at};" in err, err
+    run(out, **options)
+    run(tmp_path / "whole", **options)
+    cut, whole = rows(out), rows(tmp_path / "whole")
+    assert [r["step"] for r in cut] == [r["step"] for r in whole] == [0, 4, 6, 8, 12]  # the hook every 6
+    assert [r.get("n") for r in cut] == [r.get("n") for r in whole] == [None, 4, 2, 2, 4]
+    np.testing.assert_allclose([r["x_mean"] for r in cut[1:]], [r["x_mean"] for r in whole[1:]], rtol=1e-6)
 
 
 def test_a_second_signal_ends_the_run_at_once_and_a_signal_while_compiling_saves_nothing(tmp_path):
