@@ -22,13 +22,15 @@ when step N is on disk but its manifest is not yet written: a run killed during 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,19 @@ from idiff_cli.errors import UserError
 from idiff_cli.runs import atomic_write_bytes, console, disk_errors
 
 MANIFEST = "idiff_manifest.json"
+PARTIAL = "*.orbax-checkpoint-tmp*"  # orbax's directory of a step being written
+
+
+class _NoOrbaxLogs(logging.Filter):
+    """Keeps orbax's own log records (absl's logger: hundreds of lines and tracebacks from its writer
+    threads when a disk fills) out of the terminal; its failures reach the caller as exceptions, which
+    become one line (runs.disk_errors) or a traceback of their own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+logging.getLogger("absl").addFilter(_NoOrbaxLogs())
 KILL_HOOK = "IDIFF_TEST_KILL_AT_CHECKPOINT"
 CUT_SHORT = "no manifest: the write was cut short"
 
@@ -106,7 +121,7 @@ class Checkpointer:
         """Saves `state` (and `meta`) as step `step`; returns once the save is started (async)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_storable(state)),
                                   meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
-        with disk_errors(self._step_dir(step)):
+        with self._writing():
             self._manager.save(int(step), args=args, force=True)
         self._pending.append(int(step))
 
@@ -172,7 +187,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending saves are on disk, then writes their manifests (process 0)."""
-        with disk_errors(self.directory):
+        with self._writing():
             self._manager.wait_until_finished()
             for step in self._pending:
                 if os.environ.get(KILL_HOOK) == str(step):
@@ -193,6 +208,23 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full disk while writing a step: one line (runs.disk_errors), and the step's partial
+        directory removed, so that the space it took is free again for the re-run."""
+        try:
+            with disk_errors(self.directory):
+                yield
+        except UserError:
+            with contextlib.suppress(Exception):  # its writer threads failed already; end them
+                self._manager.close()
+            if jax.process_index() == 0:
+                for partial in self.directory.glob(PARTIAL):
+                    shutil.rmtree(partial, ignore_errors=True)
+            self._pending = []
+            self._manager = self._open()
+            raise
 
     def _step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(int(step))

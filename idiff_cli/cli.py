@@ -159,4 +159,13 @@ for _name, _schema, _target, _aliases in COMMANDS:
 
 
 def main() -> None:
-    app()
+    """The `idiff` entry point. After a refusal (exit 2: its one line is printed) the interpreter's
+    shutdown writes nothing more: the late callbacks of a failed checkpoint write (a full disk) would
+    print tracebacks of their own."""
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 2:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        raise

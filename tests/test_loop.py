@@ -318,7 +318,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp
 
 
 FULL_DISK = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {tests!r})
 import test_loop
 from idiff_cli.errors import UserError
@@ -333,7 +333,9 @@ except UserError as e:
         steps = ckpt.all_steps()
         intact = all(ckpt.damage(s) is None for s in steps)
     rows = RunDir(out).read_metrics()
-    print(json.dumps({{"error": str(e), "steps": steps, "intact": intact, "rows": [r["step"] for r in rows]}}))
+    partial = [p for p in os.listdir(out + "/checkpoints") if "tmp" in p]
+    print(json.dumps({{"error": str(e), "steps": steps, "intact": intact, "rows": [r["step"] for r in rows],
+                      "partial": partial}}))
 """
 
 
@@ -355,3 +357,4 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint_and_metrics(t
     assert report["steps"] and report["intact"], report
     assert report["rows"][-1] >= report["steps"][-1], report
     assert report["rows"] == sorted(set(report["rows"]))
+    assert report["partial"] == [] and "absl" not in result.stderr, result.stderr  # orbax's partial step and logs

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from helpers import error_line, invoke
@@ -112,3 +114,31 @@ def test_groups_that_do_not_divide_the_channels_are_one_line(tmp_path):
     line = error_line(invoke("pretrain", "mnist", "--groups", "3", "--steps", "2", "--out", tmp_path / "out"))
     assert "--groups 3" in line and "does not fit 28×28×1 images" in line
     assert not (tmp_path / "out").exists()
+
+
+FULL_DISK = """mount -t tmpfs -o size=3m tmpfs "$0/disk" || exit 90
+head -c 2900000 /dev/urandom > "$0/disk/ballast"
+"$1" -c 'from idiff_cli.cli import main; main()' $2 --out "$0/disk/run" 2> "$0/first.err"; echo $? > "$0/first.rc"
+ls "$0/disk/run/checkpoints" > "$0/left.txt"
+rm "$0/disk/ballast"
+"$1" -c 'from idiff_cli.cli import main; main()' $2 --out "$0/disk/run" 2> "$0/second.err"; echo $? > "$0/second.rc"
+"""
+
+
+def test_a_full_disk_is_one_line_frees_the_partial_step_and_the_re_run_resumes(tmp_path):
+    """A 3 MiB tmpfs (a private mount namespace) nearly full: the run stops at a checkpoint write with
+    one line and exit 2, nothing of orbax's logging, no partial step left; with the space freed, the
+    same command finishes the run."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm)")
+    (tmp_path / "disk").mkdir()
+    args = "langevin-reward --steps 40 --log-every 10 --ckpt-every 20 --batch 64 --seeds 2"
+    subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK, str(tmp_path), sys.executable, args], timeout=300,
+                   check=True)
+    first = (tmp_path / "first.err").read_text()
+    errors = [line for line in first.splitlines() if line.startswith("error:")]
+    assert (tmp_path / "first.rc").read_text().strip() == "2", first
+    assert len(errors) == 1 and "no space left on the device" in errors[0], first
+    assert "Traceback" not in first and "absl" not in first, first
+    assert "tmp" not in (tmp_path / "left.txt").read_text()
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
