@@ -110,6 +110,39 @@ def test_a_seed_beyond_a_c_long_is_refused(tmp_path, command):
     assert not (tmp_path / "out").exists()
 
 
+PLUGINS = """
+import jax.numpy as jnp
+
+def one_argument(x):
+    return jnp.sum(x ** 2, axis=0)
+
+def per_coordinate(x, theta):
+    return x ** 2
+
+def raises(x, theta):
+    raise ValueError("no such well")
+"""
+
+
+@pytest.mark.parametrize("args, says", [
+    (("langevin-reward", "--potential", "corpus_plugins:one_argument"),
+     "potential 'corpus_plugins:one_argument' fails on x [2, 32] and the run's θ: TypeError"),
+    (("langevin-reward", "--potential", "corpus_plugins:per_coordinate"),
+     "potential 'corpus_plugins:per_coordinate' must map x [2, 32] and the run's θ to [32] values"),
+    (("langevin-reward", "--reward", "corpus_plugins:per_coordinate"),
+     "reward 'corpus_plugins:per_coordinate' fails on x [2, 32]: TypeError"),
+    (("ebm-train", "--energy", "corpus_plugins:raises"),
+     "energy 'corpus_plugins:raises' fails on x [2, 64] and the run's θ: ValueError: no such well"),
+])
+def test_a_plug_in_that_does_not_fit_is_probed_before_the_run(tmp_path, monkeypatch, args, says):
+    (tmp_path / "corpus_plugins.py").write_text(PLUGINS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = error_line(invoke(*args, "--batch", "32" if args[0] == "langevin-reward" else "64", "--out",
+                             tmp_path / "out"))
+    assert says in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_groups_that_do_not_divide_the_channels_are_one_line(tmp_path):
     line = error_line(invoke("pretrain", "mnist", "--groups", "3", "--steps", "2", "--out", tmp_path / "out"))
     assert "--groups 3" in line and "does not fit 28×28×1 images" in line

@@ -19,7 +19,7 @@ from idiff_cli import registry
 from idiff_cli.ebm import metrics, toy_data
 from idiff_cli.ebm.energies import MLPEnergy
 from idiff_cli.errors import UserError
-from idiff_cli.langevin.potentials import GaussianMixture
+from idiff_cli.langevin.potentials import GaussianMixture, probe
 
 
 def build_energy(cfg: Any):
@@ -47,6 +47,7 @@ class Problem:
             self.theta0 = jax.vmap(self.energy.init)(jax.random.split(k_theta, cfg.seeds))
         else:
             self.theta0 = jnp.tile(jnp.asarray(cfg.theta0, jnp.float32), (cfg.seeds, 1))
+        probe(self.energy, cfg.energy, "energy", self.x0[0], jax.tree.map(lambda t: t[0], self.theta0))
         target = getattr(self.train, "theta", None)
         same_family = (isinstance(self.energy, GaussianMixture) and isinstance(getattr(self.train, "potential", None),
                                                                                 GaussianMixture)

@@ -22,6 +22,7 @@ from idiff_cli.errors import UserError
 from idiff_cli.langevin import figures, quadrature
 from idiff_cli.langevin.methods import Components, add, covariance, make_optimizer, reference, scaled
 from idiff_cli.langevin.options import SCHEMA, method_names
+from idiff_cli.langevin.potentials import probe
 from idiff_cli.langevin.runner import (MethodRunner, Recording, Track, build_methods, final_metrics, log_index,
                                        print_table, seed_stats, snapshot_steps)
 from idiff_cli.loop import Run
@@ -39,10 +40,14 @@ def components(cfg: Any, potential, reward) -> Components:
                       add(covariance(potential, reward), penalty), penalty)
 
 
-def check(cfg: Any, potential) -> None:
+def check(cfg: Any, potential, reward) -> None:
+    """The config against its potential and reward (plug-ins probed on the run's shapes), before the run."""
     n_params = getattr(potential, "n_params", None)
     if n_params is not None and len(cfg.theta0) != n_params:
         raise UserError(f"--theta0 has {len(cfg.theta0)} entries; potential '{cfg.potential}' takes {n_params}")
+    x = jnp.zeros((getattr(potential, "dim", 2), cfg.batch))
+    probe(potential, cfg.potential, "potential", x, jnp.asarray(cfg.theta0, jnp.float32))
+    probe(reward, cfg.reward, "reward", x)
     if cfg.beta and not hasattr(potential, "sample"):
         raise UserError(f"--beta needs exact draws of π*(θ0); potential '{cfg.potential}' has no sample(); "
                         "valid choices: a Gaussian mixture potential (hexagon, hexagon-paper, seven-wells)")
@@ -72,7 +77,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, dict[str, np.ndarray]]
     """Runs every method of `cfg` into `out`; writes methods/*.npz, arrays.npz, figures and a summary."""
     potential = registry.get("potential", cfg.potential)
     reward = registry.get("reward", cfg.reward)
-    check(cfg, potential)
+    check(cfg, potential, reward)
     methods = build_methods(method_names(cfg.method), components(cfg, potential, reward), cfg.T)
     run_dir = RunDir(out or default_run_dir("langevin-reward"))
     dim = getattr(potential, "dim", 2)

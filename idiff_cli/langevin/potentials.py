@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idiff_cli.errors import UserError
 from idiff_cli.registry import register
 
 
@@ -76,3 +78,19 @@ register("potential", "hexagon", GaussianMixture(hexagon(4.0), 1.0))
 register("potential", "hexagon-paper", GaussianMixture(hexagon(1.0), math.sqrt(0.5)))
 # "Training from scratch" (Appendix A.1, Figs 11-12): the six wells of `hexagon` and a 7th at the origin.
 register("potential", "seven-wells", GaussianMixture(hexagon(4.0) + ((0.0, 0.0),), 1.0))
+
+
+def probe(fn, name: str, what: str, x: jax.Array, *theta: Any) -> None:
+    """One-line UserError unless `fn` (a potential or energy V(x, θ), or a reward R(x) when no θ) maps
+    x [d, B] (and θ) to [B] values with a gradient in x: a plug-in checked on the real shapes before a
+    run starts (jax.eval_shape, no computation)."""
+    shapes = f"x [{', '.join(map(str, x.shape))}]" + (" and the run's θ" if theta else "")
+    try:
+        out = jax.eval_shape(fn, x, *theta)
+        jax.eval_shape(jax.grad(lambda y: jnp.sum(fn(y, *theta))), x)
+    except Exception as e:  # the user's code: its failure in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{what} '{name}' fails on {shapes}: {type(e).__name__}: {first}") from None
+    if getattr(out, "shape", None) != (x.shape[1],):
+        raise UserError(f"{what} '{name}' must map {shapes} to [{x.shape[1]}] values (one per point); it gives "
+                        f"{getattr(out, 'shape', type(out).__name__)}")
