@@ -49,6 +49,7 @@ COMMANDS = (
     ("ebm-train", ebm_options.SCHEMA, "idiff_cli.ebm.experiment:main", ()),
     ("pretrain", diffusion_options.PRETRAIN, "idiff_cli.diffusion.pretrain:main", ()),
     ("import", import_options.SCHEMA, "idiff_cli.diffusion.imports:main", ()),
+    ("export", import_options.EXPORT, "idiff_cli.diffusion.export:main", ()),
     ("sample", diffusion_options.SAMPLE, "idiff_cli.diffusion.sample:main", ()),
     ("finetune", finetune_options.SCHEMA, "idiff_cli.implicit.finetune:main", ()),
     ("evaluate-fid", fid_options.SCHEMA, "idiff_cli.fid.evaluate:main", ()),

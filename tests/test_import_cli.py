@@ -1,5 +1,5 @@
 """An imported diffusers model through the real CLI, as a pretrain run: import -> sample -> finetune
-(--sampler ddpm, its last step inside the KL penalty: --final-step noisy) ->
+(--sampler ddpm, its last step inside the KL penalty: --final-step noisy) -> export and import again ->
 evaluate-fid of the finetuned run with Inception features (random weights standing in for the converted
 pytorch-fid file)."""
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 from helpers import invoke, rows
+from test_export import assert_same_params
 
+from idiff_cli.diffusion.model import load
 from idiff_cli.fid import convert, inception, stats
 
 MODEL = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"
@@ -52,6 +54,11 @@ def test_import_sample_finetune_evaluate_fid(tmp_path):
     config = json.loads((finetuned / "config.json").read_text())
     assert (config["sampler"], config["final_step"]) == ("ddpm", "noisy")
     assert json.loads((finetuned / "finetuned.json").read_text())["from"] == str(run)
+
+    # export of the finetuned θ, imported again: the same network weights, bit for bit
+    invoke("export", finetuned, "--out", tmp_path / "exported", check=True)
+    invoke("import", "diffusers", tmp_path / "exported", "--out", tmp_path / "reimported", check=True)
+    assert_same_params(load(tmp_path / "reimported").params, load(finetuned).params)
 
     # evaluate-fid of the finetuned run: its base model is the imported one, θ the finetuned weights;
     # the reference statistics are a file (N(0, I) in the 2048-d feature space)

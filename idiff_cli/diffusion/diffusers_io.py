@@ -205,6 +205,21 @@ def torch_shape(flax_shape: tuple[int, ...], leaf: str = "kernel") -> tuple[int,
     return tuple(reversed(flax_shape)) if leaf == "kernel" else tuple(flax_shape)
 
 
+def to_torch(array: np.ndarray, leaf: str = "kernel") -> np.ndarray:
+    """A Flax parameter in the layout of its torch tensor (the inverse of `to_flax`)."""
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array.T if array.ndim == 2 and leaf == "kernel" else array
+
+
+def tensors_from_params(params: Any) -> dict[str, np.ndarray]:
+    """The state dict of variables {"params": ...} (the inverse of `params_from_tensors`): diffusers' key
+    of each parameter, in torch's layout and the parameter's dtype."""
+    flat = jax.tree_util.tree_flatten_with_path(params["params"])[0]
+    return {torch_name(tuple(p.key for p in path)): np.ascontiguousarray(to_torch(np.asarray(leaf), path[-1].key))
+            for path, leaf in flat}
+
+
 def _renamed(key: str) -> str:
     """diffusers' names for the attention weights of older checkpoints."""
     parts = key.split(".")

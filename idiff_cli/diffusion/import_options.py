@@ -1,4 +1,4 @@
-"""Options of `idiff import` (JAX-free: `--help` answers without starting JAX)."""
+"""Options of `idiff import` and `idiff export` (JAX-free: `--help` answers without starting JAX)."""
 
 from __future__ import annotations
 
@@ -33,5 +33,22 @@ SCHEMA = cfglib.Schema(
                choices=VARIANTS),
         cfglib.out_option("Run directory"),
         cfglib.CONFIG_OPTION,
+    ),
+)
+
+
+EXPORT = cfglib.Schema(
+    "export",
+    "Write a run's network in diffusers' format: an imported or finetuned DDPM (UNet2DModel) as a model "
+    "directory (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json) that "
+    "`UNet2DModel.from_pretrained` and `DDPMPipeline` load; a Stable Diffusion run as its unet/ directory "
+    "(UNet2DConditionModel), to put into the pipeline it came from. Writes nothing when the run cannot be "
+    "exported (idiff's own pretrain U-Net is not a diffusers architecture).",
+    (
+        Option("run_dir", "path", None, "An import run, or a finetune run of one.", argument=True, required=True),
+        Option("format", str, "diffusers", "Format of the export.", choices=FORMATS),
+        Option("step", int, None, "Checkpoint step of a finetune run.", minimum=0, rule="the latest"),
+        Option("out", "path", None, "The directory to write (must not exist, or be empty).", config=False,
+               required=True),
     ),
 )
