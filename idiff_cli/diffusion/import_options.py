@@ -50,5 +50,6 @@ EXPORT = cfglib.Schema(
         Option("step", int, None, "Checkpoint step of a finetune run.", minimum=0, rule="the latest"),
         Option("out", "path", None, "The directory to write (must not exist, or be empty).", config=False,
                required=True),
+        cfglib.CONFIG_OPTION,
     ),
 )
