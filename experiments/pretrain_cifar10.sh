@@ -5,8 +5,8 @@
 # Figures: $OUT/figures/loss.png, report.md; $OUT/samples/ (a 64-image grid); its FID: fid_cifar10.sh.
 # Hardware: a GPU or a TPU VM pod slice. Multi-host: run the same line on every worker, e.g.
 #   gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd idiff && experiments/pretrain_cifar10.sh"
-#   (jax.distributed.initialize() is called when TPU_WORKER_HOSTNAMES lists several hosts; elsewhere set
-#   JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i on each process).
+#   (the processes join by themselves on a TPU VM slice, a Slurm step or an Open MPI job; elsewhere set
+#   JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i on each process: docs/cluster.md).
 # Time: the paper's 30 h on 16 TPUv2; not measured here. SMOKE=1 (a tiny U-Net, 20 steps) minutes on a CPU,
 #   with the tfds data below.
 # Needs the tfds array_record files once (TensorFlow only for this step):

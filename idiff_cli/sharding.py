@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -23,14 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from idiff_cli.devices import (
-    COMPILATION_CACHE_ENV,
-    COORDINATOR_ENV,
-    HEARTBEAT_ENV,
-    NUM_PROCESSES_ENV,
-    PROCESS_ID_ENV,
-    TPU_HOSTS_ENV,
-)
+from idiff_cli.devices import COMPILATION_CACHE_ENV, HEARTBEAT_ENV, JOIN_TIMEOUT_ENV, cluster_from_env, env_int
 from idiff_cli.errors import UserError
 
 AXIS = "batch"  # the mesh axis a batch is split along
@@ -169,27 +164,41 @@ def divisors(batch: int, local: int, processes: int) -> list[int]:
 
 
 def initialize_distributed_from_env() -> bool:
-    """Joins a multi-process JAX cluster when the environment says so, before any device is used:
+    """Joins the multi-process JAX cluster the environment describes (`devices.cluster_from_env`:
+    explicit JAX_* variables, Open MPI, a Slurm step or a TPU slice of several processes), before any
+    device is used, and prints one line naming it; returns whether it joined. CPU collectives go
+    through gloo.
 
-    * `JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`: explicit (any platform;
-      on CPU the collectives go through gloo);
-    * a multi-host TPU VM slice (`TPU_WORKER_HOSTNAMES` lists several hosts): `jax.distributed.initialize()`
-      finds everything itself.
-
-    Returns whether the process joined a cluster. Launch line on a TPU VM pod slice:
-    `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="idiff pretrain cifar10 --preset paper ..."`.
+    Every process has $IDIFF_CLUSTER_TIMEOUT_S (300) to join; one that has not joined by then prints
+    one line and exits with code 2. A thread keeps that deadline because JAX's own one ends the process
+    with a fatal error of its C++ runtime, which Python cannot catch; JAX's is set a minute later. An
+    error JAX raises while joining (a detector that finds nothing, an index out of range) is a UserError.
     """
-    if os.environ.get(COORDINATOR_ENV):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=os.environ[COORDINATOR_ENV],
-                                   num_processes=int(os.environ.get(NUM_PROCESSES_ENV, "1")),
-                                   process_id=int(os.environ.get(PROCESS_ID_ENV, "0")),
-                                   heartbeat_timeout_seconds=int(os.environ.get(HEARTBEAT_ENV, "100")))
-        return True
-    if len([h for h in os.environ.get(TPU_HOSTS_ENV, "").split(",") if h]) > 1:
-        jax.distributed.initialize()
-        return True
-    return False
+    cluster = cluster_from_env()
+    if cluster is None:
+        return False
+    where = f"the {cluster.name} as process {cluster.process} of {cluster.processes}"
+    timeout = env_int(os.environ, JOIN_TIMEOUT_ENV, 300)
+
+    def give_up():
+        print(f"error: could not join {where} within {timeout} s ({JOIN_TIMEOUT_ENV}): every process must start "
+              "and reach process 0's host and port", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    deadline = threading.Timer(timeout, give_up)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        jax.distributed.initialize(**cluster.arguments, initialization_timeout=timeout + 60,
+                                   heartbeat_timeout_seconds=env_int(os.environ, HEARTBEAT_ENV, 100))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"could not join {where}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    finally:
+        deadline.cancel()
+    print(f"joined {where}", file=sys.stderr, flush=True)
+    return True
 
 
 def check_visible(run_dir: pathlib.Path) -> None:

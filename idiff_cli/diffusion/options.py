@@ -73,8 +73,9 @@ def _unit_interval(name: str, text: str) -> Option:
 PRETRAIN = cfglib.Schema(
     "pretrain",
     "Pretrain a denoising diffusion model θ0 (paper Appendix A.2, Tables 1 and 3). Denoising score "
-    "matching with a Flax U-Net, Adam and EMA; the batch is sharded over all devices (and processes: set "
-    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or run on a multi-host TPU VM). Writes "
+    "matching with a Flax U-Net, Adam and EMA; the batch is sharded over all devices (and processes: joined "
+    "by themselves on a multi-host TPU VM, a Slurm step or an Open MPI job, or with JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES, JAX_PROCESS_ID; docs/cluster.md). Writes "
     "config.json, metrics.jsonl, checkpoints/, pretrained.json, samples/ and figures/; re-running into the "
     "same --out resumes from the latest checkpoint.",
     (
