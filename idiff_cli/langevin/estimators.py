@@ -1,7 +1,7 @@
 """Implicit gradient estimators Γ(p, θ) for Langevin processes (paper §3.2, talk: "Example: Langevin").
 
-Both take a batch x ~ p of shape [d, B] and return an array shaped like θ. Each is one reverse pass
-through V: the covariance and the difference of means are gradients of a scalar average.
+Each takes a batch x ~ p of shape [d, B] and returns an array shaped like θ. Each is one reverse pass
+through V: the covariance and the means are gradients of a scalar average.
 """
 
 from __future__ import annotations
@@ -23,3 +23,12 @@ def reward_gradient(potential, reward, x: jax.Array, theta: jax.Array) -> jax.Ar
 def reference_gradient(potential, x: jax.Array, x_ref: jax.Array, theta: jax.Array) -> jax.Array:
     """Γ_ref(p, θ) = E_{p_ref}[∇_θ V(X, θ)] − E_p[∇_θ V(X, θ)], the gradient of KL(p_ref ‖ π*(θ))."""
     return jax.grad(lambda th: jnp.mean(potential(x_ref, th)) - jnp.mean(potential(x, th)))(theta)
+
+
+def evidence_gradient(potential, x: jax.Array, theta: jax.Array) -> jax.Array:
+    """Γ_evidence(p, θ) = E_{X∼p}[∇_θ V(X, θ)], the gradient of ℓ(θ) = −log Z_θ at p = π*(θ) (Definition 3.1).
+
+    ∇_θ log Z_θ = −E_{π*(θ)}[∇_θ V] (Fisher's identity). With V(w, θ) = −log p(y, w | θ), Z_θ is the
+    marginal likelihood p(y | θ): V must keep every term that depends on θ (the prior's normaliser).
+    """
+    return jax.grad(lambda th: jnp.mean(potential(x, th)))(theta)

@@ -13,8 +13,9 @@ guidance, optionally restarted from N(0, I)) followed, for trained methods, by a
     langevin-theta-opt  T = 1 at fixed θ_opt, the final θ of `implicit`
 
 Γ is the objective's estimator: Γ_reward (reward training, paper §3.2), Γ_ref (energy-based models,
-`idiff ebm-train`), and a KL penalty β Γ_ref adds to either (`add`), so reward training with a KL
-penalty is Γ_reward + β Γ_ref, the gradient of −E[R] + β KL(π*(θ0) ‖ π*(θ)).
+`idiff ebm-train`), Γ_evidence (a marginal likelihood: Bayesian hyperparameters, docs/bilevel.md), and
+a KL penalty β Γ_ref adds to either (`add`), so reward training with a KL penalty is Γ_reward + β Γ_ref,
+the gradient of −E[R] + β KL(π*(θ0) ‖ π*(θ)).
 
 A method is registered (kind "method") as a builder `builder(c: Components, T: int) -> Method`;
 `--method package.module:builder` runs a plug-in with that signature, nothing else to edit.
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idiff_cli.langevin.estimators import reference_gradient, reward_gradient
+from idiff_cli.langevin.estimators import evidence_gradient, reference_gradient, reward_gradient
 from idiff_cli.langevin.rewards import smooth_version
 from idiff_cli.langevin.ula import ula_chain, ula_step
 from idiff_cli.registry import register
@@ -103,6 +104,11 @@ def ula_sampler(energy: Energy, gamma: float, T: int, restart: bool = False) -> 
 def covariance(potential, reward) -> Estimator:
     """Γ_reward(p, θ) = Cov_p[R, ∇θV] (paper §3.2)."""
     return lambda x, theta, key: (reward_gradient(potential, reward, x, theta), x)
+
+
+def evidence(potential) -> Estimator:
+    """Γ_evidence(p, θ) = E_p[∇θV], the gradient of −log Z_θ (Fisher's identity)."""
+    return lambda x, theta, key: (evidence_gradient(potential, x, theta), x)
 
 
 def reference(potential, draw: Callable[[jax.Array], jax.Array]) -> Estimator:
