@@ -25,7 +25,8 @@ os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 # hands out files in collection order. The second one starts with commands that need no pretrained model
 # while the first makes the session's tiny_pretrain.
 FIRST = ("test_finetune_cli.py", "test_reliability.py", "test_finetune_sharded.py", "test_pretrain_cli.py",
-         "test_import_cli.py", "test_experiments.py")
+         "test_import_cli.py", "test_experiments.py", "test_reliability_corpus.py", "test_sd_cli.py",
+         "test_sd_pipeline.py")
 
 
 def pytest_collection_modifyitems(items):
