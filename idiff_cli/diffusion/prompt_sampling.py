@@ -2,7 +2,7 @@
 of --prompt / --prompts, the options of text2image.py checked against the run, and one jitted function
 that draws a batch of guided images.
 
-    settings = settings_of(cfg, model)          # UserError before any work for options that do not apply
+    settings = settings_of(cfg, isinstance(model, TextToImageModel))   # UserError for options that do not apply
     draw, params = batch_sampler(model, settings, sampler)
     images = draw(params, key_data, rows)        # rows [B] int32: indices into settings.prompts
 
@@ -58,8 +58,10 @@ def settings_of(cfg: Any, text_to_image: bool) -> Settings | None:
         for name, value in given.items():
             if value is not None:
                 flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} applies to a text-to-image run (an imported Stable Diffusion pipeline); "
-                                f"'{cfg.run_dir}' is an unconditional or label-conditioned model")
+                what = (f"'{cfg.run_dir}' is an unconditional or label-conditioned model" if cfg.run_dir else
+                        "this evaluates given images or a dataset")
+                raise UserError(f"{flag} applies to sampling a text-to-image run (an imported Stable Diffusion "
+                                f"pipeline); {what}")
         return None
     prompts = ([given["prompt"]] if given["prompt"] is not None else []) + (
         read_prompts(given["prompts"]) if given["prompts"] else [])

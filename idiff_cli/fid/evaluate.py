@@ -219,6 +219,8 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, Any] | None:
         raise UserError("give RUN_DIR, --samples FILE.npz, or --dataset NAME --save-stats FILE.npz")
     if cfg.save_stats and cfg.run_dir:
         raise UserError("--save-stats writes the statistics of --dataset or --samples, not of a run")
+    if not cfg.run_dir:
+        prompt_sampling.settings_of(cfg, False)  # the text-to-image options sample a run: refused here
     if cfg.save_stats:
         if pathlib.Path(cfg.save_stats).is_dir():
             raise UserError(f"--save-stats '{cfg.save_stats}' is a directory; give the .npz file to write")
