@@ -113,7 +113,7 @@ def test_an_unsupported_activation_is_refused_in_one_line():
 
 @pytest.mark.parametrize("damage, message", [
     ("merges.txt", r"has neither tokenizer.json nor merges.txt$"),
-    ("tokenizer_config.json", r"^cannot read '.*tokenizer_config.json': "),
+    ("tokenizer_config.json", r"^'.*tokenizer_config.json' is damaged \(not JSON: "),
     ("vocab.json", r"^cannot read the tokenizer in '.*': "),
 ], ids=["missing-merges", "bad-config-json", "bad-vocab-json"])
 def test_an_unreadable_tokenizer_is_refused_in_one_line(tmp_path, damage, message):
