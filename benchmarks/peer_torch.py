@@ -307,8 +307,10 @@ def cpu_preset_params() -> int:
 # ---- the driver ----
 
 
-def call(python: str, *args: str, env: dict | None = None) -> dict:
-    out = subprocess.run([python, __file__, *args], capture_output=True, text=True, cwd=ROOT,
+def call(python: str, *args: str, env: dict | None = None, script: str = __file__) -> dict:
+    """The JSON of the last stdout line of `python script args` run from the repository root (a worker
+    process of a benchmark); SystemExit with its stderr's tail when it fails."""
+    out = subprocess.run([python, script, *args], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, **(env or {})})
     if out.returncode:
         raise SystemExit(f"error: {' '.join(args)} failed:\n{out.stderr[-3000:]}")

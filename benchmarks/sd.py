@@ -55,6 +55,8 @@ import sys
 import tempfile
 import time
 
+import peer_torch  # benchmarks/peer_torch.py: its worker-process helper (stdlib imports only)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPILATION_CACHE_ENV = "IDIFF_JAX_CACHE"  # idiff_cli.devices'
 CONFIGS = ROOT / "tests" / "fixtures" / "sd_tiny" / "sd15_configs.json"
@@ -280,11 +282,7 @@ def jax_info() -> dict:
 
 
 def call(python: str, *args: str, env: dict | None = None) -> dict:
-    out = subprocess.run([python, __file__, *args], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, **(env or {})})
-    if out.returncode:
-        raise SystemExit(f"error: {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return peer_torch.call(python, *args, env=env, script=__file__)
 
 
 def cpu_model() -> str:
