@@ -17,7 +17,7 @@ import sys
 import urllib.request
 from typing import Any, Mapping
 
-from idiff_cli.errors import UserError
+from idiff_cli.errors import UserError, first_line
 
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # An explicit multi-process cluster: JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i.
@@ -52,7 +52,7 @@ def lost_peer(error: BaseException) -> str | None:
     jax = sys.modules.get("jax")
     if jax is None or type(error).__name__ != "JaxRuntimeError" or jax.process_count() == 1:
         return None
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = first_line(error) or type(error).__name__
     return (f"process {jax.process_index()} of {jax.process_count()} stopped: {first} -- if another process "
             "of the run ended, re-run the same command on every process: it resumes from the last checkpoint")
 

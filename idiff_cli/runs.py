@@ -38,7 +38,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from idiff_cli.errors import UserError
+from idiff_cli.errors import UserError, first_line
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough for the summary tables, no wrapping
@@ -117,7 +117,7 @@ def read_json(path: str | os.PathLike, keys: Iterable[str] = (), what: str = DAM
     except OSError as e:
         raise UserError(f"cannot read '{path}': {e.strerror}; {what}") from None
     except (UnicodeDecodeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e) or type(e).__name__
         raise UserError(f"'{path}' is damaged (not JSON: {reason}); {what}") from None
     if not isinstance(data, dict):
         raise UserError(f"'{path}' is damaged (a JSON {type(data).__name__}, not an object); {what}")

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idiff_cli.devices import COMPILATION_CACHE_ENV, HEARTBEAT_ENV, JOIN_TIMEOUT_ENV, cluster_from_env, env_int
-from idiff_cli.errors import UserError
+from idiff_cli.errors import UserError, first_line
 
 AXIS = "batch"  # the mesh axis a batch is split along
 
@@ -194,7 +194,7 @@ def initialize_distributed_from_env() -> bool:
         jax.distributed.initialize(**cluster.arguments, initialization_timeout=timeout + 60,
                                    heartbeat_timeout_seconds=env_int(os.environ, HEARTBEAT_ENV, 100))
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"could not join {where}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise UserError(f"could not join {where}: {first_line(e) or type(e).__name__}") from None
     finally:
         deadline.cancel()
     print(f"joined {where}", file=sys.stderr, flush=True)

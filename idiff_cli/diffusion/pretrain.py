@@ -45,7 +45,7 @@ from idiff_cli.diffusion.model import (
 )
 from idiff_cli.diffusion.options import PRETRAIN
 from idiff_cli.diffusion.unet import UNet
-from idiff_cli.errors import UserError
+from idiff_cli.errors import UserError, first_line
 from idiff_cli.fid.features import get_features
 from idiff_cli.fid.metric import PeriodicFID
 from idiff_cli.images import from_uint8, save_grid
@@ -145,7 +145,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> TrainState:
     except (TypeError, ValueError) as e:
         raise UserError(f"the U-Net of --ch {cfg.ch} --ch-mult {','.join(map(str, cfg.ch_mult))} --groups {cfg.groups} "
                         f"--attn-resolutions {','.join(map(str, cfg.attn_resolutions))} does not fit "
-                        f"{'×'.join(map(str, image_shape))} images: {str(e).splitlines()[0]}") from None
+                        f"{'×'.join(map(str, image_shape))} images: {first_line(e)}") from None
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     step_fn = make_step_fn(make_train_step(cfg, model, sde, optimizer), mesh)
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from idiff_cli import classifiers
-from idiff_cli.errors import UserError
+from idiff_cli.errors import UserError, first_line
 from idiff_cli.images import to_uint8
 from idiff_cli.registry import register
 
@@ -160,8 +160,8 @@ def check_reward(reward: Callable, name: str, image_shape: tuple[int, ...], batc
         if differentiable and needs_gradient:
             jax.eval_shape(jax.grad(lambda y: jnp.sum(reward(y))), x)
     except Exception as e:  # the user's code: report its failure in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"reward '{name}' fails on a batch of shape {x.shape}: {type(e).__name__}: {first}") from None
+        raise UserError(f"reward '{name}' fails on a batch of shape {x.shape}: {type(e).__name__}: "
+                        f"{first_line(e)}") from None
     if out.shape != (batch,):
         raise UserError(f"reward '{name}' must map images [B, H, W, C] to [B] rewards; on a batch of shape "
                         f"{x.shape} it returned shape {out.shape}")

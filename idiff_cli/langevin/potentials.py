@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idiff_cli.errors import UserError
+from idiff_cli.errors import UserError, first_line
 from idiff_cli.registry import register
 
 
@@ -89,8 +89,7 @@ def probe(fn, name: str, what: str, x: jax.Array, *theta: Any) -> None:
         out = jax.eval_shape(fn, x, *theta)
         jax.eval_shape(jax.grad(lambda y: jnp.sum(fn(y, *theta))), x)
     except Exception as e:  # the user's code: its failure in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{what} '{name}' fails on {shapes}: {type(e).__name__}: {first}") from None
+        raise UserError(f"{what} '{name}' fails on {shapes}: {type(e).__name__}: {first_line(e)}") from None
     if getattr(out, "shape", None) != (x.shape[1],):
         raise UserError(f"{what} '{name}' must map {shapes} to [{x.shape[1]}] values (one per point); it gives "
                         f"{getattr(out, 'shape', type(out).__name__)}")
