@@ -151,6 +151,13 @@ class RunDir:
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise UserError(f"cannot create {flag} '{path}': '{ancestor}' is not writable")
 
+    def check_new(self, flag: str = "--out") -> None:
+        """`check_writable`, and a one-line UserError when the directory exists and is not empty (a
+        command that writes a whole directory once: import, export)."""
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise UserError(f"{flag} '{self.path}' exists and is not an empty directory; choose another {flag}")
+        self.check_writable(flag)
+
     def create(self) -> "RunDir":
         """Makes the directory and its missing parents. A path that is a file, lies under a file or
         cannot be made is a one-line UserError, and then nothing is created."""

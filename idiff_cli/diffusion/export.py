@@ -46,9 +46,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
     if out is None:
         raise UserError("missing --out (the directory to write the export into)")
     target = RunDir(out)
-    if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
-        raise UserError(f"--out '{target.path}' exists and is not an empty directory; choose another --out")
-    target.check_writable()
+    target.check_new()
     run_dir = pathlib.Path(cfg.run_dir)
     source = source_run(run_dir)
     copies = source / diffusers_io.SOURCE_DIR

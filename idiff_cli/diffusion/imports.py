@@ -44,9 +44,7 @@ def write_run(cfg: Any, params: Any, image_shape, run_dir: RunDir, write_configs
 def main(cfg: Any, out: pathlib.Path | None):
     """`idiff import diffusers DIR`: reads and checks the model before anything is written."""
     run_dir = RunDir(out or default_run_dir("import"))
-    if run_dir.path.exists() and (not run_dir.path.is_dir() or any(run_dir.path.iterdir())):
-        raise UserError(f"--out '{run_dir.path}' exists and is not an empty directory; choose another --out")
-    run_dir.check_writable()
+    run_dir.check_new()
     text_to_image = pipeline_io.is_text_to_image(pathlib.Path(cfg.dir))
     if cfg.variant != "fp32" and not text_to_image:
         raise UserError(f"--variant {cfg.variant} applies to Stable Diffusion pipeline directories; '{cfg.dir}' is "
