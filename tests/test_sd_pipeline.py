@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +143,6 @@ def test_fp16_variant_reads_the_half_weights():
 
 
 def copy_pipeline(tmp_path: pathlib.Path) -> pathlib.Path:
-    import shutil
     return pathlib.Path(shutil.copytree(FIXTURE / "sd1", tmp_path / "sd1"))
 
 
@@ -157,7 +157,6 @@ def test_other_pipelines_are_refused_by_name(tmp_path, kind):
 
 
 def test_broken_pipelines_name_the_first_problem(tmp_path):
-    import shutil
     directory = copy_pipeline(tmp_path)
     shutil.rmtree(directory / "vae")
     with pytest.raises(UserError, match="has no vae/"):
