@@ -92,7 +92,7 @@ def batch_sampler(model, settings: Settings, sampler, mesh=None):
     split = None if mesh is None else NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
 
     def draw(params, key_data, rows):
-        context = t2i.embed(params, ids)[rows]
+        context = t2i.embed(params, ids[rows])  # the batch's prompts only, however many the file holds
         if split is not None and rows.shape[0] % mesh.size == 0:
             context = jax.lax.with_sharding_constraint(context, split)
         negative = t2i.embed(params, negative_ids)
