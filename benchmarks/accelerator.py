@@ -157,15 +157,15 @@ def part_wall(report: Report, cap: float, from_run: str | None, seconds: float) 
     replicated = sharding.replicated(mesh)
     for method, adjoint in within_cap(report, "wall", WALL, cap, "-".join):
         cfg = config(model, method, adjoint)
-        bind, optimizer, _ = F.build(cfg, per_device.BatchSharded(model, mesh))
+        bind, optimizer, *_ = F.build(cfg, per_device.BatchSharded(model, mesh))
         params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
         problem, m = bind(params0)
         state = F.start_state(m, optimizer, params0, sharding.put(jax.random.key(0), replicated), 0)
         shardings = per_device.state_shardings(jax.eval_shape(lambda: state), mesh, (cfg.batch, *model.image_shape))
         state = sharding.put(state, shardings)
         step = F.make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta), mesh, shardings)
-        grid = F.make_grid_sampler(problem, 64, cfg.batch, jax.random.key(1), mesh)
-        evaluate: Callable = lambda params: float(np.mean(np.asarray(problem.reward(grid(params)))))  # noqa: E731
+        grid = F.make_grid_sampler(lambda frozen: bind(frozen)[0], 64, cfg.batch, jax.random.key(1), mesh)
+        evaluate: Callable = lambda params: float(np.mean(np.asarray(problem.reward(grid(params, params0)))))  # noqa: E731
         before = evaluate(state.params)
         state, _ = loop.dispatch(step, state, 0, 1)  # compiles
         jax.block_until_ready(state)

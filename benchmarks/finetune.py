@@ -101,7 +101,7 @@ DEFAULT_BUDGET = "120x"
 def measure(cfg, pre, steps: int, devices: int) -> dict:
     mesh = sharding.mesh_of(devices)
     replicated = sharding.replicated(mesh)
-    bind, optimizer, _ = F.build(cfg, per_device.BatchSharded(pre, mesh))
+    bind, optimizer, *_ = F.build(cfg, per_device.BatchSharded(pre, mesh))
     params0 = sharding.put(pre.params, jax.tree.map(lambda _: replicated, pre.params))
     _, method = bind(params0)
     key = sharding.put(jax.random.key(cfg.seed), replicated)
@@ -216,8 +216,9 @@ def spending(options: dict, pre) -> Callable[[int], tuple[int, int]]:
     `options`, as `idiff finetune` builds it for this config and logs them (methods.spent × batch; raises
     UserError as the command would)."""
     cfg = F.complete(SCHEMA.resolve(options), pathlib.Path(options["from_run"]), pre)
-    F.check_against_model(cfg, pre)
-    bind, _, _ = F.build(cfg, pre)
+    parts = F.build(cfg, pre)
+    F.check_against_model(cfg, pre, parts)
+    bind = parts.bind
     _, method = bind(pre.params)
 
     def spent(steps: int) -> tuple[int, int]:

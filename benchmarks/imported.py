@@ -74,7 +74,7 @@ def main() -> None:
 
     cfg = F.complete(SCHEMA.resolve(dict(reward="red", lam=1000.0, beta=args.beta, T=args.T, M=args.M,
                                          batch=args.batch)), pathlib.Path("random"), model)
-    bind, optimizer, _ = F.build(cfg, model)
+    bind, optimizer, *_ = F.build(cfg, model)
     params0 = jax.device_put(model.params, jax.devices()[0])
     _, method = bind(params0)
     start = time.perf_counter()

@@ -78,7 +78,7 @@ def run(final_step: str, steps: int, log_every: int) -> list[dict]:
     chain = sampler(final_step)
     paths = finetune.run_paths(chain, score, (BATCH, DIM), None, final_step, clip=False)
     reward = lambda x: jnp.mean(x, axis=1)  # noqa: E731
-    bind_problem = finetune.bind_problem(paths, score, SDE, chain.grid, reward, True)
+    bind_problem = finetune.bind_problem(paths, SDE, chain.grid, reward, True)
 
     def bind(params0, lam=LAM, beta=BETA):
         problem = bind_problem(params0, lam, beta)
@@ -88,8 +88,7 @@ def run(final_step: str, steps: int, log_every: int) -> list[dict]:
     optimizer = optax.adam(LR)
     state = finetune.start_state(bind(params0)[1], optimizer, params0, jax.random.key(0), 0)
     step = finetune.make_outer_step(bind, optimizer, params0, (LAM, BETA))
-    kl_of = finetune.make_kl_estimator(chain, paths, score, None,
-                                       jax.random.split(jax.random.key(1), 16))
+    kl_of = finetune.make_kl_estimator(chain, lambda _: paths, jax.random.split(jax.random.key(1), 16))
     mean0, var0 = image_law(params0, final_step)
     rows = []
     for i in range(1, steps + 1):

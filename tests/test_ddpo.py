@@ -22,7 +22,7 @@ from jax import enable_x64
 
 from idiff_cli.implicit import ddpo, finetune, methods
 from idiff_cli.implicit.ppo import PPO
-from implicit_gaussian import SDE, chain_moments, draw, path_kl, paths, score, theta
+from implicit_gaussian import SDE, chain_moments, draw, path_kl, paths, theta
 
 T, B, G = 4, 4000, 50
 THETA, THETA0 = (0.8, 1.3), (0.5, 1.0)
@@ -84,7 +84,7 @@ def batch_gradients(problem, params, ppo=RAW, n=G):
 
 def gaussian_problem(lam, beta, policy_of=lambda policy: policy):
     _, p = paths(T, B)
-    problem = finetune.bind_problem(p, score, SDE, SDE.time_grid(T), reward, bool(beta))(theta(*THETA0), lam, beta)
+    problem = finetune.bind_problem(p, SDE, SDE.time_grid(T), reward, bool(beta))(theta(*THETA0), lam, beta)
     return dataclasses.replace(problem, policy=policy_of(problem.policy))
 
 
@@ -92,8 +92,8 @@ def holding(differentiated):
     """policy -> the policy whose mean at step k is held (stop-gradient) unless differentiated(k): the
     log-probability terms of the held steps leave the gradient."""
     def policy_of(policy):
-        def moments(params, x, k):
-            mean, std, kl = policy.moments(params, x, k)
+        def moments(params, x, k, slot_key):
+            mean, std, kl = policy.moments(params, x, k, slot_key)
             return jnp.where(differentiated(k), mean, jax.lax.stop_gradient(mean)), std, kl
         return policy._replace(moments=moments)
     return policy_of
@@ -181,10 +181,11 @@ def test_off_policy_updates_are_clipped():
     with enable_x64(True):
         problem = gaussian_problem(LAM, 0.0)
         policy = problem.policy
-        states = draw(problem.paths, theta(*THETA0), jax.random.key(2), T)[:, :n]
+        key = jax.random.key(2)  # the policy's unconditional score does not read the slot key
+        states = draw(problem.paths, theta(*THETA0), key, T)[:, :n]
         ks = jnp.arange(T)
-        old, std = jax.vmap(lambda x, k: policy.moments(theta(*THETA0), x, k)[:2])(states[:-1], ks)
-        new = jax.vmap(lambda x, k: policy.moments(theta(*THETA), x, k)[0])(states[:-1], ks)
+        old, std = jax.vmap(lambda x, k: policy.moments(theta(*THETA0), x, k, key)[:2])(states[:-1], ks)
+        new = jax.vmap(lambda x, k: policy.moments(theta(*THETA), x, k, key)[0])(states[:-1], ks)
         adv = ddpo.advantages(reward(states[-1]), "normalized", LAM)
         rho = np.exp(np.asarray(jax.vmap(ddpo.log_ratio)(states[1:], new, old, std)))  # [T, n]
 
@@ -194,10 +195,10 @@ def test_off_policy_updates_are_clipped():
             g, _ = ddpo.policy_gradient(held, theta(*THETA), batch, jnp.asarray(False), eps)
             return jnp.stack([g["m"], g["c"]])
 
-        clipped = gradient(1e-9, ddpo.Batch(states, old, adv, states[-1]), -1)
+        clipped = gradient(1e-9, ddpo.Batch(states, old, adv, states[-1], key), -1)
         kept = [(i, k) for i in range(n) for k in range(T) if (rho[k, i] - 1) * float(adv[i]) < 0]
-        expected = sum(gradient(1e9, ddpo.Batch(states[:, i:i + 1], old[:, i:i + 1], adv[i:i + 1], states[-1, i:i + 1]),
-                                k) for i, k in kept) / n
+        expected = sum(gradient(1e9, ddpo.Batch(states[:, i:i + 1], old[:, i:i + 1], adv[i:i + 1],
+                                                states[-1, i:i + 1], key), k) for i, k in kept) / n
     assert 0 < len(kept) < n * T, len(kept)
     np.testing.assert_allclose(clipped, expected, rtol=1e-9)
 

@@ -63,7 +63,7 @@ def objective_parts(batch=64, c0=1.0):
     cost = girsanov.kl_running_cost(euler_maruyama_step, score, SDE, SDE.time_grid(N_STEPS), params0)
     running = lambda q, x, k: 0.3 * cost(q, x, k)  # noqa: E731
     terminal = lambda q, x: -2.0 * jnp.sin(x[:, 0]) + 0.1 * x[:, 0] ** 2
-    return p, terminal, running, girsanov.kl_transition(p, score, SDE, SDE.time_grid(N_STEPS), params0, 0.3)
+    return p, terminal, running, girsanov.kl_transition(p, SDE, SDE.time_grid(N_STEPS), params0, 0.3)
 
 
 def test_discrete_adjoint_equals_grad_through_unrolled_sampler_and_finite_differences():
@@ -161,7 +161,7 @@ def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
         params0, grid = jax.tree.map(lambda v: 0.8 * v, params), SDE.time_grid(3)
         running = lambda q, x, k: 0.5 * girsanov.kl_running_cost(euler_maruyama_step, sc, SDE, grid, params0)(q, x, k)
         states = draw(p, params, key, 3)
-        fused = girsanov.kl_transition(p, sc, SDE, grid, params0, 0.5)
+        fused = girsanov.kl_transition(p, SDE, grid, params0, 0.5)
         adj = adjoint.discrete_adjoint(fused, params, states, key, terminal)
         assert float(adj.running) > 1e-3  # the KL term is really there
         ref = adjoint.unrolled_gradient(adjoint.transition(p.step, running), params, states[0], key, 3, terminal,

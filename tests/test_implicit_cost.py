@@ -111,7 +111,7 @@ def counted_problem(net: CountedScore, T: int, beta: float, deterministic: bool 
     finetune --final-step none), and the Girsanov KL when β > 0."""
     sampler = Sampler(SDE, T, probability_flow_step if deterministic else euler_maruyama_step, denoise_final=tweedie)
     p = sampler_paths(sampler, net.apply, (B, *IMAGE))
-    return finetune.bind_problem(p, net.apply, SDE, sampler.grid, lambda x: jnp.sin(x[:, 0]), bool(beta))(
+    return finetune.bind_problem(p, SDE, sampler.grid, lambda x: jnp.sin(x[:, 0]), bool(beta))(
         THETA0, 2.0, beta)
 
 
@@ -167,7 +167,7 @@ def test_counted_passes_of_the_logged_kl_equal_the_declared_cost():
     T, n_batches, net = 4, 3, CountedScore()
     sampler = Sampler(SDE, T, euler_maruyama_step, denoise_final=True)
     p = sampler_paths(sampler, net.apply, (B, *IMAGE))
-    transition = girsanov.kl_transition(p, net.apply, SDE, sampler.grid, THETA0, 1.0)
+    transition = girsanov.kl_transition(p, SDE, sampler.grid, THETA0, 1.0)
     keys = jax.random.split(jax.random.key(4), n_batches)
     images, _ = net.count(jax.jit(lambda params: girsanov.fresh_path_kl(transition, p.init, params, keys, T)), THETA)
     half = girsanov.fresh_path_kl_passes(T, n_batches * B) // 2

@@ -45,7 +45,7 @@ def test_girsanov_gradient_through_the_adjoint_equals_closed_form_gradient():
     independent sub-batches of 1,000 paths."""
     with enable_x64(True):
         _, p = paths(N_STEPS, 1000)
-        kl = girsanov.kl_transition(p, score, SDE, SDE.time_grid(N_STEPS), theta(*THETA0), 1.0)
+        kl = girsanov.kl_transition(p, SDE, SDE.time_grid(N_STEPS), theta(*THETA0), 1.0)
         zero = lambda q, x: 0.0 * x[:, 0]
         gradient = jax.jit(lambda key: adjoint.discrete_adjoint(
             kl, theta(*THETA), draw(p, theta(*THETA), key, N_STEPS), key, zero).params)
@@ -76,7 +76,7 @@ def logged_kl(params, n_batches: int, batch: int, key) -> tuple[float, float]:
     """The KL finetune logs for θ = `params`: finetune.make_kl_estimator, n_batches × batch fresh paths
     from the slot keys split(key, n_batches) -> (mean, standard error)."""
     sampler, p = paths(N_STEPS, batch)
-    estimator = finetune.make_kl_estimator(sampler, p, score, None, jax.random.split(key, n_batches))
+    estimator = finetune.make_kl_estimator(sampler, lambda _: p, jax.random.split(key, n_batches))
     return tuple(float(v) for v in estimator(params, theta(*THETA0)))
 
 
@@ -113,7 +113,7 @@ def test_logged_standard_error_is_the_spread_of_the_logged_kl():
     the wrong divisor) would miss by 65%."""
     with enable_x64(True):
         sampler, p = paths(N_STEPS, 8)
-        transition = girsanov.kl_transition(p, score, SDE, sampler.grid, theta(*THETA0), 1.0)
+        transition = girsanov.kl_transition(p, SDE, sampler.grid, theta(*THETA0), 1.0)
         sums = girsanov.fresh_path_kl(transition, p.init, theta(*THETA), jax.random.split(jax.random.key(7), 3200),
                                       N_STEPS)
         means, ses = map(np.asarray, jax.vmap(girsanov.mean_and_se)(sums.reshape(400, 64)))
@@ -129,7 +129,7 @@ def test_with_theta_held_fixed_the_queue_batches_and_fresh_paths_give_the_same_k
     T, M, B, steps = N_STEPS, 4, 256, 32
     with enable_x64(True):
         sampler, p = paths(T, B)
-        problem = finetune.bind_problem(p, score, SDE, sampler.grid, lambda x: x[:, 0], True)(theta(*THETA0), 1.0, 0.1)
+        problem = finetune.bind_problem(p, SDE, sampler.grid, lambda x: x[:, 0], True)(theta(*THETA0), 1.0, 0.1)
         method = methods.make_method("implicit", problem, T, M)
         carry = method.init(theta(*THETA), jax.random.key(11))
         running = girsanov.kl_running_cost(euler_maruyama_step, score, SDE, sampler.grid, theta(*THETA0))
@@ -165,7 +165,7 @@ def run_problem(final_step: str, batch: int, clip: bool = False, dtype=jnp.float
     """finetune's paths and Problem for the Gaussian sampler with a Tweedie step (t_min = 0.5), R(y) = y."""
     sampler, _ = paths(N_STEPS, batch, sde=SDE_WIDE, denoise_final=True)
     p = finetune.run_paths(sampler, score, (batch, 1), None, final_step, clip)
-    return finetune.bind_problem(p, score, SDE_WIDE, sampler.grid, lambda y: y[:, 0], True)(
+    return finetune.bind_problem(p, SDE_WIDE, sampler.grid, lambda y: y[:, 0], True)(
         theta(*THETA0, dtype=dtype), LAM, BETA)
 
 
@@ -209,7 +209,7 @@ def test_final_step_none_rewards_the_last_path_state(clip):
         _, est = jax.jit(lambda carry: method.estimate(theta(*THETA, dtype=jnp.float32), carry, None))(
             method.init(theta(*THETA0, dtype=jnp.float32), jax.random.key(2)))
         key = jax.random.key(3)
-        images = finetune.make_grid_sampler(problem, B, B, key)(theta(*THETA, dtype=jnp.float32))
+        images = finetune.make_grid_sampler(lambda _: problem, B, B, key)(theta(*THETA, dtype=jnp.float32), None)
         last = draw(problem.paths, theta(*THETA, dtype=jnp.float32), jax.random.split(key, 1)[0], N_STEPS)[-1]
         shown = (lambda y: jnp.clip(y, -1, 1)) if clip else (lambda y: y)
         same = [np.array_equal(est.images, shown(est.states[-1])), np.array_equal(images, shown(last))]
@@ -307,7 +307,7 @@ def test_a_deterministic_sampler_has_no_girsanov_kl():
     p = sampler_paths(Sampler(SDE, 4, ddpm.ddim_step, denoise_final=False), score, (2, 1))
     assert not p.stochastic
     with pytest.raises(ValueError, match="ddim_step is deterministic"):
-        girsanov.kl_transition(p, score, SDE, SDE.time_grid(4), theta(*THETA0, dtype=jnp.float32), 1.0)
+        girsanov.kl_transition(p, SDE, SDE.time_grid(4), theta(*THETA0, dtype=jnp.float32), 1.0)
 
 
 def ddpm_score(sde):
@@ -358,7 +358,7 @@ def test_logged_kl_on_a_ddpm_sampler_is_the_sum_of_the_transition_kls(sde, noisy
         sampler = sde.sampler(n, "ddpm")
         sampler = ddpm.with_noisy_last_step(sampler) if noisy_last else sampler
         p = sampler_paths(sampler, score_, (256, 1))
-        estimator = finetune.make_kl_estimator(sampler, p, score_, None, jax.random.split(jax.random.key(5), 64))
+        estimator = finetune.make_kl_estimator(sampler, lambda _: p, jax.random.split(jax.random.key(5), 64))
         kl, se = map(float, estimator(theta(*THETA), theta(*THETA0)))
     exact = ddpm_transition_kls(sde, n, THETA, THETA0, noisy_last)
     assert exact[-1] == 0 if sde is DDPM_SMALL and not noisy_last else exact[-1] > 0

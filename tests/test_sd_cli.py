@@ -1,15 +1,21 @@
 """A Stable Diffusion pipeline through the real CLI: import (fp32 and --variant fp16) -> sample with a
-prompt and guidance -> evaluate-fid from a prompts file with plug-in features; and the one-line refusals
-of bad input, each before anything is written."""
+prompt and guidance -> evaluate-fid from a prompts file with plug-in features; finetune with LoRA from a
+prompts file, resumed, exported in diffusers' formats; and the one-line refusals of bad input, each
+before anything is written."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
-from helpers import error_line, invoke
+from helpers import error_line, invoke, rows
+from safetensors.numpy import load_file
+
+from idiff_cli.diffusion import diffusers_io, lora
+from idiff_cli.diffusion.model import load, load_adapters
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sd_tiny"
 DDPM = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"
@@ -102,7 +108,15 @@ def test_refusals_are_one_line_and_write_nothing(sd_run, ddpm_run, tmp_path):
          "--guidance applies to sampling a text-to-image run"),
         (("sample", sd_run, "--prompt", "a cat", "--sampler", "ddpm", "--ddim-eta", "1", "--out", tmp_path / "s"),
          "--ddim-eta 1 applies to the ddim sampler, not 'ddpm'"),
-        (("finetune", "--from", sd_run, "--out", tmp_path / "s"), "finetuning with prompts is not built yet"),
+        (("finetune", "--from", sd_run, "--fid-every", "2", "--out", tmp_path / "s"),
+         "--fid-every: the periodic FID compares with a dataset's images"),
+        (("finetune", "--from", sd_run, "--lora-targets", "to_qq", "--out", tmp_path / "s"), "'to_qq'"),
+        (("finetune", "--from", sd_run, "--lora-rank", "0", "--out", tmp_path / "s"), "--lora-rank"),
+        (("finetune", "--from", sd_run, "--prompts", empty, "--out", tmp_path / "s"), "holds no prompt"),
+        (("finetune", "--from", ddpm_run, "--prompts", empty, "--out", tmp_path / "s"),
+         "--prompts: text-to-image option(s)"),
+        (("finetune", "--from", sd_run, "--lora", FIXTURE / "lora" / "oracle.npz", "--out", tmp_path / "s"),
+         "oracle.npz"),
         (("evaluate-fid", "--samples", empty, "--prompts", empty, "--out", tmp_path / "s"),
          "--prompts applies to sampling a text-to-image run"),
         (("import", "diffusers", DDPM, "--variant", "fp16", "--out", tmp_path / "i"),
@@ -113,3 +127,45 @@ def test_refusals_are_one_line_and_write_nothing(sd_run, ddpm_run, tmp_path):
     for args, message in cases:
         assert message in error_line(invoke(*args))
     assert not (tmp_path / "s").exists() and not (tmp_path / "i").exists()
+
+
+PROMPTS = '{"prompt": "a red cube", "negative": "blurry"}\n{"prompt": "a blue ball"}\n'
+# LoRA of the fixture file's rank and alpha, 2 DDPM steps (M = 1: no warm-up), a checkpoint every step
+FINETUNE = ["--reward", "brightness", "--lora-rank", "2", "--lora-alpha", "4", "--T", "2", "--M", "1", "--batch", "2",
+            "--devices", "1", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "2", "--kl-n", "2",
+            "--grid-n", "2", "--lr", "0.01"]
+
+
+def test_lora_finetune_resumes_bit_for_bit_and_exports(sd_run, tmp_path):
+    """`finetune --prompts FILE.jsonl --lora-rank 2` on the SD fixture: 2 steps straight, and 1 step then
+    resumed to 2 — the same rows and the same adapters, bit for bit (float32). `export` writes the adapters
+    as diffusers' LoRA file: the keys and shapes of the diffusers-made fixture file (same rank and
+    modules); `export --merged` the U-Net with them merged, equal to the run's merged model; `sample`
+    draws from the finetuned run."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(PROMPTS)
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", straight, check=True)
+    invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "1", "--out", resumed, check=True)
+    invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", resumed, check=True)
+    assert rows(straight, drop=("wall_s",)) == rows(resumed, drop=("wall_s",))
+    last = rows(straight)[-1]
+    assert last["step"] == 2 and last["kl"] > 0 and last["grad_norm"] > 0
+    _, theta, spec, step, final = load_adapters(straight)
+    _, again, _, _, _ = load_adapters(resumed)
+    assert step == 2 and final and (spec.rank, spec.alpha) == (2, 4.0) and len(spec.targets) == 32
+    for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+    invoke("export", straight, "--out", tmp_path / "lora", check=True)
+    exported = load_file(tmp_path / "lora" / lora.LORA_WEIGHTS)
+    made_by_diffusers = load_file(FIXTURE / "lora" / lora.LORA_WEIGHTS)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in made_by_diffusers.items()}
+    invoke("export", straight, "--merged", "--out", tmp_path / "merged", check=True)
+    merged = load_file(tmp_path / "merged" / "unet" / diffusers_io.WEIGHTS)
+    expected = diffusers_io.tensors_from_params(load(straight).params["unet"])
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(merged[key], expected[key])
+    invoke("sample", straight, "--prompt", "a red cube", "--n", "1", "--sample-steps", "2", "--out", tmp_path / "s",
+           check=True)

@@ -7,7 +7,10 @@ finetuned here runs in diffusers (and anything built on it).
   `UNet2DModel.from_pretrained(DIR)` and `DDPMPipeline(unet, scheduler)` load.
 * An imported Stable Diffusion pipeline: DIR/unet/ (`config.json` + the weights of its
   `UNet2DConditionModel`), the network finetuning changes; the pipeline's other components are the
-  source's.
+  source's. A LoRA finetune run of one: DIR/pytorch_lora_weights.safetensors, its adapters with
+  diffusers' key names (lora.to_diffusers: `unet.`-prefixed, α/r folded into B), which
+  `StableDiffusionPipeline.load_lora_weights(DIR)` loads; with --merged, unet/ with the adapters merged.
+* A LoRA finetune run of a pixel model: merged, as any other run of it.
 
 The weights are written name by name as `idiff import` reads them (diffusers_io.tensors_from_params,
 the inverse of params_from_tensors), in the run's dtype. idiff's own pretrain U-Net (unet.py) is not a
@@ -22,8 +25,8 @@ from typing import Any
 
 from safetensors.numpy import save
 
-from idiff_cli.diffusion import diffusers_io, pipeline_io
-from idiff_cli.diffusion.model import FINETUNED, PRETRAINED, TextToImageModel, load
+from idiff_cli.diffusion import diffusers_io, lora, pipeline_io
+from idiff_cli.diffusion.model import FINETUNED, PRETRAINED, TextToImageModel, load, load_adapters
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, atomic_write_bytes, console, read_json
 
@@ -60,6 +63,14 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
     else:
         raise UserError(f"'{run_dir}' holds idiff's own U-Net (a pretrain run), which is not a diffusers "
                         "architecture; export takes imported models and their finetune runs")
+    if (run_dir / FINETUNED).exists() and pipeline_io.holds_pipeline(source) and not cfg.merged:
+        _, adapters, spec, step, _ = load_adapters(run_dir, cfg.step)
+        if spec is not None:
+            target.create()
+            lora.write(target.path / lora.LORA_WEIGHTS, adapters, spec.scale)
+            console.print(f"exported {run_dir}'s LoRA adapters (rank {spec.rank}, {len(spec.targets)} modules, step "
+                          f"{step}) -> {target.path / lora.LORA_WEIGHTS}", highlight=False)
+            return target.path
     model = load(run_dir, step=cfg.step)
     params = model.params["unet"] if isinstance(model, TextToImageModel) else model.params
     weights = save(diffusers_io.tensors_from_params(params), metadata={"format": "pt"})

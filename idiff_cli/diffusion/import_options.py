@@ -42,12 +42,16 @@ EXPORT = cfglib.Schema(
     "Write a run's network in diffusers' format: an imported or finetuned DDPM (UNet2DModel) as a model "
     "directory (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json) that "
     "`UNet2DModel.from_pretrained` and `DDPMPipeline` load; a Stable Diffusion run as its unet/ directory "
-    "(UNet2DConditionModel), to put into the pipeline it came from. Writes nothing when the run cannot be "
-    "exported (idiff's own pretrain U-Net is not a diffusers architecture).",
+    "(UNet2DConditionModel), to put into the pipeline it came from, or, for a LoRA finetune run, its adapters as "
+    "pytorch_lora_weights.safetensors (`StableDiffusionPipeline.load_lora_weights`). Writes nothing when the "
+    "run cannot be exported (idiff's own pretrain U-Net is not a diffusers architecture).",
     (
         Option("run_dir", "path", None, "An import run, or a finetune run of one.", argument=True, required=True),
         Option("format", str, "diffusers", "Format of the export.", choices=FORMATS),
         Option("step", int, None, "Checkpoint step of a finetune run.", minimum=0, rule="the latest"),
+        Option("merged", bool, False, "A Stable Diffusion LoRA run: write the U-Net with the adapters merged in "
+               "(unet/) instead of the adapters alone. A pixel model's LoRA run is always exported merged "
+               "(diffusers' UNet2DModel pipelines load no LoRA files)."),
         Option("out", "path", None, "The directory to write (must not exist, or be empty).", config=False,
                required=True),
         cfglib.CONFIG_OPTION,

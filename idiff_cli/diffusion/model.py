@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from idiff_cli import registry
 from idiff_cli.checkpoint import Checkpointer, restore_template
-from idiff_cli.diffusion import diffusers_io, pipeline_io
+from idiff_cli.diffusion import diffusers_io, lora, pipeline_io
 from idiff_cli.diffusion.ddpm import DISCRETE_STEPS
 from idiff_cli.diffusion.losses import score_function
 from idiff_cli.diffusion.options import PRETRAIN
@@ -233,10 +233,14 @@ def write_pretrained(run_dir: RunDir, step: int, final: bool, image_shape, num_c
                                     "num_classes": int(num_classes), "dataset": dataset, "data": source})
 
 
-def write_finetuned(run_dir: RunDir, from_run: str | pathlib.Path, step: int, final: bool) -> None:
-    """finetuned.json: θ of checkpoint `step` in weights/ finetunes the model of `from_run` (read by `load`)."""
-    run_dir.write_json(FINETUNED, {"from": str(from_run), "weights": WEIGHTS_DIR, "step": int(step),
-                                   "final": bool(final)})
+def write_finetuned(run_dir: RunDir, from_run: str | pathlib.Path, step: int, final: bool,
+                    spec: lora.LoRASpec | None = None) -> None:
+    """finetuned.json: θ of checkpoint `step` in weights/ finetunes the model of `from_run` (read by `load`):
+    all its U-Net's weights, or the LoRA adapters of `spec` over them."""
+    record = {"from": str(from_run), "weights": WEIGHTS_DIR, "step": int(step), "final": bool(final)}
+    if spec is not None:
+        record["lora"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)}
+    run_dir.write_json(FINETUNED, record)
 
 
 def finetuned_weights(run_dir: RunDir, keep: int) -> Checkpointer:
@@ -313,14 +317,40 @@ def _load_text_to_image(run_dir: pathlib.Path, weights: str, step: int | None) -
     return TextToImageModel(model, params, model.sde, cfg, model.image_shape, 0, 0, True, "imported")
 
 
-def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Model:
-    """The base model of a finetune run with the finetuned θ of `step` (default: the last saved)."""
+def unet_params(model: Model) -> Any:
+    """The variables of the model's denoising network (a text-to-image model's U-Net)."""
+    return model.params["unet"] if isinstance(model, TextToImageModel) else model.params
+
+
+def with_unet_params(model: Model, params: Any) -> Any:
+    """The model's params with its denoising network's variables replaced."""
+    return {**model.params, "unet": params} if isinstance(model, TextToImageModel) else params
+
+
+def load_adapters(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Model, Any, lora.LoRASpec | None, int, bool]:
+    """(base model, θ, the LoRA spec or None, the step, whether it is the finished run's last) of a finetune
+    run: θ the adapters of a LoRA run, else the network's weights."""
+    run_dir = pathlib.Path(run_dir)
     record = RunDir(run_dir).read_json(FINETUNED, ("from", "weights", "step", "final"))
     base = load(record["from"])
+    spec = None
+    template = unet_params(base)
+    if "lora" in record:
+        fields = record["lora"]
+        spec = lora.LoRASpec(int(fields["rank"]), float(fields["alpha"]), tuple(fields["targets"]))
+        template = jax.eval_shape(lambda: lora.init(jax.random.key(0), unet_params(base), spec))
     with Checkpointer(run_dir / record["weights"]) as ckpt:
         chosen = record["step"] if step is None else step
         if chosen not in ckpt.all_steps():
             raise UserError(f"'{run_dir}' has no finetuned weights at step {chosen}; available: {ckpt.all_steps()}")
-        params, _ = ckpt.restore(base.params, step=chosen)
-    return dataclasses.replace(base, params=params, step=int(chosen), weights="finetuned",
-                               final=bool(record["final"]) and step in (None, record["step"]))
+        theta, _ = ckpt.restore(restore_template(template) if spec else template, step=chosen)
+    return base, theta, spec, int(chosen), bool(record["final"]) and step in (None, record["step"])
+
+
+def _load_finetuned(run_dir: pathlib.Path, step: int | None) -> Model:
+    """The base model of a finetune run with the finetuned θ of `step` (default: the last saved); a LoRA
+    run's adapters merged into the base network."""
+    base, theta, spec, chosen, final = load_adapters(run_dir, step)
+    network = theta if spec is None else lora.merge(unet_params(base), theta, spec.scale)
+    return dataclasses.replace(base, params=with_unet_params(base, network), step=chosen, weights="finetuned",
+                               final=final)

@@ -12,6 +12,7 @@ Row i of a batch samples prompts[rows[i]]; z_T and the sampler's noise come from
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any, Sequence
 
@@ -48,6 +49,35 @@ def read_prompts(path: str | pathlib.Path) -> list[str]:
     if not prompts:
         raise UserError(f"--prompts '{path}' holds no prompt (one per line)")
     return prompts
+
+
+RECORD_KEYS = ("prompt", "negative")
+
+
+def read_prompt_records(path: str | pathlib.Path) -> list[tuple[str, str | None]]:
+    """(prompt, its own negative prompt or None) of every prompt of a prompts file: JSONL (a `.jsonl`
+    file: one {"prompt": …, "negative": …} object per non-blank line, "negative" optional) or text (one
+    prompt per line, `read_prompts`). UserError naming the line of a malformed record."""
+    if pathlib.Path(path).suffix != ".jsonl":
+        return [(prompt, None) for prompt in read_prompts(path)]
+    records = []
+    for number, line in enumerate(read_prompts(path), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--prompts '{path}' record {number}: not a JSON object ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f"--prompts '{path}' record {number}: expected {{\"prompt\": TEXT}} (optionally "
+                            f"\"negative\": TEXT), got {line[:60]}")
+        unknown = sorted(set(record) - set(RECORD_KEYS))
+        if unknown:
+            raise UserError(f"--prompts '{path}' record {number}: unknown key '{unknown[0]}'; valid keys: "
+                            f"{', '.join(RECORD_KEYS)}")
+        negative = record.get("negative")
+        if negative is not None and not isinstance(negative, str):
+            raise UserError(f"--prompts '{path}' record {number}: \"negative\" must be a string, got {negative!r}")
+        records.append((record["prompt"], negative))
+    return records
 
 
 def settings_of(cfg: Any, text_to_image: bool) -> Settings | None:

@@ -58,9 +58,10 @@ NORMALIZE_EPS = 1e-8  # DDPO's (r − mean)/(std + 1e-8)
 
 
 class Policy(NamedTuple):
-    """The sampler's chain under θ as a policy. moments(params, x_k [B, ...], k) -> (m_θ(x_k, k) [B, ...],
-    √v_k [] or [B], β × KL_k(θ; x_k) [B] or zeros), one evaluation of θ's network (and of θ0's with a
-    KL term); lam: λ, the weight of the reward in the advantages (may be traced)."""
+    """The sampler's chain under θ as a policy. moments(params, x_k [B, ...], k, slot_key) -> (m_θ(x_k, k)
+    [B, ...], √v_k [] or [B], β × KL_k(θ; x_k) [B] or zeros), one evaluation of θ's network (and of θ0's
+    with a KL term) under the conditioning of the batch's slot key; lam: λ, the weight of the reward in
+    the advantages (may be traced)."""
 
     moments: Callable
     lam: Any
@@ -68,28 +69,30 @@ class Policy(NamedTuple):
 
 class Batch(NamedTuple):
     """A batch sampled under θ_old: states x_0..x_n [n + 1, B, ...], the old means m_θold(x_k, k)
-    [n, B, ...] (filled by the batch's first update), advantages [B] (λ included) and the rewarded
-    images [B, H, W, C]."""
+    [n, B, ...] (filled by the batch's first update), advantages [B] (λ included), the rewarded
+    images [B, H, W, C] and the slot key that named its noise and conditioning (paths.py)."""
 
     states: jax.Array
     means: jax.Array
     advantages: jax.Array
     images: jax.Array
+    key: jax.Array
 
 
 def gaussian_policy(step_fn: Callable, score: Callable, sde: Any, grid: jax.Array, params0: Any, lam: Any,
-                    beta: Any, with_kl: bool, labels: jax.Array | None = None) -> Policy:
-    """The Policy of a samplers.GaussianStep `step_fn` on `grid` with score(params, x, t, labels): the
-    step's `moments` at sθ(x_k, t_k) and, with `with_kl`, β × girsanov.transition_kl against θ0."""
+                    beta: Any, with_kl: bool) -> Policy:
+    """The Policy of a samplers.GaussianStep `step_fn` on `grid` with score(params, x, t, slot_key)
+    (paths.score): the step's `moments` at sθ(x_k, t_k) and, with `with_kl`, β × girsanov.transition_kl
+    against θ0."""
 
-    def moments(params, x, k):
+    def moments(params, x, k, slot_key):
         t, t_next = grid[k], grid[k + 1]
         times = jnp.full((x.shape[0],), t, x.dtype)
-        s = score(params, x, times, labels)
+        s = score(params, x, times, slot_key)
         mean, std = step_fn.moments(sde, s, x, t, t_next)
         if not with_kl:
             return mean, std, jnp.zeros(x.shape[:1], x.dtype)
-        s0 = score(jax.lax.stop_gradient(params0), x, times, labels)
+        s0 = score(jax.lax.stop_gradient(params0), x, times, slot_key)
         return mean, std, beta * girsanov.transition_kl(step_fn, sde, s, s0, x, t, t_next)
 
     return Policy(moments, lam)
@@ -141,7 +144,7 @@ def policy_gradient(policy: Policy, params: Any, batch: Batch, fresh: jax.Array,
     network, and n forward passes of θ0's with a KL term."""
 
     def step_loss(p, x, x_next, stored, k):
-        mean, std, kl = policy.moments(p, x, k)
+        mean, std, kl = policy.moments(p, x, k, batch.key)
         old = jnp.where(fresh, jax.lax.stop_gradient(mean), stored)
         ratio = jnp.exp(log_ratio(x_next, mean, old, std))
         return jnp.mean(kl - clipped_surrogate(ratio, batch.advantages, clip_range)), old

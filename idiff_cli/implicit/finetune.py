@@ -37,8 +37,9 @@ from idiff_cli.errors import UserError
 from idiff_cli.fid.metric import PeriodicFID
 from idiff_cli.images import save_grid, to_uint8
 from idiff_cli.implicit import adjoint, ddpo, girsanov, labels, methods, per_device, report
-from idiff_cli.implicit.options import SCHEMA, STOCHASTIC_SAMPLERS
+from idiff_cli.implicit.options import SCHEMA, STOCHASTIC_SAMPLERS, TEXT_OPTIONS
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
+from idiff_cli.implicit.subject import Subject, pixel, subject_of
 from idiff_cli.implicit.ppo import PPO
 from idiff_cli.implicit.rewards import check_reward
 from idiff_cli.runs import RunDir, atomic_path, default_run_dir
@@ -62,21 +63,34 @@ def complete(cfg: Any, from_run: pathlib.Path, model: Model) -> Any:
     """The config completed for the pretrained `model` of `from_run` (options.TABLE: M, T and batch by its
     dataset and the preset, paper Tables 2 and 4; its sampler by its kind)."""
     return SCHEMA.complete(cfg, {"dataset": model.cfg.dataset, "imported": isinstance(model, ImportedModel),
-                                 "from_run": from_run})
+                                 "text_to_image": isinstance(model, TextToImageModel), "from_run": from_run})
 
 
-def check_against_model(cfg: Any, model: Model) -> None:
-    """The checks of a completed config that need the pretrained `model` (the schema has checked the rest):
-    UserError (one line) when the continuous adjoint meets a discrete chain or another sampler than the
-    probability flow, the sampler does not apply to the model, a deterministic sampler (Sampler.stochastic)
-    is asked for the Girsanov KL (β > 0) or ddpo's policy, the periodic FID for non-square images or
-    label_kept for other than 28×28 digits, the reward does not fit the model's images (or lacks the ∇R
-    the method needs), or the method does not build on the model (an adjoint it does not take,
-    truncated-K's K > T, a plug-in builder's error), and for a text-to-image model, which finetune does not
-    take (prompts do not travel through its paths)."""
+def check_text_options(cfg: Any, model: Model) -> None:
+    """UserError when a text-to-image option meets a pixel model, or the periodic FID a text-to-image one
+    (checked before the prompts are read and embedded)."""
     if isinstance(model, TextToImageModel):
-        raise UserError(f"'{cfg.from_run}' is a text-to-image model: finetuning with prompts is not built yet "
-                        "(idiff finetune takes pixel-space models: pretrain runs and imported UNet2DModels)")
+        if cfg.fid_every:
+            raise UserError("--fid-every: the periodic FID compares with a dataset's images; a text-to-image run "
+                            "has none (use --fid-every 0; `idiff evaluate-fid RUN --prompts FILE` measures a run)")
+        return
+    given = [name for name in TEXT_OPTIONS if getattr(cfg, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UserError(f"{flags}: text-to-image option(s); '{cfg.from_run}' is an unconditional or "
+                        "label-conditioned pixel model")
+
+
+def check_against_model(cfg: Any, model: Model, parts: "Parts") -> None:
+    """The checks of a completed config that need the pretrained `model` and the run's `parts` (the
+    schema has checked the rest): UserError (one line) when a text-to-image option meets a pixel model or
+    the periodic FID a text-to-image one, the continuous adjoint meets a discrete chain or another sampler
+    than the probability flow, the sampler does not apply to the model, a deterministic sampler
+    (Sampler.stochastic) is asked for the Girsanov KL (β > 0) or ddpo's policy, the periodic FID for
+    non-square images or label_kept for other than 28×28 digits, the reward does not fit the model's
+    images (or lacks the ∇R the method needs), or the method does not build on the model (an adjoint it
+    does not take, truncated-K's K > T, a plug-in builder's error)."""
+    check_text_options(cfg, model)
     if cfg.adjoint == "continuous":
         if not model.continuous_time:
             raise UserError("--adjoint continuous is the probability-flow ODE adjoint of a continuous-time process; "
@@ -103,8 +117,8 @@ def check_against_model(cfg: Any, model: Model) -> None:
         raise UserError(f"--label-every: label_kept reads 28×28 digits, this model makes {height}×{width} images")
     check_reward(registry.get("image-reward", cfg.reward), cfg.reward, model.image_shape,
                  needs_gradient=cfg.method != "ddpo", method=cfg.method)
-    bind, _, _ = build(cfg, model)
-    bind(model.params)  # the method's own checks: the adjoints it takes, truncated-K's K <= T, a plug-in's
+    jax.eval_shape(lambda frozen: parts.bind(frozen)[0].paths.init(jax.random.key(0)), parts.subject.frozen)
+    parts.bind(parts.subject.frozen)  # the method's own checks: the adjoints it takes, truncated-K's K <= T, a plug-in's
 
 
 class FinetuneState(NamedTuple):
@@ -122,24 +136,28 @@ def run_sampler(cfg: Any, model: Model) -> Any:
     return ddpm.with_noisy_last_step(sampler) if cfg.final_step == "noisy" else sampler
 
 
-def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: jax.Array | None, final_step: str,
-              clip: bool) -> SamplerPaths:
+def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: Any, final_step: str,
+              clip: bool, decode: Callable | None = None) -> SamplerPaths:
     """The sampler's paths with the run's final step: `tweedie`, the sampler's own (the Tweedie denoiser
     for a continuous-time model); `none`, the identity, so the reward sees x_{t_min}; `noisy`, the
-    sampler's own (a discrete chain's, whose step into x_0 `run_sampler` made noisy). With `clip`, the
-    result is clipped to [-1, 1], as the images are shown (no gradient for pushing a pixel beyond white
-    or black, so brightness cannot be gained by unbounded pixel values)."""
+    sampler's own (a discrete chain's, whose step into x_0 `run_sampler` made noisy); then `decode`
+    (a latent model's VAE decoder), when given. With `clip`, the result is clipped to [-1, 1], as the
+    images are shown (no gradient for pushing a pixel beyond white or black, so brightness cannot be
+    gained by unbounded pixel values). `labels`: fixed [B], or a function of the slot key (paths.py)."""
     if final_step == "none":
         sampler = dataclasses.replace(sampler, denoise_final=False)
     paths = sampler_paths(sampler, score, shape, labels)
+    denoise = paths.denoise
+    if decode is not None:
+        paths = paths._replace(denoise=lambda params, x: decode(denoise(params, x)))
     if clip:
-        denoise = paths.denoise
-        paths = paths._replace(denoise=lambda params, x: jnp.clip(denoise(params, x), -1.0, 1.0))
+        decoded = paths.denoise
+        paths = paths._replace(denoise=lambda params, x: jnp.clip(decoded(params, x), -1.0, 1.0))
     return paths
 
 
-def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array, reward: Callable, with_kl: bool,
-                 labels: jax.Array | None = None, mesh: Any = None) -> Callable[[Any, Any, Any], methods.Problem]:
+def bind_problem(paths: SamplerPaths, sde: Any, grid: jax.Array, reward: Callable, with_kl: bool,
+                 mesh: Any = None) -> Callable[[Any, Any, Any], methods.Problem]:
     """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
     −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
     none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo); with the `mesh` of
@@ -150,51 +168,71 @@ def bind_problem(paths: SamplerPaths, score: Callable, sde: Any, grid: jax.Array
 
     def bind(params0, lam, beta):
         terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
-        transition = (girsanov.kl_transition(paths, score, sde, grid, params0, beta, labels) if with_kl
+        transition = (girsanov.kl_transition(paths, sde, grid, params0, beta) if with_kl
                       else adjoint.transition(paths.step))
-        policy = (ddpo.gaussian_policy(paths.step_fn, score, sde, grid, params0, lam, beta, with_kl, labels)
+        policy = (ddpo.gaussian_policy(paths.step_fn, paths.score, sde, grid, params0, lam, beta, with_kl)
                   if paths.stochastic else None)
         return methods.Problem(paths, terminal, transition, reward, with_kl, policy, **on_mesh)
 
     return bind
 
 
-def build(cfg: Any, model: Model):
-    """`bind(params0, lam, beta) -> (problem, method)` for a run on the pretrained `model`, the
-    optimiser, and `kl_estimator(keys)`: make_kl_estimator on the run's paths, or None when the sampler
-    is deterministic (no Girsanov KL), for a config that passed `check_against_model` on `model`.
+class Parts(NamedTuple):
+    """A run's pieces: bind(frozen, lam, beta, evaluation=False) -> (problem, method), called inside
+    each jitted program with the frozen weights as an argument (evaluation: the fixed-key grids'
+    labels); the optimiser; kl_estimator(keys) -> jit (θ, frozen) -> (mean, se) of the KL, or None when
+    the sampler is deterministic (no Girsanov KL); the subject (what θ is)."""
 
-    θ0 enters the KL term; `bind` is called inside the jitted outer step with θ0, λ and β as arguments,
-    so neither the weights nor λ and β are baked into the compiled program as constants."""
+    bind: Callable
+    optimizer: Any
+    kl_estimator: Callable
+    subject: Subject
+
+
+def build(cfg: Any, model: Model, subject: Subject | None = None) -> Parts:
+    """The Parts of a run on the pretrained `model` (a config completed for it); `subject` what θ is
+    (default: all the weights of a pixel model, frozen = θ0 = its weights).
+
+    θ0 and the frozen weights enter through `bind`'s argument: neither the weights nor λ and β are baked
+    into the compiled programs as constants."""
+    subject = subject or pixel(model, cfg.batch)
     reward = registry.get("image-reward", cfg.reward)
-    labels = jnp.arange(cfg.batch) % model.num_classes if model.num_classes else None
     sampler = run_sampler(cfg, model)
-    paths = run_paths(sampler, model.score, (cfg.batch, *model.image_shape), labels, cfg.final_step, cfg.clip)
     mesh = model.mesh if isinstance(model, per_device.BatchSharded) else None
-    objective = bind_problem(paths, model.score, model.sde, sampler.grid, reward, bool(cfg.beta), labels, mesh)
-
     ppo = PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None
 
-    def bind(params0, lam=cfg.lam, beta=cfg.beta):
-        problem = objective(params0, lam, beta)
+    def paths_of(frozen, evaluation=False):
+        decode = subject.decode(frozen) if subject.decode else None
+        return run_paths(sampler, subject.score(frozen), subject.shape, subject.labels(frozen, evaluation),
+                         cfg.final_step, cfg.clip, decode)
+
+    def bind(frozen, lam=cfg.lam, beta=cfg.beta, evaluation=False):
+        objective = bind_problem(paths_of(frozen, evaluation), model.sde, sampler.grid, reward, bool(cfg.beta), mesh)
+        problem = objective(subject.reference(frozen), lam, beta)
         return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint, ppo)
 
     def kl_estimator(keys):
         if not sampler.stochastic:
             return None
-        return make_kl_estimator(sampler, paths, model.score, labels, keys)
+        return make_kl_estimator(sampler, paths_of, keys, subject.reference)
 
-    return bind, optax.adam(cfg.lr), kl_estimator
+    return Parts(bind, optimizer_of(cfg), kl_estimator, subject)
 
 
-def make_outer_step(bind, optimizer, params0, coef: tuple[float, float], mesh=None, state_sharding=None):
+def optimizer_of(cfg: Any) -> optax.GradientTransformation:
+    """Adam at --lr on θ (the adapters alone with LoRA: the optimiser state is theirs)."""
+    return optax.adam(cfg.lr)
+
+
+def make_outer_step(bind, optimizer, frozen, coef: tuple[float, float], mesh=None, state_sharding=None):
     """step(state, i) -> (state after one outer step with (λ, β) = `coef`, its metrics (reward mean,
     reward std, gradient norm)): one jitted program, dispatched by the run loop once per outer step
-    (asynchronously: the host reads the metrics once per chunk). With a `mesh`, the state keeps
-    `state_sharding` and the metrics are replicated (one compiled program whatever the step)."""
+    (asynchronously: the host reads the metrics once per chunk), taking the `frozen` weights as an
+    argument. With a `mesh`, the state keeps `state_sharding` and the metrics are replicated (one
+    compiled program whatever the step)."""
 
-    def outer(state: FinetuneState, params0, coef):
-        problem, method = bind(params0, *coef)
+    def outer(state: FinetuneState, frozen, coef):
+        problem, method = bind(frozen, *coef)
         carry, est = method.estimate(state.params, state.carry, None)
         updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -208,28 +246,31 @@ def make_outer_step(bind, optimizer, params0, coef: tuple[float, float], mesh=No
     else:
         outer_jit = jax.jit(outer, out_shardings=(state_sharding, sharding.replicated(mesh)))
         coef = sharding.put(coef, sharding.replicated(mesh))
-    return lambda state, i: outer_jit(state, params0, coef)
+    return lambda state, i: outer_jit(state, frozen, coef)
 
 
-def make_kl_estimator(sampler: Any, paths: SamplerPaths, score: Callable, labels: jax.Array | None, keys: jax.Array):
-    """jit: (θ, θ0) -> (mean, standard error) of the Girsanov KL(P_θ ‖ P_θ0) over len(keys) · B fresh
-    paths sampled under θ, batch i from slot key keys[i] (the same keys for every θ); one compiled
-    program. Cost: girsanov.fresh_path_kl_passes(T, len(keys) · B) images, forward passes only."""
+def make_kl_estimator(sampler: Any, paths_of: Callable, keys: jax.Array, reference: Callable = lambda frozen: frozen):
+    """jit: (θ, frozen) -> (mean, standard error) of the Girsanov KL(P_θ ‖ P_θ0) over len(keys) · B fresh
+    paths paths_of(frozen) sampled under θ, batch i from slot key keys[i] (the same keys for every θ),
+    θ0 = reference(frozen); one compiled program. Cost: girsanov.fresh_path_kl_passes(T, len(keys) · B)
+    images, forward passes only."""
 
-    def estimate(params, params0):
-        transition = girsanov.kl_transition(paths, score, sampler.sde, sampler.grid, params0, 1.0, labels)
+    def estimate(params, frozen):
+        paths = paths_of(frozen)
+        transition = girsanov.kl_transition(paths, sampler.sde, sampler.grid, reference(frozen), 1.0)
         return girsanov.mean_and_se(girsanov.fresh_path_kl(transition, paths.init, params, keys, paths.n_steps))
 
     return jax.jit(estimate)
 
 
-def make_grid_sampler(problem, grid_n: int, batch: int, key: jax.Array, mesh=None):
-    """jit: params -> [grid_n, H, W, C] images from fixed noise keys (the same for every θ; replicated
-    over `mesh`)."""
-    p = problem.paths
+def make_grid_sampler(problem_of: Callable, grid_n: int, batch: int, key: jax.Array, mesh=None):
+    """jit: (θ, frozen) -> [grid_n, H, W, C] images of the paths of problem_of(frozen) from fixed noise
+    keys (the same for every θ; replicated over `mesh`)."""
     keys = jax.random.split(key, -(-grid_n // batch))
 
-    def sample(params):
+    def sample(params, frozen):
+        p = problem_of(frozen).paths
+
         def one(k):
             return p.denoise(params, adjoint.rollout(p.step, params, p.init(k), k, p.n_steps)[-1])
 
@@ -245,48 +286,52 @@ def start_state(method: methods.Method, optimizer, params0, key: jax.Array, kl_n
                          jnp.asarray(kl_net_evals, jnp.int32))
 
 
-def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir: RunDir,
-                  weights: Checkpointer, mesh, is_main: bool = True) -> loop.Unit:
+def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights: Checkpointer, mesh,
+                  is_main: bool = True) -> loop.Unit:
     """The run as one loop unit: state FinetuneState, one row per outer step, the KL of the current θ
     every --log-every steps, at the last step and at step 0, the fixed-key grid and its reward every
     --sample-every steps, the periodic FID, θ into weights/ at every checkpoint. The state lives on
-    `mesh` (per_device.state_shardings: the carried image batches split, the rest replicated), each
-    leaf committed to its sharding so that the outer step compiles once; only `is_main` writes files."""
+    `mesh` (per_device.state_shardings: the carried batches of states split, the rest replicated), each
+    leaf committed to its sharding so that the outer step compiles once; only `is_main` writes files.
+    Every program takes the subject's frozen weights as an argument."""
+    bind, optimizer, subject = parts.bind, parts.optimizer, parts.subject
     root = jax.random.key(cfg.seed)
     replicated = sharding.replicated(mesh)
-    params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
-    problem, method = bind(params0)
+    frozen = sharding.put(subject.frozen, jax.tree.map(lambda _: replicated, subject.frozen))
+    problem, method = bind(frozen)  # static facts: the reward, the method's cost
     # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
-    kl_of = kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
+    kl_of = parts.kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
     kl_images = girsanov.fresh_path_kl_passes(cfg.T, cfg.kl_n) if kl_of else 0
 
     method_key = sharding.put(jax.random.fold_in(root, METHOD_KEY), replicated)
 
-    def fresh() -> FinetuneState:
-        """The warm-up on the mesh; kl_net_evals counts the KL evaluation of step 0's row."""
-        return start_state(method, optimizer, params0, method_key, kl_images)
+    @jax.jit
+    def fresh(frozen, key) -> FinetuneState:
+        """The warm-up on the mesh from θ at step 0; kl_net_evals counts the KL evaluation of step 0's row."""
+        return start_state(bind(frozen)[1], optimizer, subject.reference(frozen), key, kl_images)
 
-    shardings = per_device.state_shardings(jax.eval_shape(fresh), mesh, (cfg.batch, *model.image_shape))
+    shardings = per_device.state_shardings(jax.eval_shape(fresh, frozen, method_key), mesh, subject.shape)
 
     def init() -> FinetuneState:
-        return sharding.put(fresh(), shardings)
+        return sharding.put(fresh(frozen, method_key), shardings)
 
     def template() -> FinetuneState:  # shapes only: restoring does no warm-up work
-        return sharding.put(restore_template(jax.eval_shape(fresh)), shardings)
+        return sharding.put(restore_template(jax.eval_shape(fresh, frozen, method_key)), shardings)
 
-    outer_step = make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta), mesh, shardings)
-    grid = make_grid_sampler(problem, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY), mesh)
+    outer_step = make_outer_step(bind, optimizer, frozen, (cfg.lam, cfg.beta), mesh, shardings)
+    evaluation = lambda frozen: bind(frozen, evaluation=True)[0]  # noqa: E731
+    grid = make_grid_sampler(evaluation, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY), mesh)
 
     def kl_row(state: FinetuneState) -> dict:
         """kl, kl_se of the current θ and the cumulative kl_net_evals (state's count, this evaluation in)."""
         if kl_of is None:
             return {}
-        kl, se = jax.device_get(kl_of(state.params, params0))
+        kl, se = jax.device_get(kl_of(state.params, frozen))
         return {"kl": float(kl), "kl_se": float(se), "kl_net_evals": int(state.kl_net_evals)}
 
     def evaluate(state: FinetuneState, step: int) -> dict:
         """The fixed-key grid of θ (PNG, and the first images as uint8 for the evolution strip) and its reward."""
-        images = np.asarray(grid(state.params))
+        images = np.asarray(grid(state.params, frozen))
         path = run_dir.path / "samples" / f"step_{step:06d}.png"
         if not is_main:
             return {}
@@ -300,13 +345,14 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
         """FID of fid_n samples of θ (the finetuning sampler and final step, fixed keys)."""
         periodic = PeriodicFID(cfg.fid_features, model.cfg.dataset, model.cfg.data_dir, model.cfg.image_size,
                                model.image_shape)
-        fid_sampler = make_grid_sampler(problem, cfg.fid_n, cfg.batch, jax.random.fold_in(root, FID_KEY), mesh)
-        return lambda state, step: {"fid": periodic(fid_sampler(state.params)), "fid_n": cfg.fid_n}
+        fid_sampler = make_grid_sampler(evaluation, cfg.fid_n, cfg.batch, jax.random.fold_in(root, FID_KEY), mesh)
+        return lambda state, step: {"fid": periodic(fid_sampler(state.params, frozen)), "fid_n": cfg.fid_n}
 
     fid_of = periodic_fid() if cfg.fid_every else None
-    label_hook = (labels.label_kept_hook(make_grid_sampler(problem, cfg.label_n, cfg.batch,
-                                                           jax.random.fold_in(root, LABEL_KEY), mesh),
-                                         params0, cfg.label_every, run_dir.path) if cfg.label_every else None)
+    label_sampler = (make_grid_sampler(evaluation, cfg.label_n, cfg.batch, jax.random.fold_in(root, LABEL_KEY), mesh)
+                     if cfg.label_every else None)
+    label_hook = (labels.label_kept_hook(lambda params: label_sampler(params, frozen), subject.reference(frozen),
+                                         cfg.label_every, run_dir.path) if cfg.label_every else None)
     hooks = ([loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
              + ([label_hook] if label_hook else []))
 
@@ -348,7 +394,7 @@ def finetune_unit(cfg: Any, model: Model, bind, optimizer, kl_estimator, run_dir
             weights.save(step, state.params)
             weights.wait()
         if is_main:
-            write_finetuned(run_dir, cfg.from_run, step, final)
+            write_finetuned(run_dir, cfg.from_run, step, final, subject.lora)
 
     return loop.Unit(cfg.steps, init, step=step, rows=rows, template=template, first_rows=first_rows,
                      hooks=[*hooks, loop.Hook(cfg.log_every, kl_hook)], chunk=cfg.log_every,
@@ -364,11 +410,11 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
     cfg = complete(cfg, from_run, model)
-    check_against_model(cfg, model)
     n, note = sharding.device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
     mesh = sharding.mesh_of(n)
-    model = per_device.BatchSharded(model, mesh)
-    bind, optimizer, kl_estimator = build(cfg, model)
+    check_text_options(cfg, model)
+    parts = build(cfg, per_device.BatchSharded(model, mesh), subject_of(cfg, model, mesh))
+    check_against_model(cfg, model, parts)
     is_main = jax.process_index() == 0
     run_dir = RunDir(out or default_run_dir("finetune"))
     run = loop.Run(SCHEMA, cfg, run_dir, cfg.ckpt_every, keep=2, is_main=is_main)
@@ -380,7 +426,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
                   f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch} on {mesh.size} device(s) / "
                   f"{jax.process_count()} process(es), lr {cfg.lr}, final step {cfg.final_step}) -> {run_dir.path}")
         with finetuned_weights(run_dir, keep=cfg.steps // cfg.ckpt_every + 1) as weights:
-            state = run.run(finetune_unit(cfg, model, bind, optimizer, kl_estimator, run_dir, weights, mesh, is_main))
+            state = run.run(finetune_unit(cfg, model, parts, run_dir, weights, mesh, is_main))
         if is_main:
             report.finish_run(run_dir.path)
         run.done("config.json, metrics.jsonl, samples/, figures/, checkpoints/, weights/, finetuned.json")

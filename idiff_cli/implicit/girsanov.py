@@ -60,14 +60,18 @@ def transition_kl(step_fn: Callable, sde: Any, s: jax.Array, s0: jax.Array, x: j
 def kl_increment(step_fn: Callable, score: Callable, sde: Any, params: Any, params0: Any, x: jax.Array,
                  t: jax.Array, t_next: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """`transition_kl` of the step from x at t under θ = params and θ0 = params0: [B] for x of shape [B, ...]."""
-    return _increment(score(params, x, jnp.full((x.shape[0],), t, x.dtype), labels), step_fn, score, sde, params0,
-                      x, t, t_next, labels)
+    bound = lambda p, y, times: score(p, y, times, labels)  # noqa: E731
+    return _increment(bound(params, x, _times(t, x)), step_fn, bound, sde, params0, x, t, t_next)
+
+
+def _times(t: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.full((x.shape[0],), t, x.dtype)
 
 
 def _increment(s: jax.Array, step_fn: Callable, score: Callable, sde: Any, params0: Any, x: jax.Array,
-               t: jax.Array, t_next: jax.Array, labels: jax.Array | None) -> jax.Array:
-    """kl_increment given s = sθ(x, t)."""
-    s0 = score(jax.lax.stop_gradient(params0), x, jnp.full((x.shape[0],), t, x.dtype), labels)
+               t: jax.Array, t_next: jax.Array) -> jax.Array:
+    """kl_increment given s = sθ(x, t) and score(params, x, times) of the batch's conditioning."""
+    s0 = score(jax.lax.stop_gradient(params0), x, _times(t, x))
     return transition_kl(step_fn, sde, s, s0, x, t, t_next)
 
 
@@ -81,12 +85,12 @@ def kl_running_cost(step_fn: Callable, score: Callable, sde: Any, grid: jax.Arra
     return running
 
 
-def kl_transition(paths: Any, score: Callable, sde: Any, grid: jax.Array, params0: Any, beta: float | jax.Array,
-                  labels: jax.Array | None = None) -> Callable:
+def kl_transition(paths: Any, sde: Any, grid: jax.Array, params0: Any, beta: float | jax.Array) -> Callable:
     """(params, x_k, k, slot_key) -> (x_{k+1}, β × KL increment of step k [B]): an adjoint.Transition
-    whose step and increment share the step's score evaluation (paths.step_and_score); `sde` and `grid`
-    are those of the sampler behind `paths`, whose step (paths.step_fn) gives the transitions. ValueError
-    when the sampler is not stochastic (paths.stochastic): its paths have no Girsanov KL."""
+    whose step and increment share the step's score evaluation (paths.step_and_score; θ0's score under
+    the slot's conditioning, paths.score); `sde` and `grid` are those of the sampler behind `paths`,
+    whose step (paths.step_fn) gives the transitions. ValueError when the sampler is not stochastic
+    (paths.stochastic): its paths have no Girsanov KL."""
     if not paths.stochastic:
         raise ValueError(f"the Girsanov KL needs the sampler's Gaussian transitions; "
                          f"{getattr(paths.step_fn, '__name__', paths.step_fn)} is deterministic or declares none "
@@ -94,7 +98,8 @@ def kl_transition(paths: Any, score: Callable, sde: Any, grid: jax.Array, params
 
     def transition(params, x, k, slot_key):
         x_next, s = paths.step_and_score(params, x, k, slot_key)
-        return x_next, beta * _increment(s, paths.step_fn, score, sde, params0, x, grid[k], grid[k + 1], labels)
+        score = lambda p, y, times: paths.score(p, y, times, slot_key)  # noqa: E731
+        return x_next, beta * _increment(s, paths.step_fn, score, sde, params0, x, grid[k], grid[k + 1])
 
     return transition
 

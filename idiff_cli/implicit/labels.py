@@ -46,7 +46,7 @@ def label_kept_hook(sample: Callable[[Any], jax.Array], params0: Any, every: int
     """A loop hook logging {"label_kept": fraction} every `every` steps (and at the end).
 
     sample:  θ -> images [n, 28, 28, C] from noise keys fixed for the whole run (n ≥ 256 for a
-             standard error of the fraction ≤ 0.03), e.g. finetune.make_grid_sampler(problem, n, batch, key).
+             standard error of the fraction ≤ 0.03), e.g. a finetune.make_grid_sampler with its frozen weights bound.
     params0: θ0, whose labels are the reference (computed at the first call unless run_dir holds them).
     The hook reads the state's θ as `state.params`."""
     labeller = labeller or make_labeller()

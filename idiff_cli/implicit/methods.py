@@ -6,8 +6,8 @@ Every method is a pair of functions over a method-specific carry, registered und
     init(params0, key) -> carry                          # e.g. the warm queue P_M of Algorithm 2
     estimate(params, carry, key) -> (carry, Estimate)    # samples under the current θ and Γ(p, θ)
 
-`estimate` is pure and traced inside the jitted outer step; `init` runs once, on the host, and jits
-its own parts (the pipelined warm-up is a host loop of jitted backward waves).
+`estimate` is pure and traced inside the jitted outer step; `init` runs once and is jitted (finetune
+traces it inside its own jit, with the frozen weights as arguments).
 
 * `implicit` (Algorithm 2): a queue of M slots advanced by T/M steps per outer step under the current
   θ; the completed slot's gradient by the discrete adjoint along its stored path.
@@ -181,13 +181,10 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
     p = problem.paths
 
     @jax.jit
-    def forward_queue(params0, key):
-        return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1)
-
-    def init(params0, key):  # untraced: a host loop of jitted waves
+    def init(params0, key):
         aq = pipeline.adjoint_queue_init(p.step, problem.transition, params0, key, p.init, problem.terminal, M, T,
                                          walk=problem.walk)
-        return forward_queue(params0, key), aq, key
+        return queue_lib.queue_init(p.step, params0, key, p.init, M, T, first=M + 1), aq, key
 
     def estimate(params, carry, key):
         queue, aq, root = carry
@@ -269,13 +266,15 @@ def ddpo(problem: Problem, T: int, ppo: PPO = PPO()) -> Method:
         states = adjoint.rollout(p.step, params, p.init(slot), slot, T)
         images = _images(problem, params, states)
         advantages = ddpo_lib.advantages(problem.reward(images), ppo.advantage, policy.lam)
-        return batch._replace(states=states, advantages=advantages.astype(batch.advantages.dtype), images=images)
+        return batch._replace(states=states, advantages=advantages.astype(batch.advantages.dtype), images=images,
+                              key=slot)
 
     def init(params0, key):
         x0 = jax.eval_shape(p.init, key)
         images = jax.eval_shape(lambda x: p.denoise(params0, x), x0)
         zeros = lambda *shape: jnp.zeros(shape, x0.dtype)  # noqa: E731
-        batch = ddpo_lib.Batch(zeros(T + 1, *x0.shape), zeros(T, *x0.shape), zeros(x0.shape[0]), zeros(*images.shape))
+        batch = ddpo_lib.Batch(zeros(T + 1, *x0.shape), zeros(T, *x0.shape), zeros(x0.shape[0]), zeros(*images.shape),
+                               key)
         return jnp.asarray(0, jnp.int32), key, batch, jnp.asarray(epochs, jnp.int32)
 
     def estimate(params, carry, key):

@@ -25,35 +25,51 @@ ADJOINTS = ("full", "pipelined", "continuous")
 FINAL_STEPS = ("tweedie", "none", "noisy")
 DDPO_DEFAULTS = PPO()  # --method ddpo's own options (PPO's fields) at their defaults, which another method keeps
 
-# (M, T, batch) by the pretrained model's dataset: the paper's (Tables 2 and 4) and the cpu preset's.
+TRAIN = ("all", "lora")
+DTYPES = ("float32", "bfloat16")
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_targets", "lora")
+TEXT_OPTIONS = ("prompts", "eval_prompts", "negative_prompt", "guidance", "dtype")
+
+# (M, T, batch) by the pretrained model's dataset: the paper's (Tables 2 and 4) and the cpu preset's; a
+# text-to-image model's: a CPU-sized queue, and DDPO's 50 steps (its batch per device: 8).
 OTHER = "other datasets"
+TEXT_TO_IMAGE = "text-to-image"
 ROWS = {
     ("cpu", OTHER): dict(M=4, T=16, batch=8),
     ("cpu", "lsun-bedroom"): dict(M=2, T=16, batch=8),
+    ("cpu", TEXT_TO_IMAGE): dict(M=2, T=8, batch=2),
     ("paper", OTHER): dict(M=4, T=64, batch=32),
     ("paper", "lsun-bedroom"): dict(M=2, T=64, batch=16),
+    ("paper", TEXT_TO_IMAGE): dict(M=5, T=50, batch=8),
 }
 
 
 def _family(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> str | None:
-    """The pretrained model's dataset (context["dataset"], a name or name:variant), once it is loaded."""
+    """The pretrained model's dataset (context["dataset"], a name or name:variant), once it is loaded; a
+    text-to-image model's family is its own."""
     if context is None:
         return None
+    if context["text_to_image"]:
+        return TEXT_TO_IMAGE
     return "lsun-bedroom" if context["dataset"].split(":")[0] == "lsun-bedroom" else OTHER
 
 
 def _derived(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The pretrained run (--from) and its sampler: ddpm for an imported DDPM model (a discrete chain),
-    euler-maruyama for a continuous-time one."""
+    """The pretrained run (--from), its sampler (ddpm for an imported DDPM model, a discrete chain;
+    euler-maruyama for a continuous-time one) and what is trained: LoRA adapters on a text-to-image model
+    or when a LoRA option is given, else all the weights."""
     if context is None:
         return None
-    return {"from_run": str(context["from_run"]), "sampler": "ddpm" if context["imported"] else "euler-maruyama"}
+    lora = context["text_to_image"] or any(values.get(name) is not None for name in LORA_OPTIONS)
+    return {"from_run": str(context["from_run"]), "sampler": "ddpm" if context["imported"] else "euler-maruyama",
+            "train": "lora" if lora else "all"}
 
 
 TABLE = cfglib.Table(family=_family, what="the pretrained model's dataset", rows=ROWS, derive=_derived,
                      derived_help={"from_run": "the most recent run under runs/ holding pretrained.json",
                                    "sampler": "euler-maruyama for idiff-pretrained models, ddpm for imported DDPM "
-                                              "models"})
+                                              "models and pipelines",
+                                   "train": "lora on a text-to-image model or with a --lora* option, else all"})
 
 
 def _ddpo_options(cfg: Any) -> None:
@@ -64,6 +80,15 @@ def _ddpo_options(cfg: Any) -> None:
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise UserError(f"{flags}: --method ddpo's option(s); --method {cfg.method} does not use them")
+
+
+def _lora_options(cfg: Any) -> None:
+    """The LoRA options shape the adapters: with --train all there are none."""
+    if cfg.train == "all":
+        given = [name for name in LORA_OPTIONS if getattr(cfg, name) is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(f"{flags}: LoRA option(s); --train all trains every weight (use --train lora)")
 
 
 def _m_divides_t(cfg: Any) -> None:
@@ -124,6 +149,29 @@ SCHEMA = cfglib.Schema(
           "or continuous (probability-flow ODE adjoint).", choices=ADJOINTS),
         O("clip", bool, True, "Clip the samples to [-1, 1] before the reward (no gain from pixels past white "
           "or black)."),
+        O("train", str, None, "What θ is: lora (low-rank adapters W + (α/r)·B·A on --lora-targets, B = 0 at "
+          "the start, the base weights frozen) or all (every weight of the U-Net).", choices=TRAIN),
+        O("lora_rank", int, None, "LoRA rank r.", positive=True, rule="4 (with --train lora)"),
+        O("lora_alpha", float, None, "LoRA α (the update is scaled by α/r).", positive=True, rule="the rank"),
+        O("lora_targets", str, None, "Modules given adapters, by diffusers' module names or their last parts "
+          "(peft's rule: a name equal to a target or ending in .target).", many=True,
+          rule="to_q,to_k,to_v,to_out.0 (Stable Diffusion, imported DDPM U-Nets); every attention and "
+               "convolution layer of idiff's own U-Net (docs/finetune.md)"),
+        O("lora", "path", None, "Start from an existing diffusers LoRA file (pytorch_lora_weights.safetensors: "
+          "its rank and modules; θ0 of the KL is the model with it)."),
+        O("prompts", "path", None, "Text-to-image: training prompts, a text file (one per line) or JSONL "
+          "({\"prompt\": …, \"negative\": …} per line); each batch draws its prompts uniformly from them.",
+          rule="16 built-in animal names (DDPO's simple-animals kind)"),
+        O("eval_prompts", "path", None, "Text-to-image: held-out prompts of the sample grids and eval_reward "
+          "(grid image b shows prompt b mod their number).", rule="the built-in animals"),
+        O("negative_prompt", str, None, "Text-to-image: negative prompt of classifier-free guidance (a JSONL "
+          "line's \"negative\" overrides it).", rule="\"\" (empty)"),
+        O("guidance", float, None, "Text-to-image: classifier-free guidance scale g of the finetuning sampler "
+          "(the KL is between the guided transitions); g <= 1: the conditional model alone.", minimum=0,
+          rule="7.5"),
+        O("dtype", str, None, "Text-to-image: dtype of the activations and frozen weights (bfloat16 on "
+          "accelerators); adapters, optimiser state, latents and KL sums stay float32.", choices=DTYPES,
+          rule="float32"),
         O("M", int, None, "Queue length M; must divide T.", flags=("--M",), positive=True),
         O("T", int, None, "Sampling steps T.", flags=("--T",), positive=True),
         O("batch", int, None, "Images per batch.", positive=True),
@@ -159,6 +207,6 @@ SCHEMA = cfglib.Schema(
         cfglib.CONFIG_OPTION,
     ),
     table=TABLE,
-    checks=(cfglib.check_tracking, _ddpo_options, _m_divides_t, _kl_paths_in_batches,
+    checks=(cfglib.check_tracking, _ddpo_options, _lora_options, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )

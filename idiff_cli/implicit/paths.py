@@ -4,12 +4,14 @@
 named by one *slot key* s, exactly as `Sampler.sample(score, s, shape)` names its sample:
 x_0 = sampler.init(split(s)[0]) and step k uses fold_in(split(s)[1], k). So a path can be re-run under
 another θ with the same noise (the paper's same-seed figures) and the adjoint regenerates each step's
-noise from s instead of storing it.
+noise from s instead of storing it. The slot key names the batch's conditioning as well: fixed class labels
+per batch position, or a function of the key (a text-to-image run draws each slot's prompts from it), so a
+path carries no conditioning of its own through the queue and the adjoints.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 
@@ -21,7 +23,8 @@ class SamplerPaths(NamedTuple):
     tweedie: whether denoise is the Tweedie step, a deterministic map that evaluates the score (one network
     pass) and lies outside the Gaussian transitions the Girsanov KL covers; step_fn: the sampler's step
     function, whose Gaussian transition (samplers.GaussianStep) the Girsanov KL reads; stochastic: the
-    sampler's `stochastic`, whether that transition exists (the Girsanov KL and DDPO's policy apply)."""
+    sampler's `stochastic`, whether that transition exists (the Girsanov KL and DDPO's policy apply);
+    score(params, x, t, slot_key) -> sθ(x, t) [B, ...] under the slot's conditioning."""
 
     init: Callable[[jax.Array], jax.Array]
     step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -31,14 +34,23 @@ class SamplerPaths(NamedTuple):
     tweedie: bool
     step_fn: Callable
     stochastic: bool
+    score: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
-                  labels: Optional[jax.Array] = None) -> SamplerPaths:
-    """Binds a `Sampler` and a score(params, x, t, labels) for batches of `shape` [B, H, W, C]."""
+                  labels: Union[jax.Array, Callable[[jax.Array], jax.Array], None] = None) -> SamplerPaths:
+    """Binds a `Sampler` and a score(params, x, t, labels) for batches of `shape` [B, H, W, C]; `labels`
+    [B] are the same for every slot, or labels(slot_key) -> [B] the slot's own. ValueError for per-slot
+    labels with a sampler whose last step is the Tweedie denoiser (denoise sees no slot key)."""
+    per_slot = callable(labels)
+    if per_slot and sampler.denoise_final:
+        raise ValueError("per-slot labels need a sampler without the Tweedie step: denoise(params, x) sees no slot")
 
-    def bound(params):
-        return lambda y, t: score(params, y, t, labels)
+    def slot_labels(slot_key):
+        return labels(slot_key) if per_slot else labels
+
+    def bound(params, slot_key=None):
+        return lambda y, t: score(params, y, t, slot_labels(slot_key))
 
     def init(slot_key):
         return sampler.init(jax.random.split(slot_key)[0], shape)
@@ -47,13 +59,13 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
         return jax.random.fold_in(jax.random.split(slot_key)[1], k)
 
     def step(params, x, k, slot_key):
-        return sampler.step(bound(params), x, k, noise_key(slot_key, k))
+        return sampler.step(bound(params, slot_key), x, k, noise_key(slot_key, k))
 
     def step_and_score(params, x, k, slot_key):
         evaluated = []
 
         def recorded(y, t):
-            evaluated.append((y is x, bound(params)(y, t)))
+            evaluated.append((y is x, bound(params, slot_key)(y, t)))
             return evaluated[-1][1]
 
         x_next = sampler.step(recorded, x, k, noise_key(slot_key, k))
@@ -65,5 +77,8 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
     def denoise(params, x):
         return sampler.finalize(bound(params), x)
 
+    def slot_score(params, x, t, slot_key):
+        return bound(params, slot_key)(x, t)
+
     return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score, sampler.denoise_final,
-                        sampler.step_fn, sampler.stochastic)
+                        sampler.step_fn, sampler.stochastic, slot_score)

@@ -43,17 +43,12 @@ class BatchSharded:
     def __init__(self, model: Any, mesh: Mesh):
         self._model = model
         self.mesh = mesh
-        self._sharding = NamedSharding(mesh, PartitionSpec(AXIS))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def score(self, params, x, t, labels=None):
-        if AXIS in jax.sharding.get_abstract_mesh().manual_axes:
-            if labels is not None and labels.shape[0] != x.shape[0]:
-                labels = jax.lax.dynamic_slice_in_dim(labels, jax.lax.axis_index(AXIS) * x.shape[0], x.shape[0])
-            return self._model.score(params, x, t, labels)
-        return self._model.score(params, jax.lax.with_sharding_constraint(x, self._sharding), t, labels)
+        return split_rows(self._model.score, self.mesh)(params, x, t, labels)
 
     def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
         """The model's sampler, a Gaussian step drawing each device's rows of the whole batch's noise
@@ -62,6 +57,22 @@ class BatchSharded:
         if sampler.stochastic:
             return dataclasses.replace(sampler, step_fn=dataclasses.replace(sampler.step_fn, split_axis=AXIS))
         return sampler
+
+
+def split_rows(score: Callable, mesh: Mesh) -> Callable:
+    """score(params, x, t, labels) with its input batch x [B, ...] constrained to be split over `mesh`;
+    under `shard_map` with the batch axis manual, x is one device's rows already and the whole batch's
+    labels [B] are cut to its rows."""
+    split = NamedSharding(mesh, PartitionSpec(AXIS))
+
+    def rows(params, x, t, labels=None):
+        if AXIS in jax.sharding.get_abstract_mesh().manual_axes:
+            if labels is not None and labels.shape[0] != x.shape[0]:
+                labels = jax.lax.dynamic_slice_in_dim(labels, jax.lax.axis_index(AXIS) * x.shape[0], x.shape[0])
+            return score(params, x, t, labels)
+        return score(params, jax.lax.with_sharding_constraint(x, split), t, labels)
+
+    return rows
 
 
 _WHOLE = PartitionSpec()

@@ -80,16 +80,17 @@ def adjoint_queue_init(step: Step, transition: Transition, params: Any, key: jax
                        M: int, T: int, walk: Callable = walk_paths) -> AdjointQueue:
     """The warm adjoint queue: M + 1 paths of slot keys 0..M sampled under θ0 (one vmapped rollout),
     then M backward waves under θ0 fill it (slot j = key M − 1 − j walked back j·L steps, key M
-    pending). Empty slots are walked too, on zeros: wasted work, but one compiled wave.
-
-    A host loop over one jitted wave (call it untraced): traced, the M waves would be M copies of
-    the wave in one program, M times the compilation."""
+    pending). Empty slots are walked too, on zeros: wasted work, but one wave. The waves are one
+    `lax.scan`, so the warm-up traces (and compiles) the wave once and runs inside a caller's jit."""
     keys = jax.vmap(lambda i: queue_lib.slot_key(key, i))(jnp.arange(M + 1))
-    paths = jax.jit(jax.vmap(lambda k: rollout(step, params, init(k), k, T)))(keys)  # [M + 1, T + 1, B, ...]
+    paths = jax.vmap(lambda k: rollout(step, params, init(k), k, T))(keys)  # [M + 1, T + 1, B, ...]
     adj = jax.eval_shape(lambda x: adjoint_start(terminal, params, x)[1], paths[0, -1])  # shapes only: no pass
     aq = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
                       jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj), paths[0], keys[0])
-    wave = jax.jit(lambda aq: backward_wave(transition, params, aq, terminal, M, T, walk=walk)[0])
-    for i in range(1, M + 1):
-        aq = wave(aq)._replace(pending_states=paths[i], pending_key=keys[i])
-    return aq
+
+    def wave(aq, pending):
+        states, slot = pending
+        aq = backward_wave(transition, params, aq, terminal, M, T, walk=walk)[0]
+        return aq._replace(pending_states=states, pending_key=slot), None
+
+    return jax.lax.scan(wave, aq, (paths[1:], keys[1:]))[0]
