@@ -216,8 +216,9 @@ def spending(options: dict, pre) -> Callable[[int], tuple[int, int]]:
     `options`, as `idiff finetune` builds it for this config and logs them (methods.spent × batch; raises
     UserError as the command would)."""
     cfg = F.complete(SCHEMA.resolve(options), pathlib.Path(options["from_run"]), pre)
+    F.check_against_model(cfg, pre)
     parts = F.build(cfg, pre)
-    F.check_against_model(cfg, pre, parts)
+    F.check_method(parts)
     bind = parts.bind
     _, method = bind(pre.params)
 

@@ -4,19 +4,24 @@ x_{t_min}: --final-step none, the periodic FID and label_kept); the logged KL of
 standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule (defining
 options must match, run-time ones may change); --method ddpo with the non-differentiable
 compressibility reward (a batch per 3 outer steps, resumed mid-cycle) and with digit:7; bad input ->
-one line, exit 2. The full adjoint with the Tweedie final step runs through the CLI in the session's
+one line, exit 2; LoRA adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the session's
 split_finetune run (tests/conftest.py, tests/test_finetune_sharded.py)."""
 
 import json
 import shutil
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import CLOCK, error_line, invoke, rows
 
+from idiff_cli.diffusion import lora
+from idiff_cli.diffusion.model import load
 from idiff_cli.implicit import finetune, girsanov, report
 from idiff_cli.implicit.options import SCHEMA
+from idiff_cli.implicit.subject import subject_of
 
 TINY_FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "20", "--log-every", "10",
                  "--sample-every", "20", "--ckpt-every", "10", "--grid-n", "4", "--lr", "0.01", "--beta", "0.1",
@@ -311,3 +316,33 @@ def test_ddpo_runs_the_classifier_reward_digit_7(tiny_pretrain, tmp_path):
     train = [r for r in rows(run) if "reward_mean" in r]
     assert [r["step"] for r in train] == [1, 2]
     assert all(r["reward_mean"] < 0 and np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train), train
+
+
+def test_lora_on_the_pixel_u_net(tiny_pretrain):
+    """`--lora-rank 2` on idiff's own U-Net: adapters on every dense and convolution layer of its residual and
+    attention blocks (none elsewhere), θ0's merged network the pretrained one exactly (B = 0), a nonzero
+    gradient of the first outer step for B alone (A's gradient is B-weighted: zero while B = 0), and a
+    LoRA spec recorded for `load`."""
+    model = load(tiny_pretrain)
+    cfg = finetune.complete(SCHEMA.resolve(dict(T=2, M=2, batch=4, lora_rank=2, method="nested", clip=False)),
+                            tiny_pretrain, model)
+    subject = subject_of(cfg, model)
+    names = lora.module_names(model.params)
+    assert cfg.train == "lora" and subject.lora.targets == tuple(
+        n for n in names if n.split(".")[0].startswith(("ResBlock", "AttnBlock")))
+    assert "Conv_0" in names and "Conv_0" not in subject.lora.targets
+    merged = lora.merge(model.params, subject.theta0, subject.lora.scale)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, b)
+    parts = finetune.build(cfg, model, subject)
+
+    @jax.jit
+    def gradient(frozen, key):
+        _, method = parts.bind(frozen)
+        theta = subject.reference(frozen)
+        return method.estimate(theta, method.init(theta, key), None)[1].grad
+
+    grad = gradient(subject.frozen, jax.random.key(0))
+    ups = [a["up"] for _, a in lora._adapted(grad)]
+    downs = [a["down"] for _, a in lora._adapted(grad)]
+    assert sum(float(jnp.sum(u ** 2)) for u in ups) > 0 and all(not np.any(np.asarray(d)) for d in downs)

@@ -10,6 +10,8 @@ finetuned here runs in diffusers (and anything built on it).
   source's. A LoRA finetune run of one: DIR/pytorch_lora_weights.safetensors, its adapters with
   diffusers' key names (lora.to_diffusers: `unet.`-prefixed, α/r folded into B), which
   `StableDiffusionPipeline.load_lora_weights(DIR)` loads; with --merged, unet/ with the adapters merged.
+  A LoRA run whose base is itself a finetune run is exported with --merged only (its file alone would
+  leave the earlier finetuning out).
 * A LoRA finetune run of a pixel model: merged, as any other run of it.
 
 The weights are written name by name as `idiff import` reads them (diffusers_io.tensors_from_params,
@@ -64,7 +66,10 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
         raise UserError(f"'{run_dir}' holds idiff's own U-Net (a pretrain run), which is not a diffusers "
                         "architecture; export takes imported models and their finetune runs")
     if (run_dir / FINETUNED).exists() and pipeline_io.holds_pipeline(source) and not cfg.merged:
-        _, adapters, spec, step, _ = load_adapters(run_dir, cfg.step)
+        base, adapters, spec, step, _ = load_adapters(run_dir, cfg.step)
+        if spec is not None and base.weights == "finetuned":
+            raise UserError(f"'{run_dir}' adapts a finetuned model ({read_json(run_dir / FINETUNED, ('from',))['from']}): "
+                            "its LoRA file alone would leave out that finetuning; use --merged")
         if spec is not None:
             target.create()
             lora.write(target.path / lora.LORA_WEIGHTS, adapters, spec.scale)

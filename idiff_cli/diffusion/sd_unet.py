@@ -249,10 +249,12 @@ class CondUNet(nn.Module):
     center_input_sample: bool = False
     time_embedding_dim: int | None = None
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each ResNet and transformer block (jax.checkpoint): keep block inputs only
 
     def _transformer(self, level: int, name: str) -> Transformer2D:
-        return Transformer2D(self.num_attention_heads[level], self.norm_num_groups, self.use_linear_projection,
-                             self.upcast_attention, self.dtype, name=name)
+        block = nn.remat(Transformer2D) if self.remat else Transformer2D
+        return block(self.num_attention_heads[level], self.norm_num_groups, self.use_linear_projection,
+                     self.upcast_attention, self.dtype, name=name)
 
     @nn.compact
     def __call__(self, x, t, context):
@@ -260,7 +262,8 @@ class CondUNet(nn.Module):
         groups, eps = self.norm_num_groups, self.norm_eps
 
         def resnet(out_ch, name, scale=1.0):
-            return ResnetBlock(out_ch, groups, eps, scale, dt, name=name)
+            block = nn.remat(ResnetBlock) if self.remat else ResnetBlock
+            return block(out_ch, groups, eps, scale, dt, name=name)
 
         t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1])
         temb = timestep_embedding(t, boc[0], self.flip_sin_to_cos, self.freq_shift).astype(dt)

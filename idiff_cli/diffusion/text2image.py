@@ -55,6 +55,12 @@ class TextToImage:
                                     text_encoder=self.text_encoder.clone(dtype=dt))
         return model, jax.tree_util.tree_map(lambda p: p.astype(dt), params)
 
+    def with_remat(self) -> "TextToImage":
+        """The model whose U-Net and VAE decoder rematerialise their blocks in a backward pass (jax.checkpoint
+        of each ResNet, transformer and mid block: only block inputs are kept between the forward and the
+        backward pass, the rest recomputed) — the same outputs and gradients."""
+        return dataclasses.replace(self, unet=self.unet.clone(remat=True), vae=self.vae.clone(remat=True))
+
     def embed(self, params: dict[str, Any], ids: jax.Array) -> jax.Array:
         """CLIP's last hidden state [P, 77, D] (float32) of token ids [P, 77]."""
         return self.text_encoder.apply(params["text_encoder"], ids).astype(jnp.float32)

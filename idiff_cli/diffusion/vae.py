@@ -130,7 +130,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents [B, h, w, latent] (after post_quant_conv) -> image [B, H, W, out]."""
+    """Latents [B, h, w, latent] (after post_quant_conv) -> image [B, H, W, out]; with `remat`, the mid block
+    and each ResNet block rematerialised (jax.checkpoint: their inputs kept, their insides recomputed in the
+    backward pass)."""
 
     block_out_channels: Sequence[int]
     layers_per_block: int
@@ -138,15 +140,17 @@ class Decoder(nn.Module):
     groups: int
     add_attention: bool
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, z):
         boc, dt = tuple(self.block_out_channels), self.dtype
+        resnet, mid = (nn.remat(_Resnet), nn.remat(_MidBlock)) if self.remat else (_Resnet, _MidBlock)
         h = _Conv(boc[-1], (3, 3), padding=1, dtype=dt, name="conv_in")(z)
-        h = _MidBlock(self.groups, self.add_attention, dt, name="mid_block")(h)
+        h = mid(self.groups, self.add_attention, dt, name="mid_block")(h)
         for i, ch in enumerate(reversed(boc)):
             for j in range(self.layers_per_block + 1):
-                h = _Resnet(ch, self.groups, dt, name=f"up_blocks__{i}__resnets__{j}")(h)
+                h = resnet(ch, self.groups, dt, name=f"up_blocks__{i}__resnets__{j}")(h)
             if i < len(boc) - 1:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
                 h = _Conv(ch, (3, 3), padding=1, dtype=dt, name=f"up_blocks__{i}__upsamplers__0__conv")(h)
@@ -169,12 +173,13 @@ class AutoencoderKL(nn.Module):
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     dtype: Any = jnp.float32
+    remat: bool = False  # the decoder's blocks rematerialised (Decoder)
 
     def setup(self):
         common = dict(block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                       groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, dtype=self.dtype)
         self.encoder = Encoder(latent_channels=self.latent_channels, **common)
-        self.decoder = Decoder(out_channels=self.out_channels, **common)
+        self.decoder = Decoder(out_channels=self.out_channels, remat=self.remat, **common)
         if self.use_quant_conv:
             self.quant_conv = _Conv(2 * self.latent_channels, (1, 1), padding=0, dtype=self.dtype)
         if self.use_post_quant_conv:

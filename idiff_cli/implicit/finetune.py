@@ -74,22 +74,22 @@ def check_text_options(cfg: Any, model: Model) -> None:
             raise UserError("--fid-every: the periodic FID compares with a dataset's images; a text-to-image run "
                             "has none (use --fid-every 0; `idiff evaluate-fid RUN --prompts FILE` measures a run)")
         return
-    given = [name for name in TEXT_OPTIONS if getattr(cfg, name) is not None]
+    given = [name for name in TEXT_OPTIONS if getattr(cfg, name) is not None] + (["remat"] if cfg.remat else [])
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(f"{flags}: text-to-image option(s); '{cfg.from_run}' is an unconditional or "
                         "label-conditioned pixel model")
 
 
-def check_against_model(cfg: Any, model: Model, parts: "Parts") -> None:
-    """The checks of a completed config that need the pretrained `model` and the run's `parts` (the
-    schema has checked the rest): UserError (one line) when a text-to-image option meets a pixel model or
-    the periodic FID a text-to-image one, the continuous adjoint meets a discrete chain or another sampler
+def check_against_model(cfg: Any, model: Model) -> None:
+    """The checks of a completed config that need the pretrained `model` (the schema has checked the
+    rest; `check_method` those that need the run's parts): UserError (one line) when a text-to-image
+    option meets a pixel model or the periodic FID a text-to-image one, the continuous adjoint meets a
+    discrete chain or another sampler
     than the probability flow, the sampler does not apply to the model, a deterministic sampler
     (Sampler.stochastic) is asked for the Girsanov KL (β > 0) or ddpo's policy, the periodic FID for
     non-square images or label_kept for other than 28×28 digits, the reward does not fit the model's
-    images (or lacks the ∇R the method needs), or the method does not build on the model (an adjoint it
-    does not take, truncated-K's K > T, a plug-in builder's error)."""
+    images (or lacks the ∇R the method needs)."""
     check_text_options(cfg, model)
     if cfg.adjoint == "continuous":
         if not model.continuous_time:
@@ -117,8 +117,12 @@ def check_against_model(cfg: Any, model: Model, parts: "Parts") -> None:
         raise UserError(f"--label-every: label_kept reads 28×28 digits, this model makes {height}×{width} images")
     check_reward(registry.get("image-reward", cfg.reward), cfg.reward, model.image_shape,
                  needs_gradient=cfg.method != "ddpo", method=cfg.method)
-    jax.eval_shape(lambda frozen: parts.bind(frozen)[0].paths.init(jax.random.key(0)), parts.subject.frozen)
-    parts.bind(parts.subject.frozen)  # the method's own checks: the adjoints it takes, truncated-K's K <= T, a plug-in's
+
+
+def check_method(parts: "Parts") -> None:
+    """UserError when the method does not build on the run's problem: an adjoint it does not take,
+    truncated-K's K > T, a plug-in builder's error."""
+    parts.bind(parts.subject.frozen)
 
 
 class FinetuneState(NamedTuple):
@@ -410,11 +414,11 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
     cfg = complete(cfg, from_run, model)
+    check_against_model(cfg, model)
     n, note = sharding.device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
     mesh = sharding.mesh_of(n)
-    check_text_options(cfg, model)
     parts = build(cfg, per_device.BatchSharded(model, mesh), subject_of(cfg, model, mesh))
-    check_against_model(cfg, model, parts)
+    check_method(parts)
     is_main = jax.process_index() == 0
     run_dir = RunDir(out or default_run_dir("finetune"))
     run = loop.Run(SCHEMA, cfg, run_dir, cfg.ckpt_every, keep=2, is_main=is_main)

@@ -82,6 +82,13 @@ def _ddpo_options(cfg: Any) -> None:
         raise UserError(f"{flags}: --method ddpo's option(s); --method {cfg.method} does not use them")
 
 
+def _ddpo_batch(cfg: Any) -> None:
+    """Normalized advantages compare the paths of a batch: one path's is 0 and leaves no reward signal."""
+    if cfg.method == "ddpo" and cfg.advantage == "normalized" and cfg.batch < 2:
+        raise UserError("--method ddpo normalizes each path's reward over the batch: with --batch 1 every advantage "
+                        "is 0; use --batch 2 or more, or --advantage raw")
+
+
 def _lora_options(cfg: Any) -> None:
     """The LoRA options shape the adapters: with --train all there are none."""
     if cfg.train == "all":
@@ -159,8 +166,8 @@ SCHEMA = cfglib.Schema(
                "convolution layer of idiff's own U-Net (docs/finetune.md)"),
         O("lora", "path", None, "Start from an existing diffusers LoRA file (pytorch_lora_weights.safetensors: "
           "its rank and modules; θ0 of the KL is the model with it)."),
-        O("prompts", "path", None, "Text-to-image: training prompts, a text file (one per line) or JSONL "
-          "({\"prompt\": …, \"negative\": …} per line); each batch draws its prompts uniformly from them.",
+        O("prompts", "path", None, "Text-to-image: training prompts, a text file (one per line) or a .jsonl "
+          "file ({\"prompt\": …, \"negative\": …} per line); each batch draws its prompts uniformly from them.",
           rule="16 built-in animal names (DDPO's simple-animals kind)"),
         O("eval_prompts", "path", None, "Text-to-image: held-out prompts of the sample grids and eval_reward "
           "(grid image b shows prompt b mod their number).", rule="the built-in animals"),
@@ -172,6 +179,9 @@ SCHEMA = cfglib.Schema(
         O("dtype", str, None, "Text-to-image: dtype of the activations and frozen weights (bfloat16 on "
           "accelerators); adapters, optimiser state, latents and KL sums stay float32.", choices=DTYPES,
           rule="float32"),
+        O("remat", bool, False, "Text-to-image: rematerialise the U-Net's and the VAE decoder's blocks in the "
+          "backward passes (jax.checkpoint of each ResNet, transformer and mid block: block inputs kept, the "
+          "rest recomputed; the same gradients for about one more forward pass of memory-bound work)."),
         O("M", int, None, "Queue length M; must divide T.", flags=("--M",), positive=True),
         O("T", int, None, "Sampling steps T.", flags=("--T",), positive=True),
         O("batch", int, None, "Images per batch.", positive=True),
@@ -207,6 +217,6 @@ SCHEMA = cfglib.Schema(
         cfglib.CONFIG_OPTION,
     ),
     table=TABLE,
-    checks=(cfglib.check_tracking, _ddpo_options, _lora_options, _m_divides_t, _kl_paths_in_batches,
+    checks=(cfglib.check_tracking, _ddpo_options, _ddpo_batch, _lora_options, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )

@@ -167,7 +167,7 @@ def prompt_table(t2i: Any, params: Any, records: list[tuple[str, str | None]], n
 def subject_of(cfg: Any, model: Any, mesh: Any = None) -> Subject:
     """What the run `cfg` trains on the pretrained `model` (a diffusion.model.Model), its batches split over
     `mesh`: all the weights or LoRA adapters (cfg.train); for a text-to-image model, its prompts'
-    embeddings, guidance and dtype. UserError for bad prompts files, LoRA options or files."""
+    embeddings, guidance, dtype and rematerialisation. UserError for bad prompts files, LoRA options or files."""
     key = jax.random.fold_in(jax.random.key(cfg.seed), LORA_KEY)
     if not isinstance(model, TextToImageModel):
         sharded = model if mesh is None else per_device.BatchSharded(model, mesh)
@@ -176,6 +176,7 @@ def subject_of(cfg: Any, model: Any, mesh: Any = None) -> Subject:
         adapters, spec = adapters_of(cfg, model, model.params, key)
         return pixel(sharded, cfg.batch, adapters, spec)
     t2i, params = model.model.with_dtype(model.params, cfg.dtype or DTYPE)
+    t2i = t2i.with_remat() if cfg.remat else t2i
     train = read_prompt_records(cfg.prompts) if cfg.prompts else [(p, None) for p in ANIMALS]
     evaluation = read_prompt_records(cfg.eval_prompts) if cfg.eval_prompts else [(p, None) for p in ANIMALS]
     contexts, negatives = prompt_table(t2i, params, train + evaluation,
