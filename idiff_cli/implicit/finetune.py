@@ -85,11 +85,10 @@ def check_against_model(cfg: Any, model: Model) -> None:
     """The checks of a completed config that need the pretrained `model` (the schema has checked the
     rest; `check_method` those that need the run's parts): UserError (one line) when a text-to-image
     option meets a pixel model or the periodic FID a text-to-image one, the continuous adjoint meets a
-    discrete chain or another sampler
-    than the probability flow, the sampler does not apply to the model, a deterministic sampler
-    (Sampler.stochastic) is asked for the Girsanov KL (β > 0) or ddpo's policy, the periodic FID for
-    non-square images or label_kept for other than 28×28 digits, the reward does not fit the model's
-    images (or lacks the ∇R the method needs)."""
+    discrete chain or another sampler than the probability flow, the sampler does not apply to the
+    model, a deterministic sampler (Sampler.stochastic) is asked for the Girsanov KL (β > 0) or ddpo's
+    policy, the periodic FID for non-square images or label_kept for other than 28×28 digits, or the
+    reward does not fit the model's images (or lacks the ∇R the method needs)."""
     check_text_options(cfg, model)
     if cfg.adjoint == "continuous":
         if not model.continuous_time:
@@ -406,6 +405,14 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
                      progress=("reward_mean", "kl"), on_checkpoint=on_checkpoint)
 
 
+def trained(subject: Subject) -> str:
+    """What θ is, in words for the settings line."""
+    if subject.lora is None:
+        return "all weights"
+    spec = subject.lora
+    return f"LoRA rank {spec.rank}, α {spec.alpha:g}, on {len(spec.targets)} modules"
+
+
 def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     """`idiff finetune`: loads the pretrained model, fills M/T/batch and checks the config against the
     model before the run directory is claimed; runs (or resumes) the finetuning; draws its figures."""
@@ -428,7 +435,8 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
             run.print(note)
         run.print(f"[bold]finetune[/] {model.cfg.dataset} from {from_run} ({cfg.method}, reward {cfg.reward}, "
                   f"λ={cfg.lam}, β={cfg.beta}, M={cfg.M}, T={cfg.T}, batch {cfg.batch} on {mesh.size} device(s) / "
-                  f"{jax.process_count()} process(es), lr {cfg.lr}, final step {cfg.final_step}) -> {run_dir.path}")
+                  f"{jax.process_count()} process(es), lr {cfg.lr}, final step {cfg.final_step}, θ: {trained(parts.subject)}) "
+                  f"-> {run_dir.path}")
         with finetuned_weights(run_dir, keep=cfg.steps // cfg.ckpt_every + 1) as weights:
             state = run.run(finetune_unit(cfg, model, parts, run_dir, weights, mesh, is_main))
         if is_main:
