@@ -50,7 +50,7 @@ run), and `idiff report` of all runs against net_evals into OUT/report/.
 
 The default budget, 120x = 79,680 image evaluations at the cpu preset with β > 0, gives implicit 120
 outer steps (664 images each, 192 for the warm-up), nested 120 (664), truncated-1 433 (184),
-truncated-4 285 (280), full-backprop 101 (792), ddpo 153 (520, --inner-epochs 1). Expected time of
+truncated-4 285 (280), full-backprop 101 (792), ddpo 123 (648: a round and its 2 updates). Expected time of
 the 6 methods × 2 seeds on the reference machine (2 CPU cores): ≈ 45 min when it is quiet, from
 2-step timings of each method (outer steps 31.5 min: 0.31–1.82 s per outer step, ≈ 950 s per seed)
 and ≈ 70 s per run for everything else (process start, warm-up, compiling, grids, KL, 3 × 256
@@ -116,7 +116,7 @@ def measure(cfg, pre, steps: int, devices: int) -> dict:
     def rewards(state, n: int):
         """n outer steps as the run loop dispatches them; their batch-mean rewards [n], read back."""
         state, metrics = loop.dispatch(outer_step, state, 0, n)
-        return state, np.array([float(m[0]) for m in metrics])
+        return state, np.array([float(m["reward_mean"]) for m in metrics])
 
     start = time.perf_counter()
     state, first = rewards(state, steps)  # compile (and `steps` outer steps)
@@ -124,8 +124,7 @@ def measure(cfg, pre, steps: int, devices: int) -> dict:
     start = time.perf_counter()
     state, reward = rewards(state, steps)
     seconds = (time.perf_counter() - start) / steps
-    # per outer step, averaged over a cycle (ddpo samples a batch every `period` steps)
-    c = [(a - b) / method.period for a, b in zip(methods.spent(method, method.period), methods.spent(method, 0))]
+    c = [a - b for a, b in zip(methods.spent(method, 1), methods.spent(method, 0))]  # per outer step
     third = max(1, steps // 3)  # batch-mean reward over the 2·steps outer steps from θ0: first third against last
     gain = float(reward[-third:].mean() - first[:third].mean())
     return {"method": method.name, "M": cfg.M, "devices": devices, "sequential": c[2], "net_evals": (c[0] + c[1]) * cfg.batch,

@@ -3,8 +3,8 @@ model: 20 finetuning steps with the brightness reward (λ > 0, the pipelined adj
 x_{t_min}: --final-step none, the periodic FID and label_kept); the logged KL of the current θ with its
 standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule (defining
 options must match, run-time ones may change); --method ddpo with the non-differentiable
-compressibility reward (a batch per 3 outer steps, resumed mid-cycle) and with digit:7; bad input ->
-one line, exit 2; LoRA adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the session's
+compressibility reward (a sampling round and its 4 updates per outer step, resumed mid-run) and with
+digit:7; bad input -> one line, exit 2; LoRA adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the session's
 split_finetune run (tests/conftest.py, tests/test_finetune_sharded.py)."""
 
 import json
@@ -38,11 +38,11 @@ def finetune_into(pretrained, out, *args):
     return out
 
 
-# ddpo, 4 outer steps on batches of 3 (steps 1-3 update on slot 0's batch, step 4 samples slot 1): the
-# checkpoint at step 2 lies inside a cycle
-DDPO = ["--method", "ddpo", "--reward", "compressibility", "--inner-epochs", "3", "--T", "2", "--M", "2", "--batch", "4",
-        "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "4", "--grid-n", "4", "--kl-n", "4",
-        "--lr", "0.01", "--beta", "0.1"]
+# ddpo, 4 outer steps, each a round of 4 paths (slot i at step i + 1) and 2 passes of 2 minibatches of 2: the
+# checkpoint at step 2 lies inside the run
+DDPO = ["--method", "ddpo", "--reward", "compressibility", "--inner-epochs", "2", "--train-batch", "2", "--T", "2",
+        "--M", "2", "--batch", "4", "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "4",
+        "--grid-n", "4", "--kl-n", "4", "--lr", "0.01", "--beta", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +240,12 @@ def wrong_shape(x):
     (["--method", "ddpo", "--inner-epochs", "0"], "error: --inner-epochs must be > 0"),
     (["--method", "nested", "--inner-epochs", "2", "--advantage", "raw"],
      "error: --advantage, --inner-epochs: --method ddpo's option(s); --method nested does not use them"),
+    (["--method", "nested", "--train-batch", "4", "--adv-clip", "2"],
+     "error: --train-batch, --adv-clip: --method ddpo's option(s); --method nested does not use them"),
+    (["--method", "ddpo", "--train-batch", "3"],
+     "error: --train-batch (3) must divide --batch (8): each pass over a round cuts its paths into minibatches"),
+    (["--method", "ddpo", "--advantage", "raw", "--adv-clip", "2"],
+     "error: --adv-clip bounds the normalized advantages; --advantage raw keeps λ R unclipped"),
     (["--M", "3", "--T", "8"], "error: --M (3) must divide --T (8)"),
     (["--method", "sideways"], "error: unknown finetune-method 'sideways'; valid choices:"),
     (["--method", "nested", "--adjoint", "pipelined"], "error: --adjoint pipelined is a queue of adjoint states"),
@@ -270,34 +276,36 @@ def ddpo_run(tiny_pretrain, tmp_path_factory):
 
 
 @pytest.mark.slow  # a 4-step ddpo run, shared with the resume test
-def test_ddpo_with_the_jpeg_reward_writes_the_usual_outputs_and_counts_its_cycles(ddpo_run):
+def test_ddpo_with_the_jpeg_reward_writes_the_usual_outputs_and_counts_its_rounds(ddpo_run):
     """--method ddpo --reward compressibility (a host callback with no gradient) through the CLI: the
-    rows, KL, grids, checkpoints and weights of every method. Steps 1-3 update on one batch (the same
-    rewarded images: the same reward_mean, a negative JPEG size in kB), step 4 on the next. Declared passes
-    at T = 2, batch 4, β > 0, Tweedie d = 1: an update is 2T forward (θ's and θ0's) and T backward = 6, a
-    batch T + d = 3 forward, so net_evals = 4 · (6 s + 3 ⌈s/3⌉) and sequential_calls = 2 s + 3 ⌈s/3⌉."""
+    rows, KL, grids, checkpoints and weights of every method, and ddpo's clipfrac and approx_kl. Every
+    step samples a round (its own rewarded images: a negative JPEG size in kB) and makes E·K = 2·2
+    updates on it. Declared passes at T = 2, batch 4, β > 0, Tweedie d = 1: the round T + d forward
+    and T more for θ_old's means, each pass over it 2T forward (θ's and θ0's) and T backward, so
+    net_evals = 4 · (2T + d + E·2T + E·T) s = 68 s, and sequential_calls = (2T + d + E·K·T) s = 13 s."""
     metrics = rows(ddpo_run)
     train = [r for r in metrics if "reward_mean" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    rewards = [r["reward_mean"] for r in train]
-    assert rewards[0] == rewards[1] == rewards[2] != rewards[3] and max(rewards) < 0, rewards
+    rewards = [(r["reward_mean"], r["reward_std"]) for r in train]
+    assert len(set(rewards)) == 4 and max(mean for mean, _ in rewards) < 0, rewards
     assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train)
-    assert [r["net_evals"] for r in metrics] == [0, 36, 60, 84, 120]
-    assert [r["sequential_calls"] for r in metrics] == [0, 5, 7, 9, 14]
+    assert all(0 <= r["clipfrac"] <= 1 and r["approx_kl"] > 0 for r in train), train
+    assert [r["net_evals"] for r in metrics] == [68 * s for s in range(5)]
+    assert [r["sequential_calls"] for r in metrics] == [13 * s for s in range(5)]
     assert [r["step"] for r in metrics if "kl" in r] == [0, 1, 2, 3, 4]
     config = json.loads((ddpo_run / "config.json").read_text())
-    assert (config["method"], config["reward"], config["inner_epochs"], config["clip_range"], config["advantage"]) == \
-        ("ddpo", "compressibility", 3, 0.2, "normalized")
+    assert (config["method"], config["reward"], config["inner_epochs"], config["train_batch"], config["clip_range"],
+            config["adv_clip"], config["advantage"]) == ("ddpo", "compressibility", 2, 2, 1e-4, 5.0, "normalized")
     assert sorted(p.name for p in (ddpo_run / "samples").glob("*.png")) == ["step_000000.png", "step_000004.png"]
     assert {p.name for p in (ddpo_run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
     assert (ddpo_run / "checkpoints" / "4").is_dir() and (ddpo_run / "weights" / "4").is_dir()
 
 
 @pytest.mark.slow  # shares the 4-step ddpo run
-def test_ddpo_resumed_inside_a_cycle_logs_the_uninterrupted_rows(ddpo_run, tiny_pretrain, tmp_path):
-    """Checkpoint 2 holds the carry in the middle of a cycle (slot 0's batch, its old means, 2 of its 3
-    updates done): resumed there, step 3 updates on that batch and step 4 samples slot 1, exactly as
-    the uninterrupted run."""
+def test_ddpo_resumed_mid_run_logs_the_uninterrupted_rows(ddpo_run, tiny_pretrain, tmp_path):
+    """Checkpoint 2 holds θ, Adam's state and the carry (2 rounds sampled, the root key): resumed there,
+    steps 3 and 4 sample slots 2 and 3 and update on them exactly as the uninterrupted run (its rows,
+    clipfrac and approx_kl included)."""
     run = tmp_path / "ddpo"
     shutil.copytree(ddpo_run, run)
     shutil.rmtree(run / "checkpoints" / "4")

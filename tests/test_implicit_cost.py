@@ -1,14 +1,15 @@
 """The network passes of the finetuning methods, counted: the score network is wrapped so that every
-forward and every backward pass reports the images it processed, and the warm-up and the outer steps of
-a whole cycle (one step; ddpo's E inner epochs) of every method and adjoint, with and without the KL
-term, must make exactly the passes its `Cost` declares (the numbers finetune logs as net_evals), on the
-paper's 1-D Gaussian (§4)."""
+forward and every backward pass reports the images it processed, and the warm-up and an outer step of
+every method and adjoint (ddpo's: a round and its minibatch updates, `Method.update`), with and without
+the KL term, must make exactly the passes its `Cost` declares (the numbers finetune logs as net_evals),
+on the paper's 1-D Gaussian (§4)."""
 
 import collections
 import math
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 from idiff_cli.diffusion.samplers import Sampler, euler_maruyama_step, probability_flow_step
@@ -121,29 +122,42 @@ CASES = ([(name, kind, 2, beta, True, None) for name, kind in METHODS for beta i
          + [("implicit", "pipelined", 4, 0.3, True, None),  # M = T: L = 1
             ("implicit", "continuous", 2, 0.0, True, None), ("nested", "continuous", 2, 0.0, True, None)]
          + [(name, kind, 2, 0.3, False, None) for name, kind in METHODS]  # no Tweedie step
-         + [("ddpo", "full", 2, beta, tweedie, epochs) for beta in (0.0, 0.3) for tweedie in (True, False)
-            for epochs in (1, 2)])  # ddpo: a batch sampled every `epochs` outer steps
+         # ddpo: E passes over a round of B = 3 paths in minibatches of 1 (the default B // 2) or of 3
+         + [("ddpo", "full", 2, beta, tweedie, ppo) for beta in (0.0, 0.3) for tweedie in (True, False)
+            for ppo in (PPO(), PPO(inner_epochs=2, train_batch=3))])
 
 
-@pytest.mark.parametrize("name, kind, M, beta, tweedie, epochs", CASES)
-def test_counted_passes_equal_the_declared_cost(name, kind, M, beta, tweedie, epochs):
+def outer_step(method):
+    """jit: (θ, Adam's state, carry) -> the same after one outer step as finetune makes it: the method's
+    `update`, else its `estimate` and an Adam step."""
+    adam = optax.adam(1e-3)
+
+    def step(params, opt_state, carry):
+        if method.update is not None:
+            return method.update(params, opt_state, carry, adam)[:3]
+        carry, est = method.estimate(params, carry, None)
+        updates, opt_state = adam.update(est.grad, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, carry
+
+    return adam.init, jax.jit(step)
+
+
+@pytest.mark.parametrize("name, kind, M, beta, tweedie, ppo", CASES)
+def test_counted_passes_equal_the_declared_cost(name, kind, M, beta, tweedie, ppo):
     """At T = 4: the images through forward and backward passes (of θ's and θ0's networks) in the
-    warm-up and in each outer step i = 1 .. period (after the first: a whole cycle, one that samples
-    and, for ddpo with E = 2, one that does not) are the method's declared passes × B, the numbers
-    finetune logs: `methods.spent(method, 0)` for the warm-up (step 0's net_evals), then
-    `spent(method, i + 1) − spent(method, i)`."""
+    warm-up and in the second outer step are the method's declared passes × B, the numbers finetune
+    logs: `methods.spent(method, 0)` for the warm-up (step 0's net_evals), then `spent(method, 2) −
+    spent(method, 1)`."""
     T, net = 4, CountedScore()
-    ppo = PPO(inner_epochs=epochs) if epochs else None
     method = methods.make_method(name, counted_problem(net, T, beta, kind == "continuous", tweedie), T, M, kind, ppo)
     warmup, carry = net.count(method.init, THETA0, jax.random.key(3))
     logged = methods.spent(method, 0)
     assert totals(warmup) == (logged.forward * B, logged.backward * B), warmup
-    estimate = jax.jit(lambda carry: method.estimate(THETA, carry, None)[0])
-    carry = estimate(carry)
-    for i in range(1, method.period + 1):
-        step, carry = net.count(estimate, carry)
-        declared = [after - before for after, before in zip(methods.spent(method, i + 1), methods.spent(method, i))]
-        assert totals(step) == (declared[0] * B, declared[1] * B), (i, step)
+    init, step = outer_step(method)
+    state = step(THETA, init(THETA), carry)
+    counted, _ = net.count(step, *state)
+    declared = [after - before for after, before in zip(methods.spent(method, 2), methods.spent(method, 1))]
+    assert totals(counted) == (declared[0] * B, declared[1] * B), counted
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3])

@@ -140,16 +140,17 @@ def run_sampler(cfg: Any, model: Model) -> Any:
 
 
 def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: Any, final_step: str,
-              clip: bool, decode: Callable | None = None) -> SamplerPaths:
+              clip: bool, decode: Callable | None = None, n_labels: int = 0) -> SamplerPaths:
     """The sampler's paths with the run's final step: `tweedie`, the sampler's own (the Tweedie denoiser
     for a continuous-time model); `none`, the identity, so the reward sees x_{t_min}; `noisy`, the
     sampler's own (a discrete chain's, whose step into x_0 `run_sampler` made noisy); then `decode`
     (a latent model's VAE decoder), when given. With `clip`, the result is clipped to [-1, 1], as the
     images are shown (no gradient for pushing a pixel beyond white or black, so brightness cannot be
-    gained by unbounded pixel values). `labels`: fixed [B], or a function of the slot key (paths.py)."""
+    gained by unbounded pixel values). `labels`: fixed [B], or a function of the slot key, in [0, n_labels)
+    (paths.py)."""
     if final_step == "none":
         sampler = dataclasses.replace(sampler, denoise_final=False)
-    paths = sampler_paths(sampler, score, shape, labels)
+    paths = sampler_paths(sampler, score, shape, labels, n_labels)
     denoise = paths.denoise
     if decode is not None:
         paths = paths._replace(denoise=lambda params, x: decode(denoise(params, x)))
@@ -202,12 +203,13 @@ def build(cfg: Any, model: Model, subject: Subject | None = None) -> Parts:
     reward = registry.get("image-reward", cfg.reward)
     sampler = run_sampler(cfg, model)
     mesh = model.mesh if isinstance(model, per_device.BatchSharded) else None
-    ppo = PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs) if cfg.method == "ddpo" else None
+    ppo = (PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs, cfg.train_batch, cfg.adv_clip)
+           if cfg.method == "ddpo" else None)
 
     def paths_of(frozen, evaluation=False):
         decode = subject.decode(frozen) if subject.decode else None
         return run_paths(sampler, subject.score(frozen), subject.shape, subject.labels(frozen, evaluation),
-                         cfg.final_step, cfg.clip, decode)
+                         cfg.final_step, cfg.clip, decode, 0 if evaluation else subject.n_labels)
 
     def bind(frozen, lam=cfg.lam, beta=cfg.beta, evaluation=False):
         objective = bind_problem(paths_of(frozen, evaluation), model.sde, sampler.grid, reward, bool(cfg.beta), mesh)
@@ -228,19 +230,25 @@ def optimizer_of(cfg: Any) -> optax.GradientTransformation:
 
 
 def make_outer_step(bind, optimizer, frozen, coef: tuple[float, float], mesh=None, state_sharding=None):
-    """step(state, i) -> (state after one outer step with (λ, β) = `coef`, its metrics (reward mean,
-    reward std, gradient norm)): one jitted program, dispatched by the run loop once per outer step
-    (asynchronously: the host reads the metrics once per chunk), taking the `frozen` weights as an
-    argument. With a `mesh`, the state keeps `state_sharding` and the metrics are replicated (one
+    """step(state, i) -> (state after one outer step with (λ, β) = `coef`, its metrics: a dict of scalars,
+    reward_mean, reward_std (of the step's batch), grad_norm (of its Estimate's gradient) and the
+    method's own (methods.Method.update)): one jitted program, dispatched by the run loop once per outer
+    step (asynchronously: the host reads the metrics once per chunk), taking the `frozen` weights as an
+    argument. The method's `update` is the outer step where it has one; else its `estimate` and one
+    optimizer step. With a `mesh`, the state keeps `state_sharding` and the metrics are replicated (one
     compiled program whatever the step)."""
 
     def outer(state: FinetuneState, frozen, coef):
         problem, method = bind(frozen, *coef)
-        carry, est = method.estimate(state.params, state.carry, None)
-        updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if method.update is not None:
+            params, opt_state, carry, est, extra = method.update(state.params, state.opt_state, state.carry, optimizer)
+        else:
+            carry, est = method.estimate(state.params, state.carry, None)
+            updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
+            params, extra = optax.apply_updates(state.params, updates), {}
         r = problem.reward(est.images)
-        metrics = (jnp.mean(r), jnp.std(r), optax.tree.norm(est.grad))
+        metrics = {"reward_mean": jnp.mean(r), "reward_std": jnp.std(r), "grad_norm": optax.tree.norm(est.grad),
+                   **extra}
         return state._replace(params=params, opt_state=opt_state, carry=carry, step=state.step + 1), metrics
 
     coef = jnp.asarray(coef, jnp.float32)
@@ -383,11 +391,10 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
         return state, metrics
 
     def rows(start: int, metrics: list, seconds: float) -> loop.Rows:
-        mean, std, gnorm = np.asarray(jax.device_get(metrics)).T
-        return [{"step": start + i + 1, "reward_mean": float(mean[i]), "reward_std": float(std[i]),
-                 "grad_norm": float(gnorm[i]), "net_evals": net_evals(start + i + 1),
+        return [{"step": start + i + 1, **{name: float(v) for name, v in jax.device_get(m).items()},
+                 "net_evals": net_evals(start + i + 1),
                  "sequential_calls": methods.spent(method, start + i + 1).sequential}
-                for i in range(len(mean))]
+                for i, m in enumerate(metrics)]
 
     def kl_hook(state: FinetuneState, step: int) -> dict:
         return kl_row(state) if logs_kl(step) else {}

@@ -88,7 +88,7 @@ def kl_running_cost(step_fn: Callable, score: Callable, sde: Any, grid: jax.Arra
 def kl_transition(paths: Any, sde: Any, grid: jax.Array, params0: Any, beta: float | jax.Array) -> Callable:
     """(params, x_k, k, slot_key) -> (x_{k+1}, β × KL increment of step k [B]): an adjoint.Transition
     whose step and increment share the step's score evaluation (paths.step_and_score; θ0's score under
-    the slot's conditioning, paths.score); `sde` and `grid` are those of the sampler behind `paths`,
+    the slot's conditioning, paths.labels); `sde` and `grid` are those of the sampler behind `paths`,
     whose step (paths.step_fn) gives the transitions. ValueError when the sampler is not stochastic
     (paths.stochastic): its paths have no Girsanov KL."""
     if not paths.stochastic:
@@ -98,7 +98,7 @@ def kl_transition(paths: Any, sde: Any, grid: jax.Array, params0: Any, beta: flo
 
     def transition(params, x, k, slot_key):
         x_next, s = paths.step_and_score(params, x, k, slot_key)
-        score = lambda p, y, times: paths.score(p, y, times, slot_key)  # noqa: E731
+        score = lambda p, y, times: paths.score(p, y, times, paths.labels(slot_key))  # noqa: E731
         return x_next, beta * _increment(s, paths.step_fn, score, sde, params0, x, grid[k], grid[k + 1])
 
     return transition

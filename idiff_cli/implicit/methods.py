@@ -6,8 +6,14 @@ Every method is a pair of functions over a method-specific carry, registered und
     init(params0, key) -> carry                          # e.g. the warm queue P_M of Algorithm 2
     estimate(params, carry, key) -> (carry, Estimate)    # samples under the current θ and Γ(p, θ)
 
-`estimate` is pure and traced inside the jitted outer step; `init` runs once and is jitted (finetune
-traces it inside its own jit, with the frozen weights as arguments).
+and the outer step applies the optimizer to Γ. A method that takes several optimizer steps per outer
+step (ddpo's minibatch updates) also has
+
+    update(params, opt_state, carry, optimizer) -> (params, opt_state, carry, Estimate, metrics)
+
+which is the outer step instead (metrics: a dict of scalars, extra columns of the step's row).
+`estimate` and `update` are pure and traced inside the jitted outer step; `init` runs once and is
+jitted (finetune traces it inside its own jit, with the frozen weights as arguments).
 
 * `implicit` (Algorithm 2): a queue of M slots advanced by T/M steps per outer step under the current
   θ; the completed slot's gradient by the discrete adjoint along its stored path.
@@ -19,8 +25,9 @@ traces it inside its own jit, with the frozen weights as arguments).
 * `full-backprop`: `jax.grad` through the unrolled sampler with each step `jax.checkpoint`ed
   (AlignProp-like); the same gradient as `nested`, computed by autodiff instead of the adjoint scan.
 * `ddpo`: policy gradient on the sampler's Gaussian transitions with PPO's clipped ratios and DPOK's
-  KL term (ddpo.py): no ∇R. A batch of T-step paths sampled every E = --inner-epochs outer steps,
-  each outer step one update on it.
+  KL term (ddpo.py): no ∇R. An outer step is one sampling round of B T-step paths under the current θ
+  and E = --inner-epochs passes over it in minibatches of b = --train-batch paths, one Adam update each
+  (ddpo-pytorch's epoch).
 
 The i-th batch of paths any method samples is named by the slot key fold_in(key, i) (paths.py), so
 all methods see the same noise. `Cost` counts network passes per outer step, in batches of B images;
@@ -34,6 +41,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from idiff_cli import registry
 from idiff_cli.errors import UserError
@@ -42,6 +50,8 @@ from idiff_cli.implicit import queue as queue_lib
 from idiff_cli.implicit.paths import SamplerPaths
 from idiff_cli.implicit.ppo import PPO
 from idiff_cli.registry import register
+
+SHUFFLE_STREAM = 0x5F1E  # fold_in(slot_key, SHUFFLE_STREAM): ddpo's permutations of a round's paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +84,10 @@ class Estimate(NamedTuple):
 
 
 class Cost(NamedTuple):
-    """Network passes of an outer step (or of the warm-up, or of ddpo's batch per cycle: Method), in
-    batches of B images; net_evals is (forward + backward) × B. tests/test_implicit_cost.py counts the
-    images every pass of the network processes and checks these numbers against the count for every
-    method and adjoint, with and without the KL term.
+    """Network passes of an outer step (or of the warm-up: Method), in batches of B images; net_evals is
+    (forward + backward) × B. tests/test_implicit_cost.py counts the images every pass of the network
+    processes and checks these numbers against the count for every method and adjoint, with and without
+    the KL term.
 
     forward: batches through a forward pass of θ's network (sampling steps; the forward half of each
     vjp; with paths.tweedie, the Tweedie denoiser, once inside the terminal cost's vjp and once for the
@@ -95,23 +105,21 @@ class Cost(NamedTuple):
 
 
 class Method(NamedTuple):
-    """Outer step i (from 0) costs `cost`, and `per_cycle` more when i is a multiple of `period` (ddpo
-    samples a batch every E outer steps); `init` costs `warmup`, once."""
+    """An outer step (`update` where there is one, else `estimate` and one optimizer step) costs `cost`;
+    `init` costs `warmup`, once."""
 
     name: str
     init: Callable[[Any, jax.Array], Any]
     estimate: Callable[[Any, Any, jax.Array], tuple[Any, Estimate]]
     cost: Cost  # per outer step
     warmup: Cost  # once, by init
-    per_cycle: Cost = Cost(0, 0, 0)
-    period: int = 1
+    update: Optional[Callable[[Any, Any, Any, Any], tuple[Any, Any, Any, Estimate, dict]]] = None
 
 
 def spent(method: Method, steps: int) -> Cost:
     """The passes of the warm-up and of the first `steps` outer steps, in batches of B (finetune logs
     net_evals = (forward + backward) × B and sequential_calls)."""
-    cycles = -(-steps // method.period)
-    return Cost(*(w + steps * c + cycles * p for w, c, p in zip(method.warmup, method.cost, method.per_cycle)))
+    return Cost(*(w + steps * c for w, c in zip(method.warmup, method.cost)))
 
 
 def _denoiser_passes(problem: Problem) -> int:
@@ -252,44 +260,80 @@ def full_backprop(problem: Problem, T: int) -> Method:
 
 def ddpo(problem: Problem, T: int, ppo: PPO = PPO()) -> Method:
     """DDPO with PPO clipping and DPOK's KL term (ddpo.py) on the T Gaussian transitions of a stochastic
-    sampler (problem.policy), with the settings `ppo`.
+    sampler (problem.policy), with the settings `ppo`, structured as ddpo-pytorch's training loop.
 
-    Carry (started, root, batch, age): every E = ppo.inner_epochs outer steps (age = E) a batch of T-step
-    paths is sampled under the current θ from slot key fold_in(root, started), its images denoised and
-    rewarded and its advantages formed; each outer step is one update on the stored batch, the first with
-    ratios 1 (θ = θ_old), the next E − 1 with ratios to the stored old means. The carry is part of the
-    checkpoint, so a run resumed mid-cycle updates on the same batch."""
+    An outer step (`update`) is one round: B paths sampled under the current θ = θ_old from slot key
+    fold_in(root, started), their images denoised and rewarded and their advantages formed
+    (ddpo.advantages), θ_old's means at every step of every path stored (T forward passes of the
+    batch); then E = ppo.inner_epochs passes over the round, each a permutation of the B paths (keys
+    from the slot key) cut into K = B / b minibatches of b = ppo.minibatch(B) paths, each minibatch
+    one optimizer update with its gradient summed over the T steps: E·K updates in a `lax.scan`. The
+    first update has ratios exactly 1, the later ones the ratios of the moved θ to θ_old. Its Estimate:
+    the round's paths and images and the mean of the E·K updates' gradients; its metrics: clipfrac and
+    approx_kl (ddpo.Diagnostics) averaged over them. `estimate` is the round's gradient at θ = θ_old:
+    all B paths in one update (the score-function estimate), no optimizer step.
+
+    Carry (started, root, tracker): the rounds sampled so far, the root key and, with normalized
+    advantages and labelled paths (paths.n_labels > 0), the per-label reward buffers (ddpo.Tracker;
+    else ()); part of the checkpoint, so a resumed run normalises as the uninterrupted one."""
     p, policy, epochs = problem.paths, problem.policy, ppo.inner_epochs
-
-    def sample(params, started, root, batch):
-        slot = queue_lib.slot_key(root, started)
-        states = adjoint.rollout(p.step, params, p.init(slot), slot, T)
-        images = _images(problem, params, states)
-        advantages = ddpo_lib.advantages(problem.reward(images), ppo.advantage, policy.lam)
-        return batch._replace(states=states, advantages=advantages.astype(batch.advantages.dtype), images=images,
-                              key=slot)
+    B = jax.eval_shape(p.init, jax.random.key(0)).shape[0]
+    b = ppo.minibatch(B)
+    if B % b:
+        raise UserError(f"--train-batch ({b}) must divide --batch ({B})")
+    tracked = ppo.advantage == "normalized" and p.n_labels > 0
 
     def init(params0, key):
         x0 = jax.eval_shape(p.init, key)
-        images = jax.eval_shape(lambda x: p.denoise(params0, x), x0)
-        zeros = lambda *shape: jnp.zeros(shape, x0.dtype)  # noqa: E731
-        batch = ddpo_lib.Batch(zeros(T + 1, *x0.shape), zeros(T, *x0.shape), zeros(x0.shape[0]), zeros(*images.shape),
-                               key)
-        return jnp.asarray(0, jnp.int32), key, batch, jnp.asarray(epochs, jnp.int32)
+        tracker = ddpo_lib.tracker_init(p.n_labels, x0.dtype) if tracked else ()
+        return jnp.asarray(0, jnp.int32), key, tracker
+
+    def sample(params, carry):
+        """(carry, slot key, the round's Batch without old means, its images) under θ."""
+        started, root, tracker = carry
+        slot = queue_lib.slot_key(root, started)
+        states = adjoint.rollout(p.step, params, p.init(slot), slot, T)
+        images = _images(problem, params, states)
+        labels = p.labels(slot)
+        advantages, tracker = ddpo_lib.advantages(problem.reward(images), ppo.advantage, policy.lam, ppo.adv_clip,
+                                                  labels, tracker if tracked else None)
+        batch = ddpo_lib.Batch(states, None, advantages.astype(states.dtype), labels)
+        return (started + 1, root, tracker if tracked else ()), slot, batch, images
 
     def estimate(params, carry, key):
-        started, root, batch, age = carry
-        fresh = age >= epochs
-        batch = jax.lax.cond(fresh, lambda b: sample(params, started, root, b), lambda b: b, batch)
-        grad, means = ddpo_lib.policy_gradient(policy, params, batch, fresh, ppo.clip_range)
-        carry = (started + fresh, root, batch._replace(means=means), jnp.where(fresh, 1, age + 1))
-        return carry, Estimate(grad, batch.states, batch.images)
+        carry, _, batch, images = sample(params, carry)
+        grad, _ = ddpo_lib.policy_gradient(policy, params, batch, ppo.clip_range)
+        return carry, Estimate(grad, batch.states, images)
+
+    def update(params, opt_state, carry, optimizer):
+        carry, slot, batch, images = sample(params, carry)
+        batch = batch._replace(means=ddpo_lib.old_means(policy, params, batch.states, batch.labels))
+        shuffle = jax.random.fold_in(slot, SHUFFLE_STREAM)
+        order = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(shuffle, e), B))(jnp.arange(epochs))
+        order = order.reshape(-1, b)  # [E·K, b]: the minibatches of pass 0, then of pass 1, …
+
+        def one(state, xs):
+            params, opt_state, total = state
+            rows, first = xs
+            grad, stats = ddpo_lib.policy_gradient(policy, params, ddpo_lib.minibatch(batch, rows), ppo.clip_range,
+                                                   first)
+            updates, opt_state = optimizer.update(grad, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, jax.tree.map(jnp.add, total, (grad, stats))), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), ddpo_lib.Diagnostics(*jnp.zeros((2,), batch.states.dtype)))
+        n = order.shape[0]
+        (params, opt_state, (grad, stats)), _ = jax.lax.scan(one, (params, opt_state, zeros),
+                                                            (order, jnp.arange(n) == 0))
+        grad = jax.tree.map(lambda g: g / n, grad)
+        return params, opt_state, carry, Estimate(grad, batch.states, images), {
+            name: v / n for name, v in stats._asdict().items()}
 
     d = _denoiser_passes(problem)
-    # an update: one vjp per step of θ's network (and a forward pass of θ0's with the KL), one step after
-    # another; a cycle's batch: T sampling steps and the denoiser for the reward images
-    update = Cost(T * (1 + problem.with_kl), T, T)
-    return Method("ddpo", init, estimate, update, Cost(0, 0, 0), Cost(T + d, 0, T + d), epochs)
+    # a round: T sampling steps, the denoiser for the reward images, T passes for θ_old's means, then E
+    # passes over the B paths of one vjp per step of θ's network (and a forward pass of θ0's with the KL)
+    # in E·K updates of b paths, their T steps one after another
+    cost = Cost(2 * T + d + epochs * T * (1 + problem.with_kl), epochs * T, 2 * T + d + epochs * (B // b) * T)
+    return Method("ddpo", init, estimate, cost, Cost(0, 0, 0), update)
 
 
 def truncated(K: int) -> Callable:

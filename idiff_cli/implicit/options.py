@@ -89,6 +89,19 @@ def _ddpo_batch(cfg: Any) -> None:
                         "is 0; use --batch 2 or more, or --advantage raw")
 
 
+def _ddpo_train_batch(cfg: Any) -> None:
+    """Each pass over a round cuts its --batch paths into minibatches of --train-batch."""
+    if cfg.method == "ddpo" and cfg.train_batch is not None and cfg.batch % cfg.train_batch:
+        raise UserError(f"--train-batch ({cfg.train_batch}) must divide --batch ({cfg.batch}): each pass over a "
+                        f"round cuts its paths into minibatches of --train-batch")
+
+
+def _ddpo_adv_clip(cfg: Any) -> None:
+    """--adv-clip bounds normalized advantages: raw ones have none."""
+    if cfg.method == "ddpo" and cfg.advantage == "raw" and cfg.adv_clip != DDPO_DEFAULTS.adv_clip:
+        raise UserError("--adv-clip bounds the normalized advantages; --advantage raw keeps λ R unclipped")
+
+
 def _lora_options(cfg: Any) -> None:
     """The LoRA options shape the adapters: with --train all there are none."""
     if cfg.train == "all":
@@ -143,14 +156,21 @@ SCHEMA = cfglib.Schema(
           choices=FINAL_STEPS),
         O("method", str, "implicit", "implicit (Algorithm 2), nested, truncated-K (e.g. truncated-1), "
           "full-backprop, ddpo (policy gradient with PPO clipping and the KL of DPOK: needs no ∇R; a "
-          "stochastic sampler), or package.module:builder."),
-        O("advantage", str, DDPO_DEFAULTS.advantage, "ddpo: the advantage of a path, λ (R − mean R)/(std R + "
-          "1e-8) over the batch (normalized) or λ R (raw).", choices=ADVANTAGES),
+          "stochastic sampler; one outer step is a sampling round of --batch paths under the current θ and "
+          "its --inner-epochs passes of --batch/--train-batch updates each), or package.module:builder."),
+        O("advantage", str, DDPO_DEFAULTS.advantage, "ddpo: the advantage of a path: normalized = λ "
+          "clip((R − mean)/(std + eps), ±--adv-clip), the mean and std of the last 16 rewards of the path's "
+          "class label or prompt once it has 16, before that of the round (ddpo-pytorch's per-prompt stat "
+          "tracking; an unconditional model: the round's); raw = λ R.", choices=ADVANTAGES),
+        O("adv_clip", float, DDPO_DEFAULTS.adv_clip, "ddpo: the bound of the normalized advantages "
+          "(ddpo-pytorch's adv_clip_max).", positive=True),
         O("clip_range", float, DDPO_DEFAULTS.clip_range, "ddpo: PPO clip range ε of the per-step ratios "
-          "π_θ/π_θold (Schulman et al.'s 0.2; it binds from the second update on a batch, --inner-epochs > 1: "
-          "the first has ratio 1).", positive=True),
-        O("inner_epochs", int, DDPO_DEFAULTS.inner_epochs, "ddpo: outer steps (updates) per sampled batch; a "
-          "new batch is sampled under the current θ every --inner-epochs outer steps.", positive=True),
+          "π_θ/π_θold (ddpo-pytorch's 1e-4; it binds from a round's second update on: the first has ratio 1).",
+          positive=True),
+        O("inner_epochs", int, DDPO_DEFAULTS.inner_epochs, "ddpo: passes over each sampling round, each a fresh "
+          "permutation of its paths cut into minibatches of --train-batch, one update each.", positive=True),
+        O("train_batch", int, DDPO_DEFAULTS.train_batch, "ddpo: paths per update (a minibatch of the round); "
+          "must divide --batch.", positive=True, rule="--batch // 2, at least 1 (two updates per pass)"),
         O("adjoint", str, "full", "Gradient through the sampler: full (exact discrete adjoint of the completed "
           "batch), pipelined (implicit only: a queue of adjoint states, constant sequential calls with M = T), "
           "or continuous (probability-flow ODE adjoint).", choices=ADJOINTS),
@@ -186,7 +206,8 @@ SCHEMA = cfglib.Schema(
         O("T", int, None, "Sampling steps T.", flags=("--T",), positive=True),
         O("batch", int, None, "Images per batch.", positive=True),
         O("lr", float, 1e-4, "Adam learning rate.", positive=True),
-        O("steps", int, 200, "Outer steps (θ updates).", defining=False, positive=True),
+        O("steps", int, 200, "Outer steps (θ updates; ddpo: sampling rounds of --inner-epochs × --batch / "
+          "--train-batch updates each).", defining=False, positive=True),
         O("sampler", str, None, "euler-maruyama or ddpm (stochastic), probability-flow or ddim (deterministic: "
           "--beta 0 only). Imported DDPM models step with ddpm or ddim.", choices=SAMPLERS),
         O("log_every", int, 10, "Outer steps per log line (the KL is logged on it).", defining=False,
@@ -217,6 +238,7 @@ SCHEMA = cfglib.Schema(
         cfglib.CONFIG_OPTION,
     ),
     table=TABLE,
-    checks=(cfglib.check_tracking, _ddpo_options, _ddpo_batch, _lora_options, _m_divides_t, _kl_paths_in_batches,
+    checks=(cfglib.check_tracking, _ddpo_options, _ddpo_batch, _ddpo_train_batch, _ddpo_adv_clip, _lora_options,
+            _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )

@@ -24,7 +24,9 @@ class SamplerPaths(NamedTuple):
     pass) and lies outside the Gaussian transitions the Girsanov KL covers; step_fn: the sampler's step
     function, whose Gaussian transition (samplers.GaussianStep) the Girsanov KL reads; stochastic: the
     sampler's `stochastic`, whether that transition exists (the Girsanov KL and DDPO's policy apply);
-    score(params, x, t, slot_key) -> sθ(x, t) [B, ...] under the slot's conditioning."""
+    score(params, x, t, labels) -> sθ(x, t) [B, ...] under the conditioning `labels` [B] (or None);
+    labels(slot_key) -> the slot's labels [B] int (or None: an unconditional model); n_labels: the labels
+    lie in [0, n_labels) (0: no labels, or none to keep statistics of: DDPO's per-label advantages)."""
 
     init: Callable[[jax.Array], jax.Array]
     step: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -34,14 +36,18 @@ class SamplerPaths(NamedTuple):
     tweedie: bool
     step_fn: Callable
     stochastic: bool
-    score: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+    score: Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+    labels: Callable[[jax.Array], Any]
+    n_labels: int
 
 
 def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
-                  labels: Union[jax.Array, Callable[[jax.Array], jax.Array], None] = None) -> SamplerPaths:
+                  labels: Union[jax.Array, Callable[[jax.Array], jax.Array], None] = None,
+                  n_labels: int = 0) -> SamplerPaths:
     """Binds a `Sampler` and a score(params, x, t, labels) for batches of `shape` [B, H, W, C]; `labels`
-    [B] are the same for every slot, or labels(slot_key) -> [B] the slot's own. ValueError for per-slot
-    labels with a sampler whose last step is the Tweedie denoiser (denoise sees no slot key)."""
+    [B] are the same for every slot, or labels(slot_key) -> [B] the slot's own, in [0, n_labels).
+    ValueError for per-slot labels with a sampler whose last step is the Tweedie denoiser (denoise sees
+    no slot key)."""
     per_slot = callable(labels)
     if per_slot and sampler.denoise_final:
         raise ValueError("per-slot labels need a sampler without the Tweedie step: denoise(params, x) sees no slot")
@@ -77,8 +83,5 @@ def sampler_paths(sampler: Any, score: Callable, shape: tuple[int, ...],
     def denoise(params, x):
         return sampler.finalize(bound(params), x)
 
-    def slot_score(params, x, t, slot_key):
-        return bound(params, slot_key)(x, t)
-
     return SamplerPaths(init, step, denoise, sampler.n_steps, step_and_score, sampler.denoise_final,
-                        sampler.step_fn, sampler.stochastic, slot_score)
+                        sampler.step_fn, sampler.stochastic, score, slot_labels, n_labels)

@@ -44,7 +44,8 @@ class Subject(NamedTuple):
     the slot key, or fixed [B], or None), or with `evaluation` those of the fixed-key grids; decode(frozen)
     -> images(x) of the sampler's last state, or None (the state is the image); reference(frozen) -> θ0;
     shape: one batch of states [B, ...]; image_shape: an image the reward sees (H, W, C); lora: the
-    adapters' spec, None when θ is all the weights."""
+    adapters' spec, None when θ is all the weights; n_labels: the training labels lie in [0, n_labels)
+    (the class labels or the training prompts; 0: unconditional)."""
 
     theta0: Any
     frozen: Any
@@ -55,6 +56,7 @@ class Subject(NamedTuple):
     shape: tuple[int, ...]
     image_shape: tuple[int, int, int]
     lora: Optional[lora.LoRASpec] = None
+    n_labels: int = 0
 
 
 def _weights(spec: Optional[lora.LoRASpec], frozen: Any, theta: Any) -> Any:
@@ -76,7 +78,7 @@ def pixel(model: Any, batch: int, adapters: Any = None, spec: Optional[lora.LoRA
         return lambda theta, x, t, y: model.score(_weights(spec, frozen, theta), x, t, y)
 
     return Subject(frozen if spec is None else adapters, frozen, score, lambda frozen, evaluation: labels, None,
-                   reference, (batch, *model.image_shape), model.image_shape, spec)
+                   reference, (batch, *model.image_shape), model.image_shape, spec, model.num_classes or 0)
 
 
 def text_to_image(t2i: Any, unet: Any, vae: Any, contexts: jax.Array, negatives: jax.Array, n_train: int,
@@ -112,7 +114,7 @@ def text_to_image(t2i: Any, unet: Any, vae: Any, contexts: jax.Array, negatives:
         return lambda z: t2i.decode({"vae": frozen["vae"]}, z)
 
     return Subject(unet if spec is None else adapters, frozen, score, labels, decode, lambda frozen: frozen["theta0"],
-                   (batch, *t2i.latent_shape), t2i.image_shape, spec)
+                   (batch, *t2i.latent_shape), t2i.image_shape, spec, n_train)
 
 
 # ---- a run's subject from its config ----
