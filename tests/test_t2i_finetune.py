@@ -76,6 +76,7 @@ def first_gradient(model, cfg):
     return gradient(parts.subject.frozen, jax.random.key(1))
 
 
+@pytest.mark.slow  # 13 compiled outer steps (1 min)
 def test_every_method_in_both_dtypes(model):
     """One outer step of every method with LoRA adapters, float32 and bfloat16, at θ = θ0 and β = 0 (there
     the KL's gradient vanishes exactly, and what a float32 program leaves of it is rounding divided by the
