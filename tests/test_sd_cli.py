@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -136,10 +137,10 @@ FINETUNE = ["--reward", "brightness", "--lora-rank", "2", "--lora-alpha", "4", "
             "--grid-n", "2", "--lr", "0.01"]
 
 
-@pytest.mark.slow  # three SD-fixture finetune runs (1 min)
+@pytest.mark.slow  # two SD-fixture finetune runs (~45 s)
 def test_lora_finetune_resumes_bit_for_bit_and_exports(sd_run, tmp_path):
-    """`finetune --prompts FILE.jsonl --lora-rank 2` on the SD fixture: 2 steps straight, and 1 step then
-    resumed to 2 — the same rows and the same adapters, bit for bit (float32). `export` writes the adapters
+    """`finetune --prompts FILE.jsonl --lora-rank 2` on the SD fixture: 2 steps straight, and the run as
+    it was at checkpoint 1 resumed to 2 — the same rows and the same adapters, bit for bit (float32). `export` writes the adapters
     as diffusers' LoRA file: the keys and shapes of the diffusers-made fixture file (same rank and
     modules); `export --merged` the U-Net with them merged, equal to the run's merged model (`load`, which
     `sample` and `evaluate-fid` read)."""
@@ -147,12 +148,11 @@ def test_lora_finetune_resumes_bit_for_bit_and_exports(sd_run, tmp_path):
     prompts.write_text(PROMPTS)
     straight, resumed = tmp_path / "a", tmp_path / "b"
     invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", straight, check=True)
-    invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "1", "--out", resumed, check=True)
+    shutil.copytree(straight, resumed)  # the run as it was at checkpoint 1: checkpoint 2 and θ of step 2 gone
+    shutil.rmtree(resumed / "checkpoints" / "2")
+    shutil.rmtree(resumed / "weights" / "2")
     invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", resumed, check=True)
-    # the first half's last step also evaluated the grid (every run's last step does)
-    grid = ("wall_s", "eval_reward", "samples")
-    assert rows(straight, drop=grid) == rows(resumed, drop=grid)
-    assert rows(straight)[-1]["eval_reward"] == rows(resumed)[-1]["eval_reward"]
+    assert rows(straight, drop=("wall_s",)) == rows(resumed, drop=("wall_s",))
     last = rows(straight)[-1]
     assert last["step"] == 2 and last["kl"] > 0 and last["grad_norm"] > 0
     _, theta, spec, step, final = load_adapters(straight)
