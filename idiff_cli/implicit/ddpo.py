@@ -110,19 +110,20 @@ def gaussian_policy(step_fn: Callable, score: Callable, sde: Any, grid: jax.Arra
     (paths.score): the step's `moments` at sθ(x_k, t_k) and, with `with_kl`, β × girsanov.transition_kl
     against θ0."""
 
+    def scored(params, x, k, labels):
+        """(sθ(x_k, t_k), the step's mean and std at it)."""
+        s = score(params, x, jnp.full((x.shape[0],), grid[k], x.dtype), labels)
+        return (s, *step_fn.moments(sde, s, x, grid[k], grid[k + 1]))
+
     def mean(params, x, k, labels):
-        times = jnp.full((x.shape[0],), grid[k], x.dtype)
-        return step_fn.moments(sde, score(params, x, times, labels), x, grid[k], grid[k + 1])
+        return scored(params, x, k, labels)[1:]
 
     def moments(params, x, k, labels):
-        t, t_next = grid[k], grid[k + 1]
-        times = jnp.full((x.shape[0],), t, x.dtype)
-        s = score(params, x, times, labels)
-        m, std = step_fn.moments(sde, s, x, t, t_next)
+        s, m, std = scored(params, x, k, labels)
         if not with_kl:
             return m, std, jnp.zeros(x.shape[:1], x.dtype)
-        s0 = score(jax.lax.stop_gradient(params0), x, times, labels)
-        return m, std, beta * girsanov.transition_kl(step_fn, sde, s, s0, x, t, t_next)
+        s0 = score(jax.lax.stop_gradient(params0), x, jnp.full((x.shape[0],), grid[k], x.dtype), labels)
+        return m, std, beta * girsanov.transition_kl(step_fn, sde, s, s0, x, grid[k], grid[k + 1])
 
     return Policy(moments, mean, lam)
 
