@@ -65,17 +65,17 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
     else:
         raise UserError(f"'{run_dir}' holds idiff's own U-Net (a pretrain run), which is not a diffusers "
                         "architecture; export takes imported models and their finetune runs")
-    if (run_dir / FINETUNED).exists() and pipeline_io.holds_pipeline(source) and not cfg.merged:
-        base, adapters, spec, step, _ = load_adapters(run_dir, cfg.step)
-        if spec is not None and base.weights == "finetuned":
-            raise UserError(f"'{run_dir}' adapts a finetuned model ({read_json(run_dir / FINETUNED, ('from',))['from']}): "
-                            "its LoRA file alone would leave out that finetuning; use --merged")
-        if spec is not None:
-            target.create()
-            lora.write(target.path / lora.LORA_WEIGHTS, adapters, spec.scale)
-            console.print(f"exported {run_dir}'s LoRA adapters (rank {spec.rank}, {len(spec.targets)} modules, step "
-                          f"{step}) -> {target.path / lora.LORA_WEIGHTS}", highlight=False)
-            return target.path
+    record = read_json(run_dir / FINETUNED, ("from",)) if (run_dir / FINETUNED).exists() else {}
+    if "lora" in record and pipeline_io.holds_pipeline(source) and not cfg.merged:
+        if (pathlib.Path(record["from"]) / FINETUNED).exists():
+            raise UserError(f"'{run_dir}' adapts a finetuned model ({record['from']}): its LoRA file alone would "
+                            "leave out that finetuning; use --merged")
+        _, adapters, spec, step, _ = load_adapters(run_dir, cfg.step)
+        target.create()
+        lora.write(target.path / lora.LORA_WEIGHTS, adapters, spec.scale)
+        console.print(f"exported {run_dir}'s LoRA adapters (rank {spec.rank}, {len(spec.targets)} modules, step "
+                      f"{step}) -> {target.path / lora.LORA_WEIGHTS}", highlight=False)
+        return target.path
     model = load(run_dir, step=cfg.step)
     params = model.params["unet"] if isinstance(model, TextToImageModel) else model.params
     weights = save(diffusers_io.tensors_from_params(params), metadata={"format": "pt"})
