@@ -308,6 +308,38 @@ def test_off_policy_updates_are_clipped():
     np.testing.assert_allclose(clipped, expected, rtol=1e-9)
 
 
+def test_the_clipped_ratio_is_ddpo_pytorchs_per_coordinate_ratio():
+    """On states of d = 12 coordinates (a linear policy m_θ(x) = θ x, σ = 0.3), an update off θ_old logs
+    ddpo-pytorch's diagnostics: its log-probability of a step is the mean over the coordinates of the
+    Gaussian log-densities (ddim_with_logprob.py), written here in numpy; approx_kl = ½ mean (Δ log p)²
+    (rtol 1e-9) and clipfrac = mean(|exp Δ log p − 1| > ε). A ratio of whole transitions (Δ summed, not
+    averaged) would be d times as far from 1: with ε = 0.02 the two clip fractions differ here."""
+    d, n, b, sigma, eps = 12, 3, 8, 0.3, 2e-2
+    with enable_x64(True):
+        keys = jax.random.split(jax.random.key(4), 3)
+        states = jax.random.normal(keys[0], (n + 1, b, 3, 4))
+        old_theta, theta_ = 0.9, 0.9 + 2e-3
+
+        def moments(params, x, k, labels):
+            return params["w"] * x, jnp.asarray(sigma), jnp.zeros(x.shape[:1])
+
+        policy = ddpo.Policy(moments, lambda params, x, k, labels: moments(params, x, k, labels)[:2], 1.0)
+        old = old_theta * states[:-1]
+        adv = jax.random.normal(keys[1], (b,))
+        _, stats = ddpo.policy_gradient(policy, {"w": jnp.asarray(theta_)}, ddpo.Batch(states, old, adv, None), eps)
+
+        x, x_next = np.asarray(states[:-1]), np.asarray(states[1:])
+
+        def log_prob(mean):  # ddpo-pytorch: the mean over all but the batch dimension
+            per = -(x_next - mean) ** 2 / (2 * sigma**2) - np.log(sigma) - np.log(np.sqrt(2 * np.pi))
+            return per.reshape(n, b, -1).mean(axis=2)
+
+        delta = log_prob(theta_ * x) - log_prob(old_theta * x)
+    np.testing.assert_allclose(float(stats.approx_kl), 0.5 * np.mean(delta**2), rtol=1e-9)
+    assert float(stats.clipfrac) == np.mean(np.abs(np.exp(delta) - 1) > eps)
+    assert 0 < np.mean(np.abs(np.exp(delta) - 1) > eps) < np.mean(np.abs(np.exp(d * delta) - 1) > eps)
+
+
 def test_log_ratio_is_the_difference_of_gaussian_log_probabilities():
     """log_ratio(x', m, m_old, σ) = log N(x'; m, σ²) − log N(x'; m_old, σ²) (float64, to 1e-10 of the
     log-probabilities' size), exactly 0 at m = m_old, and 0 for a step without noise (σ = 0)."""

@@ -12,14 +12,18 @@ no ∇R, so non-differentiable rewards work. With the likelihood-ratio identity
 ratios ρ_k = π_θ(x_{k+1} | x_k)/π_θold(x_{k+1} | x_k) for paths sampled under θ_old (DDPO §4.3,
 "DDPO_IS"; Schulman et al. 2017), the loss of one update on a minibatch of paths is
 
-    L(θ) = mean_b Σ_k [ −min(ρ_k^b A^b, clip(ρ_k^b, 1 − ε, 1 + ε) A^b) + β KL_k(θ; x_k^b) ],
-    KL_k(θ; x) = ‖m_θ(x, k) − m_θ0(x, k)‖² / (2 v_k)   (the Girsanov increment of girsanov.py),
+    L(θ) = mean_b Σ_k [ −d · min(ρ̃_k^b A^b, clip(ρ̃_k^b, 1 − ε, 1 + ε) A^b) + β KL_k(θ; x_k^b) ],
+    ρ̃_k = ρ_k^(1/d),   KL_k(θ; x) = ‖m_θ(x, k) − m_θ0(x, k)‖² / (2 v_k)   (the Girsanov increment of girsanov.py),
 
 with advantages A = λ R (raw) or A = λ clip((R − μ)/(σ + eps), −c, c) (normalized; c = --adv-clip,
 ddpo-pytorch's adv_clip_max). μ, σ are ddpo-pytorch's: for labelled paths (a class label, a prompt)
 its PerPromptStatTracker's, the mean and std of the last STATS_BUFFER rewards of the path's label
 (this round's included) once the label has that many, else the round's over all labels, eps = 1e-6;
-for unlabelled paths the round's, eps = 1e-8. Where θ = θ_old, ρ_k = 1 and ∇L is the score-function
+for unlabelled paths the round's, eps = 1e-8. ρ̃_k is the ratio ddpo-pytorch clips: its log-probability of
+a step is the *mean* of the d = H·W·C coordinates' Gaussian log-densities (ddim_with_logprob.py), so its
+ratio is the transition's ratio to the power 1/d, and its clip range ε = 1e-4 bounds that per-coordinate
+ratio; the factor d restores the transition's score-function gradient at ρ̃ = 1 (d ρ̃ ∇ log ρ̃ = ∇ log ρ),
+so that λ and β keep their weights in F. Where θ = θ_old, ρ_k = 1 and ∇L is the score-function
 estimate −mean_b A^b Σ_k ∇ log π_θ(x_{k+1}^b | x_k^b) + β mean_b Σ_k ∇KL_k: with raw advantages its
 expectation is −λ ∇E[R] (tests/test_ddpo.py). ddpo-pytorch averages over the steps (its gradient
 accumulation); the sum keeps that expectation and the weights λ, β of F = −λ E R + β KL(P_θ ‖ P_θ0) as
@@ -97,8 +101,8 @@ class Tracker(NamedTuple):
 
 
 class Diagnostics(NamedTuple):
-    """Of an update: clipfrac, the fraction of its (path, step) ratios with |ρ − 1| > ε, and approx_kl,
-    ½ mean (log ρ)² over them (ddpo-pytorch's)."""
+    """Of an update: clipfrac, the fraction of its (path, step) per-coordinate ratios with |ρ̃ − 1| > ε, and
+    approx_kl, ½ mean (log ρ̃)² over them (ddpo-pytorch's)."""
 
     clipfrac: jax.Array
     approx_kl: jax.Array
@@ -219,13 +223,15 @@ def policy_gradient(policy: Policy, params: Any, batch: Batch, clip_range: float
     (a `lax.scan`: the memory of one step's activations): n forward and n backward passes of θ's network
     on the batch's paths, and n forward passes of θ0's with a KL term."""
 
+    d = math.prod(batch.states.shape[2:])  # coordinates of one state
+
     def step_loss(p, x, x_next, stored, k):
         mean, std, kl = policy.moments(p, x, k, batch.labels)
         own = jax.lax.stop_gradient(mean)
         old = own if stored is None else jnp.where(first, own, stored)
-        log_rho = log_ratio(x_next, mean, old, std)
+        log_rho = log_ratio(x_next, mean, old, std) / d  # per coordinate, as ddpo-pytorch's log-probabilities
         ratio = jnp.exp(log_rho)
-        loss = jnp.mean(kl - clipped_surrogate(ratio, batch.advantages, clip_range))
+        loss = jnp.mean(kl - d * clipped_surrogate(ratio, batch.advantages, clip_range))
         stats = (jnp.mean(jnp.abs(ratio - 1) > clip_range), 0.5 * jnp.mean(log_rho ** 2))
         return loss, Diagnostics(*(jax.lax.stop_gradient(v).astype(x.dtype) for v in stats))
 
