@@ -157,15 +157,17 @@ def part_wall(report: Report, cap: float, from_run: str | None, seconds: float) 
     replicated = sharding.replicated(mesh)
     for method, adjoint in within_cap(report, "wall", WALL, cap, "-".join):
         cfg = config(model, method, adjoint)
-        bind, optimizer, *_ = F.build(cfg, per_device.BatchSharded(model, mesh))
-        params0 = sharding.put(model.params, jax.tree.map(lambda _: replicated, model.params))
-        problem, m = bind(params0)
-        state = F.start_state(m, optimizer, params0, sharding.put(jax.random.key(0), replicated), 0)
+        parts = F.build(cfg, per_device.BatchSharded(model, mesh))
+        bind, optimizer = parts.bind, parts.optimizer
+        frozen = sharding.put(parts.frozen, jax.tree.map(lambda _: replicated, parts.frozen))
+        _, m = bind(frozen)
+        state = F.start_state(m, optimizer, frozen["subject"], sharding.put(jax.random.key(0), replicated), 0)
         shardings = per_device.state_shardings(jax.eval_shape(lambda: state), mesh, (cfg.batch, *model.image_shape))
         state = sharding.put(state, shardings)
-        step = F.make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta), mesh, shardings)
-        grid = F.make_grid_sampler(lambda frozen: bind(frozen)[0], 64, cfg.batch, jax.random.key(1), mesh)
-        evaluate: Callable = lambda params: float(np.mean(np.asarray(problem.reward(grid(params, params0)))))  # noqa: E731
+        step = F.make_outer_step(bind, optimizer, frozen, (cfg.lam, cfg.beta), mesh, shardings)
+        grid = F.make_grid_sampler(lambda frozen: bind(frozen)[0], 64, cfg.batch, jax.random.key(1), mesh,
+                                   rewarded=True)
+        evaluate: Callable = lambda params: float(np.mean(np.asarray(grid(params, frozen)[1])))  # noqa: E731
         before = evaluate(state.params)
         state, _ = loop.dispatch(step, state, 0, 1)  # compiles
         jax.block_until_ready(state)

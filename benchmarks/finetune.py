@@ -101,9 +101,11 @@ DEFAULT_BUDGET = "120x"
 def measure(cfg, pre, steps: int, devices: int) -> dict:
     mesh = sharding.mesh_of(devices)
     replicated = sharding.replicated(mesh)
-    bind, optimizer, *_ = F.build(cfg, per_device.BatchSharded(pre, mesh))
-    params0 = sharding.put(pre.params, jax.tree.map(lambda _: replicated, pre.params))
-    _, method = bind(params0)
+    parts = F.build(cfg, per_device.BatchSharded(pre, mesh))
+    bind, optimizer = parts.bind, parts.optimizer
+    frozen = sharding.put(parts.frozen, jax.tree.map(lambda _: replicated, parts.frozen))
+    params0 = frozen["subject"]
+    _, method = bind(frozen)
     key = sharding.put(jax.random.key(cfg.seed), replicated)
     start = time.perf_counter()
     state = F.start_state(method, optimizer, params0, key, 0)
@@ -111,7 +113,7 @@ def measure(cfg, pre, steps: int, devices: int) -> dict:
     state = sharding.put(state, shardings)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
-    outer_step = F.make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta), mesh, shardings)
+    outer_step = F.make_outer_step(bind, optimizer, frozen, (cfg.lam, cfg.beta), mesh, shardings)
 
     def rewards(state, n: int):
         """n outer steps as the run loop dispatches them; their batch-mean rewards [n], read back."""
@@ -217,9 +219,8 @@ def spending(options: dict, pre) -> Callable[[int], tuple[int, int]]:
     cfg = F.complete(SCHEMA.resolve(options), pathlib.Path(options["from_run"]), pre)
     F.check_against_model(cfg, pre)
     parts = F.build(cfg, pre)
-    F.check_method(parts)
-    bind = parts.bind
-    _, method = bind(pre.params)
+    F.check_method(cfg, parts)
+    _, method = parts.bind(parts.frozen)
 
     def spent(steps: int) -> tuple[int, int]:
         cost = methods.spent(method, steps)

@@ -74,14 +74,16 @@ def main() -> None:
 
     cfg = F.complete(SCHEMA.resolve(dict(reward="red", lam=1000.0, beta=args.beta, T=args.T, M=args.M,
                                          batch=args.batch)), pathlib.Path("random"), model)
-    bind, optimizer, *_ = F.build(cfg, model)
-    params0 = jax.device_put(model.params, jax.devices()[0])
-    _, method = bind(params0)
+    parts = F.build(cfg, model)
+    bind, optimizer = parts.bind, parts.optimizer
+    frozen = jax.device_put(parts.frozen, jax.devices()[0])
+    params0 = frozen["subject"]
+    _, method = bind(frozen)
     start = time.perf_counter()
     state = F.start_state(method, optimizer, params0, jax.random.key(3), 0)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start
-    outer_step = F.make_outer_step(bind, optimizer, params0, (cfg.lam, cfg.beta))
+    outer_step = F.make_outer_step(bind, optimizer, frozen, (cfg.lam, cfg.beta))
     holder = [state]
 
     def outer():

@@ -14,7 +14,7 @@ negative prompt, Adam at 1e-4, ddpo with 1 inner epoch and raw advantages: norma
   16 default training and 16 evaluation prompts (and their negatives) come from that real-size encoder;
 * 32×32×4 latents (256×256 images), batch 1 (each guided U-Net call runs on 2 latents), T = 4, M = 2;
 * LoRA rank 4 (α 4) on the default targets to_q, to_k, to_v, to_out.0: θ the adapters, the U-Net,
-  VAE and embeddings frozen (Subject.frozen: an argument of every jitted program, never a constant);
+  VAE and embeddings frozen (Parts.frozen: an argument of every jitted program, never a constant);
 * float32 for time and memory; bfloat16 (`--dtype bfloat16`: the frozen weights and activations,
   adapters and latents float32) for its peak memory. XLA:CPU computes bf16 convolutions and dots in
   float32 (docs/results.md, "Stable Diffusion 1.5 on the CPU"), so a bfloat16 time here is only what
@@ -153,8 +153,8 @@ def worker(name: str, dtype: str, quick: bool, steps: int) -> dict:
     subject = subject_of(cfg, model)
     parts = finetune.build(cfg, model, subject)
     finetune.check_against_model(cfg, model)
-    finetune.check_method(parts)
-    frozen = jax.block_until_ready(subject.frozen)
+    finetune.check_method(cfg, parts)
+    frozen = jax.block_until_ready(parts.frozen)
     build_s = time.perf_counter() - start
     peaks["build"] = sd.peak_rss_gib()
     counts = {net: int(sum(x.size for x in jax.tree.leaves(p))) for net, p in model.params.items()}
@@ -164,7 +164,7 @@ def worker(name: str, dtype: str, quick: bool, steps: int) -> dict:
 
     @jax.jit
     def fresh(frozen, key):  # finetune_unit's warm-up (its logged-KL count aside)
-        return finetune.start_state(parts.bind(frozen)[1], parts.optimizer, subject.reference(frozen), key, 0)
+        return finetune.start_state(parts.bind(frozen)[1], parts.optimizer, subject.reference(frozen["subject"]), key, 0)
 
     compiled, warmup_compile_s = blocked(lambda: fresh.lower(frozen, key).compile())
     state, warmup_run_s = blocked(lambda: compiled(frozen, key))

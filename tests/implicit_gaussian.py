@@ -54,8 +54,8 @@ def finetune_problem(T: int, batch: int = 6, deterministic: bool = False, beta: 
     params0 = theta(0.5, 1.0)
     transition = (girsanov.kl_transition(p, SDE, SDE.time_grid(T), params0, beta) if beta
                   else adjoint.transition(p.step))
-    terminal = lambda params, x: -2.0 * jnp.sin(x[:, 0]) + quadratic * x[:, 0] ** 2  # noqa: E731
-    return methods.Problem(p, terminal, transition, lambda x: x[:, 0], bool(beta), **parts), params0
+    terminal = lambda params, x, key: -2.0 * jnp.sin(x[:, 0]) + quadratic * x[:, 0] ** 2  # noqa: E731
+    return methods.Problem(p, terminal, transition, lambda x, prompts: x[:, 0], bool(beta), **parts), params0
 
 
 def outer_steps(method, params, key, n_steps: int):

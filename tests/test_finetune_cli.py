@@ -220,6 +220,9 @@ def raises(x):
 
 def wrong_shape(x):
     return jnp.mean(x, axis=(1, 2))
+
+def by_prompt(x, prompts):
+    return jnp.mean(x, axis=(1, 2, 3)) * (prompts.ids + 1)
 """
 
 
@@ -229,12 +232,21 @@ def wrong_shape(x):
                                        "RuntimeError: broken reward"),
     (["--reward", "ft_plugin:wrong_shape"], "error: reward 'ft_plugin:wrong_shape' must map images [B, H, W, C] "
                                             "to [B] rewards; on a batch of shape (2, 28, 28, 1) it returned shape (2, 1)"),
-    (["--reward", "sparkle"], "error: unknown image-reward 'sparkle'; valid choices: brightness, compressibility, "
-                              "digit:N, incompressibility, red, or package.module:function"),
+    (["--reward", "ft_plugin:by_prompt"], "error: reward 'ft_plugin:by_prompt' takes prompts (reward(images, prompts)); "
+                                          "this model is unconditional: its images have no prompts or class labels"),
+    (["--reward", "sparkle"], "error: unknown image-reward 'sparkle'; valid choices: aesthetic, brightness, "
+                              "clip-score, compressibility, digit:N, incompressibility, jpeg-compressibility, "
+                              "jpeg-incompressibility, red, or package.module:function"),
+    (["--reward", "aesthetic", "--reward-weights", "/nonexistent"],
+     "error: reward 'aesthetic': aesthetic predictor head '/nonexistent/sac+logos+ava1-l14-linearMSE.pth' does not "
+     "exist; download"),
+    (["--reward-weights", "/nonexistent"], "error: --reward-weights: reward 'brightness' reads no weight files"),
+    (["--ddim-eta", "1"], "error: --ddim-eta 1 applies to --sampler ddim, not euler-maruyama"),
     (["--reward", "compressibility"], "error: reward 'compressibility' is not differentiable: --method implicit "
                                       "needs ∇R; use --method ddpo"),
     (["--method", "ddpo", "--sampler", "probability-flow", "--beta", "0"],
-     "error: --method ddpo needs a stochastic sampler (euler-maruyama, ddpm): --sampler probability-flow"),
+     "error: --method ddpo needs a stochastic sampler (euler-maruyama, ddpm, or ddim with --ddim-eta > 0): "
+     "--sampler probability-flow"),
     (["--method", "ddpo", "--adjoint", "pipelined"], "error: --method ddpo differentiates log-probabilities"),
     (["--method", "ddpo", "--clip-range", "0"], "error: --clip-range must be > 0"),
     (["--method", "ddpo", "--inner-epochs", "0"], "error: --inner-epochs must be > 0"),
@@ -347,10 +359,10 @@ def test_lora_on_the_pixel_u_net(tiny_pretrain):
     @jax.jit
     def gradient(frozen, key):
         _, method = parts.bind(frozen)
-        theta = subject.reference(frozen)
+        theta = subject.reference(frozen["subject"])
         return method.estimate(theta, method.init(theta, key), None)[1].grad
 
-    grad = gradient(subject.frozen, jax.random.key(0))
+    grad = gradient(parts.frozen, jax.random.key(0))
     ups = [a["up"] for _, a in lora._adapted(grad)]
     downs = [a["down"] for _, a in lora._adapted(grad)]
     assert sum(float(jnp.sum(u ** 2)) for u in ups) > 0 and all(not np.any(np.asarray(d)) for d in downs)

@@ -46,7 +46,7 @@ def test_gamma_is_minus_expected_reward_slope_times_one_minus_exp():
         key = jax.random.key(1)
         states = draw(p, theta(m), key, N_STEPS)
         grad = adjoint.discrete_adjoint(adjoint.transition(p.step), theta(m), states, key,
-                                        lambda q, x: -lam * jnp.sin(x[:, 0]))
+                                        lambda q, x, key: -lam * jnp.sin(x[:, 0]))
     mean, var = chain_moments(N_STEPS, 1.0)
     cos_x = np.cos(np.asarray(states[-1, :, 0]))
     np.testing.assert_allclose(float(grad.params["m"]), -lam * cos_x.mean() * mean[-1], rtol=1e-8)
@@ -62,7 +62,7 @@ def objective_parts(batch=64, c0=1.0):
     params0 = theta(0.0, c0)
     cost = girsanov.kl_running_cost(euler_maruyama_step, score, SDE, SDE.time_grid(N_STEPS), params0)
     running = lambda q, x, k: 0.3 * cost(q, x, k)  # noqa: E731
-    terminal = lambda q, x: -2.0 * jnp.sin(x[:, 0]) + 0.1 * x[:, 0] ** 2
+    terminal = lambda q, x, key: -2.0 * jnp.sin(x[:, 0]) + 0.1 * x[:, 0] ** 2
     return p, terminal, running, girsanov.kl_transition(p, SDE, SDE.time_grid(N_STEPS), params0, 0.3)
 
 
@@ -84,7 +84,7 @@ def test_discrete_adjoint_equals_grad_through_unrolled_sampler_and_finite_differ
 
         def J(q):
             s = draw(p, q, key, N_STEPS)
-            return jnp.mean(terminal(q, s[-1])) + jnp.mean(girsanov.path_kl(running, q, s))
+            return jnp.mean(terminal(q, s[-1], key)) + jnp.mean(girsanov.path_kl(running, q, s))
 
         eps = 1e-5
         for name in ("m", "c"):
@@ -108,7 +108,7 @@ def test_truncated_adjoint_is_grad_with_stopped_early_states():
 
         def J(q):
             s = adjoint.rollout(p.step, q, states[-K - 1], key, K, first=N_STEPS - K)
-            return jnp.mean(terminal(q, s[-1]))
+            return jnp.mean(terminal(q, s[-1], key))
 
         grad = jax.grad(J)(params)
         for name in ("m", "c"):
@@ -123,7 +123,7 @@ def test_continuous_adjoint_converges_to_discrete_as_steps_grow():
     gaps = []
     with enable_x64(True):
         params, key = theta(0.8, 1.3), jax.random.key(4)
-        terminal = lambda q, x: -2.0 * jnp.sin(x[:, 0])
+        terminal = lambda q, x, key: -2.0 * jnp.sin(x[:, 0])
         for n in (32, 128, 512):
             _, p = paths(n, 16, deterministic=True)
             states = draw(p, params, key, n)
@@ -157,7 +157,7 @@ def test_discrete_adjoint_on_a_small_unet_equals_unrolled_grad():
         sc = score_function(lambda q, x, level, labels: net.apply(q, x, level, labels), SDE)
         p = sampler_paths(Sampler(SDE, 3), sc, (2, 8, 8, 1))
         key = jax.random.key(5)
-        terminal = lambda q, x: -jnp.mean(p.denoise(q, x), axis=(1, 2, 3))
+        terminal = lambda q, x, key: -jnp.mean(p.denoise(q, x), axis=(1, 2, 3))
         params0, grid = jax.tree.map(lambda v: 0.8 * v, params), SDE.time_grid(3)
         running = lambda q, x, k: 0.5 * girsanov.kl_running_cost(euler_maruyama_step, sc, SDE, grid, params0)(q, x, k)
         states = draw(p, params, key, 3)

@@ -46,7 +46,7 @@ def test_girsanov_gradient_through_the_adjoint_equals_closed_form_gradient():
     with enable_x64(True):
         _, p = paths(N_STEPS, 1000)
         kl = girsanov.kl_transition(p, SDE, SDE.time_grid(N_STEPS), theta(*THETA0), 1.0)
-        zero = lambda q, x: 0.0 * x[:, 0]
+        zero = lambda q, x, key: 0.0 * x[:, 0]
         gradient = jax.jit(lambda key: adjoint.discrete_adjoint(
             kl, theta(*THETA), draw(p, theta(*THETA), key, N_STEPS), key, zero).params)
         grads = [gradient(jax.random.key(i)) for i in range(20)]

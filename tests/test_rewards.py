@@ -20,9 +20,10 @@ from idiff_cli import classifiers, registry
 from idiff_cli.data.embedded import mnist_digits
 from idiff_cli.errors import UserError
 from idiff_cli.images import from_uint8
-from idiff_cli.implicit.rewards import check_reward
+from idiff_cli.implicit.rewards import Prompts, check_reward, takes_prompts
 
-CHOICES = "valid choices: brightness, compressibility, digit:N, incompressibility, red, or package.module:function"
+CHOICES = ("valid choices: aesthetic, brightness, clip-score, compressibility, digit:N, incompressibility, "
+           "jpeg-compressibility, jpeg-incompressibility, red, or package.module:function")
 
 
 def reward(name):
@@ -132,6 +133,42 @@ def test_jpeg_rewards_are_refused_by_methods_that_need_the_gradient():
         check_reward(r, "compressibility", (28, 28, 4), needs_gradient=False)
     with pytest.raises(ValueError, match="JVP"):
         jax.grad(lambda y: jnp.sum(r(y)))(jnp.zeros((2, 28, 28, 1)))
+
+
+# ---- prompt-aware rewards ----
+
+def test_a_reward_is_prompt_aware_by_its_second_parameter_or_its_declaration():
+    """reward(images, prompts) by a second positional parameter without a default or named `prompts`, or
+    `takes_prompts`; an optional second parameter of another name keeps a reward image-only."""
+    def scaled(x, scale=2.0):
+        return scale * jnp.mean(x, axis=(1, 2, 3))
+
+    class Declared:
+        takes_prompts = True
+
+        def __call__(self, *args):
+            return jnp.mean(args[0], axis=(1, 2, 3)) + args[1].ids
+
+    aware = [lambda x, p: x, lambda x, prompts=None: x, Declared()]
+    image_only = [reward("brightness"), reward("compressibility"), scaled]
+    assert [takes_prompts(r) for r in aware + image_only] == [True] * 3 + [False] * 3
+
+
+def test_check_reward_gives_a_prompt_aware_reward_its_prompts_and_refuses_an_unconditional_model():
+    texts = ("a cat", "a dog")
+    seen = []
+
+    def by_prompt(images, prompts):
+        seen.append((prompts.ids.shape, prompts.texts))
+        return jnp.mean(images, axis=(1, 2, 3)) * jnp.asarray([1.0, -1.0])[prompts.ids]
+
+    check_reward(by_prompt, "by_prompt", (8, 8, 3), texts=texts)
+    assert seen[0] == ((2,), texts)
+    with pytest.raises(UserError, match=r"^reward 'by_prompt' takes prompts \(reward\(images, prompts\)\); this "
+                                        r"model is unconditional: its images have no prompts or class labels$"):
+        check_reward(by_prompt, "by_prompt", (8, 8, 3))
+    ids = jnp.asarray([1, 0, 1])
+    assert jax.jit(by_prompt)(jnp.ones((3, 8, 8, 3)), Prompts(ids, texts)).tolist() == [-1.0, 1.0, -1.0]
 
 
 # ---- names ----

@@ -95,7 +95,7 @@ def test_walk_paths_is_the_walk_of_each_path():
         params = theta(0.8, 1.3)
         keys = jax.vmap(jax.random.key)(jnp.arange(3))
         states = jax.vmap(lambda k: adjoint.rollout(prob.paths.step, params, prob.paths.init(k), k, T))(keys)
-        start = jax.vmap(lambda x: adjoint.adjoint_start(prob.terminal, params, x)[1])(states[:, -1])
+        start = jax.vmap(lambda x, k: adjoint.adjoint_start(prob.terminal, params, x, k)[1])(states[:, -1], keys)
         first = jnp.zeros(3, jnp.int32)
         for batched in (False, True):
             walked = adjoint.walk_paths(prob.transition, params, states, keys, start, first, batched)

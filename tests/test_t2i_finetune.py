@@ -26,6 +26,7 @@ from idiff_cli.implicit.options import SCHEMA
 from idiff_cli.implicit.paths import sampler_paths
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sd_tiny" / "sd1"
+CLIP = pathlib.Path(__file__).parent / "fixtures" / "clip_tiny"  # a tiny CLIP and aesthetic head: --reward-weights
 METHODS = (("implicit", "full"), ("implicit", "pipelined"), ("nested", "full"), ("full-backprop", "full"),
            ("truncated-1", "full"), ("ddpo", "full"))
 SAME_GRADIENT = ("implicit-full", "implicit-pipelined", "nested-full", "full-backprop-full")
@@ -56,7 +57,7 @@ def model():
 
 
 def run_config(model, **options):
-    values = dict(T=2, M=2, batch=2, reward="brightness", **{"beta": 0.1, **options})
+    values = dict(T=2, M=2, batch=2, **{"reward": "brightness", "beta": 0.1, **options})
     return finetune.complete(SCHEMA.resolve(values), pathlib.Path("micro"), model)
 
 
@@ -64,21 +65,23 @@ def first_gradient(model, cfg):
     """Γ of the first outer step at θ = θ0 (the warm-up and one estimate in one program), as a flat vector."""
     parts = finetune.build(cfg, model, subject_lib.subject_of(cfg, model))
     finetune.check_against_model(cfg, model)
-    finetune.check_method(parts)
+    finetune.check_method(cfg, parts)
 
     @jax.jit
     def gradient(frozen, key):
         _, method = parts.bind(frozen)
-        theta = parts.subject.reference(frozen)
+        theta = parts.subject.reference(frozen["subject"])
         _, est = method.estimate(theta, method.init(theta, key), None)
         return jax.flatten_util.ravel_pytree(est.grad)[0], est.images
 
-    return gradient(parts.subject.frozen, jax.random.key(1))
+    return gradient(parts.frozen, jax.random.key(1))
 
 
 @pytest.mark.slow  # 13 compiled outer steps (1 min)
 def test_every_method_in_both_dtypes(model):
-    """One outer step of every method with LoRA adapters, float32 and bfloat16, at θ = θ0 and β = 0 (there
+    """One outer step of every method with LoRA adapters and the aesthetic reward (the tiny CLIP of
+    tests/fixtures/clip_tiny: its gradient passes through CLIP and the VAE decoder), float32 and bfloat16,
+    at θ = θ0 and β = 0 (there
     the KL's gradient vanishes exactly, and what a float32 program leaves of it is rounding divided by the
     last step's small variance; the KL's gradient through LoRA is checked in float64 below). The exact
     methods (implicit with the full or pipelined adjoint, nested, full-backprop) take the same path (slot
@@ -92,7 +95,8 @@ def test_every_method_in_both_dtypes(model):
     grads = {}
     for dtype in ("float32", "bfloat16"):
         for method, kind in METHODS:
-            cfg = run_config(model, method=method, adjoint=kind, dtype=dtype, lora_rank=2, beta=0.0)
+            cfg = run_config(model, method=method, adjoint=kind, dtype=dtype, lora_rank=2, beta=0.0,
+                             reward="aesthetic", reward_weights=str(CLIP))
             g, images = first_gradient(model, cfg)
             assert images.dtype == jnp.float32 and images.shape == (2, 8, 8, 3)
             assert np.all(np.isfinite(g)) and np.linalg.norm(g) > 0, (method, kind, dtype)
@@ -101,7 +105,7 @@ def test_every_method_in_both_dtypes(model):
     for name in SAME_GRADIENT:
         np.testing.assert_allclose(grads[name, "float32"], reference, rtol=1e-4, atol=1e-6 * np.abs(reference).max())
     remat, _ = first_gradient(model, run_config(model, method="nested", dtype="float32", lora_rank=2, beta=0.0,
-                                                remat=True))
+                                                remat=True, reward="aesthetic", reward_weights=str(CLIP)))
     np.testing.assert_allclose(remat, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
     for method, kind in METHODS:
         f32, bf16 = grads[f"{method}-{kind}", "float32"], grads[f"{method}-{kind}", "bfloat16"]
@@ -195,7 +199,7 @@ def test_lora_adjoint_gradient_matches_unrolled_and_finite_differences():
                 return (x_next, total + jnp.mean(cost)), None
 
             (x, total), _ = jax.lax.scan(body, (x0, 0.0), jnp.arange(4))
-            return jnp.mean(problem.terminal(params, x)) + total
+            return jnp.mean(problem.terminal(params, x, key)) + total
 
         vector, unravel = jax.flatten_util.ravel_pytree(theta)
         direction = jax.random.normal(jax.random.key(4), vector.shape, vector.dtype)
@@ -203,6 +207,48 @@ def test_lora_adjoint_gradient_matches_unrolled_and_finite_differences():
         fd = (objective(unravel(vector + eps * direction)) - objective(unravel(vector - eps * direction))) / (2 * eps)
         np.testing.assert_allclose(float(flat(exact.params) @ direction), float(fd), rtol=1e-6)
         assert np.linalg.norm(flat(exact.params)) > 0
+
+
+def test_a_prompt_aware_reward_sees_each_paths_own_prompts():
+    """float64, a toy of prompts drawn per slot: score sθ(x, t, c) = −x + θ·u_c for 3 prompts, the slot's
+    prompts c ~ its key, and a prompt-aware reward R(x, prompts) = Σ_d x_d w_{c}. `nested`'s gradient
+    (the discrete adjoint from the terminal cost the run builds) equals jax.grad of the objective written
+    out with the prompts fixed to those of the slot (rtol 1e-9: one exact gradient by two routes), and
+    differs from it when the reward reads the rows' prompts permuted (it must see each image's own prompt)."""
+    with enable_x64(True):
+        u = jnp.array([[1.0, -0.5], [-0.7, 0.9], [0.2, 1.4]])
+        w = jnp.array([[2.0, 0.5], [-1.0, 1.5], [0.3, -2.0]])
+        texts = ("a cat", "a dog", "a cow")
+
+        def score(params, x, t, labels):
+            return -x + params["theta"] * u[labels]
+
+        def draw(slot_key):
+            return jax.random.randint(jax.random.fold_in(slot_key, 7), (5,), 0, 3)
+
+        def reward(images, prompts):
+            assert prompts.texts == texts
+            return jnp.sum(images * w[prompts.ids], axis=1)
+
+        sde = OrnsteinUhlenbeck()
+        sampler = Sampler(sde, 4, euler_maruyama_step, denoise_final=False)
+        paths = sampler_paths(sampler, score, (5, 2), draw, 3)
+        problem = finetune.bind_problem(paths, sde, sampler.grid, reward, False, texts=texts)(None, 1.5, 0.0)
+        method = finetune.methods.make_method("nested", problem, 4, 1, "full", None)
+        theta = {"theta": jnp.asarray(0.8)}
+        _, est = method.estimate(theta, method.init(theta, jax.random.key(3)), None)
+
+        def objective(params, ids, rewarded_as):
+            fixed = sampler_paths(sampler, score, (5, 2), ids, 3)
+            x = adjoint.rollout(fixed.step, params, fixed.init(est.key), est.key, 4)[-1]
+            return -1.5 * jnp.mean(jnp.sum(x * w[rewarded_as], axis=1))
+
+        ids = draw(est.key)
+        assert len(set(np.asarray(ids).tolist())) > 1  # the batch mixes prompts
+        own = jax.grad(objective)(theta, ids, ids)["theta"]
+        np.testing.assert_allclose(est.grad["theta"], own, rtol=1e-9)
+        permuted = jax.grad(objective)(theta, ids, jnp.roll(ids, 1))["theta"]
+        assert abs(float(permuted - own)) > 1e-3 * abs(float(own))
 
 
 def test_bad_lora_options_are_one_line(model, tmp_path):

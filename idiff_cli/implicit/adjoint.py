@@ -4,9 +4,10 @@ Denoising diffusions"; paper §3.2, §5.2).
 A sampler is seen through one bound step, `step(params, x, k, key) -> x_{k+1}`: step k of the time grid,
 its noise regenerated from `key` (so adjoints never store noise). The objective of one batch is
 
-    J(θ) = mean_b [ terminal(θ, x_n^b) + Σ_{k<n} running(θ, x_k^b, k) ],
+    J(θ) = mean_b [ terminal(θ, x_n^b, key) + Σ_{k<n} running(θ, x_k^b, k) ],
 
-e.g. terminal = −λ R(x) or −λ R(denoise_θ(x)) (reward) and running = β × the Girsanov KL increment
+e.g. terminal = −λ R(x) or −λ R(denoise_θ(x), prompts(key)) (reward; the key names the path's conditioning
+as it names its noise) and running = β × the Girsanov KL increment
 (girsanov.py). The gradients differentiate a *transition* (params, x_k, k, key) -> (x_{k+1},
 running cost of x_k [B]): `transition(step, running)` pairs any two functions, and
 girsanov.kl_transition computes both from one score evaluation, so one vjp per step covers both.
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 
 Step = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, x, k, key) -> x_next
 Running = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, x, k) -> [B] cost of state x_k
-Terminal = Callable[[Any, jax.Array], jax.Array]  # (params, x_n) -> [B] cost of the final state
+Terminal = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, x_n, key) -> [B] cost of the final state
 Transition = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]  # -> (x_next, [B])
 
 
@@ -65,9 +66,9 @@ def rollout(step: Step, params: Any, x0: jax.Array, key: jax.Array, n_steps: int
     return jnp.concatenate([x0[None], xs])
 
 
-def terminal_gradient(terminal: Terminal, params: Any, x_final: jax.Array):
-    """(mean_b terminal, its ∂/∂θ, A_0 = its ∂/∂x_n)."""
-    value, (g, a) = jax.value_and_grad(lambda p, x: jnp.mean(terminal(p, x)), argnums=(0, 1))(params, x_final)
+def terminal_gradient(terminal: Terminal, params: Any, x_final: jax.Array, key: jax.Array):
+    """(mean_b terminal, its ∂/∂θ, A_0 = its ∂/∂x_n) of the path named by `key`."""
+    value, (g, a) = jax.value_and_grad(lambda p, x: jnp.mean(terminal(p, x, key)), argnums=(0, 1))(params, x_final)
     return value, g, a
 
 
@@ -80,9 +81,10 @@ class AdjointState(NamedTuple):
     running: jax.Array
 
 
-def adjoint_start(terminal: Terminal, params: Any, x_final: jax.Array) -> tuple[jax.Array, AdjointState]:
-    """(mean_b terminal(θ, x_n), the adjoint at x_n: a = ∂/∂x_n, g = ∂/∂θ of the terminal cost)."""
-    value, g, a = terminal_gradient(terminal, params, x_final)
+def adjoint_start(terminal: Terminal, params: Any, x_final: jax.Array,
+                  key: jax.Array) -> tuple[jax.Array, AdjointState]:
+    """(mean_b terminal(θ, x_n, key), the adjoint at x_n: a = ∂/∂x_n, g = ∂/∂θ of the terminal cost)."""
+    value, g, a = terminal_gradient(terminal, params, x_final, key)
     return value, AdjointState(a, g, jnp.zeros((), a.dtype))
 
 
@@ -128,12 +130,12 @@ def discrete_adjoint(transition: Transition, params: Any, states: jax.Array, key
       transition: (params, x_k, k, key) -> (x_{k+1}, running cost [B]); the batch mean of the running
         cost enters J for first <= k < first + n.
       states: [n + 1, B, ...] the stored x_first .. x_{first+n}.
-      terminal: the cost of the final state states[-1].
+      terminal: the cost of the final state states[-1], given the path's key.
       first: global index of states[0] on the time grid (truncated backprop starts the window late).
       walk: `walk_paths`, or one with its signature (per_device.walk_per_device), given this one path.
     Cost: n vjps of one transition; memory: the states and one step's activations.
     """
-    value, adj = adjoint_start(terminal, params, states[-1])
+    value, adj = adjoint_start(terminal, params, states[-1], key)
     one = lambda x: x[None]  # noqa: E731
     adj = walk(transition, params, one(states), one(key), jax.tree.map(one, adj), one(jnp.asarray(first)))
     adj = jax.tree.map(lambda x: x[0], adj)
@@ -156,7 +158,7 @@ def continuous_adjoint(step: Step, params: Any, x_final: jax.Array, key: jax.Arr
         g_step, a_step = vjp(a)
         return (z - delta, a + a_step, jax.tree.map(jnp.add, g, g_step)), None
 
-    value, g_final, a_final = terminal_gradient(terminal, params, x_final)
+    value, g_final, a_final = terminal_gradient(terminal, params, x_final, key)
     (z, a, g), _ = jax.lax.scan(body, (x_final, a_final, g_final), jnp.arange(n_steps), reverse=True)
     return Gradient(g, a, value, jnp.zeros((), a.dtype))
 
@@ -175,7 +177,7 @@ def unrolled_gradient(transition: Transition, params: Any, x0: jax.Array, key: j
             return (x_next, cost + jnp.mean(step_cost)), x_next
 
         (x, cost), xs = jax.lax.scan(body, (x0, jnp.zeros((), x0.dtype)), jnp.arange(n_steps))
-        return jnp.mean(terminal(p, x)) + cost, jnp.concatenate([x0[None], xs])
+        return jnp.mean(terminal(p, x, key)) + cost, jnp.concatenate([x0[None], xs])
 
     grad, states = jax.grad(objective, has_aux=True)(params)
     return (grad, states) if with_states else grad

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idiff_cli import loop, registry, sharding
+from idiff_cli import loop, sharding
 from idiff_cli.checkpoint import Checkpointer, restore_template
 from idiff_cli.diffusion import ddpm
 from idiff_cli.diffusion.model import ImportedModel, Model, TextToImageModel, finetuned_weights, load, write_finetuned
@@ -41,7 +41,7 @@ from idiff_cli.implicit.options import SCHEMA, STOCHASTIC_SAMPLERS, TEXT_OPTIONS
 from idiff_cli.implicit.paths import SamplerPaths, sampler_paths
 from idiff_cli.implicit.subject import Subject, pixel, subject_of
 from idiff_cli.implicit.ppo import PPO
-from idiff_cli.implicit.rewards import check_reward
+from idiff_cli.implicit.rewards import Prompts, carried, check_reward, prompted, resolve
 from idiff_cli.runs import RunDir, atomic_path, default_run_dir
 from idiff_cli.sharding import initialize_distributed_from_env, use_compilation_cache
 
@@ -81,14 +81,16 @@ def check_text_options(cfg: Any, model: Model) -> None:
                         "label-conditioned pixel model")
 
 
+STOCHASTIC = ", ".join(STOCHASTIC_SAMPLERS) + ", or ddim with --ddim-eta > 0"
+
+
 def check_against_model(cfg: Any, model: Model) -> None:
     """The checks of a completed config that need the pretrained `model` (the schema has checked the
     rest; `check_method` those that need the run's parts): UserError (one line) when a text-to-image
     option meets a pixel model or the periodic FID a text-to-image one, the continuous adjoint meets a
     discrete chain or another sampler than the probability flow, the sampler does not apply to the
     model, a deterministic sampler (Sampler.stochastic) is asked for the Girsanov KL (β > 0) or ddpo's
-    policy, the periodic FID for non-square images or label_kept for other than 28×28 digits, or the
-    reward does not fit the model's images (or lacks the ∇R the method needs)."""
+    policy, or the periodic FID for non-square images or label_kept for other than 28×28 digits."""
     check_text_options(cfg, model)
     if cfg.adjoint == "continuous":
         if not model.continuous_time:
@@ -104,9 +106,9 @@ def check_against_model(cfg: Any, model: Model) -> None:
     sampler = run_sampler(cfg, model)
     if not sampler.stochastic and cfg.beta:
         raise UserError(f"--sampler {cfg.sampler} is deterministic: the Girsanov KL needs noise; "
-                        f"use --beta 0 or a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)})")
+                        f"use --beta 0 or a stochastic sampler ({STOCHASTIC})")
     if not sampler.stochastic and cfg.method == "ddpo":
-        raise UserError(f"--method ddpo needs a stochastic sampler ({', '.join(STOCHASTIC_SAMPLERS)}): --sampler "
+        raise UserError(f"--method ddpo needs a stochastic sampler ({STOCHASTIC}): --sampler "
                         f"{cfg.sampler} is deterministic, its steps have no transition probabilities")
     height, width = model.image_shape[:2]
     if cfg.fid_every and height != width:
@@ -114,14 +116,16 @@ def check_against_model(cfg: Any, model: Model) -> None:
                         f"{height}×{width} images (use --fid-every 0)")
     if cfg.label_every and (height, width) != (28, 28):
         raise UserError(f"--label-every: label_kept reads 28×28 digits, this model makes {height}×{width} images")
-    check_reward(registry.get("image-reward", cfg.reward), cfg.reward, model.image_shape,
-                 needs_gradient=cfg.method != "ddpo", method=cfg.method)
 
 
-def check_method(parts: "Parts") -> None:
-    """UserError when the method does not build on the run's problem: an adjoint it does not take,
-    truncated-K's K > T, a plug-in builder's error."""
-    parts.bind(parts.subject.frozen)
+def check_method(cfg: Any, parts: "Parts") -> None:
+    """UserError when the reward does not fit the subject's images or prompts (or lacks the ∇R the method
+    needs), or the method does not build on the run's problem: an adjoint it does not take, truncated-K's
+    K > T, a plug-in builder's error."""
+    subject = parts.subject
+    check_reward(resolve(cfg.reward, cfg.reward_weights), cfg.reward, subject.image_shape,
+                 needs_gradient=cfg.method != "ddpo", method=cfg.method, texts=subject.texts)
+    parts.bind(parts.frozen)
 
 
 class FinetuneState(NamedTuple):
@@ -133,9 +137,9 @@ class FinetuneState(NamedTuple):
 
 
 def run_sampler(cfg: Any, model: Model) -> Any:
-    """The model's sampler of the run (--sampler, --T), its step into x_0 drawing noise with
+    """The model's sampler of the run (--sampler, --T, --ddim-eta), its step into x_0 drawing noise with
     --final-step noisy (ddpm.noisy_last_moments)."""
-    sampler = model.sampler(cfg.T, cfg.sampler)
+    sampler = model.sampler(cfg.T, cfg.sampler, cfg.ddim_eta)
     return ddpm.with_noisy_last_step(sampler) if cfg.final_step == "noisy" else sampler
 
 
@@ -161,22 +165,29 @@ def run_paths(sampler: Any, score: Callable, shape: tuple[int, ...], labels: Any
 
 
 def bind_problem(paths: SamplerPaths, sde: Any, grid: jax.Array, reward: Callable, with_kl: bool,
-                 mesh: Any = None) -> Callable[[Any, Any, Any], methods.Problem]:
-    """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n))] + β KL(P_θ ‖ P_θ0): terminal cost
-    −λ R(paths.denoise(θ, x_n)), running cost β × the Girsanov increment of each transition (with_kl), or
-    none, and for a stochastic sampler the policy of its Gaussian transitions (ddpo); with the `mesh` of
-    a BatchSharded model, the queue advances and the adjoint walks back per device (per_device.py). λ
-    and β may be traced; `with_kl` is static (it changes the program and its cost)."""
+                 mesh: Any = None, texts: tuple[str, ...] = ()) -> Callable[[Any, Any, Any], methods.Problem]:
+    """(θ0, λ, β) -> the Problem of F(θ) = −λ E[R(denoise_θ(x_n), c)] + β KL(P_θ ‖ P_θ0): terminal cost
+    −λ R(paths.denoise(θ, x_n), prompts of the slot) (the prompts, rows of `texts` named by the slot's
+    labels, reach a prompt-aware reward: rewards.takes_prompts), running cost β × the Girsanov increment
+    of each transition (with_kl), or none, and for a stochastic sampler the policy of its Gaussian
+    transitions (ddpo); with the `mesh` of a BatchSharded model, the queue advances and the adjoint walks
+    back per device (per_device.py). λ and β may be traced; `with_kl` is static (it changes the program
+    and its cost)."""
     on_mesh = ({} if mesh is None else
                dict(walk=per_device.walk_per_device(mesh), advance=per_device.advance_per_device(mesh)))
+    scored = prompted(reward)
+
+    def prompts(slot_key):
+        ids = paths.labels(slot_key)
+        return None if ids is None else Prompts(ids, texts)
 
     def bind(params0, lam, beta):
-        terminal = lambda params, x: -lam * reward(paths.denoise(params, x))  # noqa: E731
+        terminal = lambda params, x, slot_key: -lam * scored(paths.denoise(params, x), prompts(slot_key))  # noqa: E731
         transition = (girsanov.kl_transition(paths, sde, grid, params0, beta) if with_kl
                       else adjoint.transition(paths.step))
         policy = (ddpo.gaussian_policy(paths.step_fn, paths.score, sde, grid, params0, lam, beta, with_kl)
                   if paths.stochastic else None)
-        return methods.Problem(paths, terminal, transition, reward, with_kl, policy, **on_mesh)
+        return methods.Problem(paths, terminal, transition, scored, with_kl, policy, prompts, **on_mesh)
 
     return bind
 
@@ -185,43 +196,50 @@ class Parts(NamedTuple):
     """A run's pieces: bind(frozen, lam, beta, evaluation=False) -> (problem, method), called inside
     each jitted program with the frozen weights as an argument (evaluation: the fixed-key grids'
     labels); the optimiser; kl_estimator(keys) -> jit (θ, frozen) -> (mean, se) of the KL, or None when
-    the sampler is deterministic (no Girsanov KL); the subject (what θ is)."""
+    the sampler is deterministic (no Girsanov KL); the subject (what θ is); frozen, the argument every
+    program takes: {"subject": subject.frozen, "reward": the reward's weights (a rewards.carried reward
+    itself, else None)}."""
 
     bind: Callable
     optimizer: Any
     kl_estimator: Callable
     subject: Subject
+    frozen: Any
 
 
 def build(cfg: Any, model: Model, subject: Subject | None = None) -> Parts:
     """The Parts of a run on the pretrained `model` (a config completed for it); `subject` what θ is
     (default: all the weights of a pixel model, frozen = θ0 = its weights).
 
-    θ0 and the frozen weights enter through `bind`'s argument: neither the weights nor λ and β are baked
-    into the compiled programs as constants."""
+    θ0, the frozen weights and a reward's weights enter through `bind`'s argument: neither the weights nor
+    λ and β are baked into the compiled programs as constants."""
     subject = subject or pixel(model, cfg.batch)
-    reward = registry.get("image-reward", cfg.reward)
+    reward = resolve(cfg.reward, cfg.reward_weights)
+    carry_reward = carried(reward)
     sampler = run_sampler(cfg, model)
     mesh = model.mesh if isinstance(model, per_device.BatchSharded) else None
     ppo = (PPO(cfg.advantage, cfg.clip_range, cfg.inner_epochs, cfg.train_batch, cfg.adv_clip)
            if cfg.method == "ddpo" else None)
 
     def paths_of(frozen, evaluation=False):
-        decode = subject.decode(frozen) if subject.decode else None
-        return run_paths(sampler, subject.score(frozen), subject.shape, subject.labels(frozen, evaluation),
+        weights = frozen["subject"]
+        decode = subject.decode(weights) if subject.decode else None
+        return run_paths(sampler, subject.score(weights), subject.shape, subject.labels(weights, evaluation),
                          cfg.final_step, cfg.clip, decode, 0 if evaluation else subject.n_labels)
 
     def bind(frozen, lam=cfg.lam, beta=cfg.beta, evaluation=False):
-        objective = bind_problem(paths_of(frozen, evaluation), model.sde, sampler.grid, reward, bool(cfg.beta), mesh)
-        problem = objective(subject.reference(frozen), lam, beta)
+        objective = bind_problem(paths_of(frozen, evaluation), model.sde, sampler.grid,
+                                 frozen["reward"] if carry_reward else reward, bool(cfg.beta), mesh, subject.texts)
+        problem = objective(subject.reference(frozen["subject"]), lam, beta)
         return problem, methods.make_method(cfg.method, problem, cfg.T, cfg.M, cfg.adjoint, ppo)
 
     def kl_estimator(keys):
         if not sampler.stochastic:
             return None
-        return make_kl_estimator(sampler, paths_of, keys, subject.reference)
+        return make_kl_estimator(sampler, paths_of, keys, lambda frozen: subject.reference(frozen["subject"]))
 
-    return Parts(bind, optimizer_of(cfg), kl_estimator, subject)
+    frozen = {"subject": subject.frozen, "reward": reward if carry_reward else None}
+    return Parts(bind, optimizer_of(cfg), kl_estimator, subject, frozen)
 
 
 def optimizer_of(cfg: Any) -> optax.GradientTransformation:
@@ -246,7 +264,7 @@ def make_outer_step(bind, optimizer, frozen, coef: tuple[float, float], mesh=Non
             carry, est = method.estimate(state.params, state.carry, None)
             updates, opt_state = optimizer.update(est.grad, state.opt_state, state.params)
             params, extra = optax.apply_updates(state.params, updates), {}
-        r = problem.reward(est.images)
+        r = problem.reward(est.images, problem.prompts(est.key))
         metrics = {"reward_mean": jnp.mean(r), "reward_std": jnp.std(r), "grad_norm": optax.tree.norm(est.grad),
                    **extra}
         return state._replace(params=params, opt_state=opt_state, carry=carry, step=state.step + 1), metrics
@@ -274,19 +292,24 @@ def make_kl_estimator(sampler: Any, paths_of: Callable, keys: jax.Array, referen
     return jax.jit(estimate)
 
 
-def make_grid_sampler(problem_of: Callable, grid_n: int, batch: int, key: jax.Array, mesh=None):
+def make_grid_sampler(problem_of: Callable, grid_n: int, batch: int, key: jax.Array, mesh=None,
+                      rewarded: bool = False):
     """jit: (θ, frozen) -> [grid_n, H, W, C] images of the paths of problem_of(frozen) from fixed noise
-    keys (the same for every θ; replicated over `mesh`)."""
+    keys (the same for every θ; replicated over `mesh`); with `rewarded`, (images, their rewards [grid_n]
+    under the problem's prompts)."""
     keys = jax.random.split(key, -(-grid_n // batch))
 
     def sample(params, frozen):
-        p = problem_of(frozen).paths
+        problem = problem_of(frozen)
+        p = problem.paths
 
         def one(k):
-            return p.denoise(params, adjoint.rollout(p.step, params, p.init(k), k, p.n_steps)[-1])
+            images = p.denoise(params, adjoint.rollout(p.step, params, p.init(k), k, p.n_steps)[-1])
+            return images, (problem.reward(images, problem.prompts(k)) if rewarded else None)
 
-        images = jax.lax.map(one, keys)
-        return images.reshape(-1, *images.shape[2:])[:grid_n]
+        images, rewards = jax.lax.map(one, keys)
+        images = images.reshape(-1, *images.shape[2:])[:grid_n]
+        return (images, rewards.reshape(-1)[:grid_n]) if rewarded else images
 
     return jax.jit(sample, out_shardings=None if mesh is None else sharding.replicated(mesh))
 
@@ -308,8 +331,9 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
     bind, optimizer, subject = parts.bind, parts.optimizer, parts.subject
     root = jax.random.key(cfg.seed)
     replicated = sharding.replicated(mesh)
-    frozen = sharding.put(subject.frozen, jax.tree.map(lambda _: replicated, subject.frozen))
-    problem, method = bind(frozen)  # static facts: the reward, the method's cost
+    frozen = sharding.put(parts.frozen, jax.tree.map(lambda _: replicated, parts.frozen))
+    theta0 = lambda frozen: subject.reference(frozen["subject"])  # noqa: E731
+    method = bind(frozen)[1]  # static facts: the method's cost
     # the logged KL: --kl-n fresh paths under θ from fixed keys; deterministic paths have no Girsanov KL
     kl_of = parts.kl_estimator(jax.random.split(jax.random.fold_in(root, KL_KEY), cfg.kl_n // cfg.batch))
     kl_images = girsanov.fresh_path_kl_passes(cfg.T, cfg.kl_n) if kl_of else 0
@@ -319,7 +343,7 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
     @jax.jit
     def fresh(frozen, key) -> FinetuneState:
         """The warm-up on the mesh from θ at step 0; kl_net_evals counts the KL evaluation of step 0's row."""
-        return start_state(bind(frozen)[1], optimizer, subject.reference(frozen), key, kl_images)
+        return start_state(bind(frozen)[1], optimizer, theta0(frozen), key, kl_images)
 
     shardings = per_device.state_shardings(jax.eval_shape(fresh, frozen, method_key), mesh, subject.shape)
 
@@ -331,7 +355,7 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
 
     outer_step = make_outer_step(bind, optimizer, frozen, (cfg.lam, cfg.beta), mesh, shardings)
     evaluation = lambda frozen: bind(frozen, evaluation=True)[0]  # noqa: E731
-    grid = make_grid_sampler(evaluation, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY), mesh)
+    grid = make_grid_sampler(evaluation, cfg.grid_n, cfg.batch, jax.random.fold_in(root, GRID_KEY), mesh, rewarded=True)
 
     def kl_row(state: FinetuneState) -> dict:
         """kl, kl_se of the current θ and the cumulative kl_net_evals (state's count, this evaluation in)."""
@@ -342,14 +366,14 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
 
     def evaluate(state: FinetuneState, step: int) -> dict:
         """The fixed-key grid of θ (PNG, and the first images as uint8 for the evolution strip) and its reward."""
-        images = np.asarray(grid(state.params, frozen))
+        images, rewards = jax.device_get(grid(state.params, frozen))
         path = run_dir.path / "samples" / f"step_{step:06d}.png"
         if not is_main:
             return {}
         save_grid(images, path)
         with atomic_path(path.with_suffix(".npy")) as tmp:
             np.save(tmp, to_uint8(images[:EVOLUTION_IMAGES]))
-        return {"eval_reward": float(np.mean(np.asarray(problem.reward(jnp.asarray(images))))),
+        return {"eval_reward": float(np.mean(rewards)),
                 "samples": loop.Image(path)}
 
     def periodic_fid() -> Callable[[FinetuneState, int], dict]:
@@ -362,7 +386,7 @@ def finetune_unit(cfg: Any, model: Model, parts: Parts, run_dir: RunDir, weights
     fid_of = periodic_fid() if cfg.fid_every else None
     label_sampler = (make_grid_sampler(evaluation, cfg.label_n, cfg.batch, jax.random.fold_in(root, LABEL_KEY), mesh)
                      if cfg.label_every else None)
-    label_hook = (labels.label_kept_hook(lambda params: label_sampler(params, frozen), subject.reference(frozen),
+    label_hook = (labels.label_kept_hook(lambda params: label_sampler(params, frozen), theta0(frozen),
                                          cfg.label_every, run_dir.path) if cfg.label_every else None)
     hooks = ([loop.Hook(cfg.sample_every, evaluate)] + ([loop.Hook(cfg.fid_every, fid_of, at_end=False)] if fid_of else [])
              + ([label_hook] if label_hook else []))
@@ -432,7 +456,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     n, note = sharding.device_count(cfg.batch, cfg.devices, len(jax.local_devices()), jax.process_count())
     mesh = sharding.mesh_of(n)
     parts = build(cfg, per_device.BatchSharded(model, mesh), subject_of(cfg, model, mesh))
-    check_method(parts)
+    check_method(cfg, parts)
     is_main = jax.process_index() == 0
     run_dir = RunDir(out or default_run_dir("finetune"))
     run = loop.Run(SCHEMA, cfg, run_dir, cfg.ckpt_every, keep=2, is_main=is_main)

@@ -59,10 +59,11 @@ class Problem:
     """The bound pieces of F(θ) = −λ E R(denoise_θ(x_n)) + β KL(P_θ ‖ P_θ0) for one run, the KL being
     that of the sampler's paths x_0..x_n (girsanov.py; denoise_θ is outside it).
 
-    terminal(θ, x_n) = −λ R(denoise_θ(x_n)) [B]; transition(θ, x_k, k, key) = (x_{k+1}, β × Girsanov KL
-    increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0); reward(images) [B]; policy: the
-    sampler's Gaussian transitions, λ and β × their KLs as `ddpo` reads them (None for a deterministic
-    sampler); walk and advance: how the discrete adjoint walks back and the queue advances
+    terminal(θ, x_n, slot_key) = −λ R(denoise_θ(x_n), prompts(slot_key)) [B]; transition(θ, x_k, k, key) =
+    (x_{k+1}, β × Girsanov KL increment [B]) (adjoint.Transition; with_kl False: zeros, β = 0);
+    reward(images, prompts) [B]; prompts(slot_key): the slot's rewards.Prompts (None for an unconditional
+    model); policy: the sampler's Gaussian transitions, λ and β × their KLs as `ddpo` reads them (None for
+    a deterministic sampler); walk and advance: how the discrete adjoint walks back and the queue advances
     (adjoint.walk_paths and queue.queue_advance, or ones with their signatures: per device on a mesh)."""
 
     paths: SamplerPaths
@@ -71,16 +72,18 @@ class Problem:
     reward: Callable
     with_kl: bool
     policy: Optional[ddpo_lib.Policy] = None
+    prompts: Callable = lambda slot_key: None
     walk: Callable = adjoint.walk_paths
     advance: Callable = queue_lib.queue_advance
 
 
 class Estimate(NamedTuple):
-    """One outer step's gradient and the completed batch it came from (states [T + 1, B, ...])."""
+    """One outer step's gradient and the completed batch it came from (states [T + 1, B, ...], its slot key)."""
 
     grad: Any
     states: jax.Array
     images: jax.Array  # [B, H, W, C] the denoised samples the reward is computed on
+    key: jax.Array  # the batch's slot key: its noise and its prompts (Problem.prompts)
 
 
 class Cost(NamedTuple):
@@ -172,7 +175,7 @@ def implicit(problem: Problem, T: int, M: int, kind: str = "full") -> Method:
         queue, done = problem.advance(p.step, params, queue, M, T)
         grad = path_gradient(params, done.states, done.key)
         queue = queue_lib.queue_push(queue, root, p.init)
-        return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states))
+        return (queue, root), Estimate(grad.params, done.states, _images(problem, params, done.states), done.key)
 
     warmup = L * M * (M - 1) // 2  # slot m pre-advanced m·L steps under θ0, one slot after the other
     name = "implicit" if kind == "full" else f"implicit-{kind}"
@@ -200,7 +203,7 @@ def implicit_pipelined(problem: Problem, T: int, M: int) -> Method:
         aq, finished = pipeline.backward_wave(problem.transition, params, aq, problem.terminal, M, T, walk=problem.walk)
         aq = aq._replace(pending_states=done.states, pending_key=done.key)
         queue = queue_lib.queue_push(queue, root, p.init)
-        return (queue, aq, root), Estimate(finished.g, done.states, _images(problem, params, done.states))
+        return (queue, aq, root), Estimate(finished.g, done.states, _images(problem, params, done.states), done.key)
 
     # the same work as one full adjoint; critical path: the forward wave's L steps, then the backward
     # wave's L vjps (the terminal vjp of the pending path and the images beside them)
@@ -234,7 +237,7 @@ def nested(problem: Problem, T: int, K: Optional[int] = None, kind: str = "full"
     def estimate(params, carry, key):
         carry, slot, states = _fresh_paths(problem, params, carry, T)
         grad = path_gradient(params, states[T - K:], slot, T - K)
-        return carry, Estimate(grad.params, states, _images(problem, params, states))
+        return carry, Estimate(grad.params, states, _images(problem, params, states), slot)
 
     name = ("nested" if K == T else f"truncated-{K}") + ("" if kind == "full" else f"-{kind}")
     cost = _step_cost(problem, T, K, T + _denoiser_passes(problem) + K)
@@ -250,7 +253,7 @@ def full_backprop(problem: Problem, T: int) -> Method:
         slot = queue_lib.slot_key(root, started)
         grad, states = adjoint.unrolled_gradient(problem.transition, params, p.init(slot), slot, T,
                                                  problem.terminal, with_states=True)
-        return (started + 1, root), Estimate(grad, states, _images(problem, params, states))
+        return (started + 1, root), Estimate(grad, states, _images(problem, params, states), slot)
 
     # grad of the unrolled scan: its forward (T transitions), then the terminal vjp and per step a vjp
     # of the rematerialised transition (its recompute is the vjp's forward half)
@@ -295,15 +298,16 @@ def ddpo(problem: Problem, T: int, ppo: PPO = PPO()) -> Method:
         states = adjoint.rollout(p.step, params, p.init(slot), slot, T)
         images = _images(problem, params, states)
         labels = p.labels(slot)
-        advantages, tracker = ddpo_lib.advantages(problem.reward(images), ppo.advantage, policy.lam, ppo.adv_clip,
-                                                  labels, tracker if tracked else None)
+        rewards = problem.reward(images, problem.prompts(slot))
+        advantages, tracker = ddpo_lib.advantages(rewards, ppo.advantage, policy.lam, ppo.adv_clip, labels,
+                                                  tracker if tracked else None)
         batch = ddpo_lib.Batch(states, None, advantages.astype(states.dtype), labels)
         return (started + 1, root, tracker if tracked else ()), slot, batch, images
 
     def estimate(params, carry, key):
-        carry, _, batch, images = sample(params, carry)
+        carry, slot, batch, images = sample(params, carry)
         grad, _ = ddpo_lib.policy_gradient(policy, params, batch, ppo.clip_range)
-        return carry, Estimate(grad, batch.states, images)
+        return carry, Estimate(grad, batch.states, images, slot)
 
     def update(params, opt_state, carry, optimizer):
         carry, slot, batch, images = sample(params, carry)
@@ -325,7 +329,7 @@ def ddpo(problem: Problem, T: int, ppo: PPO = PPO()) -> Method:
         (params, opt_state, (grad, stats)), _ = jax.lax.scan(one, (params, opt_state, zeros),
                                                             (order, jnp.arange(n) == 0))
         grad = jax.tree.map(lambda g: g / n, grad)
-        return params, opt_state, carry, Estimate(grad, batch.states, images), {
+        return params, opt_state, carry, Estimate(grad, batch.states, images, slot), {
             name: v / n for name, v in stats._asdict().items()}
 
     d = _denoiser_passes(problem)

@@ -56,19 +56,25 @@ def _family(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> str
 
 def _derived(values: Mapping[str, Any], context: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The pretrained run (--from), its sampler (ddpm for an imported DDPM model, a discrete chain;
-    euler-maruyama for a continuous-time one) and what is trained: LoRA adapters on a text-to-image model
-    or when a LoRA option is given, else all the weights."""
+    euler-maruyama for a continuous-time one; for --method ddpo on a text-to-image model, DDPO's DDIM
+    with η = 1), ddim's η (1 for --method ddpo, else 0) and what is trained: LoRA adapters on a
+    text-to-image model or when a LoRA option is given, else all the weights."""
     if context is None:
         return None
     lora = context["text_to_image"] or any(values.get(name) is not None for name in LORA_OPTIONS)
-    return {"from_run": str(context["from_run"]), "sampler": "ddpm" if context["imported"] else "euler-maruyama",
-            "train": "lora" if lora else "all"}
+    ddpo = values.get("method") == "ddpo"
+    sampler = values.get("sampler") or ("ddim" if ddpo and context["text_to_image"] else
+                                        "ddpm" if context["imported"] else "euler-maruyama")
+    return {"from_run": str(context["from_run"]), "sampler": sampler,
+            "ddim_eta": 1.0 if ddpo and sampler == "ddim" else 0.0, "train": "lora" if lora else "all"}
 
 
 TABLE = cfglib.Table(family=_family, what="the pretrained model's dataset", rows=ROWS, derive=_derived,
                      derived_help={"from_run": "the most recent run under runs/ holding pretrained.json",
                                    "sampler": "euler-maruyama for idiff-pretrained models, ddpm for imported DDPM "
-                                              "models and pipelines",
+                                              "models and pipelines; ddim (η = 1) for --method ddpo on a "
+                                              "text-to-image model, as DDPO samples",
+                                   "ddim_eta": "1 for --method ddpo (DDPO's), else 0",
                                    "train": "lora on a text-to-image model or with a --lora* option, else all"})
 
 
@@ -111,6 +117,12 @@ def _lora_options(cfg: Any) -> None:
             raise UserError(f"{flags}: LoRA option(s); --train all trains every weight (use --train lora)")
 
 
+def _ddim_eta(cfg: Any) -> None:
+    """η is the ddim sampler's noise: no other sampler has one."""
+    if cfg.ddim_eta and cfg.sampler != "ddim":
+        raise UserError(f"--ddim-eta {cfg.ddim_eta:g} applies to --sampler ddim, not {cfg.sampler}")
+
+
 def _m_divides_t(cfg: Any) -> None:
     if cfg.T % cfg.M:
         raise UserError(f"--M ({cfg.M}) must divide --T ({cfg.T})")
@@ -133,8 +145,13 @@ SCHEMA = cfglib.Schema(
     (
         O("from_run", "path", None, "An `idiff pretrain` run directory.", flags=("--from",)),
         O("reward", str, "brightness", "Reward R(x) on images [B,H,W,C] in [-1,1]: brightness, red, digit:N "
-          "(log p(N | x) under the MNIST classifier), compressibility / incompressibility (∓ JPEG kB at quality "
-          "95; not differentiable: --method ddpo only), or package.module:function.", choices="image-reward"),
+          "(log p(N | x) under the MNIST classifier), jpeg-compressibility / jpeg-incompressibility (∓ JPEG kB at "
+          "quality 95; not differentiable: --method ddpo only; also named compressibility / incompressibility), "
+          "aesthetic (the LAION aesthetic predictor v2 on CLIP ViT-L/14; weights: --reward-weights), or "
+          "package.module:function, R(images) or R(images, prompts).", choices="image-reward"),
+        O("reward_weights", "path", None, "Directory of the weight files a reward reads (aesthetic: "
+          "openai/clip-vit-large-patch14's config.json and model.safetensors, and the LAION head "
+          "sac+logos+ava1-l14-linearMSE.pth).", rule="$IDIFF_CACHE_DIR/clip-vit-large-patch14"),
         O("lam", float, 10.0, "Reward weight λ in F = −λ E R + β KL; negative λ lowers the reward.",
           flags=("--lambda",)),
         O("beta", float, 0.1, "KL weight β. The penalty is the Girsanov KL between the sampler's path measures "
@@ -208,8 +225,12 @@ SCHEMA = cfglib.Schema(
         O("lr", float, 1e-4, "Adam learning rate.", positive=True),
         O("steps", int, 200, "Outer steps (θ updates; ddpo: sampling rounds of --inner-epochs × --batch / "
           "--train-batch updates each).", defining=False, positive=True),
-        O("sampler", str, None, "euler-maruyama or ddpm (stochastic), probability-flow or ddim (deterministic: "
-          "--beta 0 only). Imported DDPM models step with ddpm or ddim.", choices=SAMPLERS),
+        O("sampler", str, None, "euler-maruyama or ddpm (stochastic), probability-flow (deterministic: --beta 0 "
+          "only) or ddim (deterministic with --ddim-eta 0, stochastic with η > 0). Imported DDPM models step with "
+          "ddpm or ddim.", choices=SAMPLERS),
+        O("ddim_eta", float, None, "η of the ddim sampler: σ_η² = η² × the DDPM posterior variance (0: "
+          "deterministic; 1: DDPO's sampler, whose steps are Gaussian transitions with a Girsanov KL and "
+          "log-probabilities).", minimum=0),
         O("log_every", int, 10, "Outer steps per log line (the KL is logged on it).", defining=False,
           positive=True),
         O("kl_n", int, 64, "Fresh paths sampled under the current θ from fixed keys for the logged KL and its "
@@ -238,7 +259,7 @@ SCHEMA = cfglib.Schema(
         cfglib.CONFIG_OPTION,
     ),
     table=TABLE,
-    checks=(cfglib.check_tracking, _ddpo_options, _ddpo_batch, _ddpo_train_batch, _ddpo_adv_clip, _lora_options,
-            _m_divides_t, _kl_paths_in_batches,
+    checks=(cfglib.check_tracking, _ddpo_options, _ddpo_batch, _ddpo_train_batch, _ddpo_adv_clip, _ddim_eta,
+            _lora_options, _m_divides_t, _kl_paths_in_batches,
             cfglib.multiple_of(("steps", "sample_every", "ckpt_every", "fid_every", "label_every"))),
 )

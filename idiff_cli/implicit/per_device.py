@@ -50,10 +50,10 @@ class BatchSharded:
     def score(self, params, x, t, labels=None):
         return split_rows(self._model.score, self.mesh)(params, x, t, labels)
 
-    def sampler(self, n_steps: int | None = None, name: str | None = None) -> Sampler:
+    def sampler(self, n_steps: int | None = None, name: str | None = None, eta: float = 0.0) -> Sampler:
         """The model's sampler, a Gaussian step drawing each device's rows of the whole batch's noise
-        (the finetune's other samplers, probability-flow and ddim, draw none)."""
-        sampler = self._model.sampler(n_steps, name)
+        (the finetune's other samplers, probability-flow and ddim with η = 0, draw none)."""
+        sampler = self._model.sampler(n_steps, name, eta)
         if sampler.stochastic:
             return dataclasses.replace(sampler, step_fn=dataclasses.replace(sampler.step_fn, split_axis=AXIS))
         return sampler

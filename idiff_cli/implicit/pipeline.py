@@ -65,7 +65,7 @@ def backward_wave(transition: Transition, params: Any, aq: AdjointQueue, termina
     first = T - (jnp.arange(M) + 1) * L  # slot j walks back steps first_j .. first_j + L − 1
     windows = jax.vmap(lambda states, f: jax.lax.dynamic_slice_in_dim(states, f, L + 1, axis=0))(aq.states, first)
     walked = walk(transition, params, windows, aq.keys, aq.adj, first, batched)
-    _, start = adjoint_start(terminal, params, aq.pending_states[-1])
+    _, start = adjoint_start(terminal, params, aq.pending_states[-1], aq.pending_key)
 
     def shift(new, old):
         return jnp.concatenate([new[None], old[:-1]])
@@ -84,7 +84,7 @@ def adjoint_queue_init(step: Step, transition: Transition, params: Any, key: jax
     `lax.scan`, so the warm-up traces (and compiles) the wave once and runs inside a caller's jit."""
     keys = jax.vmap(lambda i: queue_lib.slot_key(key, i))(jnp.arange(M + 1))
     paths = jax.vmap(lambda k: rollout(step, params, init(k), k, T))(keys)  # [M + 1, T + 1, B, ...]
-    adj = jax.eval_shape(lambda x: adjoint_start(terminal, params, x)[1], paths[0, -1])  # shapes only: no pass
+    adj = jax.eval_shape(lambda x: adjoint_start(terminal, params, x, keys[0])[1], paths[0, -1])  # shapes only: no pass
     aq = AdjointQueue(jnp.zeros((M,) + paths.shape[1:], paths.dtype), jnp.stack([keys[0]] * M),
                       jax.tree.map(lambda x: jnp.zeros((M,) + x.shape, x.dtype), adj), paths[0], keys[0])
 

@@ -45,7 +45,9 @@ class Subject(NamedTuple):
     -> images(x) of the sampler's last state, or None (the state is the image); reference(frozen) -> θ0;
     shape: one batch of states [B, ...]; image_shape: an image the reward sees (H, W, C); lora: the
     adapters' spec, None when θ is all the weights; n_labels: the training labels lie in [0, n_labels)
-    (the class labels or the training prompts; 0: unconditional)."""
+    (the class labels or the training prompts; 0: unconditional); texts: what each label stands for, the
+    table a prompt-aware reward reads (rewards.Prompts: the training then evaluation prompts, or the
+    class indices "0", "1", …; empty: unconditional)."""
 
     theta0: Any
     frozen: Any
@@ -57,6 +59,7 @@ class Subject(NamedTuple):
     image_shape: tuple[int, int, int]
     lora: Optional[lora.LoRASpec] = None
     n_labels: int = 0
+    texts: tuple[str, ...] = ()
 
 
 def _weights(spec: Optional[lora.LoRASpec], frozen: Any, theta: Any) -> Any:
@@ -78,17 +81,18 @@ def pixel(model: Any, batch: int, adapters: Any = None, spec: Optional[lora.LoRA
         return lambda theta, x, t, y: model.score(_weights(spec, frozen, theta), x, t, y)
 
     return Subject(frozen if spec is None else adapters, frozen, score, lambda frozen, evaluation: labels, None,
-                   reference, (batch, *model.image_shape), model.image_shape, spec, model.num_classes or 0)
+                   reference, (batch, *model.image_shape), model.image_shape, spec, model.num_classes or 0,
+                   tuple(str(c) for c in range(model.num_classes or 0)))
 
 
-def text_to_image(t2i: Any, unet: Any, vae: Any, contexts: jax.Array, negatives: jax.Array, n_train: int,
-                  guidance: float, batch: int, split: Callable = lambda score: score, adapters: Any = None,
-                  spec: Optional[lora.LoRASpec] = None) -> Subject:
+def text_to_image(t2i: Any, unet: Any, vae: Any, texts: tuple[str, ...], contexts: jax.Array, negatives: jax.Array,
+                  n_train: int, guidance: float, batch: int, split: Callable = lambda score: score,
+                  adapters: Any = None, spec: Optional[lora.LoRASpec] = None) -> Subject:
     """A latent text-to-image model: `t2i` (text2image.TextToImage, in the run's dtype) with U-Net
-    weights `unet` (θ, or the LoRA base) and VAE weights `vae`; `contexts` and `negatives` [P, 77, D]
-    the CLIP embeddings of the prompts and of their negative prompts, rows < n_train the training
-    prompts, the rest the evaluation prompts (grid image b shows evaluation prompt b mod their number);
-    `guidance` g; `split` wraps the score for the device mesh (per_device.split_rows)."""
+    weights `unet` (θ, or the LoRA base) and VAE weights `vae`; `texts` [P] the prompts, `contexts` and
+    `negatives` [P, 77, D] the CLIP embeddings of the prompts and of their negative prompts, rows < n_train
+    the training prompts, the rest the evaluation prompts (grid image b shows evaluation prompt b mod
+    their number); `guidance` g; `split` wraps the score for the device mesh (per_device.split_rows)."""
     n_eval = contexts.shape[0] - n_train
     frozen = {"vae": vae, "contexts": contexts, "negatives": negatives,
               **({"theta0": unet} if spec is None else {"base": unet, "theta0": adapters})}
@@ -114,7 +118,7 @@ def text_to_image(t2i: Any, unet: Any, vae: Any, contexts: jax.Array, negatives:
         return lambda z: t2i.decode({"vae": frozen["vae"]}, z)
 
     return Subject(unet if spec is None else adapters, frozen, score, labels, decode, lambda frozen: frozen["theta0"],
-                   (batch, *t2i.latent_shape), t2i.image_shape, spec, n_train)
+                   (batch, *t2i.latent_shape), t2i.image_shape, spec, n_train, tuple(texts))
 
 
 # ---- a run's subject from its config ----
@@ -184,10 +188,12 @@ def subject_of(cfg: Any, model: Any, mesh: Any = None) -> Subject:
     contexts, negatives = prompt_table(t2i, params, train + evaluation,
                                        NEGATIVE if cfg.negative_prompt is None else cfg.negative_prompt)
     guidance = GUIDANCE if cfg.guidance is None else cfg.guidance
+    texts = tuple(prompt for prompt, _ in train + evaluation)
     split = (lambda score: score) if mesh is None else functools.partial(per_device.split_rows, mesh=mesh)
     if cfg.train == "all":
         unet = jax.tree.map(lambda p: p.astype(jnp.float32), model.params["unet"])  # float32 θ; compute in dtype
-        return text_to_image(t2i, unet, params["vae"], contexts, negatives, len(train), guidance, cfg.batch, split)
+        return text_to_image(t2i, unet, params["vae"], texts, contexts, negatives, len(train), guidance, cfg.batch,
+                             split)
     adapters, spec = adapters_of(cfg, model, params["unet"], key)
-    return text_to_image(t2i, params["unet"], params["vae"], contexts, negatives, len(train), guidance, cfg.batch,
-                         split, adapters, spec)
+    return text_to_image(t2i, params["unet"], params["vae"], texts, contexts, negatives, len(train), guidance,
+                         cfg.batch, split, adapters, spec)
