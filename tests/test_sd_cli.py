@@ -176,15 +176,15 @@ def test_lora_finetune_resumes_bit_for_bit_and_exports(sd_run, tmp_path):
 @pytest.mark.slow  # one SD-fixture ddpo run (~25 s)
 def test_ddpo_on_text_to_image_as_its_authors_run_it(sd_run, tmp_path):
     """`finetune --method ddpo --reward jpeg-compressibility --lora-rank 4` on the SD fixture: DDPO's sampler
-    by default (DDIM with η = 1, the KL and log-probabilities of its Gaussian steps), a round of 4 paths cut
+    by default (DDIM with η = 1, the KL and log-probabilities of its Gaussian steps), a round of 2 paths cut
     into 2 minibatch updates (the second sees ratios ≠ 1: approx_kl > 0), per-prompt advantage statistics
     over the prompts file's 2 prompts, LoRA adapters trained."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(PROMPTS)
     run = tmp_path / "ddpo"
     invoke("finetune", "--from", sd_run, "--prompts", prompts, "--method", "ddpo", "--reward", "jpeg-compressibility",
-           "--lora-rank", "4", "--T", "2", "--M", "1", "--batch", "4", "--steps", "2", "--devices", "1",
-           "--log-every", "1", "--ckpt-every", "2", "--sample-every", "2", "--kl-n", "4", "--grid-n", "2",
+           "--lora-rank", "4", "--T", "2", "--M", "1", "--batch", "2", "--steps", "2", "--devices", "1",
+           "--log-every", "1", "--ckpt-every", "2", "--sample-every", "2", "--kl-n", "2", "--grid-n", "2",
            "--lr", "0.01", "--out", run, check=True)
     config = json.loads((run / "config.json").read_text())
     assert (config["sampler"], config["ddim_eta"], config["train"], config["lora_rank"]) == ("ddim", 1.0, "lora", 4)

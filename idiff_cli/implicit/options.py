@@ -147,11 +147,12 @@ SCHEMA = cfglib.Schema(
         O("reward", str, "brightness", "Reward R(x) on images [B,H,W,C] in [-1,1]: brightness, red, digit:N "
           "(log p(N | x) under the MNIST classifier), jpeg-compressibility / jpeg-incompressibility (∓ JPEG kB at "
           "quality 95; not differentiable: --method ddpo only; also named compressibility / incompressibility), "
-          "aesthetic (the LAION aesthetic predictor v2 on CLIP ViT-L/14; weights: --reward-weights), or "
+          "aesthetic (the LAION aesthetic predictor v2 on CLIP ViT-L/14), clip-score (cosine of CLIP ViT-L/14's "
+          "image and prompt embeddings; both: --reward-weights), or "
           "package.module:function, R(images) or R(images, prompts).", choices="image-reward"),
-        O("reward_weights", "path", None, "Directory of the weight files a reward reads (aesthetic: "
-          "openai/clip-vit-large-patch14's config.json and model.safetensors, and the LAION head "
-          "sac+logos+ava1-l14-linearMSE.pth).", rule="$IDIFF_CACHE_DIR/clip-vit-large-patch14"),
+        O("reward_weights", "path", None, "Directory of the weight files a reward reads: openai/clip-vit-large-"
+          "patch14's config.json and model.safetensors, with the LAION head sac+logos+ava1-l14-linearMSE.pth "
+          "(aesthetic) or CLIP's tokenizer files (clip-score).", rule="$IDIFF_CACHE_DIR/clip-vit-large-patch14"),
         O("lam", float, 10.0, "Reward weight λ in F = −λ E R + β KL; negative λ lowers the reward.",
           flags=("--lambda",)),
         O("beta", float, 0.1, "KL weight β. The penalty is the Girsanov KL between the sampler's path measures "
