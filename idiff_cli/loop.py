@@ -139,6 +139,8 @@ class Run:
     def __enter__(self) -> "Run":
         """Claims the run directory (created, locked, config.json written or checked), then installs the
         signal handlers and the progress display."""
+        if self.is_main and self.dir.remote:
+            self.dir.check_writable()  # a bucket that does not exist: one line, before it is listed
         self._made_dir = self.is_main and not (storage.objects(self.dir.path) if self.dir.remote else
                                                self.dir.path.exists())
         lock_file = self.dir.path / "run.lock"

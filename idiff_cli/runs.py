@@ -299,7 +299,7 @@ class RunDir:
         if self.remote:
             torn = None
             for chunk in self._chunks():
-                text = chunk.read_text(encoding="utf-8", errors="replace")
+                text = chunk.read_bytes().decode("utf-8", errors="replace")
                 if text and not text.endswith("\n"):
                     torn = text[text.rfind("\n") + 1:]
                     storage.write_bytes(chunk, text[:text.rfind("\n") + 1].encode())

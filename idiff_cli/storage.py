@@ -97,7 +97,7 @@ def objects(prefix: Any) -> dict[str, tuple[int, str]]:
     """{name relative to `prefix`: (size, base64 CRC32C)} of every object under `prefix`, from one
     fresh listing (the CRC32C is the one Cloud Storage stored; nothing is downloaded)."""
     fs, root = _fs(prefix), os.fspath(prefix)[len(SCHEME):].rstrip("/")
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()  # every cached listing: one under `prefix` may predate another client's writes
     found = fs.find(root, detail=True)
     return {name[len(root) + 1:]: (int(info["size"]), info.get("crc32c", ""))
             for name, info in found.items() if info.get("type") == "file"}
