@@ -180,8 +180,12 @@ class Lease:
     def _take_over(self, say) -> None:
         """The lock exists: refused while its lease runs; taken over (one line) once it ended."""
         held = self._blob.bucket.get_blob(self._blob.name)
-        if held is None:  # released meanwhile
-            return self._write(0)
+        where = os.fspath(self.path).rsplit("/", 1)[0]
+        if held is None:  # released meanwhile: claimed like a fresh one, or refused if another run was quicker
+            try:
+                return self._write(0)
+            except self._gexc.PreconditionFailed:
+                raise UserError(f"'{where}' was claimed by another run at the same moment; pick a new --out") from None
         try:
             info = json.loads(held.download_as_bytes())
             owner, expires = str(info["owner"]), float(info["expires"])
@@ -189,15 +193,14 @@ class Lease:
             owner, expires = "unknown (an unreadable lock)", 0.0
         left = expires - time.time()
         if left > 0:
-            raise UserError(f"'{os.fspath(self.path).rsplit('/', 1)[0]}' is in use by another run ({owner}; its "
-                            f"lease ends in {left:.0f} s unless renewed); wait for it to end or pick a new --out")
+            raise UserError(f"'{where}' is in use by another run ({owner}; its lease ends in {left:.0f} s unless "
+                            "renewed); wait for it to end or pick a new --out")
         try:
             self._write(held.generation)
         except self._gexc.PreconditionFailed:
-            raise UserError(f"'{os.fspath(self.path).rsplit('/', 1)[0]}' was claimed by another run at the same "
-                            "moment; pick a new --out") from None
-        say(f"took over the run lock of {os.fspath(self.path).rsplit('/', 1)[0]} from {owner}, whose lease "
-            f"ended {-left:.0f} s ago (a killed run or a preempted VM)")
+            raise UserError(f"'{where}' was claimed by another run at the same moment; pick a new --out") from None
+        say(f"took over the run lock of {where} from {owner}, whose lease ended {-left:.0f} s ago (a killed run "
+            "or a preempted VM)")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
