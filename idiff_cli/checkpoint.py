@@ -7,13 +7,15 @@
     step, state, meta = ckpt.restore_latest(lambda: template)  # the newest intact step, or None
     ckpt.close()
 
-orbax writes each step into a temporary directory and renames it when complete. It keeps no
-checksums, so once a step is on disk a manifest (`idiff_manifest.json`: each file's size and SHA-256)
-is written into it last: a step without a manifest was cut short, a step whose files disagree with
+orbax writes each step into a temporary directory and renames it when complete (on an object store,
+where there are no renames, it writes `commit_success.txt` last). It keeps no checksums, so once a
+step is on disk a manifest (`idiff_manifest.json`: each file's size and SHA-256; on an object store
+each object's size and the CRC32C the store computed, so nothing is read back) is written into it last: a step without a manifest was cut short, a step whose files disagree with
 its manifest was damaged afterwards. Only steps with a manifest count (`all_steps`); `restore_latest`
 checks the newest against its manifest, moves a damaged one aside into `damaged/` with a warning and
 falls back to the previous one (or to the start when no step was completed); when completed steps
-exist but none is intact, it is a one-line UserError. Typed JAX PRNG keys are
+exist but none is intact, it is a one-line UserError. On an object store a step is set aside by
+server-side copies into `damaged/`, then deletes (storage.move_tree). Typed JAX PRNG keys are
 stored as their key data and re-wrapped on restore, so a state may carry `jax.random.key(...)` leaves.
 
 Test hook: with IDIFF_TEST_KILL_AT_CHECKPOINT=N in the environment, the process kills itself (SIGKILL)
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from idiff_cli import storage
 from idiff_cli.errors import UserError
 from idiff_cli.runs import atomic_write_bytes, console, disk_errors
 
@@ -100,7 +103,9 @@ class Checkpointer:
     complete step with its manifest (see the module docstring)."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3):
-        self.directory = pathlib.Path(directory).absolute()
+        directory = storage.path(directory)
+        self.remote = storage.is_remote(directory)
+        self.directory = directory if self.remote else directory.absolute()
         self.keep = keep
         self._pending: list[int] = []
         self._manager = self._open()
@@ -175,6 +180,8 @@ class Checkpointer:
             return CUT_SHORT
         except ValueError:
             return "its manifest is garbled"
+        if manifest.get("digest") == "crc32c":
+            return _crc32c_damage(manifest["files"], storage.objects(root))
         for name, (size, digest) in manifest["files"].items():
             path = root / name
             if not path.is_file():
@@ -194,10 +201,17 @@ class Checkpointer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 root = self._step_dir(step)
                 if jax.process_index() == 0 and root.is_dir():  # a step removed by keep= needs none
-                    files = {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
-                             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
-                    atomic_write_bytes(root / MANIFEST, json.dumps({"step": step, "files": files}).encode())
+                    atomic_write_bytes(root / MANIFEST, json.dumps(self._manifest(step, root)).encode())
         self._pending = []
+
+    def _manifest(self, step: int, root: pathlib.Path) -> dict[str, Any]:
+        """Each file's size and SHA-256; on an object store each object's size and stored CRC32C."""
+        if self.remote:
+            files = {name: list(entry) for name, entry in sorted(storage.objects(root).items()) if name != MANIFEST}
+            return {"step": step, "digest": "crc32c", "files": files}
+        files = {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
+                 for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        return {"step": step, "files": files}
 
     def close(self) -> None:
         self.wait()
@@ -219,7 +233,7 @@ class Checkpointer:
         except UserError:
             with contextlib.suppress(Exception):  # its writer threads failed already; end them
                 self._manager.close()
-            if jax.process_index() == 0:
+            if jax.process_index() == 0 and not self.remote:  # orbax writes no temporary directory there
                 for partial in self.directory.glob(PARTIAL):
                     shutil.rmtree(partial, ignore_errors=True)
             self._pending = []
@@ -236,11 +250,27 @@ class Checkpointer:
         if jax.process_index() == 0:
             for step in steps:
                 target = self.directory / "damaged" / str(step)
+                if self.remote:
+                    storage.remove_tree(target)
+                    storage.move_tree(self._step_dir(step), target)
+                    continue
                 shutil.rmtree(target, ignore_errors=True)
                 target.parent.mkdir(exist_ok=True)
                 os.replace(self._step_dir(step), target)
         self._manager.close()
         self._manager = self._open()
+
+
+def _crc32c_damage(files: dict[str, list], stored: dict[str, tuple[int, str]]) -> str | None:
+    """What differs between a manifest's objects (size, CRC32C) and those stored (None: nothing)."""
+    for name, (size, crc) in files.items():
+        if name not in stored:
+            return f"{name} is missing"
+        if stored[name][0] != size:
+            return f"{name} has {stored[name][0]} bytes, not {size}"
+        if stored[name][1] != crc:
+            return f"{name} does not match its CRC32C"
+    return None
 
 
 def _sha256(path: pathlib.Path) -> str:

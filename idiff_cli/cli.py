@@ -12,13 +12,14 @@ import functools
 import importlib
 import inspect
 import os
-import pathlib
 import sys
 from typing import Annotated, Any, Callable, Optional
 
+from idiff_cli import storage
 from idiff_cli.devices import lost_peer, use_host_cores
 
 use_host_cores()  # before JAX starts: one XLA host device per CPU core
+storage.use_emulator()  # before tensorstore starts: a GCS emulator for every client, if one is named
 
 import typer  # noqa: E402
 
@@ -55,6 +56,31 @@ COMMANDS = (
     ("evaluate-fid", fid_options.SCHEMA, "idiff_cli.fid.evaluate:main", ()),
     ("report", REPORT_SCHEMA, "idiff_cli.report:main", ()),
 )
+
+
+# The commands whose run directories (--out, --from, RUN) may be object-store prefixes (gs://, storage.py),
+# and the options that name run directories; every other path option reads a local file.
+OBJECT_STORE_COMMANDS = ("pretrain", "finetune", "sample", "report")
+RUN_DIR_OPTIONS = ("out", "run_dir", "from_run", "runs")
+
+
+def check_object_store(schema: cfglib.Schema, values: dict[str, Any]) -> None:
+    """A one-line UserError for a gs:// path where it is not supported: in an option that reads a local
+    file, in a command that keeps its run directories local, or beside a tracker that writes into the
+    run directory with its own file I/O."""
+    for option in (o for o in schema.options if o.kind == "path"):
+        value = values.get(option.name)
+        remote = [v for v in (value if option.many else [value]) if v and storage.is_remote(v)]
+        if not remote:
+            continue
+        if option.name not in RUN_DIR_OPTIONS:
+            raise UserError(f"{option.flag} reads a local file; gs:// paths are for run directories")
+        if schema.command not in OBJECT_STORE_COMMANDS:
+            raise UserError(f"`idiff {schema.command}` keeps its run directories on a local file system; "
+                            f"gs:// run directories: {', '.join(OBJECT_STORE_COMMANDS)}")
+        for tracker in ("tensorboard", "wandb"):
+            if values.get(tracker):
+                raise UserError(f"--{tracker} writes into a local run directory only; drop it or use a local --out")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -128,10 +154,12 @@ def make_command(schema: cfglib.Schema, target: str) -> Callable:
     @user_errors
     def command(**raw: Any) -> None:
         values = {name: parse(options[name], value) for name, value in raw.items()}
+        check_object_store(schema, values)
         cfg = schema.resolve(values, values.get("config"))
+        check_object_store(schema, {**vars(cfg), "out": values.get("out")})  # values from --config too
         out = values.get("out")
         module, _, function = target.partition(":")
-        getattr(importlib.import_module(module), function)(cfg, pathlib.Path(out) if out else None)
+        getattr(importlib.import_module(module), function)(cfg, storage.path(out) if out else None)
 
     command.__signature__ = inspect.Signature([parameter(o) for o in schema.options])
     command.__doc__ = schema.help

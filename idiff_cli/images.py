@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from idiff_cli import storage
 from idiff_cli.runs import atomic_path
 
 GUTTER = 2  # white pixels between images
@@ -51,7 +52,7 @@ def save_png(pixels: np.ndarray, path: str | pathlib.Path, upscale: int = 2) -> 
 
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    path = pathlib.Path(path)
+    path = storage.path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path

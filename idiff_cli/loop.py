@@ -50,7 +50,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from idiff_cli import config as cfglib
-from idiff_cli import signals, tracking
+from idiff_cli import signals, storage, tracking
 from idiff_cli.checkpoint import Checkpointer
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, console, progress_bar
@@ -139,7 +139,10 @@ class Run:
     def __enter__(self) -> "Run":
         """Claims the run directory (created, locked, config.json written or checked), then installs the
         signal handlers and the progress display."""
-        self._made_dir = self.is_main and not self.dir.path.exists()
+        if self.is_main and self.dir.remote:
+            self.dir.check_writable()  # a bucket that does not exist: one line, before it is listed
+        self._made_dir = self.is_main and not (storage.objects(self.dir.path) if self.dir.remote else
+                                               self.dir.path.exists())
         lock_file = self.dir.path / "run.lock"
         made_lock = not lock_file.exists()
         self._lock = self.dir.create().lock() if self.is_main else None
@@ -167,8 +170,14 @@ class Run:
     def _remove_if_unused(self) -> None:
         """Removes the run directory this run made when the run fails before it wrote a row or a
         checkpoint (an error at start-up leaves nothing behind)."""
-        saved = any(p.name.isdigit() for p in (self.dir.path / "checkpoints").rglob("*"))
-        if self._made_dir and self._rows_written == 0 and not saved:
+        if not self._made_dir or self._rows_written:
+            return
+        if self.dir.remote:
+            if not any(part.isdigit() for name in storage.objects(self.dir.path / "checkpoints")
+                       for part in name.split("/")):
+                storage.remove_tree(self.dir.path)
+            return
+        if not any(p.name.isdigit() for p in (self.dir.path / "checkpoints").rglob("*")):
             shutil.rmtree(self.dir.path, ignore_errors=True)
 
     def _release(self) -> None:
@@ -203,6 +212,8 @@ class Run:
                     elapsed += seconds
                     step += n
                     self._stop.armed = True  # a chunk is done: from now on a signal saves it
+                    if self._lock is not None:
+                        self._lock.check()
                     self._guard(unit, rows, ckpt, trackers)
                     rows = self._run_hooks(unit, state, step, rows, elapsed)
                     self._append(unit, rows, trackers)
@@ -308,11 +319,9 @@ class Run:
 
     def _keep_rows(self, unit: Unit, upto: int) -> Rows:
         """Drops this unit's rows after step `upto` (logged after its last checkpoint); returns its rows kept."""
-        rows = self.dir.read_metrics()
         mine = lambda r: r.get("method") == unit.name if unit.name else True  # noqa: E731
-        kept = [r for r in rows if not mine(r) or r["step"] <= upto]
-        if self.is_main and len(kept) != len(rows):
-            self.dir.reset_metrics(kept)
+        keep = lambda r: not mine(r) or r["step"] <= upto  # noqa: E731
+        kept = self.dir.keep_metrics(keep) if self.is_main else [r for r in self.dir.read_metrics() if keep(r)]
         return [r for r in kept if mine(r)]
 
     def _append(self, unit: Unit, rows: Rows, trackers: tracking.Trackers) -> None:
@@ -438,7 +447,8 @@ def claim(schema: cfglib.Schema, cfg: Any, run_dir: RunDir, is_main: bool = True
     run-time options are taken from `cfg`. A directory with checkpoints or metrics but no config.json
     is refused: the options they were made with are unknown."""
     if not (run_dir.path / "config.json").exists():
-        traces = [name for name in ("checkpoints", "metrics.jsonl") if (run_dir.path / name).exists()]
+        traces = (["checkpoints"] if (run_dir.path / "checkpoints").exists() else []) + (
+            ["metrics.jsonl"] if run_dir.has_metrics() else [])
         if traces:
             raise UserError(f"'{run_dir.path}' holds {traces[0]} but no config.json, so the options of that run are "
                             "unknown; restore its config.json to resume, or pick a new --out")

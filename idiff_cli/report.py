@@ -18,7 +18,8 @@ from typing import Any
 
 from idiff_cli import config as cfglib
 from idiff_cli.errors import UserError
-from idiff_cli.runs import RunDir, atomic_path, console, read_json, read_metrics
+from idiff_cli import storage
+from idiff_cli.runs import RunDir, atomic_path, console, read_json
 
 # run kind (config.json's `command`) -> "module:function" drawing its figures
 FIGURES = {
@@ -45,7 +46,7 @@ SCHEMA = cfglib.Schema(
 
 def run_kind(run_dir: pathlib.Path) -> str:
     """The command that made `run_dir` (its config.json's `command`)."""
-    path = pathlib.Path(run_dir) / "config.json"
+    path = storage.path(run_dir) / "config.json"
     if not path.exists():
         raise UserError(f"'{run_dir}' is not a run directory (no config.json)")
     command = read_json(path).get("command")
@@ -55,7 +56,7 @@ def run_kind(run_dir: pathlib.Path) -> str:
 
 
 def main(cfg: Any, out: pathlib.Path | None) -> list[pathlib.Path]:
-    runs = [pathlib.Path(r) for r in cfg.runs]
+    runs = [storage.path(r) for r in cfg.runs]
     kinds = {run_kind(r) for r in runs}
     if len(kinds) > 1:
         raise UserError(f"runs of different kinds ({', '.join(sorted(kinds))}); report one kind at a time")
@@ -110,7 +111,7 @@ def write_markdown(runs: list[pathlib.Path], figures: list[pathlib.Path], path: 
     options = differing_options(runs) if len(runs) > 1 else []
     lines = []
     for i, run in enumerate(runs):
-        for method, values in final_metrics(read_metrics(run / "metrics.jsonl")).items():
+        for method, values in final_metrics(RunDir(run).read_metrics()).items():
             lines.append(({"run": str(run), **({"method": method} if method else {}),
                            **{k: json.dumps(v[i]) for k, v in options}}, seed_columns(values)))
     keys = list(dict.fromkeys(k for head, cells in lines for k in [*head, *cells]))

@@ -11,6 +11,10 @@ Whole files are written to a temporary name and renamed (`os.replace` is atomic 
 interrupted run never leaves a half-written file. `metrics.jsonl` grows by appends that are cut back
 when they fail; a reader skips a torn last line (a process killed mid-append), and the next run on the
 directory drops it (`RunDir.drop_torn_metrics`) before it appends.
+
+On an object store (`gs://`, storage.py) each file is one object written whole, and the metrics are
+chunk objects `metrics/<n>.jsonl`, one per append, read back in the order of n: the same rows, the
+same rule for a torn last line (of any chunk), no object rewritten when rows are added.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from rich.console import Console
@@ -38,6 +42,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from idiff_cli import storage
 from idiff_cli.errors import UserError, first_line
 
 console = Console(stderr=True)
@@ -71,7 +76,17 @@ def disk_errors(path: pathlib.Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds."""
+    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds. For an
+    object (gs://) the temporary file is local and uploaded whole onto `path`."""
+    if storage.is_remote(path):
+        fd, tmp = tempfile.mkstemp(prefix="idiff-", suffix=path.suffix)
+        os.close(fd)
+        try:
+            yield pathlib.Path(tmp)
+            storage.upload(pathlib.Path(tmp), path)
+        finally:
+            os.remove(tmp)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=path.suffix)
     os.close(fd)
@@ -107,7 +122,7 @@ def read_json(path: str | os.PathLike, keys: Iterable[str] = (), what: str = DAM
     """The JSON object in `path`, holding `keys`: every file idiff reads back from a run directory
     comes through here. A file that is missing, unreadable, not UTF-8, not JSON, not an object or
     lacking a key is a one-line UserError naming it and `what` to do."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -131,12 +146,17 @@ class RunDir:
     """A run directory; every write is atomic."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
+        self.path = storage.path(path)
+        self.remote = storage.is_remote(self.path)
+        self._next_chunk: int | None = None
 
     def check_writable(self, flag: str = "--out") -> None:
         """A one-line UserError unless the directory exists and can be written, or can be made: its
-        nearest existing ancestor is a writable directory. Creates nothing (a check before work)."""
+        nearest existing ancestor is a writable directory. Creates nothing (a check before work). On an
+        object store: the bucket exists and the path is not an object (storage.check_writable)."""
         path = self.path
+        if self.remote:
+            return storage.check_writable(path, flag)
         if path.is_dir():
             if not os.access(path, os.W_OK | os.X_OK):
                 raise UserError(f"{flag} '{path}' is not writable")
@@ -154,14 +174,23 @@ class RunDir:
     def check_new(self, flag: str = "--out") -> None:
         """`check_writable`, and a one-line UserError when the directory exists and is not empty (a
         command that writes a whole directory once: import, export)."""
+        if self.remote:
+            self.check_writable(flag)
+            if storage.objects(self.path):
+                raise UserError(f"{flag} '{self.path}' exists and is not an empty directory; choose another {flag}")
+            return
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise UserError(f"{flag} '{self.path}' exists and is not an empty directory; choose another {flag}")
         self.check_writable(flag)
 
     def create(self) -> "RunDir":
         """Makes the directory and its missing parents. A path that is a file, lies under a file or
-        cannot be made is a one-line UserError, and then nothing is created."""
+        cannot be made is a one-line UserError, and then nothing is created. An object store has no
+        directories: the prefix is only checked."""
         path = self.path
+        if self.remote:
+            self.check_writable()
+            return self
         if path.is_dir():
             return self
         self.check_writable()
@@ -171,13 +200,33 @@ class RunDir:
             raise UserError(f"cannot create --out '{path}': {e.strerror}") from None
         return self
 
-    def lock(self) -> "RunLock":
-        """Takes the directory's run lock (see `RunLock`)."""
+    def lock(self) -> "RunLock | storage.Lease":
+        """Takes the directory's run lock (`RunLock`; on an object store `storage.Lease`)."""
+        if self.remote:
+            return storage.Lease(self.path / "run.lock", say=lambda text: console.print(text, highlight=False))
         return RunLock(self.path / "run.lock")
 
     @property
     def metrics_path(self) -> pathlib.Path:
         return self.path / "metrics.jsonl"
+
+    def has_metrics(self) -> bool:
+        return bool(self._chunks()) if self.remote else self.metrics_path.exists()
+
+    def _chunks(self) -> list[pathlib.Path]:
+        """The metrics chunk objects, in the order of their rows (object stores)."""
+        names = sorted(n for n in storage.objects(self.path / "metrics") if n.endswith(".jsonl") and "/" not in n)
+        return [self.path / "metrics" / n for n in names]
+
+    def _append_chunk(self, data: bytes) -> None:
+        """One new chunk object after the last one (object stores: nothing is rewritten)."""
+        if self._next_chunk is None:
+            chunks = self._chunks()
+            self._next_chunk = int(chunks[-1].stem) + 1 if chunks else 0
+        target = self.path / "metrics" / f"{self._next_chunk:09d}.jsonl"
+        with disk_errors(target):
+            storage.write_bytes(target, data)
+        self._next_chunk += 1
 
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         text = json.dumps(obj, indent=2, default=_json_default) + "\n"
@@ -192,6 +241,8 @@ class RunDir:
         """Appends rows to metrics.jsonl in one write; a failed append is cut back to the rows before
         it, so a full disk never leaves a torn row between complete ones."""
         data = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows).encode()
+        if self.remote:
+            return self._append_chunk(data)
         self.create()
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_UMASK)
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -208,17 +259,51 @@ class RunDir:
             os.close(fd)
 
     def reset_metrics(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Replaces metrics.jsonl by `rows` (atomically)."""
+        """Replaces metrics.jsonl by `rows` (atomically; a local run directory: on an object store
+        rows are dropped chunk by chunk, `keep_metrics`)."""
+        assert not self.remote, "an object store's metrics are filtered by keep_metrics"
         text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
         atomic_write_bytes(self.metrics_path, text.encode())
 
+    def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Drops the rows for which `keep` is false; returns the rows kept. On an object store each
+        chunk is rewritten on its own (or deleted when emptied): a run killed halfway leaves every
+        chunk either filtered or as it was, and the same filter applied again finishes the work."""
+        if not self.remote:
+            rows = self.read_metrics()
+            kept = [r for r in rows if keep(r)]
+            if len(kept) != len(rows):
+                self.reset_metrics(kept)
+            return kept
+        out = []
+        for chunk in self._chunks():
+            rows = _parse_rows(chunk.read_text(encoding="utf-8"))
+            kept = [r for r in rows if keep(r)]
+            if not kept:
+                chunk.unlink(missing_ok=True)
+            elif len(kept) != len(rows):
+                storage.write_bytes(chunk, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept).encode())
+            out += kept
+        return out
+
     def read_metrics(self) -> list[dict[str, Any]]:
+        if self.remote:
+            return [row for chunk in self._chunks() for row in _parse_rows(chunk.read_text(encoding="utf-8"))]
         return read_metrics(self.metrics_path)
 
     def drop_torn_metrics(self) -> str | None:
         """Rewrites metrics.jsonl without an unterminated last line (an append cut short by a crash, on a
         file system whose appends are not atomic), so that the next append starts a line of its own;
-        returns the dropped text, or None when the file ends cleanly."""
+        returns the dropped text, or None when the file ends cleanly. On an object store, every chunk
+        object ending in a torn line (damaged: an object is written whole) is rewritten without it."""
+        if self.remote:
+            torn = None
+            for chunk in self._chunks():
+                text = chunk.read_bytes().decode("utf-8", errors="replace")
+                if text and not text.endswith("\n"):
+                    torn = text[text.rfind("\n") + 1:]
+                    storage.write_bytes(chunk, text[:text.rfind("\n") + 1].encode())
+            return torn
         path = self.metrics_path
         if not path.exists() or path.stat().st_size == 0:
             return None
@@ -259,6 +344,9 @@ class RunLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
+    def check(self) -> None:
+        """Nothing to check: the kernel keeps the flock for as long as this process lives."""
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
@@ -295,21 +383,23 @@ def save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:
     """Writes a matplotlib figure to `path` (PNG, atomically) and closes it."""
     import matplotlib.pyplot as plt  # matplotlib loads only where figures are drawn
 
-    with atomic_path(pathlib.Path(path)) as tmp:
+    path = storage.path(path)
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)
-    return pathlib.Path(path)
+    return path
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl file; a torn (unterminated) last line is skipped."""
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.endswith("\n") and line.strip():
-            rows.append(json.loads(line))
-    return rows
+    return _parse_rows(path.read_text(encoding="utf-8"))
+
+
+def _parse_rows(text: str) -> list[dict[str, Any]]:
+    """The rows of metrics text (a file, or one chunk object); a torn (unterminated) last line is skipped."""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n") and line.strip()]
 
 
 def progress_bar(*field_names: str):

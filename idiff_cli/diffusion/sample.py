@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from idiff_cli import loop
+from idiff_cli import loop, storage
 from idiff_cli.diffusion import prompt_sampling
 from idiff_cli.diffusion.model import TextToImageModel, load, make_sample_fn
 from idiff_cli.images import save_grid, to_uint8
@@ -29,7 +29,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> tuple[pathlib.Path, pathlib.Path
     """Writes `out` (default RUN_DIR/samples)/sample-step<S>-<weights>-<sampler><steps>-seed<seed>-n<n>
     .png and .npz (`images` uint8 [N, H, W, C], `labels` [N]; a text-to-image run: N = n × prompts, and
     `prompts` [N], `negative_prompt`, `guidance` besides); returns the two paths."""
-    run_dir = pathlib.Path(cfg.run_dir)
+    run_dir = storage.path(cfg.run_dir)
     out = out or run_dir / "samples"
     RunDir(out).check_writable()
     use_compilation_cache()

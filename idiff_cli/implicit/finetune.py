@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idiff_cli import loop, sharding
+from idiff_cli import loop, sharding, storage
 from idiff_cli.checkpoint import Checkpointer, restore_template
 from idiff_cli.diffusion import ddpm
 from idiff_cli.diffusion.model import ImportedModel, Model, TextToImageModel, finetuned_weights, load, write_finetuned
@@ -449,7 +449,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> FinetuneState:
     model before the run directory is claimed; runs (or resumes) the finetuning; draws its figures."""
     initialize_distributed_from_env()
     use_compilation_cache()
-    from_run = pathlib.Path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
+    from_run = storage.path(cfg.from_run) if cfg.from_run else latest_pretrain_run()
     model = load(from_run)
     cfg = complete(cfg, from_run, model)
     check_against_model(cfg, model)

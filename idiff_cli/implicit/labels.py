@@ -14,13 +14,14 @@ Colour images are averaged over their channels, as for the FID features.
 
 from __future__ import annotations
 
+import io
 import pathlib
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from idiff_cli import classifiers, loop
+from idiff_cli import classifiers, loop, storage
 from idiff_cli.fid.features import to_unit_range
 from idiff_cli.runs import atomic_path
 
@@ -50,7 +51,7 @@ def label_kept_hook(sample: Callable[[Any], jax.Array], params0: Any, every: int
     params0: θ0, whose labels are the reference (computed at the first call unless run_dir holds them).
     The hook reads the state's θ as `state.params`."""
     labeller = labeller or make_labeller()
-    path = pathlib.Path(run_dir) / REFERENCE
+    path = storage.path(run_dir) / REFERENCE
     reference: list[np.ndarray] = []
 
     def kept(state: Any, step: int) -> dict:
@@ -59,7 +60,7 @@ def label_kept_hook(sample: Callable[[Any], jax.Array], params0: Any, every: int
             if not path.exists():
                 with atomic_path(path) as tmp:
                     np.save(tmp, labeller(sample(params0)))
-            reference.append(np.load(path))
+            reference.append(np.load(io.BytesIO(path.read_bytes())))
         return {"label_kept": float(np.mean(labeller(sample(state.params)) == reference[0]))}
 
     return loop.Hook(every, kept)

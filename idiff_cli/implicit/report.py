@@ -11,6 +11,7 @@ The KL panel is the logged `kl` ± 2 `kl_se`: the Girsanov KL between the sample
 
 from __future__ import annotations
 
+import io
 import pathlib
 from typing import Sequence
 
@@ -22,7 +23,8 @@ import numpy as np  # noqa: E402
 
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.images import save_strip  # noqa: E402
-from idiff_cli.runs import read_json, read_metrics, save_figure  # noqa: E402
+from idiff_cli import storage  # noqa: E402
+from idiff_cli.runs import RunDir, read_json, save_figure  # noqa: E402
 
 X_AXES = {"step": "outer step", "net_evals": "network evaluations (images)", "wall_s": "wall time (s)",
           "sequential_calls": "sequential batched network calls"}
@@ -35,7 +37,7 @@ def plot_reward_kl(run_dirs: Sequence[pathlib.Path], labels: Sequence[str], x: s
     errors (one ErrorbarContainer per run), each against `x`. Returns the figure."""
     fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir, label in zip(run_dirs, labels):
-        rows = read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
+        rows = RunDir(run_dir).read_metrics()
         train = [r for r in rows if "reward_mean" in r]
         xs = np.array([r[x] for r in train])
         mean = np.array([r["reward_mean"] for r in train])
@@ -59,15 +61,15 @@ def plot_reward_kl(run_dirs: Sequence[pathlib.Path], labels: Sequence[str], x: s
 def evolution_strip(run_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path | None:
     """`target`: one row per saved step (top: θ0) of the first fixed-key samples, read from
     samples/step_*.npy; None when the run saved none."""
-    files = sorted((pathlib.Path(run_dir) / "samples").glob("step_*.npy"))
+    files = sorted((storage.path(run_dir) / "samples").glob("step_*.npy"))
     if not files:
         return None
-    return save_strip([np.load(path)[:EVOLUTION_ROWS] for path in files], target)
+    return save_strip([np.load(io.BytesIO(path.read_bytes()))[:EVOLUTION_ROWS] for path in files], target)
 
 
 def lambda_over_beta(run_dir: pathlib.Path) -> float:
     """λ/β of a run (±inf for β = 0)."""
-    cfg = read_json(pathlib.Path(run_dir) / "config.json", ("lam", "beta"))
+    cfg = read_json(storage.path(run_dir) / "config.json", ("lam", "beta"))
     return cfg["lam"] / cfg["beta"] if cfg["beta"] else float(np.copysign(np.inf, cfg["lam"]))
 
 
@@ -82,7 +84,7 @@ def tradeoff(run_dirs: Sequence[pathlib.Path]):
     the figure."""
     points = []
     for run_dir in run_dirs:
-        rows = read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
+        rows = RunDir(run_dir).read_metrics()
         evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
         points.append((lambda_over_beta(run_dir), evals[-1] - evals[0], last(rows, "kl"), last(rows, "kl_se"),
                        last(rows, "label_kept")))
@@ -109,7 +111,7 @@ def tradeoff(run_dirs: Sequence[pathlib.Path]):
 
 def finish_run(run_dir: pathlib.Path) -> list[pathlib.Path]:
     """The figures of one run, into run_dir/figures/."""
-    return report([run_dir], pathlib.Path(run_dir) / "figures", "step")
+    return report([run_dir], storage.path(run_dir) / "figures", "step")
 
 
 def _label(run_dir: pathlib.Path) -> str:
@@ -123,17 +125,17 @@ def report(run_dirs: Sequence[pathlib.Path], out: pathlib.Path, x: str = "step")
     """One run: its reward_kl.png (x = step) or reward_kl_<x>.png and evolution.png into `out`; several:
     their curves overlaid in `out`/reward_kl_<x>.png, and `out`/tradeoff.png when their λ/β differ.
     Returns the files written."""
-    run_dirs = [pathlib.Path(r) for r in run_dirs]
+    run_dirs = [storage.path(r) for r in run_dirs]
     if x not in X_AXES:
         raise UserError(f"finetune runs have no x axis '{x}'; valid: {', '.join(X_AXES)}")
     for run_dir in run_dirs:
-        rows = read_metrics(run_dir / "metrics.jsonl")
+        rows = RunDir(run_dir).read_metrics()
         train = [r for r in rows if "reward_mean" in r]
         if not train:
             raise UserError(f"'{run_dir}' has no finetuning steps logged in metrics.jsonl yet")
         if any(x not in r for r in rows):
             raise UserError(f"'{run_dir}' does not log {x} on every row of metrics.jsonl")
-    out = pathlib.Path(out)
+    out = storage.path(out)
     name = "reward_kl.png" if x == "step" and len(run_dirs) == 1 else f"reward_kl_{x}.png"
     written = [save_figure(plot_reward_kl(run_dirs, [_label(r) for r in run_dirs], x), out / name)]
     if len({lambda_over_beta(r) for r in run_dirs}) > 1:

@@ -1,0 +1,180 @@
+"""gs:// run directories against a real GCS-compatible server (fake-gcs-server, the `gcs_emulator`
+fixture; no client is mocked): pretrain -> finetune -> sample -> report with every directory on it,
+SIGTERM and resume, the run lock's lease (a second writer refused, a stale lock taken over, a lost
+lease), metrics as chunk objects, a damaged checkpoint set aside by copy + delete. `pytest -k gcs`."""
+
+import io
+import json
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import storage as gcs
+
+from conftest import TINY_UNET
+from helpers import CLOCK, cli, error_line, invoke
+from idiff_cli import storage
+from idiff_cli.checkpoint import Checkpointer
+from idiff_cli.errors import UserError
+from idiff_cli.runs import RunDir
+
+PRETRAIN = ["pretrain", "mnist", "--steps", "4", "--batch", "4", *TINY_UNET, "--log-every", "1", "--ckpt-every", "2",
+            "--sample-every", "4", "--sample-steps", "2", "--grid-n", "4"]
+FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "2", "--log-every", "1", "--ckpt-every", "2",
+            "--sample-every", "2", "--grid-n", "4", "--kl-n", "4", "--lr", "0.01"]
+
+
+def names(prefix: str) -> set[str]:
+    return set(storage.objects(storage.path(prefix)))
+
+
+def rows(run: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in RunDir(run).read_metrics()]
+
+
+def test_gcs_the_emulator_refuses_a_second_create_with_412(bucket):
+    """What the run lock relies on: ifGenerationMatch=0 on an existing object is 412, and so is an
+    update with another generation than the stored one."""
+    blob = gcs.Client().bucket(bucket[5:]).blob("lock")
+    blob.upload_from_string(b"a", if_generation_match=0)
+    with pytest.raises(gexc.PreconditionFailed):
+        blob.upload_from_string(b"b", if_generation_match=0)
+    with pytest.raises(gexc.PreconditionFailed):
+        blob.upload_from_string(b"b", if_generation_match=blob.generation + 1)
+
+
+def test_gcs_pretrain_finetune_sample_report_and_sigterm_resume_on_the_emulator(bucket, tmp_path, monkeypatch):
+    """Every directory on the emulator, nothing on the local disk; a pretrain stopped by SIGTERM (a
+    child process given only STORAGE_EMULATOR_HOST) and re-run logs the uninterrupted run's rows."""
+    monkeypatch.chdir(tmp_path)
+    pre, ft = f"{bucket}/runs/pre", f"{bucket}/runs/ft"
+    invoke(*PRETRAIN, "--out", pre, check=True)
+    invoke("finetune", "--from", pre, *FINETUNE, "--out", ft, check=True)
+    sampled = invoke("sample", ft, "--n", "4", "--batch", "4", "--sample-steps", "2", check=True)
+    reported = invoke("report", ft, check=True)
+
+    assert {"config.json", "pretrained.json", "checkpoints/4/idiff_manifest.json", "checkpoints/4/commit_success.txt",
+            "figures/samples.png", "figures/loss.png"} <= names(pre)
+    assert sorted(n for n in names(pre) if n.startswith("metrics/")) == [f"metrics/{i:09d}.jsonl" for i in range(4)]
+    assert [r["step"] for r in rows(pre)] == [1, 2, 3, 4]
+    ft_files = names(ft)
+    assert {"config.json", "finetuned.json", "weights/2/idiff_manifest.json", "samples/step_000002.png",
+            "samples/step_000002.npy", "figures/reward_kl.png", "figures/evolution.png", "figures/report.md"} <= ft_files
+    assert json.loads(storage.path(f"{ft}/finetuned.json").read_text())["from"] == pre
+    npz = next(n for n in ft_files if n.startswith("samples/sample-") and n.endswith(".npz"))
+    with np.load(io.BytesIO(storage.path(f"{ft}/{npz}").read_bytes())) as arrays:
+        assert arrays["images"].shape == (4, 28, 28, 1)
+    assert f"wrote {ft}/samples/" in sampled.output and f"wrote {ft}/figures/report.md" in reported.output
+    assert list(tmp_path.iterdir()) == []  # nothing written locally
+
+    stopped = f"{bucket}/runs/stopped"
+    first = cli(*PRETRAIN, "--out", stopped, env={"IDIFF_TEST_SIGNAL_AT_STEP": "3"})
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 143, output
+    assert f"stopped by SIGTERM at step 3; checkpoint saved in {stopped}" in output
+    assert "TENSORSTORE" not in output and "Traceback" not in output
+    assert [r["step"] for r in rows(stopped)] == [1, 2, 3]
+    invoke(*PRETRAIN, "--out", stopped, check=True)
+    assert rows(stopped) == rows(pre)
+
+
+def test_gcs_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(bucket, tmp_path, monkeypatch):
+    """A run's lease held: a second run on the directory is refused in one line naming the holder. A
+    lock whose lease ended (its run killed, its VM preempted) is taken over, said in one line."""
+    monkeypatch.chdir(tmp_path)
+    run = f"{bucket}/run"
+    held = storage.Lease(storage.path(f"{run}/run.lock"))
+    try:
+        line = error_line(invoke(*PRETRAIN, "--steps", "2", "--out", run))
+    finally:
+        held.release()
+    assert f"'{run}' is in use by another run ({held.owner};" in line
+    assert names(run) == set()  # the refused run left nothing, and the holder's release removed its lock
+
+    stale = {"owner": "tpu-vm-7 pid 4242", "lease_s": 60, "expires": time.time() - 5}
+    storage.write_bytes(f"{run}/run.lock", json.dumps(stale).encode())
+    result = invoke(*PRETRAIN, "--steps", "2", "--out", run, check=True)
+    taken = [line for line in result.output.splitlines() if "took over" in line]
+    assert len(taken) == 1 and taken[0].startswith(f"took over the run lock of {run} from tpu-vm-7 pid 4242, whose "
+                                                   "lease ended"), result.output
+    assert "run.lock" not in names(run)  # released at the end of the run
+
+
+def test_gcs_a_lease_is_renewed_and_a_lost_one_stops_its_run(bucket):
+    """Two leases on one lock: the second is refused while the first is renewed past its first term;
+    a lock rewritten by another run (this one stalled past its lease) is `lost`, and `check` refuses."""
+    lock = storage.path(f"{bucket}/run/run.lock")
+    first = storage.Lease(lock, lease_s=0.6)
+    time.sleep(1.0)  # past the first term: renewed by the heartbeat
+    with pytest.raises(UserError, match="is in use by another run"):
+        storage.Lease(lock, lease_s=0.6)
+    first.check()
+    blob = gcs.Client().bucket(bucket[5:]).blob("run/run.lock")
+    blob.upload_from_string(b'{"owner": "x", "lease_s": 60, "expires": 0}')  # another run took it over
+    time.sleep(0.5)  # the next heartbeat finds another generation
+    with pytest.raises(UserError, match="lost the run lock"):
+        first.check()
+    first.release()
+    assert blob.exists()  # a lost lock is not deleted: it is the other run's now
+
+
+def test_gcs_metrics_are_chunk_objects_read_in_order_and_a_torn_chunk_is_dropped(bucket):
+    """One chunk object per append (none rewritten), read back in order; a chunk ending in a torn line
+    reads without it, and drop_torn_metrics rewrites it; keep_metrics filters chunk by chunk."""
+    run = RunDir(f"{bucket}/m")
+    run.append_metrics([{"step": 1}])
+    first = gcs.Client().bucket(bucket[5:]).get_blob("m/metrics/000000000.jsonl").generation
+    run.append_metrics([{"step": 2}, {"step": 3}])
+    run.append_metrics([{"step": 4}])
+    assert sorted(names(f"{bucket}/m")) == [f"metrics/{i:09d}.jsonl" for i in range(3)]
+    assert gcs.Client().bucket(bucket[5:]).get_blob("m/metrics/000000000.jsonl").generation == first
+    assert [r["step"] for r in RunDir(f"{bucket}/m").read_metrics()] == [1, 2, 3, 4]
+
+    storage.write_bytes(f"{bucket}/m/metrics/000000001.jsonl", b'{"step": 2}\n{"step": 3')
+    fresh = RunDir(f"{bucket}/m")
+    assert [r["step"] for r in fresh.read_metrics()] == [1, 2, 4]
+    assert fresh.drop_torn_metrics() == '{"step": 3'
+    assert storage.path(f"{bucket}/m/metrics/000000001.jsonl").read_text() == '{"step": 2}\n'
+    assert fresh.drop_torn_metrics() is None
+
+    assert [r["step"] for r in fresh.keep_metrics(lambda r: r["step"] <= 2)] == [1, 2]
+    assert sorted(names(f"{bucket}/m")) == [f"metrics/{i:09d}.jsonl" for i in range(2)]
+    fresh.append_metrics([{"step": 3}])
+    assert [r["step"] for r in RunDir(f"{bucket}/m").read_metrics()] == [1, 2, 3]
+
+
+def test_gcs_a_damaged_checkpoint_is_found_by_its_crc32c_and_set_aside_by_copy_and_delete(bucket, capsys):
+    """An object of the latest step overwritten with as many other bytes: its stored CRC32C differs
+    from the manifest's (nothing is downloaded to see it); the step is copied into damaged/ and
+    deleted, and the previous step is restored."""
+    directory = f"{bucket}/ck"
+    with Checkpointer(directory, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"x": jnp.arange(64.0) * step})
+            ckpt.wait()
+    sizes = storage.objects(storage.path(f"{directory}/2"))
+    name = max((n for n in sizes if "/d/" in n), key=lambda n: sizes[n][0])  # the largest array data object
+    data = storage.path(f"{directory}/2/{name}").read_bytes()
+    storage.write_bytes(f"{directory}/2/{name}", bytes([data[0] ^ 0xFF]) + data[1:])
+
+    with Checkpointer(directory, keep=3) as ckpt:
+        step, state, _ = ckpt.restore_latest(lambda: {"x": jnp.zeros(64)})
+        assert ckpt.all_steps() == [1]
+    assert step == 1 and np.array_equal(state["x"], np.arange(64.0))
+    assert f"{name} does not match its CRC32C" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert not any(n.startswith("2/") for n in names(directory))
+    assert {f"damaged/2/{n}" for n in sizes} <= names(directory)
+
+
+def test_gcs_paths_where_they_are_not_supported_are_one_line(bucket):
+    """A gs:// path for a command that keeps its directories local, for an input file, or beside a
+    tracker: one line, exit 2; a bucket that does not exist likewise."""
+    assert "keeps its run directories on a local file system" in error_line(
+        invoke("langevin-reward", "--out", f"{bucket}/lr"))
+    assert "--config reads a local file" in error_line(invoke(*PRETRAIN, "--config", f"{bucket}/c.json"))
+    assert "--tensorboard writes into a local run directory only" in error_line(
+        invoke(*PRETRAIN, "--tensorboard", "--out", f"{bucket}/tb"))
+    assert "bucket 'no-such-bucket-here' does not exist" in error_line(
+        invoke(*PRETRAIN, "--out", "gs://no-such-bucket-here/run"))
