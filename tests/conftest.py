@@ -26,7 +26,7 @@ os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 # while the first makes the session's tiny_pretrain.
 FIRST = ("test_finetune_cli.py", "test_reliability.py", "test_finetune_sharded.py", "test_pretrain_cli.py",
          "test_import_cli.py", "test_experiments.py", "test_reliability_corpus.py", "test_sd_cli.py",
-         "test_t2i_finetune.py", "test_sd_pipeline.py")
+         "test_t2i_finetune.py", "test_sd_pipeline.py", "test_gcs.py")
 
 
 def pytest_collection_modifyitems(items):
