@@ -260,30 +260,35 @@ class RunDir:
 
     def reset_metrics(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
         """Replaces metrics.jsonl by `rows` (atomically; a local run directory: on an object store
-        rows are dropped chunk by chunk, `keep_metrics`)."""
-        assert not self.remote, "an object store's metrics are filtered by keep_metrics"
+        rows are edited chunk by chunk, `edit_metrics`)."""
+        assert not self.remote, "an object store's metrics are edited by edit_metrics"
         text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
         atomic_write_bytes(self.metrics_path, text.encode())
 
     def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
-        """Drops the rows for which `keep` is false; returns the rows kept. On an object store each
-        chunk is rewritten on its own (or deleted when emptied): a run killed halfway leaves every
-        chunk either filtered or as it was, and the same filter applied again finishes the work."""
+        """Drops the rows for which `keep` is false; returns the rows kept (`edit_metrics`)."""
+        return self.edit_metrics(lambda row: row if keep(row) else None)
+
+    def edit_metrics(self, edit: Callable[[dict[str, Any]], dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """Replaces every row by `edit(row)` (a new dict; None drops the row) and returns the rows kept.
+        On an object store each chunk is rewritten on its own (or deleted when emptied), only when its
+        rows changed: a run killed halfway leaves every chunk either edited or as it was, and the same
+        edit applied again finishes the work (an edit that is idempotent)."""
         if not self.remote:
             rows = self.read_metrics()
-            kept = [r for r in rows if keep(r)]
-            if len(kept) != len(rows):
-                self.reset_metrics(kept)
-            return kept
+            edited = [e for e in map(edit, rows) if e is not None]
+            if edited != rows:
+                self.reset_metrics(edited)
+            return edited
         out = []
         for chunk in self._chunks():
             rows = _parse_rows(chunk.read_text(encoding="utf-8"))
-            kept = [r for r in rows if keep(r)]
-            if not kept:
+            edited = [e for e in map(edit, rows) if e is not None]
+            if not edited:
                 chunk.unlink(missing_ok=True)
-            elif len(kept) != len(rows):
-                storage.write_bytes(chunk, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept).encode())
-            out += kept
+            elif edited != rows:
+                storage.write_bytes(chunk, "".join(json.dumps(r, default=_json_default) + "\n" for r in edited).encode())
+            out += edited
         return out
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -320,6 +325,11 @@ class RunDir:
         np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
         atomic_write_bytes(self.path / name, buffer.getvalue())
         return self.path / name
+
+    def load_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays of `name` (an .npz that `save_arrays` wrote), read whole (a file or an object)."""
+        with np.load(io.BytesIO((self.path / name).read_bytes()), allow_pickle=False) as npz:
+            return dict(npz)
 
     def save_figure(self, fig: Any, name: str) -> pathlib.Path:
         """Saves a matplotlib figure as figures/<name> (PNG) and closes it."""

@@ -159,10 +159,8 @@ def report(run_dirs: list[pathlib.Path], out: pathlib.Path, x: str = "step") -> 
     if len(run_dirs) == 1:
         run_dir = RunDir(run_dirs[0])
         cfg = read_config(SCHEMA, run_dir.path)
-        per_method = {}
-        for name in by_method(run_dir.read_metrics()):  # in the order the methods ran
-            with np.load(run_dir.path / "methods" / f"{name}.npz") as npz:
-                per_method[name] = dict(npz)
+        per_method = {name: run_dir.load_arrays(f"methods/{name}.npz")  # in the order the methods ran
+                      for name in by_method(run_dir.read_metrics())}
         return make_all(run_dir, Problem(cfg), per_method, figure_dir)
     runs = {str(r): by_method(RunDir(r).read_metrics()) for r in run_dirs}
     metrics = [m for m in ("kl_fwd", "nll") if all(f"{m}_mean" in c for curves in runs.values() for c in curves.values())]

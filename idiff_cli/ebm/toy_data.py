@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idiff_cli import registry
+from idiff_cli import registry, storage
 from idiff_cli.errors import UserError
 from idiff_cli.langevin.potentials import GaussianMixture
 from idiff_cli.registry import register
@@ -102,6 +102,8 @@ def eight_gaussians() -> MixtureData:
 
 def load_file(path: str) -> ArrayData:
     """A user's [N, 2] .npy file, standardised to zero mean and unit overall scale."""
+    if storage.is_remote(path):
+        raise UserError(f"--data names a local file; gs:// paths are for run directories: copy '{path}' here")
     file = pathlib.Path(path)
     if not file.is_file():
         raise UserError(f"--data file '{path}' does not exist")

@@ -93,11 +93,13 @@ def main(cfg: Any, out: pathlib.Path | None) -> dict[str, dict[str, np.ndarray]]
     def add_loglik(name: str, history: dict, theta_opt) -> None:
         """Writes the log-likelihood columns of method `name`'s rows, from the samples it kept."""
         values = loglik(history["x"], theta_opt)
-        rows = run_dir.read_metrics()
-        for row in rows:
-            if row.get("method") == name:
-                row.update(seed_stats("loglik", values[log_index(cfg.steps, cfg.log_every, row["step"])]))
-        run_dir.reset_metrics(rows)
+
+        def with_loglik(row: dict) -> dict:
+            if row.get("method") != name:
+                return row
+            return {**row, **seed_stats("loglik", values[log_index(cfg.steps, cfg.log_every, row["step"])])}
+
+        run_dir.edit_metrics(with_loglik)
 
     with Run(SCHEMA, cfg, run_dir, cfg.ckpt_every) as run:
         run.print(f"[bold]langevin-reward[/]: {cfg.seeds} seeds x {cfg.batch} particles x {cfg.steps} steps "

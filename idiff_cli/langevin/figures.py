@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from idiff_cli import registry  # noqa: E402
+from idiff_cli import registry, storage  # noqa: E402
 from idiff_cli.errors import UserError  # noqa: E402
 from idiff_cli.langevin import quadrature  # noqa: E402
 from idiff_cli.runs import RunDir, save_figure  # noqa: E402
@@ -165,7 +165,7 @@ class FigureDir:
     """Where figures go: `save_figure(fig, name)` writes <path>/<name> (PNG) and closes the figure."""
 
     def __init__(self, path: pathlib.Path):
-        self.path = pathlib.Path(path)
+        self.path = storage.path(path)
 
     def save_figure(self, fig, name: str) -> pathlib.Path:
         return save_figure(fig, self.path / name)
@@ -177,8 +177,7 @@ def make_all(run_dir: RunDir, potential, theta0, out=None) -> list[pathlib.Path]
     names = list(curves)
     theta0 = np.asarray(theta0, np.float32)
     target = out or run_dir
-    with np.load(run_dir.path / "arrays.npz") as npz:
-        arrays = dict(npz)
+    arrays = run_dir.load_arrays("arrays.npz")
     return [fig4(target, potential, arrays, names, theta0), fig5(target, curves), fig8(target, curves),
             fig9(target, curves), fig10(target, potential, arrays, names, theta0), fig10_sigma(target, arrays, names)]
 
