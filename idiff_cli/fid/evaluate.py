@@ -123,7 +123,6 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
     """Features [n, dim] of n samples of `pre` with `sampler` (a text-to-image model: with the prompts
     and guidance of `settings`), reusing the batches already in `store`."""
     n_batches = -(-n // batch)
-    store.mkdir(parents=True, exist_ok=True)
     mesh = seed_mesh(batch)
     if settings is None:
         one = _sample_batch_fn(pre, sampler, batch, mesh)
@@ -148,13 +147,14 @@ def sample_features(pre, sampler, features: Features, n: int, batch: int, seed: 
         return state, None
 
     def stopped(done: int) -> str:
-        kept = len(list(store.glob("batch-*.npy")))
+        kept = sum((store / f"batch-{i:05d}.npy").exists() for i in range(n_batches))  # a file or an object
         return (f"stopped after batch {done} of {n_batches}; the features of {kept} batches are kept in {store}: "
                 "re-run the same command to continue")
 
     with loop.interruptible(stopped) as dispatch:  # SIGTERM/SIGINT: stop after the current batch
         dispatch(batch_features, None, 0, n_batches)
-    return np.concatenate([np.load(store / f"batch-{i:05d}.npy") for i in range(n_batches)])[:n]
+    return np.concatenate([np.load(io.BytesIO((store / f"batch-{i:05d}.npy").read_bytes()))
+                           for i in range(n_batches)])[:n]
 
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
