@@ -273,7 +273,6 @@ def read_source(directory: str | pathlib.Path) -> Source:
 
 def write_source(run_dir: RunDir, source: Source) -> None:
     """Copies of the source's config.json and scheduler_config.json into `run_dir`/diffusers/."""
-    (run_dir.path / SOURCE_DIR).mkdir(exist_ok=True)
     run_dir.write_json(f"{SOURCE_DIR}/{CONFIG}", source.unet_config)
     run_dir.write_json(f"{SOURCE_DIR}/{SCHEDULER}", source.scheduler_config)
 
