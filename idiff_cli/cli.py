@@ -59,8 +59,10 @@ COMMANDS = (
 
 
 # The commands whose run directories (--out, --from, RUN) may be object-store prefixes (gs://, storage.py),
-# and the options that name run directories; every other path option reads a local file.
-OBJECT_STORE_COMMANDS = ("pretrain", "finetune", "sample", "report")
+# and the options that name run directories; every other path option names a local file (import's source
+# directory too). export keeps its directories local.
+OBJECT_STORE_COMMANDS = ("langevin-reward", "ebm-train", "pretrain", "import", "sample", "finetune", "evaluate-fid",
+                         "report")
 RUN_DIR_OPTIONS = ("out", "run_dir", "from_run", "runs")
 
 
@@ -74,7 +76,7 @@ def check_object_store(schema: cfglib.Schema, values: dict[str, Any]) -> None:
         if not remote:
             continue
         if option.name not in RUN_DIR_OPTIONS:
-            raise UserError(f"{option.flag} reads a local file; gs:// paths are for run directories")
+            raise UserError(f"{option.flag} names a local path; gs:// paths are for run directories")
         if schema.command not in OBJECT_STORE_COMMANDS:
             raise UserError(f"`idiff {schema.command}` keeps its run directories on a local file system; "
                             f"gs:// run directories: {', '.join(OBJECT_STORE_COMMANDS)}")

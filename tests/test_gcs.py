@@ -5,6 +5,7 @@ lease), metrics as chunk objects, a damaged checkpoint set aside by copy + delet
 
 import io
 import json
+import pathlib
 import time
 
 import jax.numpy as jnp
@@ -17,11 +18,19 @@ from conftest import TINY_UNET
 from helpers import CLOCK, cli, error_line, invoke
 from idiff_cli import storage
 from idiff_cli.checkpoint import Checkpointer
+from idiff_cli.diffusion.model import load
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir
 
 PRETRAIN = ["pretrain", "mnist", "--steps", "4", "--batch", "4", *TINY_UNET, "--log-every", "1", "--ckpt-every", "2",
             "--sample-every", "4", "--sample-steps", "2", "--grid-n", "4"]
+MODEL = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"  # a UNet2DModel directory
+SD_PIPELINE = pathlib.Path(__file__).parent / "fixtures" / "sd_tiny" / "sd1"  # a Stable Diffusion pipeline
+FID = ["--n", "6", "--batch", "4", "--sample-steps", "2"]  # test_fid_run.py's evaluation
+LANGEVIN = ["--steps", "20", "--batch", "64", "--seeds", "2", "--log-every", "10", "--baseline", "implicit",
+            "--ckpt-every", "10"]
+EBM = ["--steps", "20", "--batch", "256", "--seeds", "2", "--log-every", "10", "--ckpt-every", "20", "--n-test", "2000",
+       "--no-samplers"]
 FINETUNE = ["--T", "2", "--M", "2", "--batch", "4", "--steps", "2", "--log-every", "1", "--ckpt-every", "2",
             "--sample-every", "2", "--grid-n", "4", "--kl-n", "4", "--lr", "0.01"]
 
@@ -45,12 +54,15 @@ def test_gcs_the_emulator_refuses_a_second_create_with_412(bucket):
         blob.upload_from_string(b"b", if_generation_match=blob.generation + 1)
 
 
-def test_gcs_pretrain_finetune_sample_report_and_sigterm_resume_on_the_emulator(bucket, tmp_path, monkeypatch):
-    """Every directory on the emulator, nothing on the local disk; a pretrain stopped by SIGTERM (a
-    child process given only STORAGE_EMULATOR_HOST) and re-run logs the uninterrupted run's rows."""
+def test_gcs_pretrain_evaluate_fid_finetune_sample_report_and_sigterm_resume_on_the_emulator(bucket, tmp_path,
+                                                                                               monkeypatch):
+    """Every directory on the emulator, nothing on the local disk; evaluate-fid's per-batch features kept
+    on the bucket (a missing batch computed again, the same FID); a pretrain stopped by SIGTERM (a child
+    process given only STORAGE_EMULATOR_HOST) and re-run logs the uninterrupted run's rows."""
     monkeypatch.chdir(tmp_path)
     pre, ft = f"{bucket}/runs/pre", f"{bucket}/runs/ft"
     invoke(*PRETRAIN, "--out", pre, check=True)
+    evaluated = invoke("evaluate-fid", pre, *FID, check=True)
     invoke("finetune", "--from", pre, *FINETUNE, "--out", ft, check=True)
     sampled = invoke("sample", ft, "--n", "4", "--batch", "4", "--sample-steps", "2", check=True)
     reported = invoke("report", ft, check=True)
@@ -59,6 +71,14 @@ def test_gcs_pretrain_finetune_sample_report_and_sigterm_resume_on_the_emulator(
             "figures/samples.png", "figures/loss.png"} <= names(pre)
     assert sorted(n for n in names(pre) if n.startswith("metrics/")) == [f"metrics/{i:09d}.jsonl" for i in range(4)]
     assert [r["step"] for r in rows(pre)] == [1, 2, 3, 4]
+    batches = sorted(n for n in names(pre) if n.startswith("fid/"))
+    assert [n.rsplit("/", 1)[1] for n in batches] == ["batch-00000.npy", "batch-00001.npy"]
+    fid = json.loads(storage.path(f"{pre}/fid.json").read_text())
+    assert fid["n"] == 6 and fid["run"] == pre and "(n = 6, reference: dataset mnist)" in evaluated.output
+    storage.path(f"{pre}/{batches[1]}").unlink()  # the kept batch is reused, the missing one computed again
+    invoke("evaluate-fid", pre, *FID, check=True)
+    assert sorted(n for n in names(pre) if n.startswith("fid/")) == batches
+    assert json.loads(storage.path(f"{pre}/fid.json").read_text())["value"] == fid["value"]
     ft_files = names(ft)
     assert {"config.json", "finetuned.json", "weights/2/idiff_manifest.json", "samples/step_000002.png",
             "samples/step_000002.npy", "figures/reward_kl.png", "figures/evolution.png", "figures/report.md"} <= ft_files
@@ -78,6 +98,39 @@ def test_gcs_pretrain_finetune_sample_report_and_sigterm_resume_on_the_emulator(
     assert [r["step"] for r in rows(stopped)] == [1, 2, 3]
     invoke(*PRETRAIN, "--out", stopped, check=True)
     assert rows(stopped) == rows(pre)
+
+
+def test_gcs_langevin_ebm_and_import_write_their_run_directories_on_the_emulator(bucket, tmp_path, monkeypatch,
+                                                                                   tmp_path_factory):
+    """langevin-reward (the log-likelihood columns written into its metrics chunks; `report --out gs://`
+    redraws its figures from arrays.npz on the bucket), ebm-train with a local --data file, and import
+    --out from a local model directory: every file an object, no lock left, nothing on the local disk.
+    The langevin-reward and ebm-train runs are the shapes of tests in test_cli_langevin.py and
+    test_ebm_cli.py, so a session compiles their programs once."""
+    monkeypatch.chdir(tmp_path)
+    lr, ebm, imported = f"{bucket}/lr", f"{bucket}/ebm", f"{bucket}/imported"
+    invoke("langevin-reward", *LANGEVIN, "--out", lr, check=True)
+    assert {"config.json", "arrays.npz", "methods/implicit.npz", "checkpoints/implicit/20/commit_success.txt",
+            "figures/fig5_reward_loglik.png", "figures/fig10_dynamics.png"} <= names(lr)
+    assert [(r["step"], "loglik_mean" in r) for r in rows(lr)] == [(0, True), (10, True), (20, True)]
+    reported = invoke("report", lr, "--out", f"{bucket}/lr-figures", check=True)
+    assert f"wrote {bucket}/lr-figures/fig4_samples_contours.png" in reported.output
+
+    data = tmp_path_factory.mktemp("data") / "pts.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(2000, 2)) * 10.0 + 50.0)  # test_ebm_cli's file
+    invoke("ebm-train", *EBM, "--data", data, "--out", ebm, check=True)
+    assert {"config.json", "summary.json", "methods/implicit.npz", "checkpoints/implicit/20/commit_success.txt",
+            "figures/fig11_samples_contours.png", "figures/fig12_metrics.png"} <= names(ebm)
+    assert [r["step"] for r in rows(ebm)] == [0, 10, 20]
+
+    invoke("import", "diffusers", MODEL, "--out", imported, "--sample-steps", "8", "--dataset", "cifar10", check=True)
+    assert {"config.json", "pretrained.json", "diffusers/config.json", "diffusers/scheduler_config.json",
+            "checkpoints/0/idiff_manifest.json", "checkpoints/0/commit_success.txt"} <= names(imported)
+    assert load(storage.path(imported)).image_shape == (16, 16, 3)
+    assert "exists and is not an empty directory" in error_line(
+        invoke("import", "diffusers", MODEL, "--out", imported))
+    assert not any(n.endswith("run.lock") for n in names(bucket))
+    assert list(tmp_path.iterdir()) == []  # nothing written locally
 
 
 def test_gcs_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(bucket, tmp_path, monkeypatch):
@@ -169,11 +222,17 @@ def test_gcs_a_damaged_checkpoint_is_found_by_its_crc32c_and_set_aside_by_copy_a
 
 
 def test_gcs_paths_where_they_are_not_supported_are_one_line(bucket):
-    """A gs:// path for a command that keeps its directories local, for an input file, or beside a
-    tracker: one line, exit 2; a bucket that does not exist likewise."""
+    """A gs:// path for a command that keeps its directories local (export), for an input file (--config,
+    import's model directory, ebm-train's --data), for a Stable Diffusion import, or beside a tracker: one
+    line, exit 2; a bucket that does not exist likewise."""
     assert "keeps its run directories on a local file system" in error_line(
-        invoke("langevin-reward", "--out", f"{bucket}/lr"))
-    assert "--config reads a local file" in error_line(invoke(*PRETRAIN, "--config", f"{bucket}/c.json"))
+        invoke("export", f"{bucket}/imported", "--out", f"{bucket}/exported"))
+    assert "--config names a local path" in error_line(invoke(*PRETRAIN, "--config", f"{bucket}/c.json"))
+    assert "DIR names a local path" in error_line(invoke("import", "diffusers", f"{bucket}/model", "--out", "m"))
+    assert "--data names a local file" in error_line(invoke("ebm-train", "--data", f"{bucket}/pts.npy",
+                                                            "--out", f"{bucket}/ebm"))
+    assert "a Stable Diffusion pipeline imports into a local directory only" in error_line(
+        invoke("import", "diffusers", SD_PIPELINE, "--out", f"{bucket}/sd"))
     assert "--tensorboard writes into a local run directory only" in error_line(
         invoke(*PRETRAIN, "--tensorboard", "--out", f"{bucket}/tb"))
     assert "bucket 'no-such-bucket-here' does not exist" in error_line(
