@@ -5,8 +5,7 @@
 # pretrain and finetune runs join the slice as one cluster (docs/cluster.md); WORKERS=0 runs a
 # single-host script (langevin_reward.sh, ebm_train.sh) on worker 0 alone. SCRIPT_ENV="PRESET=paper ..."
 # sets the script's own variables. Re-running resumes. Then: fetch.sh RUN_NAME.
-# Not there yet: idiff does not write gs:// run directories (docs/cluster.md), so today this fails at the
-# first file the run writes; DRY_RUN=1 shows the command.
+# DRY_RUN=1 shows the command.
 source "$(dirname "$0")/lib.sh"
 SCRIPT=${1:-$DEFAULT_SCRIPT}
 if [ ! -f "$ROOT/experiments/$SCRIPT" ]; then echo "error: no experiments/$SCRIPT in $ROOT" >&2; exit 2; fi
