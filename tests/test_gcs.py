@@ -75,9 +75,14 @@ def test_gcs_pretrain_evaluate_fid_finetune_sample_report_and_sigterm_resume_on_
     assert [n.rsplit("/", 1)[1] for n in batches] == ["batch-00000.npy", "batch-00001.npy"]
     fid = json.loads(storage.path(f"{pre}/fid.json").read_text())
     assert fid["n"] == 6 and fid["run"] == pre and "(n = 6, reference: dataset mnist)" in evaluated.output
+
+    def generation(name: str) -> int:
+        return gcs.Client().bucket(bucket[5:]).get_blob(f"runs/pre/{name}").generation
+
+    kept = generation(batches[0])
     storage.path(f"{pre}/{batches[1]}").unlink()  # the kept batch is reused, the missing one computed again
     invoke("evaluate-fid", pre, *FID, check=True)
-    assert sorted(n for n in names(pre) if n.startswith("fid/")) == batches
+    assert sorted(n for n in names(pre) if n.startswith("fid/")) == batches and generation(batches[0]) == kept
     assert json.loads(storage.path(f"{pre}/fid.json").read_text())["value"] == fid["value"]
     ft_files = names(ft)
     assert {"config.json", "finetuned.json", "weights/2/idiff_manifest.json", "samples/step_000002.png",
