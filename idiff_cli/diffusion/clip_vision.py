@@ -277,6 +277,18 @@ class VisionTower(NamedTuple):
         """image_embeds [B, projection_dim] of images [B, H, W, 3] in [−1, 1] (preprocessing included)."""
         return self.module.apply(self.params, self.preprocessing(images))
 
+    def unit_embeds(self, images: jax.Array) -> jax.Array:
+        """The L2-normalised image_embeds [..., projection_dim] of images [..., H, W, 3] in [−1, 1] (`unit`)."""
+        *lead, h, w, c = images.shape
+        return unit(self.embed(images.reshape(-1, h, w, c))).reshape(*lead, -1)
+
+
+def unit(e: jax.Array) -> jax.Array:
+    """e / ‖e‖₂ along the last axis, in float32 (float64 for float64 e): CLIP's embeddings as its cosines
+    and the aesthetic head read them."""
+    e = e.astype(_float_dtype(e.dtype))
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
 
 def check_files(directory: str | pathlib.Path, files: tuple[str | tuple[str, ...], ...],
                 download: str = DOWNLOAD) -> pathlib.Path:

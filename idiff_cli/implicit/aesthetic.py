@@ -47,10 +47,6 @@ HEAD_URL = f"https://github.com/christophschuhmann/improved-aesthetic-predictor/
 _KEY = re.compile(r"layers\.(\d+)\.(weight|bias)")
 
 
-def _wide(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def head_apply(head: tuple[tuple[jax.Array, jax.Array], ...], embeds: jax.Array) -> jax.Array:
     """The MLP of (kernel [in, out], bias [out]) layers on embeddings [..., in] -> [...] (no activations)."""
     x = embeds
@@ -113,11 +109,7 @@ class AestheticScore:
 
     def embed(self, images: jax.Array) -> jax.Array:
         """The L2-normalised CLIP image embeddings [..., projection_dim] of images [..., H, W, 3] in [−1, 1]."""
-        *lead, h, w, c = images.shape
-        pixels = self.preprocessing(images.reshape(-1, h, w, c))
-        e = self.clip_module.apply(self.clip_params, pixels)
-        e = e.astype(_wide(e.dtype))
-        return (e / jnp.linalg.norm(e, axis=-1, keepdims=True)).reshape(*lead, e.shape[-1])
+        return clip_vision.VisionTower(self.clip_module, self.clip_params, self.preprocessing).unit_embeds(images)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return head_apply(self.head_params, self.embed(images))

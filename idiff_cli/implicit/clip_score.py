@@ -48,12 +48,6 @@ DOWNLOAD = (f"huggingface-cli download {clip_vision.PUBLISHED} {clip_vision.CONF
             f"{' '.join(TOKENIZER_FILES)} --local-dir DIR")
 
 
-def unit(e: jax.Array) -> jax.Array:
-    """e / ‖e‖₂ along the last axis, in float32 (float64 for float64 e)."""
-    e = e.astype(jnp.promote_types(e.dtype, jnp.float32))
-    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["text_params", "vision_params"],
                    meta_fields=["text_module", "vision_module", "preprocessing", "tokenizer"])
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +68,11 @@ class ClipScore:
     def text_embeds(self, texts: tuple[str, ...]) -> jax.Array:
         """The unit text embeddings [P, projection_dim] of P prompts (tokenized on the host)."""
         ids, _ = self.tokenizer.encode(texts)
-        return unit(self.text_module.apply(self.text_params, jnp.asarray(ids), pooled=True))
+        return clip_vision.unit(self.text_module.apply(self.text_params, jnp.asarray(ids), pooled=True))
 
     def image_embeds(self, images: jax.Array) -> jax.Array:
         """The unit image embeddings [..., projection_dim] of images [..., H, W, 3] in [−1, 1]."""
-        *lead, h, w, c = images.shape
-        tower = clip_vision.VisionTower(self.vision_module, self.vision_params, self.preprocessing)
-        return unit(tower.embed(images.reshape(-1, h, w, c))).reshape(*lead, -1)
+        return clip_vision.VisionTower(self.vision_module, self.vision_params, self.preprocessing).unit_embeds(images)
 
     def __call__(self, images: jax.Array, prompts: Any) -> jax.Array:  # prompts: a rewards.Prompts
         if not prompts.texts:
