@@ -58,18 +58,14 @@ COMMANDS = (
 )
 
 
-# The commands whose run directories (--out, --from, RUN) may be object-store prefixes (gs://, storage.py),
-# and the options that name run directories; every other path option names a local file (import's source
-# directory too). export keeps its directories local.
-OBJECT_STORE_COMMANDS = ("langevin-reward", "ebm-train", "pretrain", "import", "sample", "finetune", "evaluate-fid",
-                         "report")
+# The options that name run directories, which may be object-store prefixes (gs://, storage.py) in every
+# command; every other path option names a local file (import's source directory too).
 RUN_DIR_OPTIONS = ("out", "run_dir", "from_run", "runs")
 
 
 def check_object_store(schema: cfglib.Schema, values: dict[str, Any]) -> None:
     """A one-line UserError for a gs:// path where it is not supported: in an option that reads a local
-    file, in a command that keeps its run directories local, or beside a tracker that writes into the
-    run directory with its own file I/O."""
+    file, or beside a tracker that writes into the run directory with its own file I/O."""
     for option in (o for o in schema.options if o.kind == "path"):
         value = values.get(option.name)
         remote = [v for v in (value if option.many else [value]) if v and storage.is_remote(v)]
@@ -77,9 +73,6 @@ def check_object_store(schema: cfglib.Schema, values: dict[str, Any]) -> None:
             continue
         if option.name not in RUN_DIR_OPTIONS:
             raise UserError(f"{option.flag} names a local path; gs:// paths are for run directories")
-        if schema.command not in OBJECT_STORE_COMMANDS:
-            raise UserError(f"`idiff {schema.command}` keeps its run directories on a local file system; "
-                            f"gs:// run directories: {', '.join(OBJECT_STORE_COMMANDS)}")
         for tracker in ("tensorboard", "wandb"):
             if values.get(tracker):
                 raise UserError(f"--{tracker} writes into a local run directory only; drop it or use a local --out")

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import storage as gcs
+from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import load_file
 
 from conftest import TINY_UNET
 from helpers import CLOCK, cli, error_line, invoke
 from idiff_cli import storage
 from idiff_cli.checkpoint import Checkpointer
+from idiff_cli.diffusion import pipeline_io
 from idiff_cli.diffusion.model import load
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir
@@ -54,6 +57,7 @@ def test_gcs_the_emulator_refuses_a_second_create_with_412(bucket):
         blob.upload_from_string(b"b", if_generation_match=blob.generation + 1)
 
 
+@pytest.mark.slow  # five commands on the emulator
 def test_gcs_pretrain_evaluate_fid_finetune_sample_report_and_sigterm_resume_on_the_emulator(bucket, tmp_path,
                                                                                                monkeypatch):
     """Every directory on the emulator, nothing on the local disk; evaluate-fid's per-batch features kept
@@ -105,6 +109,7 @@ def test_gcs_pretrain_evaluate_fid_finetune_sample_report_and_sigterm_resume_on_
     assert rows(stopped) == rows(pre)
 
 
+@pytest.mark.slow  # three commands on the emulator
 def test_gcs_langevin_ebm_and_import_write_their_run_directories_on_the_emulator(bucket, tmp_path, monkeypatch,
                                                                                    tmp_path_factory):
     """langevin-reward (the log-likelihood columns written into its metrics chunks; `report --out gs://`
@@ -136,6 +141,31 @@ def test_gcs_langevin_ebm_and_import_write_their_run_directories_on_the_emulator
         invoke("import", "diffusers", MODEL, "--out", imported))
     assert not any(n.endswith("run.lock") for n in names(bucket))
     assert list(tmp_path.iterdir()) == []  # nothing written locally
+
+
+@pytest.mark.slow  # an SD import on the emulator
+def test_gcs_a_stable_diffusion_pipeline_imports_into_and_exports_from_the_bucket(bucket, tmp_path, monkeypatch):
+    """import --out gs:// of the fixture SD pipeline: its configs, tokenizer files and checkpoint are
+    objects; the run loads from the bucket (its tokenizer fetched from the copies: the same token ids as
+    the source's); `export` of it from the bucket into the bucket writes unet/ with the source's U-Net
+    weights, name by name and bit for bit. Nothing is written locally."""
+    monkeypatch.chdir(tmp_path)
+    run, out = f"{bucket}/sd", f"{bucket}/sd-export"
+    invoke("import", "diffusers", SD_PIPELINE, "--out", run, "--sample-steps", "4", check=True)
+    assert {"pretrained.json", "diffusers/model_index.json", "diffusers/unet/config.json", "diffusers/tokenizer/vocab.json",
+            "diffusers/tokenizer/merges.txt", "checkpoints/0/commit_success.txt"} <= names(run)
+    prompts = ["a photo of a cat", "an astronaut riding a horse"]
+    ids, _ = load(storage.path(run)).model.tokenizer.encode(prompts)
+    np.testing.assert_array_equal(ids, pipeline_io.read_pipeline(SD_PIPELINE).model.tokenizer.encode(prompts)[0])
+
+    invoke("export", run, "--format", "diffusers", "--out", out, check=True)
+    assert names(out) == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    exported = safetensors_load(storage.path(f"{out}/unet/diffusion_pytorch_model.safetensors").read_bytes())
+    source = load_file(SD_PIPELINE / "unet" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == source.keys()
+    for name, tensor in source.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gcs_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(bucket, tmp_path, monkeypatch):
@@ -227,17 +257,12 @@ def test_gcs_a_damaged_checkpoint_is_found_by_its_crc32c_and_set_aside_by_copy_a
 
 
 def test_gcs_paths_where_they_are_not_supported_are_one_line(bucket):
-    """A gs:// path for a command that keeps its directories local (export), for an input file (--config,
-    import's model directory, ebm-train's --data), for a Stable Diffusion import, or beside a tracker: one
-    line, exit 2; a bucket that does not exist likewise."""
-    assert "keeps its run directories on a local file system" in error_line(
-        invoke("export", f"{bucket}/imported", "--out", f"{bucket}/exported"))
+    """A gs:// path for an input file (--config, import's model directory, ebm-train's --data) or beside a
+    tracker: one line, exit 2; a bucket that does not exist likewise."""
     assert "--config names a local path" in error_line(invoke(*PRETRAIN, "--config", f"{bucket}/c.json"))
     assert "DIR names a local path" in error_line(invoke("import", "diffusers", f"{bucket}/model", "--out", "m"))
     assert "--data names a local file" in error_line(invoke("ebm-train", "--data", f"{bucket}/pts.npy",
                                                             "--out", f"{bucket}/ebm"))
-    assert "a Stable Diffusion pipeline imports into a local directory only" in error_line(
-        invoke("import", "diffusers", SD_PIPELINE, "--out", f"{bucket}/sd"))
     assert "--tensorboard writes into a local run directory only" in error_line(
         invoke(*PRETRAIN, "--tensorboard", "--out", f"{bucket}/tb"))
     assert "bucket 'no-such-bucket-here' does not exist" in error_line(

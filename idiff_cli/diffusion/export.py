@@ -15,7 +15,7 @@ finetuned here runs in diffusers (and anything built on it).
 * A LoRA finetune run of a pixel model: merged, as any other run of it.
 
 The weights are written name by name as `idiff import` reads them (diffusers_io.tensors_from_params,
-the inverse of params_from_tensors), in the run's dtype. idiff's own pretrain U-Net (unet.py) is not a
+the inverse of params_from_tensors), in the run's dtype. RUN and DIR may be gs:// prefixes. idiff's own pretrain U-Net (unet.py) is not a
 diffusers architecture: its runs are refused in one line. DIR is checked before anything is read, and
 written only once every file is ready (each file atomically).
 """
@@ -27,20 +27,26 @@ from typing import Any
 
 from safetensors.numpy import save
 
+from idiff_cli import storage
 from idiff_cli.diffusion import diffusers_io, lora, pipeline_io
 from idiff_cli.diffusion.model import FINETUNED, PRETRAINED, TextToImageModel, load, load_adapters
 from idiff_cli.errors import UserError
 from idiff_cli.runs import RunDir, atomic_write_bytes, console, read_json
 
 
+def _identity(run_dir: pathlib.Path) -> str:
+    """A run directory's name, the same for every spelling of a local one."""
+    return str(run_dir if storage.is_remote(run_dir) else run_dir.resolve())
+
+
 def source_run(run_dir: pathlib.Path) -> pathlib.Path:
     """The run a run's network comes from: a finetune run's `from`, followed to the pretrain or import run."""
-    seen = {run_dir.resolve()}
+    seen = {_identity(run_dir)}
     while (run_dir / FINETUNED).exists():
-        run_dir = pathlib.Path(read_json(run_dir / FINETUNED, ("from",))["from"])
-        if run_dir.resolve() in seen:
+        run_dir = storage.path(read_json(run_dir / FINETUNED, ("from",))["from"])
+        if _identity(run_dir) in seen:
             raise UserError(f"'{run_dir}': finetuned.json files that point at each other")
-        seen.add(run_dir.resolve())
+        seen.add(_identity(run_dir))
     if not (run_dir / PRETRAINED).exists():
         raise UserError(f"'{run_dir}' holds no trained model (no {PRETRAINED} or {FINETUNED})")
     return run_dir
@@ -52,7 +58,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
         raise UserError("missing --out (the directory to write the export into)")
     target = RunDir(out)
     target.check_new()
-    run_dir = pathlib.Path(cfg.run_dir)
+    run_dir = storage.path(cfg.run_dir)
     source = source_run(run_dir)
     copies = source / diffusers_io.SOURCE_DIR
     if pipeline_io.holds_pipeline(source):
@@ -67,7 +73,7 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
                         "architecture; export takes imported models and their finetune runs")
     record = read_json(run_dir / FINETUNED, ("from",)) if (run_dir / FINETUNED).exists() else {}
     if "lora" in record and pipeline_io.holds_pipeline(source) and not cfg.merged:
-        if (pathlib.Path(record["from"]) / FINETUNED).exists():
+        if (storage.path(record["from"]) / FINETUNED).exists():
             raise UserError(f"'{run_dir}' adapts a finetuned model ({record['from']}): its LoRA file alone would "
                             "leave out that finetuning; use --merged")
         _, adapters, spec, step, _ = load_adapters(run_dir, cfg.step)
@@ -81,7 +87,6 @@ def main(cfg: Any, out: pathlib.Path | None) -> pathlib.Path:
     weights = save(diffusers_io.tensors_from_params(params), metadata={"format": "pt"})
     target.create()
     for name, config in files.items():
-        (target.path / name).parent.mkdir(parents=True, exist_ok=True)
         target.write_json(name, config)
     atomic_write_bytes(target.path / weights_name, weights)
     console.print(f"exported {run_dir} ({model.weights} weights, step {model.step}) -> {target.path} "

@@ -46,9 +46,6 @@ def main(cfg: Any, out: pathlib.Path | None):
     run_dir = RunDir(out or default_run_dir("import"))
     run_dir.check_new()
     text_to_image = pipeline_io.is_text_to_image(pathlib.Path(cfg.dir))
-    if text_to_image and run_dir.remote:
-        raise UserError(f"--out '{run_dir.path}': a Stable Diffusion pipeline imports into a local directory only (its "
-                        "run reads the tokenizer from local files); gs:// takes UNet2DModel imports")
     if cfg.variant != "fp32" and not text_to_image:
         raise UserError(f"--variant {cfg.variant} applies to Stable Diffusion pipeline directories; '{cfg.dir}' is "
                         "a UNet2DModel directory (leave --variant at fp32)")

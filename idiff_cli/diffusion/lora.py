@@ -43,7 +43,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from idiff_cli import runs
+from idiff_cli import runs, storage
 from idiff_cli.diffusion import diffusers_io
 from idiff_cli.errors import UserError
 
@@ -304,4 +304,4 @@ def read(path: str | pathlib.Path, params: Any, prefix: str = "unet") -> tuple[A
 def write(path: str | pathlib.Path, adapters: Any, scale: float, prefix: str = "unet") -> None:
     """The adapters as a diffusers LoRA file (`to_diffusers`; safetensors metadata {"format": "pt"}, as torch
     writes it), written atomically."""
-    runs.atomic_write_bytes(pathlib.Path(path), save(to_diffusers(adapters, scale, prefix), metadata={"format": "pt"}))
+    runs.atomic_write_bytes(storage.path(path), save(to_diffusers(adapters, scale, prefix), metadata={"format": "pt"}))

@@ -23,20 +23,21 @@ the weights are its checkpoint 0: {"unet": …, "vae": …, "text_encoder": …}
 from __future__ import annotations
 
 import pathlib
-import shutil
+import tempfile
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idiff_cli import storage
 from idiff_cli.diffusion import diffusers_io, sd_unet
 from idiff_cli.diffusion.clip_text import CLIPTextEncoder, load_tokenizer, text_fields, text_params
 from idiff_cli.diffusion.ddpm import DiscreteDDPM
 from idiff_cli.diffusion.text2image import TextToImage
 from idiff_cli.diffusion.vae import AutoencoderKL, latent_factor, vae_fields, vae_params
 from idiff_cli.errors import UserError
-from idiff_cli.runs import RunDir
+from idiff_cli.runs import RunDir, atomic_write_bytes
 
 INDEX = "model_index.json"
 PIPELINES = ("StableDiffusionPipeline",)
@@ -166,16 +167,14 @@ def read_pipeline(directory: str | pathlib.Path, variant: str = "fp32") -> Pipel
 
 def write_pipeline(run_dir: RunDir, pipeline: Pipeline) -> None:
     """Copies of the pipeline's configs and tokenizer files into `run_dir`/diffusers/."""
-    root = run_dir.path / diffusers_io.SOURCE_DIR
-    for component in COMPONENTS:
-        (root / component).mkdir(parents=True, exist_ok=True)
     run_dir.write_json(f"{diffusers_io.SOURCE_DIR}/{INDEX}", pipeline.configs["model_index"])
     for component in ("unet", "vae", "text_encoder", "scheduler"):
         name = _config_path(pathlib.Path(), component)
         run_dir.write_json(f"{diffusers_io.SOURCE_DIR}/{name}", pipeline.configs[component])
     for name in TOKENIZER_FILES:
         if (pipeline.tokenizer_dir / name).is_file():
-            shutil.copyfile(pipeline.tokenizer_dir / name, root / "tokenizer" / name)
+            atomic_write_bytes(run_dir.path / diffusers_io.SOURCE_DIR / "tokenizer" / name,
+                               (pipeline.tokenizer_dir / name).read_bytes())
 
 
 def holds_pipeline(run_dir: pathlib.Path) -> bool:
@@ -184,7 +183,15 @@ def holds_pipeline(run_dir: pathlib.Path) -> bool:
 
 
 def run_pipeline(run_dir: pathlib.Path) -> TextToImage:
-    """The TextToImage model of a run directory, from its diffusers/ copies."""
+    """The TextToImage model of a run directory, from its diffusers/ copies. The tokenizer library reads
+    local files only: a run directory on an object store has its tokenizer files fetched into a
+    temporary directory first (a few MB; the tokenizer holds them in memory once built)."""
     root = run_dir / diffusers_io.SOURCE_DIR
     configs = {c: diffusers_io.read_json(_config_path(root, c)) for c in ("unet", "vae", "text_encoder", "scheduler")}
-    return build(configs, root / "tokenizer")
+    if not storage.is_remote(root):
+        return build(configs, root / "tokenizer")
+    with tempfile.TemporaryDirectory(prefix="idiff-tokenizer-") as local:
+        for name in TOKENIZER_FILES:
+            if (root / "tokenizer" / name).is_file():
+                (pathlib.Path(local) / name).write_bytes((root / "tokenizer" / name).read_bytes())
+        return build(configs, pathlib.Path(local))
