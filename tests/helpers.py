@@ -60,17 +60,43 @@ def error_line(result) -> str:
     return lines[0]
 
 
-def cli(*args, env=None) -> subprocess.Popen:
-    """`idiff ARGS` in a child process (stdout and stderr together, text)."""
-    return subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *map(str, args)],
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+IDIFF = ["-c", "from idiff_cli.cli import main; main()"]  # `python IDIFF ARGS` runs `idiff ARGS`
+
+
+def cli(*args, env=None) -> subprocess.Popen:
+    """`idiff ARGS` in a child process (stdout and stderr together, text)."""
+    return subprocess.Popen([sys.executable, *IDIFF, *map(str, args)], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def slurm_port() -> int:
+    """The first free port of the range JAX's Slurm detector derives the coordinator's port from
+    (61440 + SLURM_JOB_ID mod 4096, above Linux's ephemeral ports): the tests set SLURM_JOB_ID to reach it."""
+    for port in range(61440, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 61440-65535")
+
+
+def slurm_task(args, task: int, port: int, **env) -> subprocess.Popen:
+    """`python ARGS` as task `task` of a 2-task Slurm step on this machine (one host device), in an
+    environment without any other cluster's variables."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR", "JAX_NUM_", "JAX_PROCESS_"))}
+    slurm = {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_NODEID": "0"}
+    return subprocess.Popen([sys.executable, *map(str, args)], env={**base, "XLA_FLAGS": xla_flags(1), **slurm, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def cluster(args, out, per_process=({}, {}), **env) -> list[subprocess.Popen]:

@@ -1,6 +1,6 @@
 """Joining a cluster by itself (docs/cluster.md): which environment is a cluster of several processes
 (`devices.cluster_from_env`, JAX's detection order), two local processes given Slurm's variables join
-through JAX's Slurm detector and write one run directory, a process that cannot join ends in one line
+through JAX's Slurm detector (a pretraining run of two Slurm tasks: test_pretrain_cli.py), a process that cannot join ends in one line
 within the timeout, and the TPU VM scripts print their exact `gcloud` commands under DRY_RUN=1."""
 
 import http.server
@@ -8,20 +8,16 @@ import json
 import os
 import pathlib
 import shlex
-import socket
 import subprocess
-import sys
 import textwrap
 import threading
 
 import pytest
-from conftest import TINY_UNET
-from helpers import rows
+from helpers import IDIFF, slurm_port, slurm_task
 
 from idiff_cli import devices
 from idiff_cli.devices import Cluster, cluster_from_env
 from idiff_cli.errors import UserError
-from suite_env import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU = ROOT / "experiments" / "tpu"
@@ -103,31 +99,6 @@ def test_a_cloud_tpu_vm_slice_is_read_from_the_metadata_server(monkeypatch, tmp_
 # ---- two processes under Slurm's variables ----
 
 
-def slurm_port() -> int:
-    """The first free port of the range JAX's Slurm detector derives the coordinator's port from
-    (61440 + SLURM_JOB_ID mod 4096, above Linux's ephemeral ports): the tests set SLURM_JOB_ID to reach it."""
-    for port in range(61440, 65536):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port in 61440-65535")
-
-
-def slurm_task(args, task: int, port: int, **env) -> subprocess.Popen:
-    """`python ARGS` as task `task` of a 2-task Slurm step on this machine (one host device), in an
-    environment without any other cluster's variables."""
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR", "JAX_NUM_", "JAX_PROCESS_"))}
-    slurm = {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
-             "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_NODEID": "0"}
-    return subprocess.Popen([sys.executable, *map(str, args)], env={**base, "XLA_FLAGS": xla_flags(1), **slurm, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-IDIFF = ["-c", "from idiff_cli.cli import main; main()"]
 # What a command does before its work: join, then the shared-directory check's collectives (gloo).
 JOIN = textwrap.dedent("""
     import pathlib, sys, jax
@@ -148,24 +119,6 @@ def test_two_slurm_tasks_join_through_jax_s_slurm_detector(tmp_path):
     for task, output in enumerate(outputs):
         lines = output.splitlines()
         assert f"joined the Slurm step as process {task} of 2" in lines and lines[-1] == "processes 2 devices 2", output
-
-
-@pytest.mark.slow
-def test_two_slurm_tasks_run_one_pretraining(tmp_path):
-    """`srun -n 2 idiff pretrain ...` on one machine: without the join the two tasks would be two runs of one
-    process, one of them refused the run directory's lock; joined, they split the batch, finish, and
-    process 0 alone writes each row."""
-    out, port = tmp_path / "run", slurm_port()
-    args = [*IDIFF, "pretrain", "mnist", "--steps", 2, "--batch", 2, *TINY_UNET, "--log-every", 1, "--ckpt-every", 2,
-            "--sample-every", 4, "--out", out]
-    tasks = [slurm_task(args, task, port) for task in (0, 1)]
-    outputs = [t.communicate(timeout=600)[0] for t in tasks]
-    assert [t.returncode for t in tasks] == [0, 0], outputs
-    for task, output in enumerate(outputs):
-        assert f"joined the Slurm step as process {task} of 2" in output, output
-    assert "on 2 device(s) / 2 process(es)" in " ".join(outputs[0].split()), outputs[0]
-    assert [r["step"] for r in rows(out)] == [1, 2]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
 def test_a_task_that_cannot_join_ends_in_one_line_within_the_timeout(tmp_path):

@@ -2,9 +2,8 @@
 model: 20 finetuning steps with the brightness reward (λ > 0, the pipelined adjoint, the reward on
 x_{t_min}: --final-step none, the periodic FID and label_kept); the logged KL of the current θ with its
 standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule (defining
-options must match, run-time ones may change); --method ddpo with the non-differentiable
-compressibility reward (a sampling round and its 4 updates per outer step, resumed mid-run) and with
-digit:7; bad input -> one line, exit 2; LoRA adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the session's
+options must match, run-time ones may change); --method ddpo with the classifier reward
+digit:7 (a sampling round and its 4 updates per outer step, resumed mid-run); bad input -> one line, exit 2; LoRA adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the session's
 split_finetune run (tests/conftest.py, tests/test_finetune_sharded.py)."""
 
 import json
@@ -40,7 +39,7 @@ def finetune_into(pretrained, out, *args):
 
 # ddpo, 4 outer steps, each a round of 4 paths (slot i at step i + 1) and 2 passes of 2 minibatches of 2: the
 # checkpoint at step 2 lies inside the run
-DDPO = ["--method", "ddpo", "--reward", "compressibility", "--inner-epochs", "2", "--train-batch", "2", "--T", "2",
+DDPO = ["--method", "ddpo", "--reward", "digit:7", "--inner-epochs", "2", "--train-batch", "2", "--T", "2",
         "--M", "2", "--batch", "4", "--steps", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "4",
         "--grid-n", "4", "--kl-n", "4", "--lr", "0.01", "--beta", "0.1"]
 
@@ -284,15 +283,16 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tiny_pretrain, tmp_
 
 @pytest.fixture(scope="module")
 def ddpo_run(tiny_pretrain, tmp_path_factory):
-    return finetune_into(tiny_pretrain, tmp_path_factory.mktemp("ddpo") / "compressibility", *DDPO)
+    return finetune_into(tiny_pretrain, tmp_path_factory.mktemp("ddpo") / "digit", *DDPO)
 
 
 @pytest.mark.slow  # a 4-step ddpo run, shared with the resume test
-def test_ddpo_with_the_jpeg_reward_writes_the_usual_outputs_and_counts_its_rounds(ddpo_run):
-    """--method ddpo --reward compressibility (a host callback with no gradient) through the CLI: the
-    rows, KL, grids, checkpoints and weights of every method, and ddpo's clipfrac and approx_kl. Every
-    step samples a round (its own rewarded images: a negative JPEG size in kB) and makes E·K = 2·2
-    updates on it. Declared passes at T = 2, batch 4, β > 0, Tweedie d = 1: the round T + d forward
+def test_ddpo_with_the_classifier_reward_writes_the_usual_outputs_and_counts_its_rounds(ddpo_run):
+    """--method ddpo --reward digit:7 (the log-probability of class 7 under the MNIST classifier; ddpo
+    with a reward that has no gradient, JPEG compressibility, runs on the SD fixture in test_sd_cli.py)
+    through the CLI: the rows, KL, grids, checkpoints and weights of every method, and ddpo's clipfrac and
+    approx_kl. Every step samples a round (its own rewarded images: log-probabilities < 0) and makes
+    E·K = 2·2 updates on it. Declared passes at T = 2, batch 4, β > 0, Tweedie d = 1: the round T + d forward
     and T more for θ_old's means, each pass over it 2T forward (θ's and θ0's) and T backward, so
     net_evals = 4 · (2T + d + E·2T + E·T) s = 68 s, and sequential_calls = (2T + d + E·K·T) s = 13 s."""
     metrics = rows(ddpo_run)
@@ -307,7 +307,7 @@ def test_ddpo_with_the_jpeg_reward_writes_the_usual_outputs_and_counts_its_round
     assert [r["step"] for r in metrics if "kl" in r] == [0, 1, 2, 3, 4]
     config = json.loads((ddpo_run / "config.json").read_text())
     assert (config["method"], config["reward"], config["inner_epochs"], config["train_batch"], config["clip_range"],
-            config["adv_clip"], config["advantage"]) == ("ddpo", "compressibility", 2, 2, 1e-4, 5.0, "normalized")
+            config["adv_clip"], config["advantage"]) == ("ddpo", "digit:7", 2, 2, 1e-4, 5.0, "normalized")
     assert sorted(p.name for p in (ddpo_run / "samples").glob("*.png")) == ["step_000000.png", "step_000004.png"]
     assert {p.name for p in (ddpo_run / "figures").iterdir()} >= {"reward_kl.png", "evolution.png"}
     assert (ddpo_run / "checkpoints" / "4").is_dir() and (ddpo_run / "weights" / "4").is_dir()
@@ -326,18 +326,7 @@ def test_ddpo_resumed_mid_run_logs_the_uninterrupted_rows(ddpo_run, tiny_pretrai
     assert rows(run, drop=CLOCK) == rows(ddpo_run, drop=CLOCK)
 
 
-@pytest.mark.slow  # a 2-step ddpo run
-def test_ddpo_runs_the_classifier_reward_digit_7(tiny_pretrain, tmp_path):
-    """--method ddpo --reward digit:7 (the log-probability of class 7 under the MNIST classifier) runs
-    through the CLI: finite log-probabilities (< 0) and gradients on every row."""
-    run = finetune_into(tiny_pretrain, tmp_path / "digit", "--method", "ddpo", "--reward", "digit:7", "--T", "2",
-                        "--M", "2", "--batch", "4", "--steps", "2", "--log-every", "1", "--ckpt-every", "2",
-                        "--sample-every", "2", "--grid-n", "4", "--kl-n", "4")
-    train = [r for r in rows(run) if "reward_mean" in r]
-    assert [r["step"] for r in train] == [1, 2]
-    assert all(r["reward_mean"] < 0 and np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in train), train
-
-
+@pytest.mark.slow  # compiles an outer step
 def test_lora_on_the_pixel_u_net(tiny_pretrain):
     """`--lora-rank 2` on idiff's own U-Net: adapters on every dense and convolution layer of its residual and
     attention blocks (none elsewhere), θ0's merged network the pretrained one exactly (B = 0), a nonzero

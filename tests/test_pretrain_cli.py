@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import TINY_UNET
-from helpers import CLOCK, cluster, error_line, invoke, rows
+from helpers import CLOCK, IDIFF, cluster, error_line, invoke, rows, slurm_port, slurm_task
 
 from idiff_cli.data import datasets
 from idiff_cli.diffusion import figures
@@ -85,6 +85,7 @@ def test_sample_writes_a_grid_and_the_images_deterministically(tiny_pretrain, tm
     assert not np.array_equal(other, first["images"])
 
 
+@pytest.mark.slow  # three pretrain runs
 def test_resume_repeats_the_uninterrupted_run_and_runtime_options_may_change(tmp_path):
     """To step 4 in one go, and to step 2 then (a larger --steps, another --sample-every) to step 4:
     the same rows. A different defining option (--lr) is refused in one line naming it."""
@@ -121,8 +122,11 @@ def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_to
     the same numbers, summed in another order. Process 1 alone receives SIGTERM once it has dispatched
     step 14, inside the chunk of steps 13-24: the processes decide together every 8 dispatched steps, so
     both stop after step 20 (the single process would stop after 14), write checkpoint 20 together and
-    exit 143. The losses of steps 13-20 travel in the checkpoint: resumed (in this process, on its 2
-    devices) the run logs the row of step 24, the mean over 13-24, as the uninterrupted runs do."""
+    exit 143. The losses of steps 13-20 travel in the checkpoint. The stopped pair was joined by JAX's
+    explicit variables (JAX_COORDINATOR_ADDRESS, …); it is resumed as `srun -n 2 idiff pretrain …` would
+    start it: two tasks given only Slurm's variables join by themselves (one line each naming their
+    rank), split the batch, log the row of step 24, the mean over 13-24, as the uninterrupted runs do,
+    and process 0 alone writes it."""
     args = ["pretrain", "mnist", "--batch", 4, "--sample-steps", 2, "--grid-n", 4, *TINY_UNET, "--steps", 24,
             "--log-every", 12, "--ckpt-every", 24, "--sample-every", 24]
     for n in (1, 2):
@@ -140,7 +144,13 @@ def test_two_devices_and_two_processes_give_the_single_device_losses_and_stop_to
     assert [r["step"] for r in rows(tmp_path / "one")] == [12, 24]
     np.testing.assert_allclose([r["loss"] for r in rows(tmp_path / "two")], base, rtol=1e-4)
     assert [r["step"] for r in rows(tmp_path / "procs")] == [12]  # no row for a chunk cut short
-    invoke(*args, "--devices", 2, "--out", tmp_path / "procs", check=True)
+    port = slurm_port()
+    tasks = [slurm_task([*IDIFF, *args, "--out", tmp_path / "procs"], task, port) for task in (0, 1)]
+    outputs = [t.communicate(timeout=900)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outputs
+    for task, output in enumerate(outputs):
+        assert f"joined the Slurm step as process {task} of 2" in output, output
+    assert "resuming from checkpoint step 20" in outputs[0], outputs[0]
     joined = rows(tmp_path / "procs")
     assert [r["step"] for r in joined] == [12, 24]
     np.testing.assert_allclose([r["loss"] for r in joined], base, rtol=1e-4)
