@@ -22,11 +22,12 @@ os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 
 # The files that take longest go first, longest first (1.5-7 min each in a worker), so that the two
 # workers end together on short files: --dist loadfile with --no-loadscope-reorder (pyproject's addopts)
-# hands out files in collection order. The second one starts with commands that need no pretrained model
-# while the first makes the session's tiny_pretrain.
-FIRST = ("test_finetune_cli.py", "test_reliability.py", "test_finetune_sharded.py", "test_pretrain_cli.py",
-         "test_import_cli.py", "test_experiments.py", "test_reliability_corpus.py", "test_sd_cli.py",
-         "test_t2i_finetune.py", "test_sd_pipeline.py", "test_gcs.py")
+# hands out files in collection order. The second worker starts with files that need no pretrained model
+# (the whole suite: test_reliability.py; -m "not slow", where it has no test: test_sd_cli.py and
+# test_t2i_finetune.py) while the first makes the session's tiny_pretrain.
+FIRST = ("test_finetune_cli.py", "test_reliability.py", "test_sd_cli.py", "test_t2i_finetune.py",
+         "test_finetune_sharded.py", "test_pretrain_cli.py", "test_import_cli.py", "test_experiments.py",
+         "test_reliability_corpus.py", "test_sd_pipeline.py", "test_gcs.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -152,6 +152,7 @@ def test_resume_from_checkpoints_equals_one_run(tmp_path):
     assert_same_arrays(whole, cut)
 
 
+@pytest.mark.slow  # two runs
 def test_larger_steps_continue_the_run(tmp_path):
     """`implicit` run to step 20, then --steps 50 into the same --out: the rows and arrays of one
     50-step run; re-running the finished run adds nothing."""

@@ -201,6 +201,7 @@ def test_a_one_update_round_at_theta_old_is_the_score_function_oracle():
     assert np.all(np.abs(mean - closed) < K_SE * se), (mean, closed, se)
 
 
+@pytest.mark.slow  # a round of updates
 def test_later_updates_of_a_round_move_the_ratios_and_the_clip_binds():
     """A round of 64 paths, 2 passes of 2 minibatches (4 Adam updates, lr 1e-2), ddpo-pytorch's clip
     range 1e-4 (the default): the first update's ratios are exactly 1 (a one-update round logs clipfrac

@@ -43,6 +43,7 @@ def test_dilated_or_grouped_convolutions_are_refused():
         conv(x, jnp.zeros((3, 3, 4, 4)), (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC)
 
 
+@pytest.mark.slow  # compiles a U-Net's VJP in a scan
 def test_unet_vjp_inside_a_scan_compiles_to_canonical_convolutions():
     """The adjoint's reverse scan of U-Net vjps (with a strided down-sampling conv): every convolution
     XLA:CPU compiles is NHWC × HWIO -> NHWC. With flax's default nn.Conv the gradients inside the

@@ -44,6 +44,7 @@ def moments_within_tolerance(x, mean, cov):
 
 @pytest.mark.parametrize("sde", [OrnsteinUhlenbeck(), Cosine()], ids=["ou", "cosine"])
 @pytest.mark.parametrize("name", ["euler-maruyama", "probability-flow", "ddpm"])
+@pytest.mark.slow  # many paths per sampler
 def test_exact_score_reproduces_the_target(sde, name):
     sampler = Sampler(sde, N_STEPS, registry.get("sampler", name))
     x = jax.jit(lambda key: sampler.sample(gaussian_score(sde), key, (N_SAMPLES, 2)))(jax.random.key(0))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from idiff_cli.diffusion.architectures import cpu_architecture, paper_architecture
 from idiff_cli.diffusion.unet import UNet, upsample_nearest
@@ -20,6 +21,7 @@ def test_preset_sizes():
     assert abs(n_params(UNet(**paper_architecture(32)), 32, 3) - 35.7e6) < 0.1e6
 
 
+@pytest.mark.slow  # compiles several U-Nets
 def test_forward_shapes_zero_init_output_and_label_conditioning():
     model = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), groups=4, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))

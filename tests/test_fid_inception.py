@@ -43,6 +43,7 @@ def test_resize_is_torch_bilinear_without_antialiasing(in_size):
     np.testing.assert_allclose(ours, torch_bilinear(images.astype(np.float64), 299), atol=1e-4)
 
 
+@pytest.mark.slow  # compiles Inception-v3
 def test_pool_features_have_the_documented_shape_and_are_deterministic(network):
     """[B, H, W, 3] in [0, 1] -> [B, 2048]; the same weights and images give bit-identical features,
     an image's features do not depend on its place in the batch (inference batch norm), up to

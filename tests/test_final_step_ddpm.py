@@ -5,12 +5,15 @@ docs/results.md)."""
 import importlib.util
 import pathlib
 
+import pytest
+
 spec = importlib.util.spec_from_file_location(
     "final_step_ddpm", pathlib.Path(__file__).parents[1] / "experiments" / "final_step_ddpm.py")
 experiment = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(experiment)
 
 
+@pytest.mark.slow  # finetuning programs of a U-Net
 def test_the_uncovered_last_step_grows_without_paying_and_the_noisy_one_is_held():
     """Uncovered (tweedie): θ_low, free of the penalty, grows steadily (Adam at lr 0.05 on a gradient that
     never vanishes: ~0.05 per step) and the KL of the final images exceeds the penalty; covered (noisy):

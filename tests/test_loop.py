@@ -116,6 +116,7 @@ def test_rows_after_the_last_checkpoint_are_written_once_on_resume(tmp_path):
     assert rows(out) == rows(tmp_path / "whole")
 
 
+@pytest.mark.slow  # several runs of the loop
 def test_a_torn_last_row_is_dropped_and_logged_again_or_named_lost(tmp_path, capsys):
     """The last row of metrics.jsonl (step 8, whose checkpoint is 8) cut at every byte offset, as an
     append cut short by a crash leaves it. Without checkpoint 8 (the crash came before it), the re-run
@@ -232,6 +233,7 @@ def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterr
     assert rows(out) == rows(tmp_path / "whole")
 
 
+@pytest.mark.slow  # two runs of the loop
 def test_rows_of_a_chunk_cut_by_a_signal_are_the_uninterrupted_rows(tmp_path):
     """Stops inside chunks (step 5 of 4..6, step 9 of 8..12) log no partial row: the chunk's outputs
     travel in the checkpoint and the resumed run completes the chunk, so the means over each chunk
@@ -249,6 +251,7 @@ def test_rows_of_a_chunk_cut_by_a_signal_are_the_uninterrupted_rows(tmp_path):
     np.testing.assert_allclose([r["x_mean"] for r in cut[1:]], [r["x_mean"] for r in whole[1:]], rtol=1e-6)
 
 
+@pytest.mark.slow  # runs in child processes
 def test_a_second_signal_ends_the_run_at_once_and_a_signal_while_compiling_saves_nothing(tmp_path):
     out = tmp_path / "run"
     proc = in_subprocess(out, steps=100, log_every=4, ckpt_every=4, delay=0.5)

@@ -158,6 +158,7 @@ rm "$0/disk/ballast"
 """
 
 
+@pytest.mark.slow  # two runs in child processes
 def test_a_full_disk_is_one_line_frees_the_partial_step_and_the_re_run_resumes(tmp_path):
     """A 3 MiB tmpfs (a private mount namespace) nearly full: the run stops at a checkpoint write with
     one line and exit 2, nothing of orbax's logging, no partial step left; with the space freed, the

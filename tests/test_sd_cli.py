@@ -48,6 +48,7 @@ def test_import_writes_a_text_to_image_run(sd_run):
                       "tokenizer/vocab.json", "unet/config.json", "vae/config.json"]
 
 
+@pytest.mark.slow  # compiles the guided SD sampler
 def test_sample_with_a_prompt_and_guidance(sd_run, tmp_path):
     """--n images per prompt, the prompts recorded per image; the same seed gives the same images."""
     prompts = tmp_path / "prompts.txt"
@@ -63,6 +64,7 @@ def test_sample_with_a_prompt_and_guidance(sd_run, tmp_path):
     assert (tmp_path / "a" / "sample-step0-imported-ddim4-seed3-n2.png").is_file()
 
 
+@pytest.mark.slow  # compiles the guided SD sampler
 def test_long_prompt_is_truncated_and_said_once(sd_run, tmp_path):
     long = " ".join(["a quiet mountain village at sunset"] * 20)
     result = invoke("sample", sd_run, "--prompt", long, "--n", "1", "--sample-steps", "2", "--out", tmp_path,
@@ -70,6 +72,7 @@ def test_long_prompt_is_truncated_and_said_once(sd_run, tmp_path):
     assert result.output.count("longer than 77 tokens") == 1
 
 
+@pytest.mark.slow  # compiles the guided SD sampler
 def test_evaluate_fid_from_a_prompts_file(sd_run, tmp_path, monkeypatch):
     (tmp_path / "sd_features.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -101,6 +101,7 @@ def test_ddim_steps_equal_diffusers(name, eta):
 # ---- the whole pipeline ----
 
 
+@pytest.mark.slow  # the whole guided pipeline, per fixture
 def test_guided_pipeline_call_equals_diffusers(pipeline):
     """StableDiffusionPipeline(prompt, negative_prompt, guidance_scale=7.5, 4 DDIM steps, latents) with
     η = 0 end to end, and with η = 1 step by step on diffusers' recorded noise: final latents and images

@@ -161,6 +161,7 @@ class Score(nn.Module):
         return nn.Dense(2)(h)
 
 
+@pytest.mark.slow  # float64 programs of the micro pipeline
 def test_lora_adjoint_gradient_matches_unrolled_and_finite_differences():
     """float64: the finetune objective (−λ R of the final state + β × the Girsanov KL of 4 Euler–Maruyama
     steps) as a function of LoRA adapters on both layers of a score network: the discrete adjoint's
