@@ -32,6 +32,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -57,6 +58,23 @@ class _NoOrbaxLogs(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_NoOrbaxLogs())
+
+
+def _late_write_completions(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A sys.unraisablehook that drops one report and passes on every other: when a write fails (a
+    full disk), the step's other writes may complete after orbax has closed its event loop, and
+    tensorstore reports posting their results to it as an unraisable RuntimeError of no object. The
+    step is discarded either way; the failure itself reaches the caller as an exception."""
+
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _late_write_completions(sys.unraisablehook)
 KILL_HOOK = "IDIFF_TEST_KILL_AT_CHECKPOINT"
 CUT_SHORT = "no manifest: the write was cut short"
 
