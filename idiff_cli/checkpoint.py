@@ -75,6 +75,7 @@ def _late_write_completions(previous: Callable[[Any], None]) -> Callable[[Any], 
 
 
 sys.unraisablehook = _late_write_completions(sys.unraisablehook)
+
 KILL_HOOK = "IDIFF_TEST_KILL_AT_CHECKPOINT"
 CUT_SHORT = "no manifest: the write was cut short"
 

@@ -15,9 +15,9 @@ finetuned here runs in diffusers (and anything built on it).
 * A LoRA finetune run of a pixel model: merged, as any other run of it.
 
 The weights are written name by name as `idiff import` reads them (diffusers_io.tensors_from_params,
-the inverse of params_from_tensors), in the run's dtype. RUN and DIR may be gs:// prefixes. idiff's own pretrain U-Net (unet.py) is not a
+the inverse of params_from_tensors), in the run's dtype. idiff's own pretrain U-Net (unet.py) is not a
 diffusers architecture: its runs are refused in one line. DIR is checked before anything is read, and
-written only once every file is ready (each file atomically).
+written only once every file is ready (each file atomically). RUN and DIR may be gs:// prefixes.
 """
 
 from __future__ import annotations
