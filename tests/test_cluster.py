@@ -1,7 +1,8 @@
 """Joining a cluster by itself (docs/cluster.md): which environment is a cluster of several processes
 (`devices.cluster_from_env`, JAX's detection order), two local processes given Slurm's variables join
-through JAX's Slurm detector (a pretraining run of two Slurm tasks: test_pretrain_cli.py), a process that cannot join ends in one line
-within the timeout, and the TPU VM scripts print their exact `gcloud` commands under DRY_RUN=1."""
+through JAX's Slurm detector (a pretraining run of two Slurm tasks: test_pretrain_cli.py), a process
+that cannot join ends in one line within the timeout, and the TPU VM scripts print their exact
+`gcloud` commands under DRY_RUN=1."""
 
 import http.server
 import json
