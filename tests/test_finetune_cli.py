@@ -2,9 +2,10 @@
 model: 20 finetuning steps with the brightness reward (λ > 0, the pipelined adjoint, the reward on
 x_{t_min}: --final-step none, the periodic FID and label_kept); the logged KL of the current θ with its
 standard error; the finetuned run read by `sample` and `evaluate-fid`; the resume rule (defining
-options must match, run-time ones may change); --method ddpo with the classifier reward
-digit:7 (a sampling round and its 4 updates per outer step, resumed mid-run); bad input -> one line, exit 2; LoRA adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the session's
-split_finetune run (tests/conftest.py, tests/test_finetune_sharded.py)."""
+options must match, run-time ones may change); --method ddpo with the classifier reward digit:7 (a
+sampling round and its 4 updates per outer step, resumed mid-run); bad input -> one line, exit 2; LoRA
+adapters on the pixel U-Net. The full adjoint with the Tweedie final step runs through the CLI in the
+session's split_finetune run (tests/conftest.py, tests/test_finetune_sharded.py)."""
 
 import json
 import shutil
