@@ -136,6 +136,7 @@ def test_another_defining_option_into_the_same_run_directory_is_refused(tiny_run
     assert "other defining options (--seed 0 -> 7)" in error_line(result)
 
 
+@pytest.mark.slow  # two runs
 def test_resume_from_checkpoints_equals_one_run(tmp_path):
     """A run whose last checkpoint of `implicit` and every checkpoint of `langevin-theta-opt` are
     lost resumes implicit from step 40 and reruns theta-opt: rows and arrays equal the whole run's."""

@@ -31,6 +31,7 @@ def test_pretrain_logs_the_periodic_fid(tiny_pretrain):
     assert logged[-1]["fid_n"] == 6 and logged[-1]["fid"] > 100, logged[-1]
 
 
+@pytest.mark.slow  # three evaluate-fid runs
 def test_fid_of_a_run_is_written_and_resumes_from_kept_features(tiny_run):
     args = ["evaluate-fid", tiny_run, "--n", "6", "--batch", "4", "--sample-steps", "2"]
     invoke(*args, check=True)

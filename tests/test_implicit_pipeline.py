@@ -19,7 +19,7 @@ def gradients(method, params, key, n_steps):
     return [grad for grad, _ in outer_steps(method, params, key, n_steps)]
 
 
-@pytest.mark.parametrize("M, T", [(4, 4), (2, 4)])
+@pytest.mark.parametrize("M, T", [pytest.param(4, 4, marks=pytest.mark.slow), (2, 4)])  # (4, 4): a longer queue
 def test_frozen_theta_pipelined_gradient_equals_full_adjoint_of_the_same_path(M, T):
     """With θ frozen, the i-th pipelined Γ is the full discrete adjoint of the path with slot key i − 1,
     the same path the full-adjoint `implicit` method differentiates at step i: equal to relative 1e-10

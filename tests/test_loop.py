@@ -218,6 +218,7 @@ def test_a_start_up_error_inside_the_run_leaves_nothing_behind(tmp_path):
     assert (tmp_path / "rows" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # two runs of the loop
 def test_sigterm_stops_at_the_next_step_saves_and_the_rerun_repeats_the_uninterrupted_rows(tmp_path):
     out = tmp_path / "run"
     proc = in_subprocess(out, steps=400, log_every=4, ckpt_every=100, delay=0.01)
@@ -306,6 +307,7 @@ def test_an_out_that_cannot_be_a_run_directory_is_one_line_and_creates_nothing(t
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.slow  # runs in child processes
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tmp_path):
     """SIGKILL between orbax's commit of step 8 and its manifest (the checkpoint writer's test hook):
     step 8 counts as cut short, the re-run warns, sets it aside and repeats steps 5-8 exactly."""

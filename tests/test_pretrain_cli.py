@@ -70,6 +70,7 @@ def test_model_loads_and_samples(tiny_pretrain):
     assert x.shape == (2, 28, 28, 1) and np.isfinite(np.asarray(x)).all()
 
 
+@pytest.mark.slow  # three sample runs
 def test_sample_writes_a_grid_and_the_images_deterministically(tiny_pretrain, tmp_path):
     args = ["sample", tiny_pretrain, "--n", 3, "--sample-steps", 2, "--sampler", "probability-flow",
             "--out", tmp_path]

@@ -100,6 +100,7 @@ def ddpm_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # 14 commands, each loading a run (12 s)
 def test_refusals_are_one_line_and_write_nothing(sd_run, ddpm_run, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
