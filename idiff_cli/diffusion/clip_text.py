@@ -79,6 +79,8 @@ SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 # CLIPTokenizer's special tokens where the tokenizer's files name none.
 SPECIAL_DEFAULTS = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                         pad_token="<|endoftext|>")
+# The files a tokenizer directory may hold that `load_tokenizer` reads (tokenizer.json, or vocab.json + merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 MAX_LENGTH = 77  # CLIP's context length, where tokenizer_config.json gives no model_max_length
 ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 

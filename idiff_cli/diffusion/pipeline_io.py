@@ -32,7 +32,7 @@ import numpy as np
 
 from idiff_cli import storage
 from idiff_cli.diffusion import diffusers_io, sd_unet
-from idiff_cli.diffusion.clip_text import CLIPTextEncoder, load_tokenizer, text_fields, text_params
+from idiff_cli.diffusion.clip_text import TOKENIZER_FILES, CLIPTextEncoder, load_tokenizer, text_fields, text_params
 from idiff_cli.diffusion.ddpm import DiscreteDDPM
 from idiff_cli.diffusion.text2image import TextToImage
 from idiff_cli.diffusion.vae import AutoencoderKL, latent_factor, vae_fields, vae_params
@@ -46,7 +46,6 @@ PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 NETWORKS = ("unet", "vae", "text_encoder")
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 DOWNLOAD = ("e.g. `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR "
             "--include '*.json' '*.txt' '*.safetensors'`")
 
@@ -171,10 +170,14 @@ def write_pipeline(run_dir: RunDir, pipeline: Pipeline) -> None:
     for component in ("unet", "vae", "text_encoder", "scheduler"):
         name = _config_path(pathlib.Path(), component)
         run_dir.write_json(f"{diffusers_io.SOURCE_DIR}/{name}", pipeline.configs[component])
+    copy_tokenizer(pipeline.tokenizer_dir, run_dir.path / diffusers_io.SOURCE_DIR / "tokenizer")
+
+
+def copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> None:
+    """The tokenizer files in `source` copied into `target`, each written whole (either may be gs://)."""
     for name in TOKENIZER_FILES:
-        if (pipeline.tokenizer_dir / name).is_file():
-            atomic_write_bytes(run_dir.path / diffusers_io.SOURCE_DIR / "tokenizer" / name,
-                               (pipeline.tokenizer_dir / name).read_bytes())
+        if (source / name).is_file():
+            atomic_write_bytes(target / name, (source / name).read_bytes())
 
 
 def holds_pipeline(run_dir: pathlib.Path) -> bool:
@@ -191,7 +194,5 @@ def run_pipeline(run_dir: pathlib.Path) -> TextToImage:
     if not storage.is_remote(root):
         return build(configs, root / "tokenizer")
     with tempfile.TemporaryDirectory(prefix="idiff-tokenizer-") as local:
-        for name in TOKENIZER_FILES:
-            if (root / "tokenizer" / name).is_file():
-                (pathlib.Path(local) / name).write_bytes((root / "tokenizer" / name).read_bytes())
+        copy_tokenizer(root / "tokenizer", pathlib.Path(local))
         return build(configs, pathlib.Path(local))

@@ -43,9 +43,8 @@ from idiff_cli.diffusion import clip_text, clip_vision
 from idiff_cli.diffusion.diffusers_io import read_json, read_weights
 from idiff_cli.errors import UserError
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 DOWNLOAD = (f"huggingface-cli download {clip_vision.PUBLISHED} {clip_vision.CONFIG} {clip_vision.WEIGHTS} "
-            f"{' '.join(TOKENIZER_FILES)} --local-dir DIR")
+            f"{' '.join(clip_text.TOKENIZER_FILES)} --local-dir DIR")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["text_params", "vision_params"],
