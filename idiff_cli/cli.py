@@ -64,8 +64,9 @@ RUN_DIR_OPTIONS = ("out", "run_dir", "from_run", "runs")
 
 
 def check_object_store(schema: cfglib.Schema, values: dict[str, Any]) -> None:
-    """A one-line UserError for a gs:// path where it is not supported: in an option that reads a local
-    file, or beside a tracker that writes into the run directory with its own file I/O."""
+    """A one-line UserError for a gs:// path where it is not supported (in an option that reads a local
+    file, or beside a tracker that writes into the run directory with its own file I/O), and for a gs://
+    run directory to read whose bucket cannot be reached or does not exist."""
     for option in (o for o in schema.options if o.kind == "path"):
         value = values.get(option.name)
         remote = [v for v in (value if option.many else [value]) if v and storage.is_remote(v)]
@@ -73,6 +74,9 @@ def check_object_store(schema: cfglib.Schema, values: dict[str, Any]) -> None:
             continue
         if option.name not in RUN_DIR_OPTIONS:
             raise UserError(f"{option.flag} names a local path; gs:// paths are for run directories")
+        if option.name != "out":  # a run directory read: its bucket reached before any work (--out: when made)
+            for v in remote:
+                storage.check_prefix(v, option.flag)
         for tracker in ("tensorboard", "wandb"):
             if values.get(tracker):
                 raise UserError(f"--{tracker} writes into a local run directory only; drop it or use a local --out")

@@ -153,10 +153,10 @@ class RunDir:
     def check_writable(self, flag: str = "--out") -> None:
         """A one-line UserError unless the directory exists and can be written, or can be made: its
         nearest existing ancestor is a writable directory. Creates nothing (a check before work). On an
-        object store: the bucket exists and the path is not an object (storage.check_writable)."""
+        object store: the bucket exists and the path is not an object (storage.check_prefix)."""
         path = self.path
         if self.remote:
-            return storage.check_writable(path, flag)
+            return storage.check_prefix(path, flag)
         if path.is_dir():
             if not os.access(path, os.W_OK | os.X_OK):
                 raise UserError(f"{flag} '{path}' is not writable")

@@ -21,6 +21,7 @@ writer) included, at `STORAGE_EMULATOR_HOST` when only that is set.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -34,6 +35,10 @@ SCHEME = "gs://"
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 LEASE_ENV = "IDIFF_LOCK_LEASE_S"
 LEASE_S = 60.0  # a killed run's lock is taken over this long after its last heartbeat
+
+# gcsfs logs each failed request of its retries with a traceback; the failure itself reaches the caller
+# as an exception, which idiff turns into one line.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -121,9 +126,10 @@ def remove_tree(p: Any) -> None:
         _fs(p).invalidate_cache()
 
 
-def check_writable(p: Any, flag: str) -> None:
-    """A one-line UserError unless `p`'s bucket exists and `p` is not an object itself (a file). The
-    right to write is not probed: a refusal comes at the first write, as one line."""
+def check_prefix(p: Any, flag: str) -> None:
+    """A one-line UserError unless `p`'s bucket can be reached and exists and `p` is not an object itself
+    (a file): a run directory to write or to read. The right to write is not probed: a refusal comes
+    at the first write, as one line."""
     bucket, name = _split(p)
     try:
         found = _fs(p).exists(bucket)

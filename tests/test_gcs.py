@@ -256,9 +256,11 @@ def test_gcs_a_damaged_checkpoint_is_found_by_its_crc32c_and_set_aside_by_copy_a
     assert {f"damaged/2/{n}" for n in sizes} <= names(directory)
 
 
-def test_gcs_paths_where_they_are_not_supported_are_one_line(bucket):
+def test_gcs_paths_where_they_are_not_supported_are_one_line(bucket, tmp_path, monkeypatch):
     """A gs:// path for an input file (--config, import's model directory, ebm-train's --data) or beside a
-    tracker: one line, exit 2; a bucket that does not exist likewise."""
+    tracker: one line, exit 2; a bucket that does not exist likewise, for a run directory to write or to
+    read (nothing written)."""
+    monkeypatch.chdir(tmp_path)
     assert "--config names a local path" in error_line(invoke(*PRETRAIN, "--config", f"{bucket}/c.json"))
     assert "DIR names a local path" in error_line(invoke("import", "diffusers", f"{bucket}/model", "--out", "m"))
     assert "--data names a local file" in error_line(invoke("ebm-train", "--data", f"{bucket}/pts.npy",
@@ -267,3 +269,7 @@ def test_gcs_paths_where_they_are_not_supported_are_one_line(bucket):
         invoke(*PRETRAIN, "--tensorboard", "--out", f"{bucket}/tb"))
     assert "bucket 'no-such-bucket-here' does not exist" in error_line(
         invoke(*PRETRAIN, "--out", "gs://no-such-bucket-here/run"))
+    for read in (("export", "gs://no-such-bucket-here/run", "--out", "exported"),
+                 ("finetune", "--from", "gs://no-such-bucket-here/run", "--out", f"{bucket}/ft")):
+        assert "bucket 'no-such-bucket-here' does not exist" in error_line(invoke(*read))
+    assert not pathlib.Path("exported").exists() and names(f"{bucket}/ft") == set()
