@@ -43,7 +43,7 @@ The numbers go to docs/results.md ("Finetuning Stable Diffusion 1.5 on the CPU")
     python benchmarks/sd_finetune.py --quick     # smoke test: a micro pipeline, float32, ~2-3 min
 
 `--quick` builds the fixture's pipeline (tests/fixtures/sd_tiny/sd1) cut to a one-level U-Net (8
-channels) and VAE (8×8 latents and images), as tests/test_t2i_finetune.py's micro model, and runs
+channels) and VAE (8×8 latents and images), like tests/micro_pipeline.py's micro model, and runs
 2 rows at a time (`--jobs`): its numbers only show that every method runs; most of its time is XLA's
 compiling. The full-size estimate above is from benchmarks/sd.py's per-call times (guided U-Net call
 2.8 s, VAE decode 2.5 s) and each method's passes per step (methods.Cost), not from a run.
@@ -81,7 +81,7 @@ EMBEDDING_STD = 0.02  # CLIP's initializer_range: its token and position embeddi
 def pipeline_configs(quick: bool) -> dict:
     """The component configs: SD 1.5's with a 32×32 latent, or with `quick` the fixture's pipeline cut to a
     one-level U-Net (8 channels, one cross-attention block) and VAE (8 channels: latent = image size),
-    text width 32 (tests/test_t2i_finetune.py's micro model): 8×8×4 latents, 8×8 images."""
+    text width 32 (like tests/micro_pipeline.py's micro model): 8×8×4 latents, 8×8 images."""
     if quick:
         files = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
                  "scheduler": "scheduler/scheduler_config.json"}

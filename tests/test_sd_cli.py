@@ -1,7 +1,7 @@
 """A Stable Diffusion pipeline through the real CLI: import (fp32 and --variant fp16) -> sample with a
 prompt and guidance -> evaluate-fid from a prompts file with plug-in features; finetune with LoRA from a
-prompts file, resumed, exported in diffusers' formats; and the one-line refusals of bad input, each
-before anything is written."""
+prompts file (the micro pipeline of micro_pipeline.py), resumed, exported in diffusers' formats; and the
+one-line refusals of bad input, each before anything is written."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 from helpers import error_line, invoke, rows
+from micro_pipeline import MICRO_TARGETS, write_micro_pipeline
 from safetensors.numpy import load_file
 
 from idiff_cli.diffusion import diffusers_io, lora
-from idiff_cli.diffusion.model import load, load_adapters
+from idiff_cli.diffusion.model import load, load_adapters, unet_params
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sd_tiny"
 DDPM = pathlib.Path(__file__).parent / "fixtures" / "diffusers_tiny" / "model"
@@ -35,6 +36,14 @@ def sd_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sd") / "run"
     invoke("import", "diffusers", FIXTURE / "sd1", "--out", run, "--sample-steps", "4", check=True)
     return run
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """The micro pipeline (tests/micro_pipeline.py) imported: finetuning it compiles in a third of the time."""
+    base = tmp_path_factory.mktemp("micro")
+    invoke("import", "diffusers", write_micro_pipeline(base / "pipeline"), "--out", base / "run", check=True)
+    return base / "run"
 
 
 def test_import_writes_a_text_to_image_run(sd_run):
@@ -141,34 +150,41 @@ FINETUNE = ["--reward", "brightness", "--lora-rank", "2", "--lora-alpha", "4", "
             "--grid-n", "2", "--lr", "0.01"]
 
 
-@pytest.mark.slow  # two SD-fixture finetune runs (~45 s)
-def test_lora_finetune_resumes_bit_for_bit_and_exports(sd_run, tmp_path):
-    """`finetune --prompts FILE.jsonl --lora-rank 2` on the SD fixture: 2 steps straight, and the run as
-    it was at checkpoint 1 resumed to 2 — the same rows and the same adapters, bit for bit (float32). `export` writes the adapters
-    as diffusers' LoRA file: the keys and shapes of the diffusers-made fixture file (same rank and
-    modules); `export --merged` the U-Net with them merged, equal to the run's merged model (`load`, which
-    `sample` and `evaluate-fid` read)."""
+@pytest.mark.slow  # two finetune runs of the micro pipeline (~20 s)
+def test_lora_finetune_resumes_bit_for_bit_and_exports(micro_run, tmp_path):
+    """`finetune --prompts FILE.jsonl --lora-rank 2` on the micro pipeline: 2 steps straight, and the run
+    as it was at checkpoint 1 resumed to 2 — the same rows and the same adapters, bit for bit (float32).
+    `export` writes the adapters as diffusers' LoRA file: every key `unet.`-prefixed, a down and an up
+    matrix per adapted module, read back as the run's adapters with α/r folded into the up matrix (the
+    names and shapes against a diffusers-made file: test_lora.py); `export --merged` the U-Net with them
+    merged, equal to the run's merged model (`load`, which `sample` and `evaluate-fid` read)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(PROMPTS)
     straight, resumed = tmp_path / "a", tmp_path / "b"
-    invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", straight, check=True)
+    invoke("finetune", "--from", micro_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", straight,
+           check=True)
     shutil.copytree(straight, resumed)  # the run as it was at checkpoint 1: checkpoint 2 and θ of step 2 gone
     shutil.rmtree(resumed / "checkpoints" / "2")
     shutil.rmtree(resumed / "weights" / "2")
-    invoke("finetune", "--from", sd_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", resumed, check=True)
+    invoke("finetune", "--from", micro_run, "--prompts", prompts, *FINETUNE, "--steps", "2", "--out", resumed,
+           check=True)
     assert rows(straight, drop=("wall_s",)) == rows(resumed, drop=("wall_s",))
     last = rows(straight)[-1]
     assert last["step"] == 2 and last["kl"] > 0 and last["grad_norm"] > 0
-    _, theta, spec, step, final = load_adapters(straight)
+    base, theta, spec, step, final = load_adapters(straight)
     _, again, _, _, _ = load_adapters(resumed)
-    assert step == 2 and final and (spec.rank, spec.alpha) == (2, 4.0) and len(spec.targets) == 32
+    assert step == 2 and final and (spec.rank, spec.alpha) == (2, 4.0) and len(spec.targets) == MICRO_TARGETS
     for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
 
     invoke("export", straight, "--out", tmp_path / "lora", check=True)
     exported = load_file(tmp_path / "lora" / lora.LORA_WEIGHTS)
-    made_by_diffusers = load_file(FIXTURE / "lora" / lora.LORA_WEIGHTS)
-    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in made_by_diffusers.items()}
+    assert len(exported) == 2 * MICRO_TARGETS and all(key.startswith("unet.") for key in exported)
+    read, _ = lora.read(tmp_path / "lora" / lora.LORA_WEIGHTS, unet_params(base))
+    assert [path for path, _ in lora._adapted(read)] == [path for path, _ in lora._adapted(theta)]
+    for (_, ours), (_, theirs) in zip(lora._adapted(theta), lora._adapted(read)):
+        np.testing.assert_array_equal(theirs["down"], ours["down"])
+        np.testing.assert_allclose(theirs["up"], spec.scale * np.asarray(ours["up"]), rtol=1e-6)
     invoke("export", straight, "--merged", "--out", tmp_path / "merged", check=True)
     merged = load_file(tmp_path / "merged" / "unet" / diffusers_io.WEIGHTS)
     expected = diffusers_io.tensors_from_params(load(straight).params["unet"])
