@@ -24,6 +24,7 @@ from idiff_cli.implicit.options import SCHEMA
 from idiff_cli.implicit.paths import sampler_paths
 
 CLIP = pathlib.Path(__file__).parent / "fixtures" / "clip_tiny"  # a tiny CLIP and aesthetic head: --reward-weights
+AESTHETIC = dict(reward="aesthetic", reward_weights=str(CLIP))
 METHODS = (("implicit", "full"), ("implicit", "pipelined"), ("nested", "full"), ("full-backprop", "full"),
            ("truncated-1", "full"), ("ddpo", "full"))
 SAME_GRADIENT = ("implicit-full", "implicit-pipelined", "nested-full", "full-backprop-full")
@@ -57,25 +58,26 @@ def first_gradient(model, cfg):
 
 @pytest.mark.slow  # 12 compiled outer steps (1 min)
 def test_every_method_in_both_dtypes(model):
-    """One outer step of every method with LoRA adapters and the aesthetic reward (the tiny CLIP of
-    tests/fixtures/clip_tiny: its gradient passes through CLIP and the VAE decoder), float32 and bfloat16,
-    at θ = θ0 and β = 0 (there the KL's gradient vanishes exactly, and what a float32 program leaves of it
-    is rounding divided by the last step's small variance; the KL's gradient through LoRA is checked in
-    float64 below). The exact methods (implicit with the full or pipelined adjoint, nested, full-backprop)
-    take the same path (slot key 0) and their float32 gradients agree (rtol 1e-4, atol 1e-6 of the largest
-    entry: the reassociation of two float32 programs). Nested runs in float32 with --remat (the U-Net's and
-    the VAE decoder's blocks rematerialised in the adjoint walk): atol 1e-5 of the largest entry for it, the
-    same operations recomputed and fused otherwise by XLA (measured 3e-4 relative on entries 100× below the
-    largest). Each bfloat16 gradient points where the float32 one does (cosine > 0.98: bfloat16's 8-bit
-    mantissa perturbs every activation by ~0.4 %, the frozen weights and activations only — adapters,
-    latents and sums stay float32) and its norm is within 10 %; full-backprop's bfloat16 run rematerialises
-    its unrolled sampler. truncated-1 and ddpo estimate other gradients: finite and nonzero."""
+    """One outer step of every method with LoRA adapters, float32 and bfloat16, at θ = θ0 and β = 0 (there
+    the KL's gradient vanishes exactly, and what a float32 program leaves of it is rounding divided by the
+    last step's small variance; the KL's gradient through LoRA is checked in float64 below). The exact
+    methods (implicit with the full or pipelined adjoint, nested, full-backprop) take the same path (slot
+    key 0) with the aesthetic reward (the tiny CLIP of tests/fixtures/clip_tiny: the gradient passes
+    through CLIP and the VAE decoder), and their float32 gradients agree (rtol 1e-4, atol 1e-6 of the
+    largest entry: the reassociation of two float32 programs). Nested runs in float32 with --remat (the
+    U-Net's and the VAE decoder's blocks rematerialised in the adjoint walk): atol 1e-5 of the largest
+    entry for it, the same operations recomputed and fused otherwise by XLA (measured 3e-4 relative on
+    entries 100× below the largest). truncated-1 and ddpo estimate other gradients, here of brightness
+    (through the VAE decoder alone): finite and nonzero. Each bfloat16 gradient points where the float32
+    one does (cosine > 0.98: bfloat16's 8-bit mantissa perturbs every activation by ~0.4 %, the frozen
+    weights and activations only — adapters, latents and sums stay float32) and its norm is within 10 %;
+    full-backprop's bfloat16 run rematerialises its unrolled sampler."""
     grads = {}
     for dtype in ("float32", "bfloat16"):
         for method, kind in METHODS:
             name = f"{method}-{kind}"
             cfg = run_config(model, method=method, adjoint=kind, dtype=dtype, lora_rank=2, beta=0.0,
-                             remat=(name, dtype) in REMAT, reward="aesthetic", reward_weights=str(CLIP))
+                             remat=(name, dtype) in REMAT, **(AESTHETIC if name in SAME_GRADIENT else {}))
             g, images = first_gradient(model, cfg)
             assert images.dtype == jnp.float32 and images.shape == (2, 8, 8, 3)
             assert np.all(np.isfinite(g)) and np.linalg.norm(g) > 0, (name, dtype)
