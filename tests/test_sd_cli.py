@@ -40,7 +40,7 @@ def sd_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    """The micro pipeline (tests/micro_pipeline.py) imported: finetuning it compiles in a third of the time."""
+    """The micro pipeline (tests/micro_pipeline.py) imported: a finetune run of it takes about a third of the SD fixture's time."""
     base = tmp_path_factory.mktemp("micro")
     invoke("import", "diffusers", write_micro_pipeline(base / "pipeline"), "--out", base / "run", check=True)
     return base / "run"

@@ -1,6 +1,7 @@
 """Finetuning a latent text-to-image model with LoRA, in process: every gradient method in float32 and
-bfloat16 on the micro Stable Diffusion pipeline of tests/micro_pipeline.py (one-level U-Net and VAE); the float64 discrete adjoint through LoRA adapters against the
-unrolled gradient and finite differences; and the subject's prompt stream and frozen weights."""
+bfloat16 on the micro Stable Diffusion pipeline of tests/micro_pipeline.py (one-level U-Net and VAE);
+the float64 discrete adjoint through LoRA adapters against the unrolled gradient and finite differences;
+and the subject's prompt stream and frozen weights."""
 
 from __future__ import annotations
 
