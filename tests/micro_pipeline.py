@@ -1,8 +1,9 @@
 """A micro Stable Diffusion pipeline, for tests whose programs must compile in seconds: the sd_tiny
 fixture's text encoder, tokenizer and scheduler with a one-level U-Net (8 channels; cross-attention in
 its mid block only: 8 LoRA target modules) and a one-level VAE without attention (latent = image size,
-8×8), random weights. In memory (`micro_model`) and as a diffusers pipeline directory
-(`write_micro_pipeline`, for `idiff import diffusers`)."""
+8×8). In memory with random weights (`micro_model`) and as a diffusers pipeline directory
+(`write_micro_pipeline`, for `idiff import diffusers`: those random U-Net and VAE weights, the fixture's
+text encoder)."""
 
 from __future__ import annotations
 
