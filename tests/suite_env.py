@@ -19,4 +19,3 @@ BACKEND_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitter
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a suite process with `devices` CPU host devices."""
     return f"--xla_force_host_platform_device_count={devices} {BACKEND_FLAGS}"
-

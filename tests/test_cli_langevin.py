@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import CLOCK, assert_same_arrays, error_line, invoke, rows
+from helpers import CLOCK, IDIFF, assert_same_arrays, error_line, invoke, rows
 
 from idiff_cli.langevin import figures
 
@@ -173,8 +173,7 @@ def test_larger_steps_continue_the_run(tmp_path):
 
 def test_console_script_exit_code_and_stderr(tmp_path):
     """The installed entry point, in a fresh process: one line on stderr, exit code 2, no traceback."""
-    proc = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "langevin",
-                           "--steps", "-1", "--out", str(tmp_path / "run")], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, *IDIFF, "langevin", "--steps", "-1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --steps must be > 0, got -1"

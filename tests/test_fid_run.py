@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import error_line, invoke, rows
+from helpers import IDIFF, error_line, invoke, rows
 from suite_env import xla_flags
 
 
@@ -62,8 +62,8 @@ def test_features_and_fid_do_not_depend_on_the_device_count(tiny_pretrain, tmp_p
     whole, resumed = (shutil.copytree(tiny_pretrain, tmp_path / name) for name in ("whole", "resumed"))
     args = ["--n", "8", "--batch", "4", "--sample-steps", "2"]
     invoke("evaluate-fid", whole, *args, check=True)
-    one = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", "evaluate-fid",
-                          str(resumed), "--n", "4", *args[2:]], capture_output=True, text=True, timeout=600,
+    one = subprocess.run([sys.executable, *IDIFF, "evaluate-fid", str(resumed), "--n", "4", *args[2:]],
+                         capture_output=True, text=True, timeout=600,
                          env={**os.environ, "XLA_FLAGS": xla_flags(1)})
     assert one.returncode == 0, one.stderr
     invoke("evaluate-fid", resumed, *args, check=True)
@@ -86,7 +86,7 @@ def test_a_signal_stops_the_evaluation_after_a_batch_and_keeps_its_features(tiny
     handlers are armed when the first batch's step returns (a signal before that, i.e. while batch 0
     compiles and is written, ends the process by its default action, as documented in signals.py)."""
     args = ["evaluate-fid", str(tiny_run), "--n", "40", "--batch", "4", "--sample-steps", "2"]
-    proc = subprocess.Popen([sys.executable, "-c", "from idiff_cli.cli import main; main()", *args],
+    proc = subprocess.Popen([sys.executable, *IDIFF, *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     store = tiny_run / "fid" / "mnist-classifier-ckpt2-euler-maruyama-2steps-b4-seed0"
     deadline = time.time() + 300

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import TINY_UNET
-from helpers import CLOCK, assert_same_arrays, invoke, rows
+from helpers import CLOCK, IDIFF, assert_same_arrays, invoke, rows
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_rows(command, kill, tmp_path_
     whole = _reference[command]
     cut = tmp_path_factory.mktemp("cut") / command
     variable, value, status = KILLS[kill]
-    proc = subprocess.run([sys.executable, "-c", "from idiff_cli.cli import main; main()", *args, "--out", str(cut)],
+    proc = subprocess.run([sys.executable, *IDIFF, *args, "--out", str(cut)],
                           env={**os.environ, variable: value(command)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == status, proc.stderr
     if kill == "sigterm":
